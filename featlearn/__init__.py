@@ -1,0 +1,52 @@
+"""featlearn: the Coates-Ng single-layer unsupervised feature pipeline as scikit-learn estimators.
+
+Stages, in data-flow order (one module each):
+
+=========================  ===============================  ================================
+module                     public names                     stage
+=========================  ===============================  ================================
+``featlearn.datasets``     ``fetch_cifar10``                data
+``featlearn.patches``      ``RandomPatchExtractor``         random patches, patch layout
+``featlearn.preprocessing````PatchNormalizer``,             contrast normalization, whitening
+                           ``ZCAWhitening``
+``featlearn.kmeans``       ``MiniBatchKMeans``              dictionary (torch, CPU or GPU)
+``featlearn.encoding``     ``PatchEncoder``                 dense encoding and pooling
+``featlearn.classifier``   ``TorchMLPClassifier``           MLP / L2-SVM (torch)
+``featlearn.pipeline``     ``make_coates_pipeline``         composition
+``featlearn.jobs``         ``extract_features``             cached, resumable extraction
+=========================  ===============================  ================================
+
+Names are imported lazily, so ``import featlearn`` (and the ``featlearn`` command) stays fast and
+torch is only loaded by the stages that need it.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "fetch_cifar10": "datasets",
+    "RandomPatchExtractor": "patches",
+    "PatchNormalizer": "preprocessing",
+    "ZCAWhitening": "preprocessing",
+    "MiniBatchKMeans": "kmeans",
+    "PatchEncoder": "encoding",
+    "TorchMLPClassifier": "classifier",
+    "make_coates_pipeline": "pipeline",
+    "extract_features": "jobs",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'featlearn' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"featlearn.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,275 @@
+"""CIFAR-10: download (checksummed, atomic, retried), local archives, and a parsed-array cache."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import io
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import time
+import urllib.request
+import zlib
+from pathlib import Path
+
+import numpy as np
+from sklearn.utils import Bunch
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+_FOLDER = "cifar-10-batches-py"
+_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
+_TEST = "test_batch"
+_META = "batches.meta"
+_PIXELS = 32 * 32 * 3
+_CACHE_VERSION = 1
+
+
+class DatasetError(ValueError):
+    """A dataset archive is missing, corrupt, truncated or fails its checksum."""
+
+
+class ChecksumError(DatasetError):
+    """A file's md5 differs from the expected one."""
+
+
+def get_data_home(data_home=None) -> Path:
+    """``data_home``, else ``$FEATLEARN_DATA``, else ``~/featlearn_data`` (created if missing)."""
+    if data_home is None:
+        data_home = os.environ.get("FEATLEARN_DATA", os.path.join("~", "featlearn_data"))
+    path = Path(data_home).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def file_md5(path, chunk=4 * 2**20) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_cifar10(data_home=None, *, archive=None, download_if_missing=True, md5=CIFAR10_MD5,
+                  url=CIFAR10_URL, n_retries=3, verbose=False):
+    """Load CIFAR-10 as HWC uint8 arrays.
+
+    Parameters
+    ----------
+    data_home : str or Path, optional
+        Where downloads and the parsed-array cache live. Default ``$FEATLEARN_DATA``, else
+        ``~/featlearn_data``.
+    archive : str or Path, optional
+        A local ``cifar-10-python.tar.gz``, or its extracted ``cifar-10-batches-py`` folder (or
+        the folder holding it), read in place instead of downloading. A tarball's md5 is checked
+        against ``md5``; a folder has no single checksum and is not checked.
+    download_if_missing : bool, default=True
+        Download the official archive into ``data_home`` when neither ``archive`` nor a previous
+        download is present.
+    md5 : str or None
+        Expected md5 of the archive; None skips the check (e.g. for a re-encoded copy you trust).
+    url : str
+        Where to download from.
+    n_retries : int, default=3
+        Download attempts before giving up.
+
+    Returns
+    -------
+    Bunch with ``X_train`` (n, 32, 32, 3) uint8 (HWC), ``y_train`` (n,) int64, ``X_test``,
+    ``y_test``, ``target_names`` (10 class names) and ``archive`` (the file that was read).
+
+    Raises
+    ------
+    ChecksumError, DatasetError
+        On a checksum mismatch or a corrupt, truncated or incomplete archive.
+    OSError
+        When the archive is missing and cannot be downloaded.
+    """
+    home = get_data_home(data_home)
+    if archive is None:
+        archive = home / "cifar-10-python.tar.gz"
+        if archive.exists() and md5 is not None and file_md5(archive) != md5:
+            if verbose:
+                print(f"{archive} fails its checksum; downloading it again")
+            archive.unlink()
+        if not archive.exists():
+            if not download_if_missing:
+                raise OSError(
+                    f"CIFAR-10 not found at {archive} and download_if_missing=False; pass "
+                    "archive='path/to/cifar-10-python.tar.gz' to use a local copy")
+            _download(url, archive, md5, n_retries=n_retries, verbose=verbose)
+            md5_checked = True
+        else:
+            md5_checked = False
+    else:
+        archive = Path(archive).expanduser()
+        if not archive.exists():
+            raise OSError(f"CIFAR-10 archive {archive} does not exist")
+        md5_checked = archive.is_dir()  # folders carry no single checksum
+
+    cache = _cache_path(home, archive, md5)
+    if cache is not None and cache.exists():
+        try:
+            return _load_cache(cache, archive)
+        except Exception:  # a damaged cache is only a cache: rebuild it
+            cache.unlink(missing_ok=True)
+
+    if not md5_checked and md5 is not None:
+        actual = file_md5(archive)
+        if actual != md5:
+            raise ChecksumError(
+                f"{archive} has md5 {actual}, expected {md5}; the file is corrupt or a different "
+                "archive (pass md5=None to skip the check for a copy you trust)")
+    data = _parse(archive)
+    if cache is not None:
+        _save_cache(cache, data)
+    return Bunch(**data, archive=str(archive))
+
+
+def _download(url, dest: Path, md5, *, n_retries, verbose):
+    """Download to ``dest.part``, verify, and rename atomically; retries; never leaves a partial file."""
+    part = dest.with_name(dest.name + ".part")
+    last = None
+    for attempt in range(1, max(1, n_retries) + 1):
+        try:
+            if verbose:
+                print(f"downloading {url} (attempt {attempt})")
+            with urllib.request.urlopen(url, timeout=60) as resp, open(part, "wb") as out:
+                expected = resp.headers.get("Content-Length")
+                shutil.copyfileobj(resp, out, length=2**20)
+                out.flush()
+                os.fsync(out.fileno())
+            got = part.stat().st_size
+            if expected is not None and got != int(expected):
+                raise OSError(f"connection dropped: got {got} of {expected} bytes")
+            if md5 is not None:
+                actual = file_md5(part)
+                if actual != md5:
+                    raise ChecksumError(f"downloaded {url} has md5 {actual}, expected {md5}")
+            os.replace(part, dest)
+            return
+        except (OSError, http.client.HTTPException, ChecksumError) as exc:
+            last = exc  # URLError is an OSError; IncompleteRead is an HTTPException
+            part.unlink(missing_ok=True)
+            if attempt < n_retries:
+                time.sleep(min(2.0, 0.2 * attempt))
+    if isinstance(last, ChecksumError):
+        raise ChecksumError(f"{last} (after {n_retries} attempts)") from last
+    raise OSError(
+        f"could not download CIFAR-10 from {url} after {n_retries} attempts ({last}). Without "
+        "internet access, pass archive='path/to/cifar-10-python.tar.gz' (or its extracted "
+        "cifar-10-batches-py folder)") from last
+
+
+def _cache_path(home: Path, archive: Path, md5):
+    """Cache file keyed by the archive's identity (path, size, mtime) and the expected md5."""
+    try:
+        st = archive.stat()
+    except OSError:
+        return None
+    if archive.is_dir():
+        stamps = [(p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in sorted(_batch_dir(archive).iterdir())] if _batch_dir(archive) else []
+        ident = repr((str(archive.resolve()), stamps))
+    else:
+        ident = repr((str(archive.resolve()), st.st_size, st.st_mtime_ns))
+    key = hashlib.sha1(f"{_CACHE_VERSION}|{ident}|{md5}".encode()).hexdigest()[:16]
+    return home / f"cifar10-{key}.npz"
+
+
+def _save_cache(path: Path, data: dict):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **{k: np.asarray(v) for k, v in data.items()})
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        # The cache is an optimisation: a read-only or full disk must not fail the load.
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _load_cache(path: Path, archive) -> Bunch:
+    with np.load(path, allow_pickle=False) as z:
+        data = {k: z[k] for k in ("X_train", "y_train", "X_test", "y_test", "target_names")}
+    data["target_names"] = [str(s) for s in data["target_names"]]
+    return Bunch(**data, archive=str(archive))
+
+
+def _batch_dir(folder: Path):
+    for cand in (folder, folder / _FOLDER):
+        if (cand / _TEST).exists() or (cand / _META).exists():
+            return cand
+    return None
+
+
+def _parse(archive: Path) -> dict:
+    """Read all batches from a tarball or folder; every failure becomes a DatasetError."""
+    try:
+        if archive.is_dir():
+            root = _batch_dir(archive)
+            if root is None:
+                raise DatasetError(f"{archive} holds no {_FOLDER} batches ({_TEST}, {_META})")
+            raw = {}
+            for name in _TRAIN + [_TEST, _META]:
+                if (root / name).exists():
+                    raw[name] = (root / name).read_bytes()
+        else:
+            raw = {}
+            with tarfile.open(archive, "r:*") as tar:
+                for member in tar:
+                    base = os.path.basename(member.name)
+                    if member.isfile() and base in _TRAIN + [_TEST, _META]:
+                        raw[base] = tar.extractfile(member).read()
+    except DatasetError:
+        raise
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        raise DatasetError(f"{archive} is truncated or not a valid CIFAR-10 archive: {exc}") from exc
+
+    missing = [n for n in _TRAIN + [_TEST, _META] if n not in raw]
+    if missing:
+        raise DatasetError(f"{archive} is missing CIFAR-10 batch(es): {', '.join(missing)}")
+    train = [_parse_batch(raw[n], n, archive) for n in _TRAIN]
+    X_test, y_test = _parse_batch(raw[_TEST], _TEST, archive)
+    meta = _unpickle(raw[_META], _META, archive)
+    names = meta.get(b"label_names") if isinstance(meta, dict) else None
+    if names is None or len(names) != 10:
+        raise DatasetError(f"{archive}: {_META} has no list of 10 label_names")
+    return {
+        "X_train": np.concatenate([x for x, _ in train]),
+        "y_train": np.concatenate([y for _, y in train]),
+        "X_test": X_test,
+        "y_test": y_test,
+        "target_names": [n.decode() if isinstance(n, bytes) else str(n) for n in names],
+    }
+
+
+def _unpickle(blob: bytes, name, archive):
+    try:
+        return pickle.load(io.BytesIO(blob), encoding="bytes")
+    except Exception as exc:
+        raise DatasetError(f"{archive}: batch {name} is corrupt ({exc})") from exc
+
+
+def _parse_batch(blob: bytes, name, archive):
+    d = _unpickle(blob, name, archive)
+    if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
+        raise DatasetError(f"{archive}: batch {name} lacks 'data' or 'labels'")
+    data = np.asarray(d[b"data"])
+    labels = np.asarray(d[b"labels"], dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != _PIXELS or data.dtype != np.uint8:
+        raise DatasetError(
+            f"{archive}: batch {name} data has shape {data.shape} and dtype {data.dtype}; "
+            f"expected (n, {_PIXELS}) uint8")
+    if labels.shape != (data.shape[0],):
+        raise DatasetError(
+            f"{archive}: batch {name} has {data.shape[0]} images but {labels.size} labels")
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise DatasetError(f"{archive}: batch {name} has labels outside 0..9")
+    # CHW row-major -> HWC, contiguous.
+    images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    return images, labels

@@ -1,0 +1,146 @@
+"""Random patch sampling, and the one definition of the patch flattening layout.
+
+Layout: a ``p x p`` patch of a ``C``-channel image is flattened in HWC order, i.e. element
+``(r, c, ch)`` of the patch lands at index ``(r * p + c) * C + ch``. Every stage that turns
+patches into vectors (sampling here, dense encoding in :mod:`featlearn.encoding`, the reference
+implementations in the tests) goes through :func:`flatten_patches` / :func:`unflatten_patches`,
+so the layout used to fit the dictionary is by construction the one used to encode images.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval
+
+#: Patches gathered per vectorised step; bounds the index arrays to a few tens of MB.
+_GATHER_CHUNK = 65536
+
+
+def flatten_patches(patches: np.ndarray) -> np.ndarray:
+    """``(..., p, p, C)`` patches -> ``(..., p * p * C)`` vectors in the library's HWC layout."""
+    return patches.reshape(*patches.shape[:-3], -1)
+
+
+def unflatten_patches(vectors, patch_size: int, n_channels: int):
+    """Inverse of :func:`flatten_patches`: ``(..., p*p*C)`` -> ``(..., p, p, C)``.
+
+    Works for numpy arrays and torch tensors alike (the encoder uses it to turn centroids into
+    convolution filters).
+    """
+    return vectors.reshape(*vectors.shape[:-1], patch_size, patch_size, n_channels)
+
+
+def check_images(X, *, patch_size: int | None = None, allow_nan: bool = False) -> np.ndarray:
+    """Validate a batch of images and return it as ``(n, H, W, C)``.
+
+    Accepts ``(n, H, W)`` (taken as one channel) or ``(n, H, W, C)``, uint8/integer or float.
+    Raises a ValueError that names the problem: dimensionality, dtype, emptiness, NaN/inf, or
+    images smaller than ``patch_size``.
+    """
+    if hasattr(X, "detach"):  # torch tensor
+        X = X.detach().cpu().numpy()
+    X = np.asarray(X)
+    if X.dtype == object or not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
+        raise ValueError(f"images must have a numeric dtype, got dtype {X.dtype}")
+    if np.issubdtype(X.dtype, np.complexfloating):
+        raise ValueError(f"images must be real-valued, got dtype {X.dtype}")
+    if X.ndim == 3:
+        X = X[..., None]
+    elif X.ndim != 4:
+        raise ValueError(
+            f"images must be a 3-D (n, H, W) or 4-D (n, H, W, C) array, got shape {X.shape}")
+    if X.shape[0] == 0:
+        raise ValueError(f"got an empty batch of images (shape {X.shape})")
+    if 0 in X.shape[1:]:
+        raise ValueError(f"images have an empty dimension (shape {X.shape})")
+    if X.dtype == bool:
+        X = X.astype(np.uint8)
+    if not allow_nan and np.issubdtype(X.dtype, np.floating) and not np.isfinite(X).all():
+        raise ValueError("images contain NaN or infinity")
+    if patch_size is not None and (X.shape[1] < patch_size or X.shape[2] < patch_size):
+        raise ValueError(
+            f"images of size {X.shape[1]}x{X.shape[2]} are smaller than the "
+            f"{patch_size}x{patch_size} patch")
+    return X
+
+
+class RandomPatchExtractor(TransformerMixin, BaseEstimator):
+    """Sample random square patches from a set of images.
+
+    Patch ``i`` is taken from image ``i mod n_images`` (so every image contributes evenly, as in
+    the Coates-Ng demo) at a top-left corner drawn uniformly over all valid positions. Patches
+    are returned flattened in the library's HWC layout (see :func:`flatten_patches`) with the
+    raw pixel scale preserved (0..255 stays 0..255).
+
+    Parameters
+    ----------
+    patch_size : int, default=6
+        Side of the square patch (the paper's receptive field ``rf``).
+    n_patches : int, default=400_000
+        Number of patches returned by :meth:`transform`.
+    random_state : int, RandomState instance or None, default=None
+        Controls the corner positions. An int gives the same patches on every call.
+
+    Attributes
+    ----------
+    n_features_in_ : int
+        ``H * W * C`` of the images seen in :meth:`fit` (fit only validates; the extractor is
+        stateless).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from featlearn import RandomPatchExtractor
+    >>> images = np.zeros((10, 32, 32, 3), dtype=np.uint8)
+    >>> RandomPatchExtractor(patch_size=6, n_patches=100, random_state=0).transform(images).shape
+    (100, 108)
+    """
+
+    _parameter_constraints = {
+        "patch_size": [Interval(numbers.Integral, 1, None, closed="left")],
+        "n_patches": [Interval(numbers.Integral, 1, None, closed="left")],
+        "random_state": ["random_state"],
+    }
+
+    def __init__(self, patch_size=6, n_patches=400_000, random_state=None):
+        self.patch_size = patch_size
+        self.n_patches = n_patches
+        self.random_state = random_state
+
+    def fit(self, X, y=None):
+        """Validate the images; nothing is learned."""
+        self._validate_params()
+        X = check_images(X, patch_size=self.patch_size)
+        self.n_features_in_ = int(np.prod(X.shape[1:]))
+        return self
+
+    def transform(self, X):
+        """Return ``(n_patches, patch_size**2 * C)`` float32 patches sampled from ``X``."""
+        self._validate_params()
+        X = check_images(X, patch_size=self.patch_size)
+        n, H, W, C = X.shape
+        p = self.patch_size
+        rng = check_random_state(self.random_state)
+        rows = rng.randint(0, H - p + 1, size=self.n_patches)
+        cols = rng.randint(0, W - p + 1, size=self.n_patches)
+        images = np.arange(self.n_patches) % n
+        offsets = np.arange(p)
+        out = np.empty((self.n_patches, p * p * C), dtype=np.float32)
+        for start in range(0, self.n_patches, _GATHER_CHUNK):
+            s = slice(start, start + _GATHER_CHUNK)
+            r = rows[s, None, None] + offsets[None, :, None]
+            c = cols[s, None, None] + offsets[None, None, :]
+            gathered = X[images[s, None, None], r, c]  # (m, p, p, C)
+            out[s] = flatten_patches(gathered)
+        return out
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.requires_fit = False
+        tags.input_tags.two_d_array = False
+        tags.input_tags.three_d_array = True
+        return tags
