@@ -60,8 +60,46 @@ def _run_info(args):
     return 0
 
 
+# -- reproduce -----------------------------------------------------------------------------------
+
+def _add_reproduce(sub):
+    from featlearn.pipeline import available_configs
+
+    p = sub.add_parser(
+        "reproduce", help="train a pipelines/ configuration on CIFAR-10's 50,000 training images, "
+                          "test on its 10,000 test images, and write results and pictures",
+        description="Configurations: " + ", ".join(available_configs()))
+    p.add_argument("config", metavar="CONFIG", help="a name from pipelines/ or a JSON file")
+    _add_data_args(p)
+    p.add_argument("--out", default=None, help="folder for results.json/.md and the PNGs "
+                                               "(default: results/CONFIG)")
+    p.add_argument("--cache", default=None, help="joblib.Memory folder caching encoded features")
+    p.add_argument("--device", default=None, help="torch device (default: the config's, 'auto')")
+    p.add_argument("--n-train", type=int, default=None, help="use the first N training images "
+                                                             "(smoke runs; default all)")
+    p.add_argument("--n-test", type=int, default=None, help="use the first N test images")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _run_reproduce(args):
+    from pathlib import Path
+
+    from featlearn.pipeline import load_config
+    from featlearn.reproduce import results_markdown, run
+
+    config = load_config(args.config)
+    data = load_data(args)
+    out = Path(args.out) if args.out else Path("results") / config["name"]
+    results, _ = run(config, data, out=out, cache=args.cache, device=args.device,
+                     n_train=args.n_train, n_test=args.n_test, verbose=0 if args.quiet else 1)
+    print(results_markdown(results))
+    print(f"results written to {out}/")
+    return 0
+
+
 _COMMANDS = [
     ("info", _add_info, _run_info),
+    ("reproduce", _add_reproduce, _run_reproduce),
 ]
 
 
