@@ -97,9 +97,119 @@ def _run_reproduce(args):
     return 0
 
 
+# -- fit / extract -------------------------------------------------------------------------------
+
+def _add_images_args(p):
+    p.add_argument("--data", required=True, metavar="ARCHIVE_OR_NPY",
+                   help="cifar-10-python.tar.gz (or its extracted folder), or an .npy array of "
+                        "images (n, H, W[, C]), which is memory-mapped rather than loaded")
+    p.add_argument("--split", choices=("train", "test"), default="train",
+                   help="which CIFAR-10 split to use (ignored for an .npy file; default train)")
+    p.add_argument("--md5", default=None,
+                   help="expected md5 of the archive (default: not checked for a local file)")
+    p.add_argument("--data-home", default=None,
+                   help="where parsed arrays are cached (default $FEATLEARN_DATA or ~/featlearn_data)")
+
+
+def load_images(args, *, labels=False):
+    """Images (and labels if asked) of ``--split`` from ``--data``: a CIFAR-10 archive or an .npy."""
+    from pathlib import Path
+
+    import numpy as np
+
+    path = Path(args.data).expanduser()
+    if path.suffix == ".npy":
+        X = np.load(path, mmap_mode="r")
+        if not labels:
+            return X
+        if getattr(args, "labels", None) is None:
+            raise ValueError(f"{path} holds images only: pass --labels LABELS.npy to fit a classifier")
+        return X, np.load(args.labels)
+    from featlearn.datasets import fetch_cifar10
+
+    data = fetch_cifar10(args.data_home, archive=path, md5=args.md5)
+    X = data[f"X_{args.split}"]
+    return (X, data[f"y_{args.split}"]) if labels else X
+
+
+def _add_fit(sub):
+    p = sub.add_parser("fit", help="fit the encoder (and optionally the classifier) of a "
+                                   "pipelines/ configuration and save it with joblib")
+    p.add_argument("config", metavar="CONFIG", help="a name from pipelines/ or a JSON file")
+    _add_images_args(p)
+    p.add_argument("--out", required=True, help="model file to write (e.g. model.joblib)")
+    p.add_argument("--with-classifier", action="store_true",
+                   help="also fit the classifier (needs labels: a CIFAR-10 archive or --labels)")
+    p.add_argument("--labels", default=None, help="labels .npy for an .npy --data")
+    p.add_argument("--n-train", type=int, default=None, help="use only the first N images")
+    p.add_argument("--device", default=None, help="torch device (default: the config's)")
+
+
+def _run_fit(args):
+    import featlearn
+    from featlearn.jobs import save_model
+    from featlearn.pipeline import build_pipeline, load_config
+
+    config = load_config(args.config)
+    if args.with_classifier:
+        X, y = load_images(args, labels=True)
+    else:
+        X, y = load_images(args), None
+    if args.n_train is not None:
+        X = X[:args.n_train]
+        y = None if y is None else y[:args.n_train]
+    pipe = build_pipeline(config, device=args.device)
+    t0 = time.perf_counter()
+    if args.with_classifier:
+        model = pipe.fit(X, y)
+    else:
+        model = pipe.named_steps["encoder"].fit(X)
+    seconds = time.perf_counter() - t0
+    save_model(model, args.out, config=config, data=str(args.data), split=args.split,
+               n_images=int(len(X)), with_classifier=bool(args.with_classifier),
+               fit_seconds=round(seconds, 3))
+    what = "pipeline (encoder + classifier)" if args.with_classifier else "encoder"
+    print(f"fitted the {what} of {config['name']} on {len(X)} images in {seconds:.1f} s "
+          f"(featlearn {featlearn.__version__}) -> {args.out}")
+    return 0
+
+
+def _add_extract(sub):
+    p = sub.add_parser("extract", help="encode images with a saved model into an .npy feature "
+                                       "file (cached and resumable: rerun after an interruption)")
+    p.add_argument("--model", required=True, help="a model saved by 'featlearn fit'")
+    _add_images_args(p)
+    p.add_argument("--out", required=True, help="features .npy to write")
+    p.add_argument("--flip", action="store_true", help="encode the horizontally mirrored images")
+    p.add_argument("--n-jobs", type=int, default=None,
+                   help="chunks encoded in parallel (joblib; default one at a time)")
+    p.add_argument("--batch-size", default="auto",
+                   help="images per chunk, the unit of resumption (default auto)")
+    p.add_argument("--device", default=None, help="torch device (default: the model's)")
+    p.add_argument("--no-resume", action="store_true", help="recompute even a finished job")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+
+def _run_extract(args):
+    from featlearn.jobs import encoder_of, extract_features, load_model
+
+    encoder = encoder_of(load_model(args.model))
+    if args.device is not None and "device" in encoder.get_params():
+        encoder.set_params(device=args.device)
+    batch = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+    features = extract_features(encoder, load_images(args), args.out, batch_size=batch,
+                                n_jobs=args.n_jobs, resume=not args.no_resume, flip=args.flip,
+                                verbose=0 if args.quiet else 1)
+    if args.quiet:
+        print(f"{args.out}: {features.shape[0]} x {features.shape[1]} float32")
+    return 0
+
+
 _COMMANDS = [
     ("info", _add_info, _run_info),
     ("reproduce", _add_reproduce, _run_reproduce),
+    ("fit", _add_fit, _run_fit),
+    ("extract", _add_extract, _run_extract),
 ]
 
 
