@@ -71,7 +71,8 @@ AUTO_MAX_BYTES = 64 * 2**20
 AUTO_MIN_CHUNKS = 8
 #: Parameters that say *how* a model runs, not *what* it computes; left out of the fingerprint
 #: so that a model fitted on a GPU and loaded on a CPU (``device`` reset) keeps its cache.
-EXECUTION_PARAMS = frozenset({"device", "verbose", "n_jobs"})
+#: (``batch_size`` here is an encoder's *inner* chunking, e.g. sized from free memory.)
+EXECUTION_PARAMS = frozenset({"device", "verbose", "n_jobs", "batch_size"})
 _OUTPUT_DTYPE = np.dtype("<f4")
 
 
@@ -255,7 +256,12 @@ def _output_width(encoder, images, flip) -> int:
     try:
         return len(encoder.get_feature_names_out())
     except Exception:  # not implemented, or needs input features: measure instead
-        return int(_encode_chunk(encoder, images[:1], flip, 0)[1].shape[1])
+        one = np.asarray(images[:1])
+        Z = np.asarray(encoder.transform(one[:, :, ::-1] if flip else one))
+        if Z.ndim != 2 or Z.shape[0] != 1:
+            raise ValueError(f"encoder.transform returned shape {Z.shape} for one image; "
+                             "expected (1, n_features)")
+        return int(Z.shape[1])
 
 
 def _reuse(manifest, key, batch_size, paths, say):
@@ -522,11 +528,12 @@ def _exclusive_lock(path: Path):
 # -- reporting -----------------------------------------------------------------------------------
 
 def _flops_per_image(encoder, images):
-    """Multiply-adds x 2 of the dense distance computation, when the encoder can say.
+    """FLOPs of the dense patch-to-centroid products per image, when the encoder can say.
 
-    An encoder may define ``n_flops(image_shape)``; otherwise a fitted encoder exposing
-    ``cluster_centers_`` (K x d) and ``patch_size`` is assumed to compare every patch position
-    with every centroid: ``2 * positions * d * K``. None when neither is available.
+    An encoder may define ``n_flops(image_shape)``; otherwise, for a fitted encoder exposing its
+    centroids (``cluster_centers_``, or ``kmeans_.cluster_centers_``) and its map of patch
+    positions (``map_shape_``, or ``patch_size``/``stride``), ``2 * positions * d * K`` (twice
+    that with ``flip=True``, which encodes a mirrored view too). None when it cannot be told.
     """
     shape = tuple(images.shape[1:])
     fn = getattr(encoder, "n_flops", None)
@@ -536,13 +543,21 @@ def _flops_per_image(encoder, images):
         except Exception:
             return None
     centers = getattr(encoder, "cluster_centers_", None)
-    p = getattr(encoder, "patch_size", None)
-    stride = getattr(encoder, "stride", 1) or 1
-    if centers is None or not isinstance(p, (int, np.integer)) or len(shape) < 2:
+    if centers is None:
+        centers = getattr(getattr(encoder, "kmeans_", None), "cluster_centers_", None)
+    if centers is None or len(getattr(centers, "shape", ())) != 2 or len(shape) < 2:
         return None
-    K, d = (int(s) for s in centers.shape[:2])
-    positions = ((shape[0] - p) // stride + 1) * ((shape[1] - p) // stride + 1)
-    return 2.0 * positions * d * K
+    K, d = (int(s) for s in centers.shape)
+    map_shape = getattr(encoder, "map_shape_", None)
+    if map_shape is not None:
+        positions = int(np.prod(map_shape))
+    else:
+        p, stride = getattr(encoder, "patch_size", None), getattr(encoder, "stride", 1) or 1
+        if not isinstance(p, (int, np.integer)):
+            return None
+        positions = ((shape[0] - p) // stride + 1) * ((shape[1] - p) // stride + 1)
+    views = 2 if getattr(encoder, "flip", False) is True else 1
+    return 2.0 * positions * d * K * views
 
 
 def _human(nbytes: float) -> str:
