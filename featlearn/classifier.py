@@ -108,6 +108,12 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
         Minimum improvement of the validation accuracy that resets the early-stopping counter.
         (L-BFGS stops after ``max_epochs`` iterations or on torch's convergence tests.)
     standardize : bool, default=True
+    precision : {"float32", "bfloat16"}, default="float32"
+        ``"bfloat16"`` runs the adam/sgd forward and backward passes under
+        :func:`torch.autocast` (bfloat16 matrix products, float32 weights, optimizer state and
+        loss): about 2-3x faster where the CPU has bfloat16 instructions (AVX512-BF16/AMX) or on
+        a GPU, at the cost of ~3 significant digits in the products. L-BFGS and prediction
+        always run in float32.
     device : str or torch.device, default="auto"
         ``"auto"`` uses CUDA when available.
     random_state : int, RandomState instance or None, default=None
@@ -171,6 +177,7 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
         "n_iter_no_change": [Interval(numbers.Integral, 1, None, closed="left")],
         "tol": [Interval(numbers.Real, 0, None, closed="left")],
         "standardize": ["boolean"],
+        "precision": [StrOptions({"float32", "bfloat16"})],
         "device": [str, torch.device, None],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
@@ -181,7 +188,7 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
                  optimizer="adam", learning_rate_init=1e-3, momentum=0.9, nesterov=True,
                  lr_schedule="cosine", batch_size=256, max_epochs=50, early_stopping=False,
                  validation_fraction=0.1, n_iter_no_change=5, tol=1e-4, standardize=True,
-                 device="auto", random_state=None, verbose=0):
+                 precision="float32", device="auto", random_state=None, verbose=0):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.dropout = dropout
@@ -202,6 +209,7 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
         self.n_iter_no_change = n_iter_no_change
         self.tol = tol
         self.standardize = standardize
+        self.precision = precision
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -399,7 +407,10 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
             if len(idx) == 1 and self.batch_norm:
                 continue  # batch norm cannot train on a single sample
             xb = self._standardize(Xt.index_select(0, idx))
-            loss = self._data_loss(model(xb), yt.index_select(0, idx))
+            with torch.autocast(self.device_.type, dtype=torch.bfloat16,
+                                enabled=self.precision == "bfloat16"):
+                scores = model(xb)
+            loss = self._data_loss(scores.float(), yt.index_select(0, idx))
             self._optim.zero_grad(set_to_none=True)
             loss.backward()
             self._optim.step()
