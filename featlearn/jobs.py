@@ -101,7 +101,7 @@ def _canonical_state(obj, _depth=0):
     if mod.startswith("torch") and hasattr(obj, "detach"):  # a torch tensor, without importing torch
         return ("tensor", str(obj.dtype), obj.detach().cpu().numpy())
     if hasattr(obj, "get_params") and hasattr(obj, "set_params"):  # a scikit-learn estimator
-        params = {k: v for k, v in obj.get_params(deep=False).items() if k not in EXECUTION_PARAMS}
+        params = {k: v for k, v in _params(obj).items() if k not in EXECUTION_PARAMS}
         fitted = {k: v for k, v in vars(obj).items() if k.endswith("_") and not k.startswith("__")}
         return ("estimator", f"{mod}.{type(obj).__qualname__}",
                 _canonical_state(params, _depth + 1), _canonical_state(fitted, _depth + 1))
@@ -110,6 +110,15 @@ def _canonical_state(obj, _depth=0):
     if isinstance(obj, (list, tuple)):
         return (type(obj).__name__, [_canonical_state(v, _depth + 1) for v in obj])
     return obj
+
+
+def _params(est) -> dict:
+    """``get_params(deep=False)`` that tolerates a model pickled before a parameter was added."""
+    try:
+        names = est._get_param_names()
+    except Exception:
+        return est.get_params(deep=False)
+    return {k: getattr(est, k, "<missing>") for k in names}
 
 
 def data_fingerprint(images, *, block_bytes=32 * 2**20) -> str:
@@ -222,8 +231,8 @@ class _Paths:
 
 
 def _check_images(images):
-    if not hasattr(images, "shape") or not hasattr(images, "dtype"):
-        images = np.asarray(images)
+    if not isinstance(images, np.ndarray):  # lists, torch tensors: memmaps stay memmaps
+        images = np.asarray(images.detach().cpu() if hasattr(images, "detach") else images)
     if images.ndim not in (3, 4):
         raise ValueError(f"images must be a 3-D (n, H, W) or 4-D (n, H, W, C) array, got shape "
                          f"{tuple(images.shape)}")
@@ -759,7 +768,7 @@ def _estimators(obj, seen=None):
     seen.add(id(obj))
     if hasattr(obj, "get_params") and hasattr(obj, "set_params"):
         yield obj
-        for v in list(obj.get_params(deep=False).values()) + list(vars(obj).values()):
+        for v in list(_params(obj).values()) + list(vars(obj).values()):
             yield from _estimators(v, seen)
     elif isinstance(obj, (list, tuple)):
         for v in obj:
@@ -789,7 +798,7 @@ def _fix_devices(model, path):
     if torch.cuda.is_available():
         return
     for est in _estimators(model):
-        dev = est.get_params(deep=False).get("device")
+        dev = getattr(est, "device", None)
         if isinstance(dev, (str, torch.device)) and str(dev).startswith("cuda"):
             warnings.warn(f"{path}: {type(est).__name__} was set to device={str(dev)!r}, but CUDA "
                           "is not available here; using device='cpu'", UserWarning, stacklevel=3)
