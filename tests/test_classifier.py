@@ -44,6 +44,7 @@ def test_digits_mlp_accuracy(digits):
 @pytest.mark.parametrize("kw", [
     dict(optimizer="sgd", learning_rate_init=0.05, lr_schedule="step", activation="tanh"),
     dict(batch_norm=True, activation="leaky_relu", input_dropout=0.1, lr_schedule="constant"),
+    dict(precision="bfloat16"),
 ])
 def test_digits_other_configurations(digits, kw):
     Xtr, Xte, ytr, yte = digits
