@@ -118,7 +118,10 @@ def main(argv=None):
         _, t_ref = timed(lambda: ref.fit(Xtr, ytr))
     acc_ref, ep_ref = ref.score(Xte, yte), t_ref / ref.n_iter_
     for precision in ("float32", "bfloat16"):
-        ours = TorchMLPClassifier(**arch, dropout=0.0, lr_schedule="constant",
+        # MLPClassifier divides its penalty by the batch size: the same objective here is
+        # alpha / batch_size.
+        ours = TorchMLPClassifier(**{**arch, "alpha": arch["alpha"] / arch["batch_size"]},
+                                  dropout=0.0, lr_schedule="constant",
                                   max_epochs=args.mlp_epochs, precision=precision, device="cpu",
                                   random_state=0)
         _, t_ours = timed(lambda: ours.fit(Xtr, ytr))

@@ -79,6 +79,8 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
     loss : {"cross_entropy", "squared_hinge"}, default="cross_entropy"
     alpha : float >= 0, default=1e-4
         L2 penalty ``0.5 * alpha * ||W||^2`` added to the *mean* loss (ignored when ``C`` is set).
+        scikit-learn's MLPClassifier divides its penalty by the batch size, so its ``alpha``
+        equals ``alpha * batch_size`` here.
     C : float > 0 or None, default=None
         The penalty in the paper's units: ``alpha = 1 / C`` (see above). ``C=100`` is the paper's.
     optimizer : {"adam", "sgd", "lbfgs"}, default="adam"
