@@ -279,3 +279,25 @@ def test_cuda_sums_are_deterministic():
     b = nearest_centroid(X, C, chunk=3000, accumulate=True)
     for u, v in zip(a, b):
         assert torch.equal(u, v)
+
+
+def test_benchmark_smoke(tmp_path):
+    """The benchmark script runs end to end in smoke mode and writes its Markdown table."""
+    import importlib.util
+    from pathlib import Path
+
+    from conftest import SHARED_ARCHIVE, SHARED_MD5
+
+    if not SHARED_ARCHIVE.exists():
+        pytest.skip(f"shared CIFAR-10 archive not found at {SHARED_ARCHIVE}")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kmeans.py"
+    spec = importlib.util.spec_from_file_location("bench_kmeans", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "kmeans.md"
+    rows = bench.main(["--smoke", "--n-patches", "2000", "--data-home", str(tmp_path / "data"),
+                       "--archive", str(SHARED_ARCHIVE), "--md5", SHARED_MD5, "--out", str(out)])
+    assert [r[0] for r in rows] == ["fl-lloyd", "fl-mb", "sk-mbk", "sk-mbk-tuned", "sk-kmeans"]
+    assert all(np.isfinite(r[3]) and r[3] > 0 for r in rows)
+    text = out.read_text()
+    assert "--smoke" in text and "| featlearn full-batch Lloyd" in text
