@@ -106,6 +106,7 @@ def main(argv=None):
     script = sys.argv[0] if argv is None else "benchmarks/bench_kmeans.py"
     command = "python " + " ".join(shlex.quote(a) for a in [script] + (
         sys.argv[1:] if argv is None else list(argv)))
+    load_start = os.getloadavg()[0]
     t0 = time.perf_counter()
     X = whitened_patches(args)
     print(f"{X.shape[0]} whitened patches of {X.shape[1]} dims in "
@@ -126,8 +127,10 @@ def main(argv=None):
               f"n_steps_ {steps}", flush=True)
     table = format_table(rows)
     print(table)
+    loads = (load_start, os.getloadavg()[0])
+    print(f"1-minute load average: {loads[0]:.2f} at start, {loads[1]:.2f} at end")
     if args.out:
-        write_markdown(Path(args.out), command, table, args, X.shape)
+        write_markdown(Path(args.out), command, table, args, X.shape, loads)
     return rows
 
 
@@ -147,7 +150,7 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-def write_markdown(path, command, table, args, shape):
+def write_markdown(path, command, table, args, shape, loads):
     import sklearn
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,7 +162,10 @@ def write_markdown(path, command, table, args, shape):
             f"scikit-learn {sklearn.__version__}. Fit wall time; inertia of the fitted centres "
             f"on all points, computed identically (float64) for every row. sklearn KMeans is "
             f"capped at max_iter={args.sk_kmeans_max_iter} (its default is 300; the paper ran 50 "
-            f"Lloyd iterations).\n\n{table}\n")
+            f"Lloyd iterations). Run under the shared benchmark lock "
+            f"(`flock /tmp/featlearn-bench.lock ...`); 1-minute load average {loads[0]:.2f} at "
+            f"start and {loads[1]:.2f} at end (the machine is shared; a load above the core "
+            f"count means the timings were disturbed).\n\n{table}\n")
     path.write_text(text)
     print(f"wrote {path}")
 
