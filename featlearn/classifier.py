@@ -116,6 +116,12 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
         loss): about 2-3x faster where the CPU has bfloat16 instructions (AVX512-BF16/AMX) or on
         a GPU, at the cost of ~3 significant digits in the products. L-BFGS and prediction
         always run in float32.
+    n_views : int, default=1
+        The columns of ``X`` are ``n_views`` equal blocks, each a view of the same sample (e.g.
+        an image and its mirror from ``PatchEncoder(flip=True)``). Training uses every view as a
+        sample with the sample's label (standardization statistics are per view-feature);
+        predictions average the views' scores (logits). The early-stopping split is by sample,
+        so the views of one sample never straddle it.
     device : str or torch.device, default="auto"
         ``"auto"`` uses CUDA when available.
     random_state : int, RandomState instance or None, default=None
@@ -179,6 +185,7 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
         "n_iter_no_change": [Interval(numbers.Integral, 1, None, closed="left")],
         "tol": [Interval(numbers.Real, 0, None, closed="left")],
         "standardize": ["boolean"],
+        "n_views": [Interval(numbers.Integral, 1, None, closed="left")],
         "precision": [StrOptions({"float32", "bfloat16"})],
         "device": [str, torch.device, None],
         "random_state": ["random_state"],
@@ -190,7 +197,7 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
                  optimizer="adam", learning_rate_init=1e-3, momentum=0.9, nesterov=True,
                  lr_schedule="cosine", batch_size=256, max_epochs=50, early_stopping=False,
                  validation_fraction=0.1, n_iter_no_change=5, tol=1e-4, standardize=True,
-                 precision="float32", device="auto", random_state=None, verbose=0):
+                 precision="float32", n_views=1, device="auto", random_state=None, verbose=0):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.dropout = dropout
@@ -212,6 +219,7 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
         self.tol = tol
         self.standardize = standardize
         self.precision = precision
+        self.n_views = n_views
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -230,6 +238,7 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
                 f"TorchMLPClassifier needs samples of at least 2 classes in the data, but the "
                 f"data contains only one class: {classes[0]!r}")
         self.classes_ = classes
+        X, codes = self._split_views(X, codes)
         self._initialize(X)
         Xt = _tensor_view(X)
         yt = torch.from_numpy(codes.astype(np.int64))
@@ -264,7 +273,7 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
         check_classification_targets(y)
         if first:
             self.classes_ = classes
-        codes = self._encode(y)
+        X, codes = self._split_views(X, self._encode(y))
         if first:
             self._initialize(X)
         Xt = _tensor_view(X)
@@ -321,6 +330,14 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
                 self.dropout > 0 and len(self.hidden_layer_sizes) > 0)):
             raise ValueError("optimizer='lbfgs' needs a deterministic objective: set dropout=0 "
                              "and input_dropout=0 (or use adam/sgd)")
+
+    def _split_views(self, X, codes=None):
+        """``(n, V * F)`` -> ``(n * V, F)`` rows (a view, no copy), labels repeated per view."""
+        V = self.n_views
+        if X.shape[1] % V:
+            raise ValueError(f"X has {X.shape[1]} features, not divisible by n_views={V}")
+        X = np.ascontiguousarray(X).reshape(len(X) * V, X.shape[1] // V)
+        return X, (None if codes is None else np.repeat(codes, V))
 
     def _encode(self, y):
         y = np.asarray(y)
@@ -441,11 +458,15 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
         rows = torch.arange(n)
         val = None
         if self.early_stopping:
+            # Split samples, not view rows: views of one sample stay on one side.
+            V = self.n_views
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self._rng))
-            stratify = codes if np.bincount(codes).min() >= 2 else None
-            tr, va = train_test_split(np.arange(n), test_size=self.validation_fraction,
+            per_sample = codes[::V]
+            stratify = per_sample if np.bincount(per_sample).min() >= 2 else None
+            tr, va = train_test_split(np.arange(n // V), test_size=self.validation_fraction,
                                       stratify=stratify, random_state=seed)
-            rows, val = torch.from_numpy(np.sort(tr)), torch.from_numpy(np.sort(va))
+            tr, va = [(np.sort(i)[:, None] * V + np.arange(V)).ravel() for i in (tr, va)]
+            rows, val = torch.from_numpy(tr), torch.from_numpy(va)
         best, best_state, stale = -np.inf, None, 0
         for epoch in range(self.max_epochs):
             t0 = time.perf_counter()
@@ -524,13 +545,16 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
     def _forward_numpy(self, X):
         check_is_fitted(self)
         X = validate_data(self, X, dtype=np.float32, reset=False)
+        n = len(X)
+        X, _ = self._split_views(X)
         dev = next(self.model_.parameters()).device
         width = X.shape[1] + sum(self.hidden_layer_sizes) + len(self.classes_)
         step = chunk_size(8 * width, dev, minimum=256)
         Xt = _tensor_view(X)
         out = [to_numpy(self._scores(Xt[s:s + step].to(dev))) for s in range(0, len(X), step)]
-        return np.concatenate(out) if out else np.zeros((0, self.model_[-1].out_features),
-                                                            np.float32)
+        scores = (np.concatenate(out) if out
+                  else np.zeros((0, self.model_[-1].out_features), np.float32))
+        return scores.reshape(n, self.n_views, -1).mean(axis=1)  # average the views' logits
 
     # ------------------------------------------------------------------ pickling
 

@@ -10,11 +10,11 @@ scikit-learn transformer cannot change the number of rows (``y`` would no longer
 the encoder appends the mirror's features as a second block of columns (``PatchEncoder(flip=True)``
 gives ``[f(x), f(mirror(x))]``), and the classifier reads its input as ``n_views`` blocks of
 columns, each a view of the same sample (``TorchMLPClassifier(n_views=2)``): it trains on every
-view as a sample and averages the views' probabilities at prediction. The row count never changes,
-so ``Pipeline``, ``GridSearchCV``, cross-validation splitters and ``Pipeline(memory=)`` caching
-work unchanged, a sample and its mirror always land on the same side of every split (no leakage
-into early-stopping or CV validation folds), and the expensive encoding of both views is cached
-together.
+view as a sample and averages the views' scores (logits) at prediction. The row count never
+changes, so ``Pipeline``, ``GridSearchCV``, cross-validation splitters and ``Pipeline(memory=)``
+caching work unchanged, a sample and its mirror always land on the same side of every split (no
+leakage into early-stopping or CV validation folds), and the expensive encoding of both views is
+cached together.
 """
 
 from __future__ import annotations

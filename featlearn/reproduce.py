@@ -24,8 +24,11 @@ def peak_rss_bytes() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
-def _encode(encoder, X_train, X_test):
-    """Fit the encoder on the training images and encode both splits (the cached unit of work)."""
+def _encode(encoder, X_train, X_test, key=None):
+    """Fit the encoder on the training images and encode both splits (the cached unit of work).
+
+    ``key`` only identifies the call for the cache (see :func:`encoder_cache_key`).
+    """
     t0 = time.perf_counter()
     encoder.fit(X_train)
     t1 = time.perf_counter()
@@ -38,24 +41,38 @@ def _encode(encoder, X_train, X_test):
     return encoder, F_train, F_test, times
 
 
+def encoder_cache_key(encoder) -> dict:
+    """The encoder's parameters that can change its output: all but ``verbose`` and ``n_jobs``.
+
+    Nested estimators are named by class; their own parameters appear expanded
+    (``kmeans__n_clusters``), so a progress-bar setting never invalidates cached features.
+    """
+    from sklearn.base import BaseEstimator
+
+    return {k: (type(v).__name__ if isinstance(v, BaseEstimator) else v)
+            for k, v in encoder.get_params(deep=True).items()
+            if not k.endswith(("verbose", "n_jobs"))} | {"class": type(encoder).__name__}
+
+
 def encode_cached(encoder, X_train, X_test, cache=None, verbose=0):
     """``_encode`` through ``joblib.Memory(cache)``.
 
-    The cache key is the (unfitted) encoder's parameters and both image arrays, so a changed
-    encoder parameter or different data never reuses stale features; joblib also invalidates
-    entries when this function's code changes, and recomputes (with a warning) an entry it cannot
-    read back, so a corrupt cache is never fatal. Returns the ``_encode`` outputs and whether they
-    came from the cache.
+    The cache key is the encoder's output-relevant parameters (:func:`encoder_cache_key`) and
+    both image arrays, so a changed encoder parameter or different data never reuses stale
+    features; joblib also invalidates entries when this function's code changes, and recomputes
+    (with a warning) an entry it cannot read back, so a corrupt cache is never fatal. Returns the
+    ``_encode`` outputs and whether they came from the cache.
     """
     if cache is None:
         return (*_encode(encoder, X_train, X_test), False)
     from joblib import Memory
 
-    func = Memory(str(cache), verbose=0).cache(_encode)
-    hit = func.check_call_in_cache(encoder, X_train, X_test)
+    func = Memory(str(cache), verbose=0).cache(_encode, ignore=["encoder"])
+    key = encoder_cache_key(encoder)
+    hit = func.check_call_in_cache(encoder, X_train, X_test, key)
     if hit and verbose:
         print("encoded features found in the cache; loading them")
-    return (*func(encoder, X_train, X_test), hit)
+    return (*func(encoder, X_train, X_test, key), hit)
 
 
 def run(config, data, *, out=None, cache=None, device=None, n_train=None, n_test=None,
