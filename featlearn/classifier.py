@@ -553,12 +553,31 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
         if not np.isfinite(self.loss_curve_[-1]):
             raise FloatingPointError("L-BFGS diverged (non-finite loss)")
 
+    def _loss_and_grad(self, scores, yc):
+        """Summed data loss of a chunk and its gradient with respect to the scores."""
+        if self.loss == "squared_hinge":
+            if scores.shape[1] == 1:
+                t = (yc.to(scores.dtype) * 2 - 1)[:, None]
+            else:
+                t = torch.full_like(scores, -1.0)
+                t.scatter_(1, yc[:, None], 1.0)
+            margin = (1 - t * scores).clamp_(min=0)
+            loss = margin.square().sum(dtype=torch.float64)
+            return loss, margin.mul_(t).mul_(-2.0)
+        with torch.enable_grad():
+            scores = scores.detach().requires_grad_()
+            loss = self._data_loss(scores, yc) * len(yc)
+            loss.backward()
+        return loss.detach().double(), scores.grad
+
     def _linear_objective(self, X, y):
         """Mean data loss of the linear model and its gradient, in one pass over raw X.
 
         L-BFGS on 50,000 x 6,400 features is bound by memory bandwidth, not arithmetic: autograd
         reads X twice per evaluation (scores, then the weight gradient) plus a standardized copy.
-        Here each cache-sized chunk is read once for both products, and standardization is folded
+        Here X is never copied, each chunk feeds both products while it is fresh, the
+        squared-hinge gradient is written out (no autograd graph per chunk), and standardization
+        is folded
         into the weights: with ``s = 1/scale``, scores are ``X (W*s)^T + (b - (W*s) mean)`` and
         the weight gradient is ``(G^T X - G^T 1 mean^T) * s``.
         """
@@ -571,18 +590,17 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
             gW = torch.zeros_like(W)
             gb = torch.zeros_like(b)
             total = torch.zeros((), dtype=torch.float64, device=X.device)
-            step = chunk_size(X.shape[1] * X.element_size(), X.device, budget=4 * 2**20,
-                              minimum=64)
+            # ~64 MB chunks: per-chunk overhead dominates below ~1,000 rows (measured: 163-row
+            # chunks ran 6x slower than 1,000-2,000-row ones on 50,000 x 6,400).
+            step = chunk_size(X.shape[1] * X.element_size(), X.device, budget=64 * 2**20,
+                              minimum=256)
             for s in range(0, n, step):
-                xc = X[s:s + step]
-                with torch.enable_grad():
-                    scores = torch.addmm(bs, xc, Ws.t()).requires_grad_()
-                    loss = self._data_loss(scores, y[s:s + step]) * (len(xc) / n)
-                    loss.backward()
-                G = scores.grad
-                gW.addmm_(G.t(), xc)
-                gb += G.sum(0)
-                total += loss.detach().double()
+                xc, yc = X[s:s + step], y[s:s + step]
+                scores = torch.addmm(bs, xc, Ws.t())
+                loss, G = self._loss_and_grad(scores, yc)
+                gW.addmm_(G.t(), xc, alpha=1.0 / n)
+                gb.add_(G.sum(0), alpha=1.0 / n)
+                total += loss / n
             gW -= torch.outer(gb, self._mean_t)
             gW *= self._inv_scale_t
             W.grad.add_(gW)
