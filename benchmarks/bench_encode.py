@@ -1,0 +1,216 @@
+"""Benchmark PatchEncoder: GEMM peak, featlearn encoding, a straightforward numpy version, peak RSS.
+
+Run (under the shared lock, so other jobs on the machine do not disturb the timings)::
+
+    flock /tmp/featlearn-bench.lock python benchmarks/bench_encode.py
+
+All rates are *effective* GFLOP/s of the distance products, ``2 * n * positions * d * K``
+(REFERENCE.md), whatever each implementation actually computes, so they compare directly with
+the machine's fp32 GEMM rate. The centroids come from a MiniBatchKMeans run of a few iterations
+(fitting is not what is measured). The RSS part encodes 100,000 synthetic images in a fresh
+subprocess and reports its peak resident memory relative to the output array.
+
+``--quick`` is a smoke run (small sizes, a minute or so); its numbers are not the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+
+ARCHIVE = "/work/shared/datasets/cifar10-jpeg75/cifar-10-python.tar.gz"
+MD5 = "bd43d2a3421d9a4f9a66309ec8f698ed"
+RESULTS = Path(__file__).resolve().parent / "results" / "encode.md"
+
+
+def gemm_rate(n=4096, repeats=3):
+    a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    torch.mm(a, b, out=out)
+    best = min(_timed(lambda: torch.mm(a, b, out=out)) for _ in range(repeats))
+    return 2 * n ** 3 / best / 1e9
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def product_flops(n_images, enc):
+    Ph, Pw = enc.map_shape_
+    d = enc.patch_size ** 2 * enc.image_shape_[2]
+    return 2.0 * n_images * Ph * Pw * d * enc.n_clusters_
+
+
+def numpy_encode(enc, X, batch=50):
+    """The straightforward version: every patch of a batch, then normalize, whiten, distances."""
+    p = enc.patch_size
+    norm, white = enc.normalizer_, enc.whitener_
+    C = np.asarray(enc.kmeans_.cluster_centers_, dtype=np.float32)
+    c2 = (C * C).sum(1)
+    Ph, Pw = enc.map_shape_
+    r, c = (Ph + 1) // 2, (Pw + 1) // 2  # round-half-up split of the map
+    out = np.empty((X.shape[0], 4 * C.shape[0]), dtype=np.float32)
+    for s in range(0, X.shape[0], batch):
+        xb = X[s:s + batch].astype(np.float32)
+        win = sliding_window_view(xb, (p, p), axis=(1, 2))  # (b, Ph, Pw, C, p, p)
+        P = np.moveaxis(win, 3, -1).reshape(-1, p * p * xb.shape[3])
+        P = P - P.mean(1, keepdims=True)
+        P /= np.sqrt((P * P).sum(1, keepdims=True) / (P.shape[1] - norm.ddof) + norm.eps)
+        Y = (P - white.mean_) @ white.whitening_
+        D = (Y * Y).sum(1)[:, None] - 2 * Y @ C.T + c2
+        z = np.sqrt(np.maximum(D, 0))
+        f = np.maximum(0, z.mean(1, keepdims=True) - z).reshape(xb.shape[0], Ph, Pw, -1)
+        out[s:s + batch] = np.concatenate(
+            [f[:, :r, :c].sum((1, 2)), f[:, :r, c:].sum((1, 2)),
+             f[:, r:, :c].sum((1, 2)), f[:, r:, c:].sum((1, 2))], axis=1)
+    return out
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def rss_child(model_path, n_images):
+    """Run in a fresh process: encode ``n_images`` synthetic images, print RSS numbers."""
+    with open(model_path, "rb") as fh:
+        enc = pickle.load(fh)
+    H, W, C = enc.image_shape_
+    X = np.random.default_rng(0).integers(0, 256, (n_images, H, W, C), dtype=np.uint8)
+    enc.transform(X[:8])  # warm up: torch threads, allocator, code paths
+    base = _status_kb("VmRSS")
+    t0 = time.perf_counter()
+    Z = enc.transform(X)
+    dt = time.perf_counter() - t0
+    peak = _status_kb("VmHWM")
+    print(f"RSS {n_images} {base} {peak} {Z.nbytes // 1024} {dt:.2f}")
+
+
+def measure_rss(enc, n_images):
+    with tempfile.NamedTemporaryFile(suffix=".pkl", delete=False) as fh:
+        pickle.dump(enc, fh)
+        path = fh.name
+    try:
+        res = subprocess.run([sys.executable, __file__, "--rss-child", path, str(n_images)],
+                             check=True, capture_output=True, text=True)
+    finally:
+        os.unlink(path)
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("RSS ")][-1]
+    _, n, base, peak, out_kb, dt = line.split()
+    return dict(n=int(n), base_mb=int(base) / 1024, peak_mb=int(peak) / 1024,
+                out_mb=int(out_kb) / 1024, seconds=float(dt))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run with small sizes")
+    ap.add_argument("--n-images", type=int, default=5000)
+    ap.add_argument("--n-clusters", type=int, default=1600)
+    ap.add_argument("--numpy-images", type=int, default=500,
+                    help="images for the numpy version (its rate is per image, so fewer suffice)")
+    ap.add_argument("--rss-images", type=int, nargs="+", default=[10_000, 100_000])
+    ap.add_argument("--batch-size", default="auto")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.rss_child:
+        return rss_child(args.rss_child[0], int(args.rss_child[1]))
+    if args.quick:
+        args.n_images, args.n_clusters, args.numpy_images = 200, 256, 50
+        args.rss_images = [500, 2000]
+    batch = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+
+    from featlearn import MiniBatchKMeans, PatchEncoder, fetch_cifar10
+
+    command = "flock /tmp/featlearn-bench.lock python benchmarks/bench_encode.py " + " ".join(
+        a for a in (argv if argv is not None else sys.argv[1:]))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor()}")
+    peak = gemm_rate()
+    print(f"fp32 GEMM (torch.mm 4096^3): {peak:.1f} GFLOP/s")
+
+    data = fetch_cifar10(archive=ARCHIVE, md5=MD5)
+    train = data.X_train
+    X = np.ascontiguousarray(train[: args.n_images])
+    t0 = time.perf_counter()
+    enc = PatchEncoder(n_patches=50_000 if not args.quick else 5000,
+                       kmeans=MiniBatchKMeans(args.n_clusters, max_iter=3, random_state=0),
+                       batch_size=batch, device="cpu", random_state=0).fit(train[:10_000])
+    print(f"fit (not measured): {time.perf_counter() - t0:.1f} s, K={enc.n_clusters_}")
+
+    enc.transform(X[:20])  # warm-up
+    t_fl = _timed(lambda: enc.transform(X))
+    rate_fl = product_flops(len(X), enc) / t_fl / 1e9
+    print(f"featlearn: {len(X)} images in {t_fl:.2f} s = {rate_fl:.1f} GFLOP/s")
+
+    Xn = X[: args.numpy_images]
+    numpy_encode(enc, Xn[:10])
+    t_np = _timed(lambda: numpy_encode(enc, Xn))
+    rate_np = product_flops(len(Xn), enc) / t_np / 1e9
+    print(f"numpy: {len(Xn)} images in {t_np:.2f} s = {rate_np:.1f} GFLOP/s")
+    ref = numpy_encode(enc, X[:20])
+    got = enc.transform(X[:20])
+    err = float(np.abs(got - ref).max() / np.abs(ref).max())
+    print(f"max |featlearn - numpy| / max|numpy| on 20 images: {err:.1e}")
+
+    rss = [measure_rss(enc, n) for n in args.rss_images]
+    for r in rss:
+        print(f"RSS {r['n']} images: base {r['base_mb']:.0f} MB, peak {r['peak_mb']:.0f} MB, "
+              f"output {r['out_mb']:.0f} MB, peak - base - output "
+              f"{r['peak_mb'] - r['base_mb'] - r['out_mb']:.0f} MB ({r['seconds']:.1f} s)")
+
+    lines = [
+        "# PatchEncoder benchmark" + (" (QUICK smoke run: not the results)" if args.quick else ""),
+        "",
+        "```",
+        command.strip(),
+        "```",
+        "",
+        f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), numpy {np.__version__}; CIFAR-10 32x32x3 images, "
+        f"6x6 patches, stride 1 (27x27 positions), d=108, K={enc.n_clusters_}, triangle, 2x2 sum "
+        f"pooling. Rates are effective GFLOP/s of the distance products 2*n*729*108*K.",
+        "",
+        "| what | images | seconds | GFLOP/s | % of GEMM |",
+        "|---|---:|---:|---:|---:|",
+        f"| fp32 GEMM, torch.mm 4096^3 | | | {peak:.1f} | 100% |",
+        f"| featlearn PatchEncoder (CPU, batch_size={batch}) | {len(X)} | {t_fl:.2f} | "
+        f"{rate_fl:.1f} | {100 * rate_fl / peak:.0f}% |",
+        f"| numpy (sliding_window_view + matmul, 50-image batches) | {len(Xn)} | {t_np:.2f} | "
+        f"{rate_np:.1f} | {100 * rate_np / peak:.0f}% |",
+        "",
+        f"featlearn / numpy: **{rate_fl / rate_np:.1f}x**; featlearn / GEMM: "
+        f"**{100 * rate_fl / peak:.0f}%** (targets: >= 4x and >= 70%). Max relative difference "
+        f"of the two outputs on 20 images: {err:.1e}.",
+        "",
+        "Peak resident memory of a fresh process encoding synthetic uint8 images (base = RSS after "
+        "loading the encoder, creating the images and a warm-up; peak = VmHWM after transform):",
+        "",
+        "| images | base MB | peak MB | output MB | peak - base - output MB | seconds |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rss:
+        lines.append(f"| {r['n']} | {r['base_mb']:.0f} | {r['peak_mb']:.0f} | {r['out_mb']:.0f} | "
+                     f"{r['peak_mb'] - r['base_mb'] - r['out_mb']:.0f} | {r['seconds']:.1f} |")
+    lines.append("")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
