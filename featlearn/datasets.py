@@ -9,7 +9,6 @@ import os
 import pickle
 import shutil
 import tarfile
-import tempfile
 import time
 import urllib.request
 import zlib
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 from sklearn.utils import Bunch
+
+from ._io import atomic_path
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -181,16 +182,11 @@ def _cache_path(home: Path, archive: Path, md5):
 
 
 def _save_cache(path: Path, data: dict):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **{k: np.asarray(v) for k, v in data.items()})
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except OSError:
-        # The cache is an optimisation: a read-only or full disk must not fail the load.
-        Path(tmp).unlink(missing_ok=True)
+        pass  # the cache is an optimisation: a read-only or full disk must not fail the load
 
 
 def _load_cache(path: Path, archive) -> Bunch:

@@ -52,7 +52,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 import warnings
 import zlib
@@ -60,6 +59,8 @@ from pathlib import Path
 
 import joblib
 import numpy as np
+
+from ._io import atomic_path
 
 #: Version of the manifest layout; a manifest with another version is treated as foreign.
 MANIFEST_FORMAT = 1
@@ -465,18 +466,8 @@ def _write_manifest(path: Path, state):
     """Atomically replace the manifest: temp file, fsync, rename, fsync of the directory."""
     state = {k: v for k, v in state.items() if k != "checksum"}
     state["checksum"] = _manifest_checksum(state)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            os.fchmod(fh.fileno(), 0o644)  # mkstemp's 0600 would hide the manifest from others
-            json.dump(state, fh, sort_keys=True, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
+        json.dump(state, fh, sort_keys=True, indent=1)
     _fsync_dir(path.parent)
 
 
@@ -695,17 +686,8 @@ def save_model(model, path, *, config=None, **extra) -> dict:
     path = Path(path).expanduser()
     meta = model_metadata(config, **extra)
     _to_cpu_inplace(model)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         joblib.dump({"featlearn_model": True, "metadata": meta, "model": model}, tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
     return meta
 
 
