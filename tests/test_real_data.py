@@ -5,10 +5,10 @@ import pytest
 
 from featlearn import make_coates_pipeline
 
-#: Measured: see the comment in the test. The floor leaves a margin for run-to-run variation
-#: across BLAS builds while staying far above chance (10%) and raw-pixel linear models (~37%
-#: on the full set; ~30-33% at this training size).
-ACCURACY_FLOOR = 0.50
+#: Measured 56.30% (2-core x86-64 CPU, torch 2.13 CPU build, random_state=0; about 60 s). The
+#: floor leaves 3 points for BLAS/thread-count rounding differences while staying far above
+#: chance (10%) and raw-pixel linear models (37% on the full training set).
+ACCURACY_FLOOR = 0.53
 
 
 @pytest.mark.slow
