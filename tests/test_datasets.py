@@ -1,12 +1,10 @@
 import hashlib
 import http.server
 import io
-import os
 import pickle
 import socket
 import tarfile
 import threading
-import time
 
 import numpy as np
 import pytest
