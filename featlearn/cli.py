@@ -12,9 +12,9 @@ import sys
 import time
 
 
-def _add_data_args(p, *, required=True):
-    p.add_argument("--data", required=required, metavar="ARCHIVE_OR_DIR",
-                   help="cifar-10-python.tar.gz or its extracted cifar-10-batches-py folder")
+def _add_data_args(p, *, metavar="ARCHIVE_OR_DIR",
+                   help="cifar-10-python.tar.gz or its extracted cifar-10-batches-py folder"):
+    p.add_argument("--data", required=True, metavar=metavar, help=help)
     p.add_argument("--md5", default=None,
                    help="expected md5 of the archive (default: not checked for a local file)")
     p.add_argument("--data-home", default=None,
@@ -100,15 +100,11 @@ def _run_reproduce(args):
 # -- fit / extract -------------------------------------------------------------------------------
 
 def _add_images_args(p):
-    p.add_argument("--data", required=True, metavar="ARCHIVE_OR_NPY",
+    _add_data_args(p, metavar="ARCHIVE_OR_NPY",
                    help="cifar-10-python.tar.gz (or its extracted folder), or an .npy array of "
                         "images (n, H, W[, C]), which is memory-mapped rather than loaded")
     p.add_argument("--split", choices=("train", "test"), default="train",
                    help="which CIFAR-10 split to use (ignored for an .npy file; default train)")
-    p.add_argument("--md5", default=None,
-                   help="expected md5 of the archive (default: not checked for a local file)")
-    p.add_argument("--data-home", default=None,
-                   help="where parsed arrays are cached (default $FEATLEARN_DATA or ~/featlearn_data)")
 
 
 def load_images(args, *, labels=False):
@@ -125,9 +121,7 @@ def load_images(args, *, labels=False):
         if getattr(args, "labels", None) is None:
             raise ValueError(f"{path} holds images only: pass --labels LABELS.npy to fit a classifier")
         return X, np.load(args.labels)
-    from featlearn.datasets import fetch_cifar10
-
-    data = fetch_cifar10(args.data_home, archive=path, md5=args.md5)
+    data = load_data(args)
     X = data[f"X_{args.split}"]
     return (X, data[f"y_{args.split}"]) if labels else X
 
