@@ -192,7 +192,7 @@ class ZCAWhitening(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         X = validate_data(self, X, dtype=np.float32, reset=False,
                           copy=self.copy, order="C")
         X -= self.mean_
-        return X @ self.whitening_
+        return _rowwise_matmul(X, self.whitening_)
 
     def inverse_transform(self, X):
         """Map whitened rows back to patch space (exact unless components were dropped)."""
@@ -201,12 +201,28 @@ class ZCAWhitening(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         if X.ndim != 2 or X.shape[1] != self._n_features_out:
             raise ValueError(
                 f"X has shape {X.shape}; expected (n_samples, {self._n_features_out}) whitened rows")
-        return X @ self._unwhitening + self.mean_
+        return _rowwise_matmul(X, self._unwhitening) + self.mean_
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.transformer_tags.preserves_dtype = ["float32"]
         return tags
+
+
+def _rowwise_matmul(X: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """``X @ W`` as float32 whose rows do not depend on the other rows.
+
+    A float32 GEMM rounds a row differently depending on where the BLAS kernel's blocking puts
+    it, so permuting the samples could change results by an ulp (scikit-learn's
+    sample-order-invariance check caught this on another CPU). Accumulating in float64 and
+    rounding once makes each output row a function of its input row alone. Chunked, so the
+    float64 temporaries stay small; the fast encoding path has its own float32 kernel.
+    """
+    W64 = W.astype(np.float64)
+    out = np.empty((X.shape[0], W.shape[1]), dtype=np.float32)
+    for s in range(0, X.shape[0], _COV_CHUNK):
+        out[s:s + _COV_CHUNK] = X[s:s + _COV_CHUNK].astype(np.float64) @ W64
+    return out
 
 
 def _safe_inv_sqrt(evals):
