@@ -119,6 +119,25 @@ def test_randn_init_reassigns_empty_clusters():
     assert np.abs(km.cluster_centers_ - 50).max() < 10
 
 
+
+@pytest.mark.parametrize("batch_size", [None, 256])
+def test_centres_do_not_stay_on_outliers(batch_size):
+    # A dense blob plus far, isolated points (heavy tails, like whitened patches): k-means++
+    # and farthest-point relocation seed centres on the outliers. With reassignment those
+    # centres move back to the data instead of each holding a single point for good.
+    rng = np.random.default_rng(0)
+    blob = rng.normal(size=(3000, 5))
+    far = rng.normal(size=(30, 5))
+    far *= 200 / np.linalg.norm(far, axis=1, keepdims=True)
+    X = np.vstack([blob, far]).astype(np.float32)
+    km = MiniBatchKMeans(n_clusters=40, batch_size=batch_size, max_iter=30,
+                         random_state=0).fit(X)
+    assert (km.counts_ > 1).all()
+    # Without reassignment Lloyd keeps the scikit-learn KMeans behaviour (singletons remain).
+    if batch_size is None:
+        km0 = MiniBatchKMeans(n_clusters=40, reassignment_ratio=0, random_state=0).fit(X)
+        assert (km0.counts_ <= 1).any()
+
 def test_n_clusters_larger_than_n_samples():
     X = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
     with pytest.raises(ValueError, match="n_samples=5 should be >= n_clusters=6"):
