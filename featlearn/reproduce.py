@@ -41,17 +41,37 @@ def _encode(encoder, X_train, X_test, key=None):
     return encoder, F_train, F_test, times
 
 
+#: The modules whose code decides the encoded features (the cache key fingerprints them).
+_FEATURE_MODULES = ("patches", "preprocessing", "kmeans", "encoding", "_torch")
+
+
+def _code_fingerprint() -> str:
+    """sha256 of the feature-stage source files: new code never reuses features of the old.
+
+    joblib.Memory only watches the cached function's own code; a fix inside k-means (same
+    parameters, same version number) would otherwise be answered with stale features.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in _FEATURE_MODULES:
+        h.update((Path(__file__).parent / f"{name}.py").read_bytes())
+    return h.hexdigest()[:16]
+
+
 def encoder_cache_key(encoder) -> dict:
-    """The encoder's parameters that can change its output: all but ``verbose`` and ``n_jobs``.
+    """What can change the encoder's output: its parameters (all but ``verbose`` and
+    ``n_jobs``) and the code of the feature stages.
 
     Nested estimators are named by class; their own parameters appear expanded
     (``kmeans__n_clusters``), so a progress-bar setting never invalidates cached features.
     """
     from sklearn.base import BaseEstimator
 
-    return {k: (type(v).__name__ if isinstance(v, BaseEstimator) else v)
-            for k, v in encoder.get_params(deep=True).items()
-            if not k.endswith(("verbose", "n_jobs"))} | {"class": type(encoder).__name__}
+    params = {k: (type(v).__name__ if isinstance(v, BaseEstimator) else v)
+              for k, v in encoder.get_params(deep=True).items()
+              if not k.endswith(("verbose", "n_jobs"))}
+    return params | {"class": type(encoder).__name__, "code": _code_fingerprint()}
 
 
 def encode_cached(encoder, X_train, X_test, cache=None, verbose=0):

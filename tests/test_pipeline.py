@@ -195,6 +195,22 @@ def test_reproduce_cache_reuses_features_when_only_the_classifier_changes(
     assert second["n_features"] == first["n_features"]
 
 
+def test_reproduce_cache_misses_when_the_feature_code_changes(tmp_path, tiny_archive,
+                                                               monkeypatch):
+    # Same parameters, same version, new k-means code: the old features must not come back.
+    from featlearn import reproduce
+    from featlearn.datasets import fetch_cifar10
+
+    data = fetch_cifar10(tmp_path / "home", archive=tiny_archive, md5=None)
+    config = {"name": "c", "params": {"n_centroids": 16, "classifier": "svm", **TINY}}
+    first, _ = reproduce.run(config, data, cache=tmp_path / "cache", verbose=0)
+    again, _ = reproduce.run(config, data, cache=tmp_path / "cache", verbose=0)
+    assert not first["features_from_cache"] and again["features_from_cache"]
+    monkeypatch.setattr(reproduce, "_code_fingerprint", lambda: "changed")
+    changed, _ = reproduce.run(config, data, cache=tmp_path / "cache", verbose=0)
+    assert not changed["features_from_cache"]
+
+
 def test_reproduce_recomputes_a_corrupt_cache_entry(tmp_path, tiny_archive):
     from featlearn.datasets import fetch_cifar10
     from featlearn.reproduce import run
