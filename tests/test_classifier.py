@@ -87,6 +87,26 @@ def test_squared_hinge_matches_linearsvc():
                                atol=0.01 * np.abs(ref.decision_function(X)).max())
 
 
+@pytest.mark.parametrize("loss", ["squared_hinge", "cross_entropy"])
+def test_preconditioned_lbfgs_same_solution_fewer_iterations(loss):
+    # Strongly correlated features (a few latent factors seen through many noisy copies), like
+    # pooled k-means features: plain L-BFGS crawls along the ill-conditioned directions.
+    rng = np.random.default_rng(0)
+    Z = rng.normal(size=(3000, 8))
+    X = (Z @ rng.normal(size=(8, 300)) + 0.05 * rng.normal(size=(3000, 300))).astype(np.float32)
+    y = (Z[:, :3] @ [1.0, -1.0, 0.5] > 0).astype(int) + (Z[:, 3] > 0.5)
+    kw = dict(hidden_layer_sizes=(), loss=loss, C=100.0, optimizer="lbfgs", max_epochs=3000,
+              device="cpu", random_state=0)
+    pre = TorchMLPClassifier(precondition=True, **kw).fit(X, y)
+    plain = TorchMLPClassifier(precondition=False, **kw).fit(X, y)
+    assert pre.n_iter_ < plain.n_iter_ / 1.5  # measured: 15 vs 46 (hinge), 19 vs 35 (CE)
+    # Both minimize the same convex objective: the preconditioned one at least as well.
+    assert pre.loss_curve_[-1] <= plain.loss_curve_[-1] * (1 + 1e-4)
+    np.testing.assert_allclose(pre.decision_function(X), plain.decision_function(X),
+                               atol=0.02 * np.abs(plain.decision_function(X)).max())
+    assert np.mean(pre.predict(X) == plain.predict(X)) >= 0.99
+
+
 def test_c_is_alpha_inverse():
     X, y = make_classification(n_samples=200, n_features=8, random_state=0)
     kw = dict(hidden_layer_sizes=(), loss="squared_hinge", optimizer="lbfgs", max_epochs=50,
