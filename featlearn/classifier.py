@@ -114,12 +114,13 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
         Minimum improvement of the validation accuracy that resets the early-stopping counter.
         (L-BFGS stops after ``max_epochs`` iterations or on torch's convergence tests.)
     standardize : bool, default=True
-    precision : {"float32", "bfloat16"}, default="float32"
+    precision : {"float32", "bfloat16", "auto"}, default="float32"
         ``"bfloat16"`` runs the adam/sgd forward and backward passes under
         :func:`torch.autocast` (bfloat16 matrix products, float32 weights, optimizer state and
         loss): about 2-3x faster where the CPU has bfloat16 instructions (AVX512-BF16/AMX) or on
-        a GPU, at the cost of ~3 significant digits in the products. L-BFGS and prediction
-        always run in float32.
+        a GPU, at the cost of ~3 significant digits in the products, but about 7x *slower* on
+        CPUs without them (emulated). ``"auto"`` uses bfloat16 only where it is native (see
+        ``precision_``). L-BFGS and prediction always run in float32.
     precondition : bool or "auto", default="auto"
         Linear model with L-BFGS only (the L2-SVM): optimize in coordinates where the loss is
         nearly isotropic. The preconditioner is ``M = alpha I + c G``, with ``G`` the
@@ -154,6 +155,8 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
         Training objective (mean loss + penalty) per epoch (L-BFGS: per function evaluation).
     validation_scores_ : list of float
         Validation accuracy per epoch (empty without early stopping).
+    precision_ : {"float32", "bfloat16"}
+        The precision training ran in (``precision`` with "auto" resolved for the device).
     best_epoch_ : int
         Epoch (0-based) whose weights were kept: the best validation epoch, else the last.
     n_iter_ : int
@@ -201,7 +204,7 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
         "tol": [Interval(numbers.Real, 0, None, closed="left")],
         "standardize": ["boolean"],
         "n_views": [Interval(numbers.Integral, 1, None, closed="left")],
-        "precision": [StrOptions({"float32", "bfloat16"})],
+        "precision": [StrOptions({"float32", "bfloat16", "auto"})],
         "precondition": ["boolean", StrOptions({"auto"})],
         "device": [str, torch.device, None],
         "random_state": ["random_state"],
@@ -370,6 +373,9 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
     def _initialize(self, X):
         """Fresh statistics, network, optimizer, generators and history."""
         self.device_ = resolve_device(self.device)
+        self.precision_ = self.precision
+        if self.precision == "auto":
+            self.precision_ = "bfloat16" if _has_fast_bfloat16(self.device_) else "float32"
         self._rng = make_generator(self.random_state)
         if self.standardize:
             mean, scale = _feature_stats(X)
@@ -445,7 +451,7 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
                 continue  # batch norm cannot train on a single sample
             xb = self._standardize(Xt.index_select(0, idx))
             with torch.autocast(self.device_.type, dtype=torch.bfloat16,
-                                enabled=self.precision == "bfloat16"):
+                                enabled=self.precision_ == "bfloat16"):
                 scores = model(xb)
             loss = self._data_loss(scores.float(), yt.index_select(0, idx))
             self._optim.zero_grad(set_to_none=True)
@@ -718,6 +724,8 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
         self.__dict__.update(state)
         if model is None:
             return
+        if "precision_" not in state:  # pickled before precision="auto" existed
+            self.precision_ = "float32" if self.precision == "auto" else self.precision
         try:
             dev = resolve_device(self.device_)
         except (ValueError, RuntimeError):
@@ -804,6 +812,20 @@ def _build_model(n_in, hidden, n_out, activation, dropout, input_dropout, batch_
     torch.nn.init.zeros_(out.bias)
     layers.append(out)
     return torch.nn.Sequential(*layers)
+
+
+def _has_fast_bfloat16(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products are native (hence faster than float32) on ``device``.
+
+    CUDA GPUs and CPUs with AVX512-BF16 or AMX run them in hardware; elsewhere (e.g. AVX2-only
+    CPUs) torch emulates them: measured 7x *slower* than float32 on a 2-core AVX2 EPYC.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu" or not hasattr(torch.cpu, "get_capabilities"):
+        return False
+    caps = torch.cpu.get_capabilities()
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
 def _solve_upper(L, U):

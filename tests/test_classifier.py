@@ -53,6 +53,21 @@ def test_digits_other_configurations(digits, kw):
     assert clf.score(Xte, yte) >= 0.95
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_precision_auto_uses_bfloat16_only_where_native(digits, monkeypatch, native):
+    # Emulated bfloat16 (AVX2-only CPUs) ran 7x slower than float32: "auto" must avoid it.
+    monkeypatch.setattr("featlearn.classifier._has_fast_bfloat16", lambda device: native)
+    Xtr, Xte, ytr, yte = digits
+    clf = TorchMLPClassifier(hidden_layer_sizes=(64,), max_epochs=3, precision="auto",
+                             random_state=0, device="cpu").fit(Xtr, ytr)
+    assert clf.precision_ == ("bfloat16" if native else "float32")
+    if not native:  # then it is exactly the float32 model
+        ref = TorchMLPClassifier(hidden_layer_sizes=(64,), max_epochs=3, precision="float32",
+                                 random_state=0, device="cpu").fit(Xtr, ytr)
+        np.testing.assert_array_equal(clf.decision_function(Xte), ref.decision_function(Xte))
+    assert pickle.loads(pickle.dumps(clf)).precision_ == clf.precision_
+
+
 def test_early_stopping_restores_best_epoch(digits):
     Xtr, _, ytr, _ = digits
     kw = dict(hidden_layer_sizes=(64,), early_stopping=True, validation_fraction=0.2,
