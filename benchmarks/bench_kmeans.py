@@ -41,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--n-clusters", type=int, default=1600)
     p.add_argument("--max-iter", type=int, default=50, help="featlearn Lloyd iterations")
     p.add_argument("--batch-size", type=int, default=8192, help="featlearn mini-batch size")
-    p.add_argument("--mb-max-iter", type=int, default=3, help="featlearn mini-batch epochs")
+    p.add_argument("--mb-max-iter", type=int, default=1, help="featlearn mini-batch epochs")
     p.add_argument("--sk-batch-size", type=int, default=4096,
                    help="the tuned batch size for sklearn MiniBatchKMeans")
     p.add_argument("--sk-kmeans-max-iter", type=int, default=50,

@@ -145,12 +145,26 @@ def _kmeans_plusplus(X: torch.Tensor, n_clusters: int, gen: torch.Generator,
     return centers
 
 
+#: k-means++ subsample per centre for full-batch Lloyd (``init_size=None``).
+_LLOYD_INIT_OVERSAMPLING = 24
+
+
+def _default_init_size(n_clusters: int, minibatch: bool) -> int:
+    """k-means++ subsample size when ``init_size`` is None: ``24 k`` points for Lloyd, whose
+    50 full passes make a careful start worth it; ``3 k`` for mini-batches, whose whole fit
+    costs less than a k-means++ on ``24 k`` points (measured on 400,000 CIFAR-10 patches,
+    k=1600, 2-core CPU: 7.4 s on 24,576 points, 1.5 s on 4,800, one full pass 1.6 s).
+    scikit-learn uses ``3 * batch_size``, which is just as costly for large batches."""
+    return 3 * n_clusters if minibatch else _LLOYD_INIT_OVERSAMPLING * n_clusters
+
+
 def _init_centers(X: torch.Tensor, n_clusters: int, init, gen: torch.Generator,
-                  oversampling: int = 24) -> torch.Tensor:
-    """Initial centres: k-means++ on a subsample, sampled points, ``0.1 * randn``, or an array."""
+                  init_size: int) -> torch.Tensor:
+    """Initial centres: k-means++ on a subsample of ``init_size`` points, sampled points,
+    ``0.1 * randn``, or an array."""
     n, d = X.shape
     if isinstance(init, str) and init == "k-means++":
-        m = min(n, oversampling * n_clusters)
+        m = min(n, max(init_size, n_clusters))
         idx = torch.randperm(n, generator=gen)[:m].to(X.device) if m < n else slice(None)
         return _kmeans_plusplus(X[idx], n_clusters, gen)
     if isinstance(init, str) and init == "random":
@@ -341,12 +355,16 @@ class MiniBatchKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
     init : {"k-means++", "random", "randn"} or array of shape (n_clusters, n_features), \
             default="k-means++"
         "k-means++": greedy k-means++ (``2 + log(k)`` trials per centre) on a random subsample
-        of ``24 * n_clusters`` points. "random": distinct sampled data points. "randn":
+        of ``init_size`` points. "random": distinct sampled data points. "randn":
         ``0.1 * randn``, the MATLAB demo's init (empty clusters are then reassigned).
     batch_size : int or None, default=None
         None runs full-batch Lloyd (what the paper ran). An int runs mini-batch updates with
         scikit-learn's rule: per-centre counts and step ``1 / count``, batches drawn without
         replacement within an epoch, stopping on the smoothed (EWA) batch inertia.
+    init_size : int or None, default=None
+        Points sampled for the k-means++ initialisation (at least ``n_clusters``). None means
+        ``24 * n_clusters`` for Lloyd and ``3 * n_clusters`` for mini-batches (where a larger
+        sample would cost more than the rest of the fit).
     max_iter : int, default=50
         Lloyd iterations, or epochs (passes over the data) for mini-batches.
     tol : float, default=1e-4
@@ -412,6 +430,7 @@ class MiniBatchKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         "n_clusters": [Interval(numbers.Integral, 1, None, closed="left")],
         "init": [StrOptions({"k-means++", "random", "randn"}), "array-like"],
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left"), None],
+        "init_size": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
         "tol": [Interval(numbers.Real, 0, None, closed="left")],
         "max_no_improvement": [Interval(numbers.Integral, 0, None, closed="left"), None],
@@ -422,12 +441,13 @@ class MiniBatchKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         "verbose": ["verbose"],
     }
 
-    def __init__(self, n_clusters=1600, *, init="k-means++", batch_size=None, max_iter=50,
-                 tol=1e-4, max_no_improvement=10, reassignment_ratio=0.01, n_init=1,
-                 device="auto", random_state=None, verbose=0):
+    def __init__(self, n_clusters=1600, *, init="k-means++", batch_size=None, init_size=None,
+                 max_iter=50, tol=1e-4, max_no_improvement=10, reassignment_ratio=0.01,
+                 n_init=1, device="auto", random_state=None, verbose=0):
         self.n_clusters = n_clusters
         self.init = init
         self.batch_size = batch_size
+        self.init_size = init_size
         self.max_iter = max_iter
         self.tol = tol
         self.max_no_improvement = max_no_improvement
@@ -484,6 +504,11 @@ class MiniBatchKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
             raise ValueError("init array contains NaN or infinity")
         return init
 
+    def _init_size(self, minibatch):
+        if self.init_size is not None:
+            return self.init_size
+        return _default_init_size(self.n_clusters, minibatch)
+
     # ---- fitting -------------------------------------------------------------------------
 
     def fit(self, X, y=None):
@@ -501,9 +526,10 @@ class MiniBatchKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         gen = make_generator(self.random_state)
         tol = float(X.var(0).mean()) * self.tol if n > 1 else 0.0
         chunk = _rows_per_chunk(self.n_clusters, d, X.device)
+        init_size = self._init_size(self.batch_size is not None)
         best = None
         for _ in range(n_init):
-            centers = _init_centers(X, self.n_clusters, init, gen)
+            centers = _init_centers(X, self.n_clusters, init, gen, init_size)
             if self.batch_size is None:
                 res = _lloyd(X, centers, max_iter=self.max_iter, tol=tol,
                              reassignment_ratio=self.reassignment_ratio, gen=gen, chunk=chunk,
@@ -544,7 +570,7 @@ class MiniBatchKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
             self._check_n_samples(n)
             self._seed = int(check_random_state(self.random_state).randint(0, 2**31 - 1))
             gen = torch.Generator().manual_seed(self._seed)
-            centers = _init_centers(X, k, self._check_init(d), gen)
+            centers = _init_centers(X, k, self._check_init(d), gen, self._init_size(True))
             state = _MiniBatchState(torch.zeros(k, dtype=torch.float64, device=X.device))
             self.n_steps_ = 0
         else:

@@ -263,6 +263,19 @@ def test_chunked_kernels_match_dense():
         np.testing.assert_allclose(pairwise_distances(X, C, chunk=chunk), D2.sqrt(), atol=1e-9)
 
 
+@pytest.mark.parametrize("batch_size, per_centre", [(None, 24), (64, 3)])
+def test_init_size_default(blobs, batch_size, per_centre):
+    # Lloyd samples 24 k points for k-means++, mini-batches 3 k (a larger sample would cost
+    # more than the mini-batch fit itself); init_size overrides either.
+    X, _ = blobs
+    kw = dict(n_clusters=8, batch_size=batch_size, max_iter=2, random_state=0, device="cpu")
+    default = MiniBatchKMeans(**kw).fit(X)
+    explicit = MiniBatchKMeans(init_size=per_centre * 8, **kw).fit(X)
+    other = MiniBatchKMeans(init_size=1000, **kw).fit(X)
+    np.testing.assert_array_equal(default.cluster_centers_, explicit.cluster_centers_)
+    assert not np.array_equal(default.cluster_centers_, other.cluster_centers_)
+
+
 def test_kmeans_plusplus_picks_distinct_points():
     g = torch.Generator().manual_seed(0)
     X = torch.randn(500, 3, generator=g)
