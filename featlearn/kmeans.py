@@ -183,8 +183,9 @@ def _lloyd(X, centers, *, max_iter, tol, reassignment_ratio, gen, chunk, verbose
     empty clusters move, to the points farthest from their centres (scikit-learn's KMeans).
     Why not always the farthest points: on whitened patches (heavy-tailed) both k-means++ and
     farthest-point relocation park centres on single outliers, where they stay for good. On
-    CIFAR-10 that left ~230 of 1600 centres holding <= 2 patches and cost 5 points of accuracy
-    (benchmarks/results/kmeans-dictionary.md).
+    CIFAR-10 that left ~230 of 1600 centres holding <= 2 patches and cost 4.6 points of
+    accuracy (benchmarks/results/coates2011-1600-svm/COMMAND.md; per-variant comparison:
+    benchmarks/bench_dictionary.py).
 
     Stops when the labels no longer change, when the summed squared centre shift is at most
     ``tol`` (absolute), or after ``max_iter`` iterations. Returns the centres with labels,
