@@ -175,7 +175,7 @@ def test_reproduce_cli_writes_results_and_pictures(tmp_path, tiny_archive, tiny_
 
 
 def test_reproduce_cache_reuses_features_when_only_the_classifier_changes(
-        tmp_path, tiny_archive, monkeypatch):
+        tmp_path, tiny_archive, monkeypatch, capsys):
     from featlearn.datasets import fetch_cifar10
     from featlearn.reproduce import run
 
@@ -190,9 +190,11 @@ def test_reproduce_cache_reuses_features_when_only_the_classifier_changes(
     monkeypatch.setattr(PatchEncoder, "fit", boom)
     monkeypatch.setattr(PatchEncoder, "transform", boom)
     config["params"]["classifier__C"] = 10.0
-    second, pipe = run(config, data, cache=tmp_path / "cache", verbose=0)
+    second, pipe = run(config, data, cache=tmp_path / "cache", verbose=1)
     assert second["features_from_cache"]
     assert second["n_features"] == first["n_features"]
+    assert second["feature_load_seconds"] >= 0 and first["feature_load_seconds"] is None
+    assert "cache: features loaded in" in capsys.readouterr().out  # the speed-up is printed
 
 
 def test_reproduce_cache_misses_when_the_feature_code_changes(tmp_path, tiny_archive,
