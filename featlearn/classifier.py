@@ -750,7 +750,11 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
         self._optim = None
         if optim_state is not None:
             self._optim = self._make_optimizer()
+            fused = [g.get("fused") for g in self._optim.param_groups]
             self._optim.load_state_dict(optim_state)
+            # The saved groups carry the fitting device's fused flag; keep the one chosen here.
+            for g, f in zip(self._optim.param_groups, fused):
+                g["fused"] = f
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
