@@ -30,9 +30,10 @@ def load_data(args):
 
 # -- info ----------------------------------------------------------------------------------------
 
-def _add_info(sub):
-    p = sub.add_parser("info", help="load a CIFAR-10 archive, print its contents, and whiten a "
-                                    "sample of its patches (a quick check of an install)")
+def _add_info(sub, parent):
+    p = sub.add_parser("info", parents=[parent],
+                       help="load a CIFAR-10 archive, print its contents, and whiten a sample of "
+                            "its patches (a quick check of an install)")
     _add_data_args(p)
     p.add_argument("--n-patches", type=int, default=100_000)
     p.add_argument("--random-state", type=int, default=0)
@@ -62,12 +63,13 @@ def _run_info(args):
 
 # -- reproduce -----------------------------------------------------------------------------------
 
-def _add_reproduce(sub):
+def _add_reproduce(sub, parent):
     from featlearn.pipeline import available_configs
 
     p = sub.add_parser(
-        "reproduce", help="train a pipelines/ configuration on CIFAR-10's 50,000 training images, "
-                          "test on its 10,000 test images, and write results and pictures",
+        "reproduce", parents=[parent],
+        help="train a pipelines/ configuration on CIFAR-10's 50,000 training images, "
+             "test on its 10,000 test images, and write results and pictures",
         description="Configurations: " + ", ".join(available_configs()))
     p.add_argument("config", metavar="CONFIG", help="a name from pipelines/ or a JSON file")
     _add_data_args(p)
@@ -78,7 +80,6 @@ def _add_reproduce(sub):
     p.add_argument("--n-train", type=int, default=None, help="use the first N training images "
                                                              "(smoke runs; default all)")
     p.add_argument("--n-test", type=int, default=None, help="use the first N test images")
-    p.add_argument("--quiet", action="store_true")
 
 
 def _run_reproduce(args):
@@ -91,7 +92,7 @@ def _run_reproduce(args):
     data = load_data(args)
     out = Path(args.out) if args.out else Path("results") / config["name"]
     results, _ = run(config, data, out=out, cache=args.cache, device=args.device,
-                     n_train=args.n_train, n_test=args.n_test, verbose=0 if args.quiet else 1)
+                     n_train=args.n_train, n_test=args.n_test, verbose=args.verbose)
     print(results_markdown(results))
     print(f"results written to {out}/")
     return 0
@@ -126,9 +127,10 @@ def load_images(args, *, labels=False):
     return (X, data[f"y_{args.split}"]) if labels else X
 
 
-def _add_fit(sub):
-    p = sub.add_parser("fit", help="fit the encoder (and optionally the classifier) of a "
-                                   "pipelines/ configuration and save it with joblib")
+def _add_fit(sub, parent):
+    p = sub.add_parser("fit", parents=[parent],
+                       help="fit the encoder (and optionally the classifier) of a pipelines/ "
+                            "configuration and save it")
     p.add_argument("config", metavar="CONFIG", help="a name from pipelines/ or a JSON file")
     _add_images_args(p)
     p.add_argument("--out", required=True, help="model file to write (e.g. model.joblib)")
@@ -152,7 +154,7 @@ def _run_fit(args):
     if args.n_train is not None:
         X = X[:args.n_train]
         y = None if y is None else y[:args.n_train]
-    pipe = build_pipeline(config, device=args.device)
+    pipe = build_pipeline(config, device=args.device, verbose=args.verbose)
     t0 = time.perf_counter()
     if args.with_classifier:
         model = pipe.fit(X, y)
@@ -168,9 +170,10 @@ def _run_fit(args):
     return 0
 
 
-def _add_extract(sub):
-    p = sub.add_parser("extract", help="encode images with a saved model into an .npy feature "
-                                       "file (cached and resumable: rerun after an interruption)")
+def _add_extract(sub, parent):
+    p = sub.add_parser("extract", parents=[parent],
+                       help="encode images with a saved model into an .npy feature file (cached "
+                            "and resumable: rerun after an interruption)")
     p.add_argument("--model", required=True, help="a model saved by 'featlearn fit'")
     _add_images_args(p)
     p.add_argument("--out", required=True, help="features .npy to write")
@@ -181,7 +184,6 @@ def _add_extract(sub):
                    help="images per chunk, the unit of resumption (default auto)")
     p.add_argument("--device", default=None, help="torch device (default: the model's)")
     p.add_argument("--no-resume", action="store_true", help="recompute even a finished job")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
 
 def _run_extract(args):
@@ -193,8 +195,8 @@ def _run_extract(args):
     batch = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
     features = extract_features(encoder, load_images(args), args.out, batch_size=batch,
                                 n_jobs=args.n_jobs, resume=not args.no_resume, flip=args.flip,
-                                verbose=0 if args.quiet else 1)
-    if args.quiet:
+                                verbose=args.verbose)
+    if not args.verbose:
         print(f"{args.out}: {features.shape[0]} x {features.shape[1]} float32")
     return 0
 
@@ -207,6 +209,17 @@ _COMMANDS = [
 ]
 
 
+def _verbosity_parent() -> argparse.ArgumentParser:
+    """-v/-q for every subcommand: 0 silent, 1 a bar per stage (default), 2+ per-iteration lines."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="count", default=1,
+                       help="more messages (-vv: per-iteration detail)")
+    group.add_argument("-q", "--quiet", dest="verbose", action="store_const", const=0,
+                       help="no progress bars or messages, only the result")
+    return parent
+
+
 def build_parser() -> argparse.ArgumentParser:
     from featlearn import __version__
 
@@ -215,8 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Coates-Ng single-layer feature learning (k-means features) on CIFAR-10.")
     parser.add_argument("--version", action="version", version=f"featlearn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parent = _verbosity_parent()
     for name, add, run in _COMMANDS:
-        add(sub)
+        add(sub, parent)
         sub.choices[name].set_defaults(_run=run)
     return parser
 

@@ -18,6 +18,7 @@ import numpy as np
 from sklearn.utils import Bunch
 
 from ._io import atomic_path
+from ._logging import logger
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -94,7 +95,7 @@ def fetch_cifar10(data_home=None, *, archive=None, download_if_missing=True, md5
         archive = home / "cifar-10-python.tar.gz"
         if archive.exists() and md5 is not None and file_md5(archive) != md5:
             if verbose:
-                print(f"{archive} fails its checksum; downloading it again")
+                logger.info(f"{archive} fails its checksum; downloading it again")
             archive.unlink()
         if not archive.exists():
             if not download_if_missing:
@@ -137,7 +138,7 @@ def _download(url, dest: Path, md5, *, n_retries, verbose):
     for attempt in range(1, max(1, n_retries) + 1):
         try:
             if verbose:
-                print(f"downloading {url} (attempt {attempt})")
+                logger.info(f"downloading {url} (attempt {attempt})")
             with urllib.request.urlopen(url, timeout=60) as resp, open(part, "wb") as out:
                 expected = resp.headers.get("Content-Length")
                 shutil.copyfileobj(resp, out, length=2**20)

@@ -32,9 +32,7 @@ then run from cache); on a GPU the chunk is sized from free memory.
 
 from __future__ import annotations
 
-import math
 import numbers
-import sys
 
 import numpy as np
 import torch
@@ -43,6 +41,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
+from ._logging import progress
 from ._torch import chunk_size, resolve_device, to_numpy
 from .patches import RandomPatchExtractor, check_images, flatten_patches
 from .preprocessing import PatchNormalizer, ZCAWhitening
@@ -139,7 +138,7 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         its own ``random_state`` (None stays None): the encoder never rewrites the parameters
         of an estimator it was handed, so set the seed there for a reproducible dictionary.
     verbose : int, default=0
-        If > 0, report progress of transform (tqdm when installed, else lines on stderr).
+        If > 0, a progress bar for transform (see :mod:`featlearn._logging`).
     flip : bool, default=False
         Also encode the horizontal mirror of every image and append its features as a second
         block of columns, ``[f(x), f(mirror(x))]``: flip augmentation that keeps one row per
@@ -290,14 +289,11 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         n = X.shape[0]
         batch = self._batch_size(plan, device)
         out = np.empty((n, self.n_features_out_), dtype=np.float32)
-        progress = _Progress(n, self.verbose)
-        try:
+        with progress(n, desc="encode", verbose=self.verbose) as bar:
             if self.n_jobs is None:
-                _encode_into(plan, X, out, device, batch, progress)
+                _encode_into(plan, X, out, device, batch, bar)
             else:
-                self._transform_parallel(plan, X, out, batch, progress)
-        finally:
-            progress.close()
+                self._transform_parallel(plan, X, out, batch, bar)
         return out
 
     def _transform_parallel(self, plan, X, out, batch, progress):
@@ -598,30 +594,3 @@ def _encode_block(plan, X, device, batch):
     n_views = 2 if plan.flip else 1
     out = np.empty((X.shape[0], n_views * plan.n_cells * plan.per_cell), dtype=np.float32)
     return _encode_into(plan, X, out, device, batch)
-
-
-class _Progress:
-    """tqdm when installed and ``verbose``; otherwise a few lines on stderr; silent when 0."""
-
-    def __init__(self, total, verbose):
-        self.total, self.verbose, self.done, self._bar = total, verbose, 0, None
-        self._next = 0
-        if verbose:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:  # optional dependency: fall back to plain lines
-                tqdm = None
-            if tqdm is not None:
-                self._bar = tqdm(total=total, unit="img", desc="PatchEncoder")
-
-    def update(self, n):
-        self.done += n
-        if self._bar is not None:
-            self._bar.update(n)
-        elif self.verbose and self.done >= self._next:
-            print(f"PatchEncoder: {self.done}/{self.total} images", file=sys.stderr)
-            self._next = self.done + max(1, math.ceil(self.total / 10))
-
-    def close(self):
-        if self._bar is not None:
-            self._bar.close()

@@ -51,7 +51,6 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 import warnings
 import zlib
@@ -61,6 +60,7 @@ import joblib
 import numpy as np
 
 from ._io import atomic_path
+from ._logging import log, progress
 
 #: Version of the manifest layout; a manifest with another version is treated as foreign.
 MANIFEST_FORMAT = 1
@@ -171,8 +171,8 @@ def extract_features(encoder, images, out, *, batch_size="auto", n_jobs=None, re
     flip : bool, default=False
         Encode the horizontally mirrored images (a training-set augmentation).
     verbose : int, default=1
-        0: silent. 1: a progress bar (images/s, ETA; needs ``tqdm``, otherwise occasional lines),
-        messages about stale or damaged caches, and a one-line summary, on stderr.
+        0: silent. 1: a progress bar (images/s, ETA), messages about stale or damaged caches,
+        and a one-line summary, through the ``featlearn`` logger.
 
     Returns
     -------
@@ -574,29 +574,20 @@ def _ranges(indices) -> str:
 
 
 class _Reporter:
+    """Messages through the featlearn logger, the bar through the one progress helper."""
+
     def __init__(self, verbose):
         self.verbose = int(verbose or 0)
         self.computed = 0
-        self.t0 = None
 
     def info(self, msg):
-        if self.verbose:
-            print(f"featlearn: {msg}", file=sys.stderr, flush=True)
+        log(self.verbose, "%s", msg)
 
     def bar(self, total, initial):
-        self.t0 = time.perf_counter()
-        if not self.verbose:
-            return _NullBar(self)
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            return _LineBar(self, total, initial)
-        return _TqdmBar(self, tqdm(total=total, initial=initial, unit="img", desc="extract",
-                                   file=sys.stderr, dynamic_ncols=True, smoothing=0.1))
+        return _CountingBar(self, progress(total, initial=initial, desc="extract",
+                                           verbose=self.verbose))
 
     def summary(self, state, out: Path, seconds, flops):
-        if not self.verbose:
-            return
         n = self.computed
         total = state["key"]["n_images"]
         rate = f"{n / seconds:.0f} images/s" if seconds > 0 and n else "nothing computed"
@@ -607,47 +598,18 @@ class _Reporter:
                   f"{out} ({total} x {state['n_features']} float32, {_human(size)})")
 
 
-class _NullBar:
-    def __init__(self, reporter):
-        self.reporter = reporter
+class _CountingBar:
+    """A progress bar that also counts the images this run computed (for the summary)."""
+
+    def __init__(self, reporter, bar):
+        self.reporter, self._bar = reporter, bar
 
     def update(self, k):
         self.reporter.computed += k
-
-    def close(self):
-        pass
-
-
-class _TqdmBar(_NullBar):
-    def __init__(self, reporter, bar):
-        super().__init__(reporter)
-        self._bar = bar
-
-    def update(self, k):
-        super().update(k)
         self._bar.update(k)
 
     def close(self):
         self._bar.close()
-
-
-class _LineBar(_NullBar):
-    """Without tqdm: a line at every further 10% with the rate and the ETA."""
-
-    def __init__(self, reporter, total, initial):
-        super().__init__(reporter)
-        self.total, self.done, self.next = total, initial, initial + max(1, total // 10)
-
-    def update(self, k):
-        super().update(k)
-        self.done += k
-        if self.done >= self.next or self.done == self.total:
-            dt = time.perf_counter() - self.reporter.t0
-            rate = self.reporter.computed / dt if dt > 0 else float("inf")
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            self.reporter.info(f"extract {self.done}/{self.total} images, {rate:.0f} img/s, "
-                               f"ETA {eta:.0f} s")
-            self.next = self.done + max(1, self.total // 10)
 
 
 # -- models on disk ------------------------------------------------------------------------------

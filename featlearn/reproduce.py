@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._logging import log, logger
+
 
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far (Linux reports kB, macOS bytes)."""
@@ -90,8 +92,8 @@ def encode_cached(encoder, X_train, X_test, cache=None, verbose=0):
     func = Memory(str(cache), verbose=0).cache(_encode, ignore=["encoder"])
     key = encoder_cache_key(encoder)
     hit = func.check_call_in_cache(encoder, X_train, X_test, key)
-    if hit and verbose:
-        print("encoded features found in the cache; loading them")
+    if hit:
+        log(verbose, "encoded features found in the cache; loading them", level=2)
     return (*func(encoder, X_train, X_test, key), hit)
 
 
@@ -122,21 +124,21 @@ def run(config, data, *, out=None, cache=None, device=None, n_train=None, n_test
     X_train, y_train = data["X_train"][:n_train], data["y_train"][:n_train]
     X_test, y_test = data["X_test"][:n_test], data["y_test"][:n_test]
     name = config.get("name", "?")
-    if verbose:
-        print(f"[{name}] {len(X_train)} training and {len(X_test)} test images, "
-              f"K={encoder.kmeans.n_clusters}, device {resolve_device(encoder.device)}")
+    log(verbose, f"[{name}] {len(X_train)} training and {len(X_test)} test images, "
+                 f"K={encoder.kmeans.n_clusters}, device {resolve_device(encoder.device)}", level=2)
 
     t0 = time.perf_counter()
     encoder, F_train, F_test, times, cached = encode_cached(encoder, X_train, X_test, cache,
                                                             verbose)
     load_s = time.perf_counter() - t0
     pipe.steps[0] = ("encoder", encoder)
-    if verbose:
-        print(f"[{name}] features {F_train.shape}" + (" (from cache)" if cached else ""))
-        if cached:  # the stage times are those of the run that computed the features
-            computed = sum(times.values())
-            print(f"[{name}] cache: features loaded in {load_s:.1f} s instead of "
-                  f"{computed:.0f} s of fitting and encoding ({computed / max(load_s, 1e-9):.0f}x)")
+    log(verbose, f"[{name}] features {F_train.shape}" + (" (from cache)" if cached else ""),
+        level=2)
+    if cached:  # the stage times are those of the run that computed the features
+        computed = sum(times.values())
+        log(verbose, f"[{name}] cache: features loaded in {load_s:.1f} s instead of "
+                     f"{computed:.0f} s of fitting and encoding ({computed / max(load_s, 1e-9):.0f}x)",
+            level=2)
     t0 = time.perf_counter()
     clf.fit(F_train, y_train)
     times["classifier fit"] = time.perf_counter() - t0
@@ -168,9 +170,8 @@ def run(config, data, *, out=None, cache=None, device=None, n_train=None, n_test
                      "python": platform.python_version()},
         "params": config["params"],
     }
-    if verbose:
-        print(f"[{name}] test accuracy {test_acc:.2%}, train {train_acc:.2%}, "
-              f"{total:.0f} s, peak RSS {results['peak_rss_gb']} GB")
+    log(verbose, f"[{name}] test accuracy {test_acc:.2%}, train {train_acc:.2%}, "
+                 f"{total:.0f} s, peak RSS {results['peak_rss_gb']} GB", level=2)
     if out is not None:
         write_results(results, pipe, Path(out))
     return results, pipe
@@ -207,8 +208,8 @@ def write_results(results: dict, pipe, out: Path):
     try:
         import matplotlib
     except ImportError:
-        print("matplotlib is not installed: skipping centroids.png and learning_curve.png "
-              "(pip install 'featlearn[plot]')")
+        logger.warning("matplotlib is not installed: skipping centroids.png and learning_curve.png "
+                       "(pip install 'featlearn[plot]')")
         return
     matplotlib.use("Agg")
     plot_centroids(pipe.named_steps["encoder"], out / "centroids.png")

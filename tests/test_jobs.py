@@ -403,11 +403,10 @@ def test_parallel_chunks_on_dask_match_sequential(encoder, images, expected, tmp
     np.testing.assert_array_equal(G, expected)
 
 
-def test_progress_without_tqdm_and_summary(encoder, images, tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # import fails
+def test_progress_and_summary(encoder, images, tmp_path, capsys):
     extract_features(encoder, images, tmp_path / "f.npy", batch_size=7)
     err = capsys.readouterr().err
-    assert "extract 60/60 images" in err and "ETA" in err
+    assert "extract" in err and "60/60" in err
     summary = err.strip().splitlines()[-1]
     assert "encoded 60 of 60 images in" in summary and "images/s" in summary
     assert "GFLOP/s" in summary and "f.npy (60 x" in summary

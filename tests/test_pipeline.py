@@ -190,11 +190,11 @@ def test_reproduce_cache_reuses_features_when_only_the_classifier_changes(
     monkeypatch.setattr(PatchEncoder, "fit", boom)
     monkeypatch.setattr(PatchEncoder, "transform", boom)
     config["params"]["classifier__C"] = 10.0
-    second, pipe = run(config, data, cache=tmp_path / "cache", verbose=1)
+    second, pipe = run(config, data, cache=tmp_path / "cache", verbose=2)
     assert second["features_from_cache"]
     assert second["n_features"] == first["n_features"]
     assert second["feature_load_seconds"] >= 0 and first["feature_load_seconds"] is None
-    assert "cache: features loaded in" in capsys.readouterr().out  # the speed-up is printed
+    assert "cache: features loaded in" in capsys.readouterr().err  # the speed-up is logged
 
 
 def test_reproduce_cache_misses_when_the_feature_code_changes(tmp_path, tiny_archive,
