@@ -13,7 +13,8 @@ module                     public names                     stage
 ``featlearn.encoding``     ``PatchEncoder``                 dense encoding and pooling
 ``featlearn.classifier``   ``TorchMLPClassifier``           MLP / L2-SVM (torch)
 ``featlearn.pipeline``     ``make_coates_pipeline``         composition
-``featlearn.jobs``         ``extract_features``             cached, resumable extraction
+``featlearn.extraction``   ``extract_features``             cached, resumable extraction
+``featlearn.persistence``  ``save_model``, ``load_model``   fitted models on disk
 =========================  ===============================  ================================
 
 Names are imported lazily, so ``import featlearn`` (and the ``featlearn`` command) stays fast and
@@ -33,7 +34,7 @@ _LAZY = {
     "PatchEncoder": "encoding",
     "TorchMLPClassifier": "classifier",
     "make_coates_pipeline": "pipeline",
-    "extract_features": "jobs",
+    "extract_features": "extraction",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

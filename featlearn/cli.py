@@ -143,7 +143,7 @@ def _add_fit(sub, parent):
 
 def _run_fit(args):
     import featlearn
-    from featlearn.jobs import save_model
+    from featlearn.persistence import save_model
     from featlearn.pipeline import build_pipeline, load_config
 
     config = load_config(args.config)
@@ -187,7 +187,8 @@ def _add_extract(sub, parent):
 
 
 def _run_extract(args):
-    from featlearn.jobs import encoder_of, extract_features, load_model
+    from featlearn.extraction import extract_features
+    from featlearn.persistence import encoder_of, load_model
 
     encoder = encoder_of(load_model(args.model))
     if args.device is not None and "device" in encoder.get_params():

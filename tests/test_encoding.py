@@ -8,7 +8,6 @@ something that shares none of their tricks.
 
 import copy
 import pickle
-import sys
 
 import numpy as np
 import pytest

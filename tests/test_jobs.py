@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 from sklearn.base import BaseEstimator, TransformerMixin
 
-import featlearn.jobs as jobs
-from featlearn.jobs import ExtractionError, extract_features, load_model, save_model
+import featlearn.extraction as jobs
+from featlearn.extraction import ExtractionError, extract_features
+from featlearn.fingerprints import model_fingerprint
+from featlearn.persistence import load_model, save_model
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -131,7 +133,7 @@ def test_reloaded_model_keeps_its_cache(encoder, images, tmp_path, count_chunks)
     extract_features(encoder, images, out, batch_size=7, verbose=0)
     save_model(encoder, tmp_path / "m.joblib")
     reloaded = load_model(tmp_path / "m.joblib")
-    assert jobs.model_fingerprint(reloaded) == jobs.model_fingerprint(encoder)
+    assert model_fingerprint(reloaded) == model_fingerprint(encoder)
     n = len(count_chunks)
     extract_features(reloaded, images, out, batch_size=7, verbose=0)
     assert len(count_chunks) == n
@@ -431,8 +433,8 @@ def test_model_pickled_before_a_parameter_existed_loads(encoder, tmp_path):
     del old.delay  # as if Slow had gained ``delay`` after this model was saved
     save_model(old, tmp_path / "m.joblib")
     model = load_model(tmp_path / "m.joblib")
-    assert jobs.model_fingerprint(model) == jobs.model_fingerprint(old)
-    assert jobs.model_fingerprint(model) != jobs.model_fingerprint(Slow(encoder, delay=0.0))
+    assert model_fingerprint(model) == model_fingerprint(old)
+    assert model_fingerprint(model) != model_fingerprint(Slow(encoder, delay=0.0))
 
 
 def test_cuda_device_is_switched_to_cpu_without_cuda(encoder, tmp_path, monkeypatch):
@@ -460,7 +462,7 @@ def test_gpu_fitted_model_loads_on_cpu(images, tmp_path):
     enc.fit(images)
     save_model(enc, tmp_path / "gpu.joblib")
     np.save(tmp_path / "x.npy", images)
-    code = ("import sys, numpy as np, warnings; from featlearn.jobs import load_model; "
+    code = ("import sys, numpy as np, warnings; from featlearn.persistence import load_model; "
             f"m = load_model({str(tmp_path / 'gpu.joblib')!r}); "
             f"np.save({str(tmp_path / 'cpu.npy')!r}, m.transform(np.load({str(tmp_path / 'x.npy')!r})))")
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")

@@ -1,4 +1,4 @@
-"""Cached, resumable, distributable feature extraction, and saving/loading fitted models.
+"""Cached, resumable, distributable feature extraction into ``.npy`` files.
 
 :func:`extract_features` encodes an image set chunk by chunk straight into a ``.npy`` file on
 disk, so a job over hundreds of thousands of images needs memory for one chunk only, survives
@@ -44,23 +44,22 @@ flight, so memory stays bounded by a few chunks.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import errno
 import hashlib
 import json
 import math
 import os
-import platform
 import time
-import warnings
 import zlib
 from pathlib import Path
 
 import joblib
 import numpy as np
 
+from . import __version__
 from ._io import atomic_path
 from ._logging import log, progress
+from .fingerprints import data_fingerprint, model_fingerprint
 
 #: Version of the manifest layout; a manifest with another version is treated as foreign.
 MANIFEST_FORMAT = 1
@@ -70,10 +69,6 @@ AUTO_MAX_BYTES = 64 * 2**20
 #: ``batch_size="auto"`` aims for at least this many chunks, so a killed job loses little work
 #: and a parallel job has chunks to spread.
 AUTO_MIN_CHUNKS = 8
-#: Parameters that say *how* a model runs, not *what* it computes; left out of the fingerprint
-#: so that a model fitted on a GPU and loaded on a CPU (``device`` reset) keeps its cache.
-#: (``batch_size`` here is an encoder's *inner* chunking, e.g. sized from free memory.)
-EXECUTION_PARAMS = frozenset({"device", "verbose", "n_jobs", "batch_size"})
 _OUTPUT_DTYPE = np.dtype("<f4")
 
 
@@ -81,67 +76,10 @@ class ExtractionError(OSError):
     """An extraction job could not write its output (disk full, read-only path, locked)."""
 
 
-# -- fingerprints --------------------------------------------------------------------------------
-
-def model_fingerprint(model) -> str:
-    """A hash of what ``model`` computes: its class, parameters and fitted attributes.
-
-    ``joblib.hash(model)`` alone is not usable as a cache key: torch tensors pickle differently
-    after a save/load round trip (so a reloaded model would never hit its cache), and lazily
-    built private caches change the pickle of an unchanged model. Estimators are therefore
-    reduced to their class, their parameters (minus :data:`EXECUTION_PARAMS`) and their fitted
-    attributes (names ending in ``_``), recursively; tensors become numpy arrays.
-    """
-    return joblib.hash(_canonical_state(model))
-
-
-def _canonical_state(obj, _depth=0):
-    if _depth > 50:
-        raise ValueError("model state is nested too deeply to fingerprint")
-    mod = type(obj).__module__
-    if mod.startswith("torch") and hasattr(obj, "detach"):  # a torch tensor, without importing torch
-        return ("tensor", str(obj.dtype), obj.detach().cpu().numpy())
-    if hasattr(obj, "get_params") and hasattr(obj, "set_params"):  # a scikit-learn estimator
-        params = {k: v for k, v in _params(obj).items() if k not in EXECUTION_PARAMS}
-        fitted = {k: v for k, v in vars(obj).items() if k.endswith("_") and not k.startswith("__")}
-        return ("estimator", f"{mod}.{type(obj).__qualname__}",
-                _canonical_state(params, _depth + 1), _canonical_state(fitted, _depth + 1))
-    if isinstance(obj, dict):
-        return {k: _canonical_state(v, _depth + 1) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(obj, (list, tuple)):
-        return (type(obj).__name__, [_canonical_state(v, _depth + 1) for v in obj])
-    return obj
-
-
-def _params(est) -> dict:
-    """``get_params(deep=False)`` that tolerates a model pickled before a parameter was added."""
-    try:
-        names = est._get_param_names()
-    except Exception:
-        return est.get_params(deep=False)
-    return {k: getattr(est, k, "<missing>") for k in names}
-
-
-def data_fingerprint(images, *, block_bytes=32 * 2**20) -> str:
-    """BLAKE2b of the images' shape, dtype and bytes, read in blocks (memmaps stay on disk).
-
-    Hashing every byte costs about a second per GB (0.2 s for CIFAR-10's training set), which is
-    small next to encoding it and, unlike a file's size/mtime, also covers in-memory arrays.
-    """
-    h = hashlib.blake2b(digest_size=16)
-    h.update(repr((tuple(images.shape), images.dtype.str)).encode())
-    row = max(1, int(np.prod(images.shape[1:])) * images.dtype.itemsize)
-    step = max(1, block_bytes // row)
-    for start in range(0, images.shape[0], step):
-        h.update(np.ascontiguousarray(images[start:start + step]).data)
-    return h.hexdigest()
-
-
 def _crc(block: np.ndarray) -> str:
     return f"{zlib.crc32(np.ascontiguousarray(block).data) & 0xFFFFFFFF:08x}"
 
 
-# -- extraction ----------------------------------------------------------------------------------
 
 def extract_features(encoder, images, out, *, batch_size="auto", n_jobs=None, resume=True,
                      flip=False, verbose=1):
@@ -332,7 +270,7 @@ def _start(encoder, images, key, batch_size, flip, paths, say):
     state = {
         "format": MANIFEST_FORMAT, "key": key, "n_features": int(d), "dtype": _OUTPUT_DTYPE.str,
         "chunk_size": int(chunk), "n_chunks": int(math.ceil(n / chunk)), "chunks": {},
-        "complete": False, "output": paths.out.name, "featlearn": _version(),
+        "complete": False, "output": paths.out.name, "featlearn": __version__,
     }
     # A stale result must not survive beside a job that will replace it.
     for p in (paths.out, paths.partial):
@@ -610,148 +548,3 @@ class _CountingBar:
 
     def close(self):
         self._bar.close()
-
-
-# -- models on disk ------------------------------------------------------------------------------
-
-def _version():
-    from featlearn import __version__
-
-    return __version__
-
-
-def model_metadata(config=None, **extra) -> dict:
-    """Versions, platform and time recorded beside a saved model."""
-    import sklearn
-
-    meta = {"featlearn": _version(), "sklearn": sklearn.__version__, "numpy": np.__version__,
-            "python": platform.python_version(),
-            "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "config": config}
-    try:
-        import torch
-
-        meta["torch"] = torch.__version__
-    except ImportError:  # pragma: no cover - torch is a hard dependency
-        meta["torch"] = None
-    meta.update(extra)
-    return meta
-
-
-def save_model(model, path, *, config=None, **extra) -> dict:
-    """Save a fitted model with joblib, with versions and ``config`` recorded beside it.
-
-    Torch tensors in the model's state are moved to the CPU first, so a model fitted on a GPU
-    loads on a machine without one. The file is written atomically (temp file + rename).
-    Returns the metadata dict.
-    """
-    path = Path(path).expanduser()
-    meta = model_metadata(config, **extra)
-    _to_cpu_inplace(model)
-    with atomic_path(path) as tmp:
-        joblib.dump({"featlearn_model": True, "metadata": meta, "model": model}, tmp)
-    return meta
-
-
-def load_model(path, *, return_metadata=False):
-    """Load a model saved by :func:`save_model` (on any device), warning on a version mismatch.
-
-    A model saved by another featlearn version may compute different features; the warning
-    says which versions are involved. Tensors are mapped to the CPU when CUDA is unavailable,
-    and an estimator whose ``device`` asks for CUDA is switched to ``"cpu"`` (with a warning)
-    on such a machine.
-    """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise OSError(errno.ENOENT, f"model file {path} does not exist")
-    with _cpu_unpickling():
-        blob = joblib.load(path)
-    if isinstance(blob, dict) and blob.get("featlearn_model"):
-        model, meta = blob["model"], blob["metadata"]
-    else:
-        model, meta = blob, {}
-        warnings.warn(f"{path} carries no featlearn metadata (not saved by featlearn.jobs."
-                      "save_model); its versions cannot be checked", UserWarning, stacklevel=2)
-    saved = meta.get("featlearn")
-    if saved is not None and saved != _version():
-        warnings.warn(f"{path} was saved by featlearn {saved} (torch {meta.get('torch')}, "
-                      f"scikit-learn {meta.get('sklearn')}) and is being loaded by featlearn "
-                      f"{_version()}: its features may differ from a model fitted with this "
-                      "version; re-fit it to be sure", UserWarning, stacklevel=2)
-    _fix_devices(model, path)
-    return (model, meta) if return_metadata else model
-
-
-@contextlib.contextmanager
-def _cpu_unpickling():
-    """Unpickle torch storages onto the CPU when CUDA is unavailable (plain pickle has no map_location)."""
-    try:
-        import torch
-        import torch.storage as ts
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    if torch.cuda.is_available():
-        yield
-        return
-    import io
-
-    original = ts._load_from_bytes
-    ts._load_from_bytes = lambda b: torch.load(io.BytesIO(b), map_location="cpu", weights_only=False)
-    try:
-        yield
-    finally:
-        ts._load_from_bytes = original
-
-
-def _estimators(obj, seen=None):
-    """Every scikit-learn estimator reachable from ``obj`` (parameters and fitted attributes)."""
-    seen = set() if seen is None else seen
-    if id(obj) in seen:
-        return
-    seen.add(id(obj))
-    if hasattr(obj, "get_params") and hasattr(obj, "set_params"):
-        yield obj
-        for v in list(_params(obj).values()) + list(vars(obj).values()):
-            yield from _estimators(v, seen)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _estimators(v, seen)
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _estimators(v, seen)
-
-
-def _to_cpu_inplace(model):
-    try:
-        from featlearn._torch import state_to_cpu
-    except ImportError:  # pragma: no cover
-        return
-    for est in _estimators(model):
-        for k, v in list(vars(est).items()):
-            moved = state_to_cpu(v)
-            if moved is not v:
-                setattr(est, k, moved)
-
-
-def _fix_devices(model, path):
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        return
-    if torch.cuda.is_available():
-        return
-    for est in _estimators(model):
-        dev = getattr(est, "device", None)
-        if isinstance(dev, (str, torch.device)) and str(dev).startswith("cuda"):
-            warnings.warn(f"{path}: {type(est).__name__} was set to device={str(dev)!r}, but CUDA "
-                          "is not available here; using device='cpu'", UserWarning, stacklevel=3)
-            est.set_params(device="cpu")
-
-
-def encoder_of(model):
-    """The feature-producing part of a saved model: a Pipeline's ``encoder`` step, else the model."""
-    steps = getattr(model, "named_steps", None)
-    if steps is not None and "encoder" in steps:
-        return steps["encoder"]
-    return model
