@@ -449,7 +449,7 @@ def _exclusive_lock(path: Path):
         yield
         return
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask
     except OSError as exc:
         raise ExtractionError(exc.errno, f"cannot create lock file {path}: {exc.strerror}") from exc
     try:
