@@ -3,6 +3,7 @@
 Run (under the shared lock, so other jobs on the machine do not disturb the timings)::
 
     flock /tmp/featlearn-bench.lock python benchmarks/bench_encode.py
+    python benchmarks/bench_encode.py --quick      # smoke run, small sizes
 
 All rates are *effective* GFLOP/s of the distance products, ``2 * n * positions * d * K``
 (REFERENCE.md), whatever each implementation actually computes, so they compare directly with
@@ -18,27 +19,15 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-import platform
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
-import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
-ARCHIVE = "/work/shared/datasets/cifar10-jpeg75/cifar-10-python.tar.gz"
-MD5 = "bd43d2a3421d9a4f9a66309ec8f698ed"
-RESULTS = Path(__file__).resolve().parent / "results" / "encode.md"
-
-
-def gemm_rate(n=4096, repeats=3):
-    a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
-    torch.mm(a, b, out=out)
-    best = min(_timed(lambda: torch.mm(a, b, out=out)) for _ in range(repeats))
-    return 2 * n ** 3 / best / 1e9
+from _common import RESULTS, add_common_args, gemm_rate, header, load_cifar10, machine, write
 
 
 def _timed(fn):
@@ -117,15 +106,14 @@ def measure_rss(enc, n_images):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run with small sizes")
+    ap = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]),
+                         out=RESULTS / "encode.md")
     ap.add_argument("--n-images", type=int, default=5000)
     ap.add_argument("--n-clusters", type=int, default=1600)
     ap.add_argument("--numpy-images", type=int, default=500,
                     help="images for the numpy version (its rate is per image, so fewer suffice)")
     ap.add_argument("--rss-images", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--batch-size", default="auto")
-    ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.rss_child:
@@ -135,15 +123,13 @@ def main(argv=None):
         args.rss_images = [500, 2000]
     batch = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
 
-    from featlearn import MiniBatchKMeans, PatchEncoder, fetch_cifar10
+    from featlearn import MiniBatchKMeans, PatchEncoder
 
-    command = "flock /tmp/featlearn-bench.lock python benchmarks/bench_encode.py " + " ".join(
-        a for a in (argv if argv is not None else sys.argv[1:]))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor()}")
+    print(machine())
     peak = gemm_rate()
     print(f"fp32 GEMM (torch.mm 4096^3): {peak:.1f} GFLOP/s")
 
-    data = fetch_cifar10(archive=ARCHIVE, md5=MD5)
+    data = load_cifar10(args)
     train = data.X_train
     X = np.ascontiguousarray(train[: args.n_images])
     t0 = time.perf_counter()
@@ -173,16 +159,8 @@ def main(argv=None):
               f"output {r['out_mb']:.0f} MB, peak - base - output "
               f"{r['peak_mb'] - r['base_mb'] - r['out_mb']:.0f} MB ({r['seconds']:.1f} s)")
 
-    lines = [
-        "# PatchEncoder benchmark" + (" (QUICK smoke run: not the results)" if args.quick else ""),
-        "",
-        "```",
-        command.strip(),
-        "```",
-        "",
-        f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), numpy {np.__version__}; CIFAR-10 32x32x3 images, "
-        f"6x6 patches, stride 1 (27x27 positions), d=108, K={enc.n_clusters_}, triangle, 2x2 sum "
+    lines = header("PatchEncoder benchmark", argv=argv, gemm=peak, quick=args.quick) + [
+        f"numpy {np.__version__}; CIFAR-10 32x32x3 images, 6x6 patches, stride 1 (27x27 positions), d=108, K={enc.n_clusters_}, triangle, 2x2 sum "
         f"pooling. Rates are effective GFLOP/s of the distance products 2*n*729*108*K.",
         "",
         "| what | images | seconds | GFLOP/s | % of GEMM |",
@@ -206,10 +184,7 @@ def main(argv=None):
     for r in rss:
         lines.append(f"| {r['n']} | {r['base_mb']:.0f} | {r['peak_mb']:.0f} | {r['out_mb']:.0f} | "
                      f"{r['peak_mb'] - r['base_mb'] - r['out_mb']:.0f} | {r['seconds']:.1f} |")
-    lines.append("")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print(f"wrote {args.out}")
+    write(args.out, lines)
 
 
 if __name__ == "__main__":

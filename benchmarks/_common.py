@@ -1,0 +1,114 @@
+"""What every benchmark script shares: the data flags, the machine line, the GEMM rate, the command.
+
+Every script takes the same flags (``--data``, ``--md5``, ``--data-home``, ``--out``,
+``--quick``), and every results table starts with :func:`header`: the command that produced it,
+the CPU or GPU, and the machine's float32 GEMM rate measured in the same run. The 2-core
+machines these run on differ by up to 6x in raw speed, so a table without its machine and its
+GEMM rate cannot be compared with another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+#: The shared JPEG-75 copy of CIFAR-10 beside the checkout, and its md5 (its README).
+DEFAULT_ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-jpeg75" / "cifar-10-python.tar.gz"
+DEFAULT_MD5 = "bd43d2a3421d9a4f9a66309ec8f698ed"
+
+
+def add_common_args(parser: argparse.ArgumentParser, *, out: Path | None = None):
+    """``--data``, ``--md5``, ``--data-home``, ``--out`` and ``--quick``, the same everywhere."""
+    parser.add_argument("--data", default=os.environ.get("FEATLEARN_CIFAR10", str(DEFAULT_ARCHIVE)),
+                        help="cifar-10-python.tar.gz (default $FEATLEARN_CIFAR10, else the shared "
+                             "JPEG-75 copy beside the checkout)")
+    parser.add_argument("--md5", default=DEFAULT_MD5,
+                        help="expected md5 of --data ('' skips the check)")
+    parser.add_argument("--data-home", default=None,
+                        help="where parsed arrays are cached (default $FEATLEARN_DATA)")
+    parser.add_argument("--out", type=Path, default=out,
+                        help="Markdown results file ('' to skip writing)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a seconds-long smoke run with tiny sizes (its numbers are not results)")
+    return parser
+
+
+def load_cifar10(args):
+    from featlearn import fetch_cifar10
+
+    return fetch_cifar10(args.data_home, archive=args.data, md5=args.md5 or None)
+
+
+def machine() -> str:
+    """The CPU model (or CUDA device), core count and torch's thread count, in one line."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            names = [ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")]
+        if names:
+            cpu = names[0]
+    except OSError:
+        pass
+    line = (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads)")
+    if torch.cuda.is_available():
+        line += f"; GPU {torch.cuda.get_device_name(0)}"
+    return line
+
+
+def gemm_rate(n=4096, repeats=3, device="cpu") -> float:
+    """Best-of-``repeats`` float32 ``torch.mm`` rate at ``n^3``, in GFLOP/s."""
+    import torch
+
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    out = torch.empty(n, n, device=device)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    torch.mm(a, b, out=out)
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def command(argv=None) -> str:
+    """The command line that ran this script, as a user would retype it from the repo root."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(REPO)
+    except ValueError:
+        pass
+    return shlex.join(["python", str(script), *map(str, args)])
+
+
+def header(title: str, *, argv=None, gemm: float | None = None, quick=False) -> list[str]:
+    """The first lines of every results table: title, command, machine and GEMM rate."""
+    lines = [f"# {title}" + (" (QUICK smoke run: not the results)" if quick else ""), "",
+             "```", command(argv), "```", "", f"Machine: {machine()}."]
+    if gemm is not None:
+        lines.append(f"float32 GEMM rate measured in the same run (torch.mm 4096^3): "
+                     f"{gemm:.1f} GFLOP/s.")
+    return lines + [""]
+
+
+def write(out, lines):
+    """Write the table (unless ``out`` is empty) and say where."""
+    if not out or str(out) == ".":
+        return
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines).rstrip() + "\n")
+    print(f"wrote {out}")
