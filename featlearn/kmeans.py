@@ -568,7 +568,11 @@ class _BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixi
         self.cluster_centers_ = to_numpy(best.centers).astype(np.float32, copy=True)
         if need_labels:
             self.labels_ = to_numpy(best.labels).astype(np.int64, copy=False)
-        self.inertia_ = best.inertia
+        if best.inertia is not None:
+            self.inertia_ = best.inertia
+        else:  # the final pass was skipped: scikit-learn's estimate from the batch inertia
+            weight_sum = float(n) if w is None else float(w.sum(dtype=torch.float64))
+            self.inertia_ = best.ewa_inertia * weight_sum
         self.counts_ = to_numpy(best.counts).astype(np.float64, copy=True)
         self.n_iter_ = int(best.n_iter)
         self.n_steps_ = int(best.n_steps)
@@ -906,20 +910,11 @@ class MiniBatchKMeans(_BaseKMeans):
         """
         if hasattr(self, "labels_"):
             del self.labels_  # a refit with compute_labels=False must not keep stale labels
-        gen, best = self._fit(X, sample_weight, need_labels=self.compute_labels)
-        if self.inertia_ is None:  # compute_labels=False: scikit-learn's estimate
-            self.inertia_ = best.ewa_inertia * self._weight_sum(sample_weight, X)
+        gen, _ = self._fit(X, sample_weight, need_labels=self.compute_labels)
         # partial_fit may continue a fitted model: its seed and reassignment clock.
         self._seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
         self._since_reassign = 0
         return self
-
-    @staticmethod
-    def _weight_sum(sample_weight, X):
-        if sample_weight is None:
-            return float(X.shape[0])
-        return float(np.sum(to_numpy(sample_weight) if isinstance(sample_weight, torch.Tensor)
-                            else np.asarray(sample_weight, dtype=np.float64)))
 
     def partial_fit(self, X, y=None, sample_weight=None):
         """One mini-batch update with all of ``X`` as the batch (initialising on the first call).
