@@ -579,3 +579,16 @@ def test_benchmark_smoke(tmp_path):
     text = out.read_text()
     assert "--smoke" in text and "| featlearn KMeans" in text
     assert "| featlearn MiniBatchKMeans" in text
+
+
+def test_pipelines_and_configurations_use_kmeans():
+    # The paper's full-batch Lloyd is KMeans; every shipped configuration builds it.
+    from featlearn.pipeline import available_configs, build_pipeline, load_config
+    from featlearn import make_coates_pipeline
+
+    assert type(make_coates_pipeline().named_steps["encoder"].kmeans) is KMeans
+    names = available_configs()
+    assert names
+    for name in names:
+        km = build_pipeline(load_config(name)).named_steps["encoder"].kmeans
+        assert type(km) is KMeans and km.max_iter == 50, name
