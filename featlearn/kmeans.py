@@ -36,7 +36,7 @@ _CPU_MAX_CHUNK = 4096
 
 
 # --------------------------------------------------------------------------------------------
-# Private numeric kernels (reusable by other stages: the encoder needs the same distances)
+# Private numeric kernels
 # --------------------------------------------------------------------------------------------
 
 def _rows_per_chunk(n_clusters: int, n_features: int, device: torch.device, itemsize: int = 4) -> int:
@@ -46,7 +46,8 @@ def _rows_per_chunk(n_clusters: int, n_features: int, device: torch.device, item
 
 
 def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = None,
-                     accumulate: bool = False, sample_weight: torch.Tensor | None = None):
+                     accumulate: bool = False, sample_weight: torch.Tensor | None = None,
+                     onehot_sums: bool | None = None):
     """Nearest centre and squared distance of every row of ``X``, chunk by chunk.
 
     Returns ``(labels, min_sq_dist)``, plus ``(sums, counts)`` (per-centre sums of the assigned
@@ -56,7 +57,8 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
     cancellation can make it slightly negative, whose ``sqrt`` would be NaN).
 
     Centre sums avoid atomics: ``index_add_`` is sequential (deterministic) on the CPU, while on
-    CUDA (where it uses atomics) a one-hot GEMM over the chunk's distance buffer is used instead.
+    CUDA (where it uses atomics) a one-hot GEMM over the chunk's distance buffer is used instead
+    (``onehot_sums``: None picks by device; True/False force a path, e.g. to test both).
     """
     n, d = X.shape
     k = C.shape[0]
@@ -70,6 +72,8 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
     labels = torch.empty(n, dtype=torch.int64, device=device)
     mind = torch.empty(n, dtype=X.dtype, device=device)
     w = None if sample_weight is None else sample_weight.to(device=device, dtype=X.dtype)
+    if onehot_sums is None:
+        onehot_sums = device.type == "cuda"
     if accumulate:
         sums = torch.zeros((k, d), dtype=X.dtype, device=device)
         counts = torch.zeros(k, dtype=torch.float64, device=device)
@@ -82,7 +86,7 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
         mind[s:e] += (Xc * Xc).sum(1)
         if accumulate:
             lab = labels[s:e]
-            if device.type == "cuda":
+            if onehot_sums:
                 D.zero_()
                 if w is None:
                     D.scatter_(1, lab[:, None], 1.0)

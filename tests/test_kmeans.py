@@ -499,6 +499,13 @@ def test_chunked_kernels_match_dense():
         np.testing.assert_allclose(wcounts, torch.bincount(lab, weights=w, minlength=13))
         ref = torch.zeros(13, 7, dtype=torch.float64).index_add_(0, lab, X * w[:, None])
         np.testing.assert_allclose(wsums, ref, atol=1e-9)
+        # The one-hot GEMM sums (CUDA's path) agree with index_add_ (the CPU's).
+        for kw in ({}, {"sample_weight": w}):
+            a = nearest_centroid(X, C, chunk=chunk, accumulate=True, onehot_sums=False, **kw)
+            b = nearest_centroid(X, C, chunk=chunk, accumulate=True, onehot_sums=True, **kw)
+            np.testing.assert_array_equal(a[0], b[0])
+            np.testing.assert_allclose(a[2], b[2], atol=1e-9)
+            np.testing.assert_allclose(a[3], b[3], atol=1e-9)
 
 
 @pytest.mark.parametrize("batch_size, per_centre", [(None, 24), (64, 3)])
