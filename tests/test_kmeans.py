@@ -599,3 +599,40 @@ def test_pipelines_and_configurations_use_kmeans():
     for name in names:
         km = build_pipeline(load_config(name)).named_steps["encoder"].kmeans
         assert type(km) is KMeans and km.max_iter == 50, name
+
+
+#: The last commit whose MiniBatchKMeans ran full-batch Lloyd for ``batch_size=None``.
+_BEFORE_SPLIT = "e3e332ed5875e6ce44202a1feaae305fc32a1bda"
+
+
+def test_identical_to_the_minibatchkmeans_it_replaces(tmp_path):
+    # KMeans is the old MiniBatchKMeans(batch_size=None) and MiniBatchKMeans(batch_size=b) the
+    # old one with that batch size, bit for bit: the shipped dictionaries do not change.
+    import importlib.util
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        src = subprocess.run(["git", "show", f"{_BEFORE_SPLIT}:featlearn/kmeans.py"], cwd=root,
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("the pre-split featlearn/kmeans.py is not in this checkout's git history")
+    (tmp_path / "old_kmeans.py").write_text(src)
+    spec = importlib.util.spec_from_file_location("old_kmeans", tmp_path / "old_kmeans.py")
+    old = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_t(3, size=(3000, 20)).astype(np.float32)
+    cases = [({}, {}), ({"init": "randn", "n_init": 2}, {"init": "randn", "n_init": 2}),
+             ({"batch_size": 256}, {"batch_size": 256}),
+             ({"batch_size": 100, "init": "random"}, {"batch_size": 100, "init": "random"})]
+    for old_kw, new_kw in cases:
+        a = old.MiniBatchKMeans(16, random_state=1, device="cpu", **old_kw).fit(X)
+        b = make(new_kw.pop("batch_size", None), n_clusters=16, random_state=1, device="cpu",
+                 **new_kw).fit(X)
+        np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_, err_msg=str(old_kw))
+        np.testing.assert_array_equal(a.labels_, b.labels_)
+        np.testing.assert_array_equal(a.counts_, b.counts_)
+        assert (a.inertia_, a.n_iter_, a.n_steps_) == (b.inertia_, b.n_iter_, b.n_steps_)
