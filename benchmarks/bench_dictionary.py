@@ -30,16 +30,16 @@ RESULTS = Path(__file__).resolve().parent / "results" / "kmeans-dictionary.md"
 def variants(k, seed):
     from sklearn.cluster import MiniBatchKMeans as SkMiniBatchKMeans
 
-    from featlearn import MiniBatchKMeans
+    from featlearn import KMeans, MiniBatchKMeans
 
     return {
-        "featlearn Lloyd, k-means++, reassignment_ratio=0 (farthest-point relocation)":
-            MiniBatchKMeans(k, reassignment_ratio=0, random_state=seed),
-        "featlearn Lloyd, k-means++, reassignment_ratio=0.01 (default)":
-            MiniBatchKMeans(k, random_state=seed),
-        "featlearn Lloyd, random init, reassignment_ratio=0":
-            MiniBatchKMeans(k, init="random", reassignment_ratio=0, random_state=seed),
-        "featlearn mini-batch 8192 x 3 epochs":
+        "featlearn KMeans, k-means++, reassignment_ratio=0 (farthest-point relocation)":
+            KMeans(k, reassignment_ratio=0, random_state=seed),
+        "featlearn KMeans, k-means++, reassignment_ratio=0.01 (default)":
+            KMeans(k, random_state=seed),
+        "featlearn KMeans, random init, reassignment_ratio=0":
+            KMeans(k, init="random", reassignment_ratio=0, random_state=seed),
+        "featlearn MiniBatchKMeans(batch_size=8192), 3 epochs":
             MiniBatchKMeans(k, batch_size=8192, max_iter=3, random_state=seed),
         "scikit-learn MiniBatchKMeans(batch_size=4096)":
             SkMiniBatchKMeans(k, batch_size=4096, n_init=1, random_state=seed),

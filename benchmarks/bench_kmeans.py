@@ -1,4 +1,5 @@
-"""Benchmark featlearn.MiniBatchKMeans against scikit-learn on whitened CIFAR-10 patches.
+"""Benchmark featlearn.KMeans and featlearn.MiniBatchKMeans against scikit-learn on whitened
+CIFAR-10 patches.
 
 One run, all contenders on the same data: 400,000 random 6x6x3 patches of the CIFAR-10 training
 images (RandomPatchExtractor(random_state=0)), contrast-normalized and ZCA-whitened, k=1600.
@@ -39,15 +40,16 @@ def parse_args(argv=None):
     p.add_argument("--md5", default=SHARED_MD5, help="expected md5 of the archive ('' skips)")
     p.add_argument("--n-patches", type=int, default=400_000)
     p.add_argument("--n-clusters", type=int, default=1600)
-    p.add_argument("--max-iter", type=int, default=50, help="featlearn Lloyd iterations")
-    p.add_argument("--batch-size", type=int, default=8192, help="featlearn mini-batch size")
-    p.add_argument("--mb-max-iter", type=int, default=1, help="featlearn mini-batch epochs")
+    p.add_argument("--max-iter", type=int, default=50, help="featlearn KMeans (Lloyd) iterations")
+    p.add_argument("--batch-size", type=int, default=8192,
+                   help="featlearn MiniBatchKMeans batch size")
+    p.add_argument("--mb-max-iter", type=int, default=1, help="featlearn MiniBatchKMeans epochs")
     p.add_argument("--sk-batch-size", type=int, default=4096,
                    help="the tuned batch size for sklearn MiniBatchKMeans")
     p.add_argument("--sk-kmeans-max-iter", type=int, default=50,
                    help="cap on sklearn KMeans iterations (its default is 300)")
     p.add_argument("--skip", nargs="*", default=[],
-                   choices=["fl-lloyd", "fl-mb", "sk-mbk", "sk-mbk-tuned", "sk-kmeans"],
+                   choices=["fl-kmeans", "fl-mbk", "sk-mbk", "sk-mbk-tuned", "sk-kmeans"],
                    help="contenders to leave out")
     p.add_argument("--device", default="cpu", help="device for the featlearn rows")
     p.add_argument("--seed", type=int, default=0)
@@ -82,14 +84,14 @@ def contenders(args):
     from sklearn.cluster import KMeans as SkKMeans
     from sklearn.cluster import MiniBatchKMeans as SkMBK
 
-    from featlearn import MiniBatchKMeans
+    from featlearn import KMeans, MiniBatchKMeans
 
     k, seed = args.n_clusters, args.seed
     return [
-        ("fl-lloyd", f"featlearn full-batch Lloyd (max_iter={args.max_iter})",
-         MiniBatchKMeans(k, max_iter=args.max_iter, device=args.device, random_state=seed)),
-        ("fl-mb", f"featlearn mini-batch (batch_size={args.batch_size}, "
-                  f"max_iter={args.mb_max_iter})",
+        ("fl-kmeans", f"featlearn KMeans (full-batch Lloyd, max_iter={args.max_iter})",
+         KMeans(k, max_iter=args.max_iter, device=args.device, random_state=seed)),
+        ("fl-mbk", f"featlearn MiniBatchKMeans (batch_size={args.batch_size}, "
+                   f"max_iter={args.mb_max_iter})",
          MiniBatchKMeans(k, batch_size=args.batch_size, max_iter=args.mb_max_iter,
                          device=args.device, random_state=seed)),
         ("sk-mbk", "sklearn MiniBatchKMeans (defaults: batch_size=1024)",

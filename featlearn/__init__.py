@@ -9,7 +9,7 @@ module                     public names                     stage
 ``featlearn.patches``      ``RandomPatchExtractor``         random patches, patch layout
 ``featlearn.preprocessing````PatchNormalizer``,             contrast normalization, whitening
                            ``ZCAWhitening``
-``featlearn.kmeans``       ``MiniBatchKMeans``              dictionary (torch, CPU or GPU)
+``featlearn.kmeans``       ``KMeans``, ``MiniBatchKMeans``  dictionary (torch, CPU or GPU)
 ``featlearn.encoding``     ``PatchEncoder``                 dense encoding and pooling
 ``featlearn.classifier``   ``TorchMLPClassifier``           MLP / L2-SVM (torch)
 ``featlearn.pipeline``     ``make_coates_pipeline``         composition
@@ -30,6 +30,7 @@ _LAZY = {
     "RandomPatchExtractor": "patches",
     "PatchNormalizer": "preprocessing",
     "ZCAWhitening": "preprocessing",
+    "KMeans": "kmeans",
     "MiniBatchKMeans": "kmeans",
     "PatchEncoder": "encoding",
     "TorchMLPClassifier": "classifier",

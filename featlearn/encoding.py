@@ -114,7 +114,7 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
     kmeans : estimator or None, default=None
         Dictionary learner with a ``cluster_centers_`` attribute after ``fit`` (shape
         ``(K, d')``, ``d'`` the whitener's output width). None means
-        ``featlearn.MiniBatchKMeans(1600)``, resolved at fit time.
+        ``featlearn.KMeans(1600)`` (full-batch Lloyd, 50 iterations), resolved at fit time.
     stride : int, default=1
         Step between patch positions in :meth:`transform`.
     activation : {"triangle", "hard", "soft_threshold"}, default="triangle"
@@ -164,7 +164,7 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
     See Also
     --------
     featlearn.RandomPatchExtractor, featlearn.PatchNormalizer, featlearn.ZCAWhitening,
-    featlearn.MiniBatchKMeans
+    featlearn.KMeans
 
     Examples
     --------
@@ -244,8 +244,8 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
             patches = self.whitener_.transform(patches)
 
         if self.kmeans is None:
-            from .kmeans import MiniBatchKMeans  # resolved lazily: the default, not an import dep
-            kmeans = MiniBatchKMeans(1600, random_state=kmeans_seed)
+            from .kmeans import KMeans  # resolved lazily: the default, not an import dep
+            kmeans = KMeans(1600, random_state=kmeans_seed)
         else:
             kmeans = clone(self.kmeans)
         self.kmeans_ = kmeans.fit(np.asarray(patches, dtype=np.float32))

@@ -1,10 +1,15 @@
-"""k-means dictionary learning in torch: full-batch Lloyd or scikit-learn-style mini-batches.
+"""k-means dictionary learning in torch: :class:`KMeans` (full-batch Lloyd) and
+:class:`MiniBatchKMeans` (scikit-learn's mini-batch rule), over one shared base class.
 
 One numeric code path serves the CPU and CUDA. Distances are ``||c||^2 - 2 x.c`` (the ``||x||^2``
 term is added only where a true distance is needed), computed with ``addmm`` into a preallocated
 ``chunk x k`` buffer, so peak extra memory is ``O(chunk * k + k * d)`` and never ``n * k``.
 All randomness comes from a private CPU :class:`torch.Generator`, so a seed picks the same samples
 on every device and the global torch seed is never touched.
+
+The solvers (:func:`_lloyd`, :func:`_minibatch`) take initial centres and return named tuples
+(:class:`LloydResult`, :class:`MiniBatchResult`), so they compose: e.g. mini-batch epochs whose
+centres then start a few Lloyd iterations.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -19,8 +25,9 @@ from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, Cluster
 from sklearn.base import TransformerMixin
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
+from featlearn._logging import log, progress
 from featlearn._torch import chunk_size, make_generator, resolve_device, to_numpy
 
 #: On the CPU, rows per distance chunk are capped here: a ``chunk x k`` block that stays near the
@@ -29,7 +36,7 @@ _CPU_MAX_CHUNK = 4096
 
 
 # --------------------------------------------------------------------------------------------
-# Private numeric kernels (reusable by other stages: the encoder needs the same distances)
+# Private numeric kernels
 # --------------------------------------------------------------------------------------------
 
 def _rows_per_chunk(n_clusters: int, n_features: int, device: torch.device, itemsize: int = 4) -> int:
@@ -39,16 +46,19 @@ def _rows_per_chunk(n_clusters: int, n_features: int, device: torch.device, item
 
 
 def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = None,
-                     accumulate: bool = False):
+                     accumulate: bool = False, sample_weight: torch.Tensor | None = None,
+                     onehot_sums: bool | None = None):
     """Nearest centre and squared distance of every row of ``X``, chunk by chunk.
 
     Returns ``(labels, min_sq_dist)``, plus ``(sums, counts)`` (per-centre sums of the assigned
     rows and their counts, float64) when ``accumulate`` is true, computed in the same pass while
-    each chunk is hot. ``min_sq_dist`` is clamped at 0 (float32 cancellation can make it
-    slightly negative, whose ``sqrt`` would be NaN).
+    each chunk is hot. With ``sample_weight`` (a tensor of shape ``(n,)``) the sums and counts
+    are weighted; ``min_sq_dist`` never is. ``min_sq_dist`` is clamped at 0 (float32
+    cancellation can make it slightly negative, whose ``sqrt`` would be NaN).
 
     Centre sums avoid atomics: ``index_add_`` is sequential (deterministic) on the CPU, while on
-    CUDA (where it uses atomics) a one-hot GEMM over the chunk's distance buffer is used instead.
+    CUDA (where it uses atomics) a one-hot GEMM over the chunk's distance buffer is used instead
+    (``onehot_sums``: None picks by device; True/False force a path, e.g. to test both).
     """
     n, d = X.shape
     k = C.shape[0]
@@ -61,6 +71,9 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
     buf = torch.empty((chunk, k), dtype=X.dtype, device=device)
     labels = torch.empty(n, dtype=torch.int64, device=device)
     mind = torch.empty(n, dtype=X.dtype, device=device)
+    w = None if sample_weight is None else sample_weight.to(device=device, dtype=X.dtype)
+    if onehot_sums is None:
+        onehot_sums = device.type == "cuda"
     if accumulate:
         sums = torch.zeros((k, d), dtype=X.dtype, device=device)
         counts = torch.zeros(k, dtype=torch.float64, device=device)
@@ -73,18 +86,31 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
         mind[s:e] += (Xc * Xc).sum(1)
         if accumulate:
             lab = labels[s:e]
-            if device.type == "cuda":
+            if onehot_sums:
                 D.zero_()
-                D.scatter_(1, lab[:, None], 1.0)
+                if w is None:
+                    D.scatter_(1, lab[:, None], 1.0)
+                else:
+                    D.scatter_(1, lab[:, None], w[s:e, None])
                 sums.addmm_(D.t(), Xc)
                 counts += D.sum(0, dtype=torch.float64)
-            else:
+            elif w is None:
                 sums.index_add_(0, lab, Xc)
                 counts += torch.bincount(lab, minlength=k)
+            else:
+                sums.index_add_(0, lab, Xc * w[s:e, None])
+                counts += torch.bincount(lab, weights=w[s:e].double(), minlength=k)
     mind.clamp_(min=0)
     if accumulate:
         return labels, mind, sums, counts
     return labels, mind
+
+
+def _inertia(mind: torch.Tensor, sample_weight: torch.Tensor | None) -> float:
+    """Sum of (weighted) squared distances, accumulated in float64."""
+    if sample_weight is None:
+        return float(mind.sum(dtype=torch.float64))
+    return float((mind.double() * sample_weight.to(mind.device, torch.float64)).sum())
 
 
 def pairwise_distances(X: torch.Tensor, C: torch.Tensor, *, squared: bool = False,
@@ -111,19 +137,26 @@ def pairwise_distances(X: torch.Tensor, C: torch.Tensor, *, squared: bool = Fals
 
 
 def _kmeans_plusplus(X: torch.Tensor, n_clusters: int, gen: torch.Generator,
-                     n_local_trials: int | None = None) -> torch.Tensor:
+                     n_local_trials: int | None = None,
+                     sample_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Greedy k-means++ on ``X`` (already a subsample), without a host round-trip per centre.
 
     All uniform draws are made up front on the CPU generator and sent to the device once; each
     centre is then picked by inverse-CDF sampling (``cumsum`` + ``searchsorted``) of the current
     potential, keeping the best of ``n_local_trials`` candidates (scikit-learn's greedy rule).
-    When the potential is zero (fewer distinct points than centres) candidates are uniform.
+    With ``sample_weight`` the first centre is drawn in proportion to the weights and the
+    potential is weighted, as in scikit-learn. When the potential is zero (fewer distinct points
+    than centres) candidates are uniform.
     """
     m, d = X.shape
     device = X.device
     if n_local_trials is None:
         n_local_trials = 2 + int(math.log(n_clusters))
-    first = int(torch.randint(m, (1,), generator=gen))
+    w = None if sample_weight is None else sample_weight.to(device=device, dtype=X.dtype)
+    if w is None:
+        first = int(torch.randint(m, (1,), generator=gen))
+    else:
+        first = int(torch.multinomial(w.double().cpu(), 1, generator=gen))
     u = torch.rand((n_clusters, n_local_trials), generator=gen, dtype=torch.float64).to(device)
     x_sq = (X * X).sum(1)
     centers = torch.empty((n_clusters, d), dtype=X.dtype, device=device)
@@ -131,7 +164,7 @@ def _kmeans_plusplus(X: torch.Tensor, n_clusters: int, gen: torch.Generator,
     closest = (x_sq - 2 * X @ X[first] + x_sq[first]).clamp_(min=0)
     last = torch.tensor(m - 1, device=device)
     for c in range(1, n_clusters):
-        cdf = torch.cumsum(closest, 0, dtype=torch.float64)
+        cdf = torch.cumsum(closest if w is None else closest * w, 0, dtype=torch.float64)
         total = cdf[-1]
         by_potential = torch.searchsorted(cdf, u[c] * total, right=True)
         uniform = (u[c] * m).long()
@@ -139,70 +172,102 @@ def _kmeans_plusplus(X: torch.Tensor, n_clusters: int, gen: torch.Generator,
         Xc = X[cand]
         dist = (x_sq[:, None] - 2 * X @ Xc.t() + x_sq[cand][None, :]).clamp_(min=0)
         dist = torch.minimum(dist, closest[:, None])
-        best = torch.argmin(dist.sum(0))
+        best = torch.argmin(dist.sum(0) if w is None else (w[:, None] * dist).sum(0))
         closest = dist[:, best]
         centers[c] = Xc[best]
     return centers
 
 
-#: k-means++ subsample per centre for full-batch Lloyd (``init_size=None``).
-_LLOYD_INIT_OVERSAMPLING = 24
-
-
-def _default_init_size(n_clusters: int, minibatch: bool) -> int:
-    """k-means++ subsample size when ``init_size`` is None: ``24 k`` points for Lloyd, whose
-    50 full passes make a careful start worth it; ``3 k`` for mini-batches, whose whole fit
-    costs less than a k-means++ on ``24 k`` points (measured on 400,000 CIFAR-10 patches,
-    k=1600, 2-core CPU: 7.4 s on 24,576 points, 1.5 s on 4,800, one full pass 1.6 s).
-    scikit-learn uses ``3 * batch_size``, which is just as costly for large batches."""
-    return 3 * n_clusters if minibatch else _LLOYD_INIT_OVERSAMPLING * n_clusters
+def _random_rows(n: int, m: int, gen: torch.Generator, sample_weight=None) -> torch.Tensor:
+    """Up to ``m`` distinct row indices (CPU), uniform among rows of positive weight."""
+    if sample_weight is None:
+        return torch.randperm(n, generator=gen)[:m]
+    pool = torch.nonzero(sample_weight.cpu() > 0).flatten()
+    return pool[torch.randperm(pool.numel(), generator=gen)[:m]]
 
 
 def _init_centers(X: torch.Tensor, n_clusters: int, init, gen: torch.Generator,
-                  init_size: int) -> torch.Tensor:
+                  init_size: int, sample_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Initial centres: k-means++ on a subsample of ``init_size`` points, sampled points,
-    ``0.1 * randn``, or an array."""
+    ``0.1 * randn``, or an array. Weighted data draws points in proportion to their weights."""
     n, d = X.shape
     if isinstance(init, str) and init == "k-means++":
         m = min(n, max(init_size, n_clusters))
         idx = torch.randperm(n, generator=gen)[:m].to(X.device) if m < n else slice(None)
-        return _kmeans_plusplus(X[idx], n_clusters, gen)
+        w = None if sample_weight is None else sample_weight[idx]
+        return _kmeans_plusplus(X[idx], n_clusters, gen, sample_weight=w)
     if isinstance(init, str) and init == "random":
-        idx = torch.randperm(n, generator=gen)[:n_clusters].to(X.device)
+        if sample_weight is not None and int((sample_weight > 0).sum()) >= n_clusters:
+            idx = torch.multinomial(sample_weight.double().cpu(), n_clusters, replacement=False,
+                                    generator=gen).to(X.device)
+        else:
+            idx = torch.randperm(n, generator=gen)[:n_clusters].to(X.device)
         return X[idx].clone()
     if isinstance(init, str) and init == "randn":
         return (0.1 * torch.randn((n_clusters, d), generator=gen)).to(X.device, X.dtype)
     return torch.as_tensor(np.asarray(init), dtype=X.dtype).to(X.device).clone()
 
 
-def _lloyd(X, centers, *, max_iter, tol, reassignment_ratio, gen, chunk, verbose):
+# --------------------------------------------------------------------------------------------
+# Solvers
+# --------------------------------------------------------------------------------------------
+
+class LloydResult(NamedTuple):
+    """What :func:`_lloyd` returns (tensors on the device)."""
+
+    centers: torch.Tensor
+    labels: torch.Tensor      # nearest centre of every sample, consistent with ``centers``
+    inertia: float            # (weighted) sum of squared distances, float64 accumulation
+    n_iter: int
+    n_steps: int              # centre updates; equals n_iter for Lloyd
+    counts: torch.Tensor      # float64 (weighted) samples per centre in the final assignment
+
+
+class MiniBatchResult(NamedTuple):
+    """What :func:`_minibatch` returns (tensors on the device)."""
+
+    centers: torch.Tensor
+    labels: torch.Tensor | None   # None when the final full pass was skipped
+    inertia: float | None         # likewise
+    n_iter: int                   # epochs started
+    n_steps: int                  # batches
+    counts: torch.Tensor          # float64 running (weighted) counts
+    ewa_inertia: float | None     # smoothed per-sample batch inertia at the last step
+
+
+def _lloyd(X, centers, *, max_iter, tol, reassignment_ratio, gen, chunk, verbose=0,
+           sample_weight=None) -> LloydResult:
     """Full-batch Lloyd, with low-count clusters moved to random points.
 
     Centres whose count is below ``reassignment_ratio * max count`` (empty ones included) move
     to distinct random data points before every iteration but the last; with a ratio of 0 only
     empty clusters move, to the points farthest from their centres (scikit-learn's KMeans).
     Why not always the farthest points: on whitened patches (heavy-tailed) both k-means++ and
-    farthest-point relocation park centres on single outliers, where they stay for good. On
-    CIFAR-10 that left ~230 of 1600 centres holding <= 2 patches and cost 4.6 points of
-    accuracy (benchmarks/results/coates2011-1600-svm/COMMAND.md; per-variant comparison:
-    benchmarks/bench_dictionary.py).
+    farthest-point relocation park centres on single outliers, where they stay for good and
+    cost downstream accuracy (benchmarks/bench_dictionary.py compares the variants).
 
     Stops when the labels no longer change, when the summed squared centre shift is at most
     ``tol`` (absolute), or after ``max_iter`` iterations. Returns the centres with labels,
-    squared distances and counts that are consistent with them (one final E-step if needed).
+    inertia and counts that are consistent with them (one final E-step if needed).
     """
     prev = None
     n_iter = 0
     consistent = None
     n = X.shape[0]
+    reason = f"max_iter={max_iter} reached"
     for it in range(max_iter):
-        labels, mind, sums, counts = nearest_centroid(X, centers, chunk=chunk, accumulate=True)
+        labels, mind, sums, counts = nearest_centroid(X, centers, chunk=chunk, accumulate=True,
+                                                      sample_weight=sample_weight)
         n_iter = it + 1
         if prev is not None and torch.equal(labels, prev):
             # The centres were computed from exactly these labels: a fixed point.
             consistent = (labels, mind, counts)
+            reason = "labels unchanged"
             break
-        new = (sums / counts.clamp(min=1).to(sums.dtype)[:, None])
+        if sample_weight is None:
+            new = (sums / counts.clamp(min=1).to(sums.dtype)[:, None])
+        else:  # weighted counts can be positive yet below 1: divide by the true weight
+            new = sums / torch.where(counts > 0, counts, 1.0).to(sums.dtype)[:, None]
         if reassignment_ratio > 0:
             low = counts < reassignment_ratio * counts.max()
             if it == max_iter - 1:
@@ -213,51 +278,65 @@ def _lloyd(X, centers, *, max_iter, tol, reassignment_ratio, gen, chunk, verbose
         if moved.numel():
             if reassignment_ratio > 0:
                 # Indices drawn on the CPU generator: the same points on every device.
-                pick = torch.randperm(n, generator=gen)[:moved.numel()].to(X.device)
+                pick = _random_rows(n, moved.numel(), gen, sample_weight).to(X.device)
             else:
                 pick = torch.topk(mind, min(moved.numel(), n)).indices
             moved = moved[:pick.numel()]
             new[moved] = X[pick]
         shift = float(((new - centers) ** 2).sum())
-        if verbose:
-            print(f"Lloyd iteration {n_iter}: inertia {float(mind.sum()):.6g}, "
-                  f"centre shift {shift:.3g}, moved {moved.numel()}")
+        log(verbose, "Lloyd iteration %d: inertia %.6g, centre shift %.3g, moved %d", n_iter,
+            _inertia(mind, sample_weight), shift, moved.numel(), level=2)
         centers = new
         # A moved centre is not the mean of its labels: no fixed point can be claimed.
         prev = None if moved.numel() else labels
         if shift <= tol:
+            reason = "centre shift within tol"
             break
     if consistent is None:
-        labels, mind, _, counts = nearest_centroid(X, centers, chunk=chunk, accumulate=True)
+        labels, mind, _, counts = nearest_centroid(X, centers, chunk=chunk, accumulate=True,
+                                                   sample_weight=sample_weight)
     else:
         labels, mind, counts = consistent
-    return centers, labels, mind, counts, n_iter, n_iter
+    inertia = _inertia(mind, sample_weight)
+    log(verbose, "KMeans: Lloyd stopped after %d iterations (%s), inertia %.6g", n_iter, reason,
+        inertia)
+    return LloydResult(centers, labels, inertia, n_iter, n_iter, counts)
 
 
 class _MiniBatchState:
     """What a mini-batch run carries between steps (also across ``partial_fit`` calls)."""
 
     def __init__(self, counts, since_reassign=0):
-        self.counts = counts            # float64 per-centre counts, on the device
+        self.counts = counts            # float64 per-centre (weighted) counts, on the device
         self.since_reassign = since_reassign
         self.ewa = None
         self.ewa_min = None
         self.no_improvement = 0
+        self.batch_inertia = None
 
 
-def _minibatch_step(Xb, centers, state, *, reassignment_ratio, gen, chunk):
+def _minibatch_step(Xb, centers, state, *, reassignment_ratio, gen, chunk, sample_weight=None):
     """One mini-batch update with scikit-learn's per-centre learning rate ``1 / count``.
 
     Returns the new centres, the batch inertia (before the update, per sample) and the summed
     squared centre shift. Centres with low counts (``< reassignment_ratio * max count``) are
     moved to random batch points every ``10 * k`` samples, or as soon as a centre has count 0.
+    With ``sample_weight`` (the batch's weights) counts and sums are weighted.
     """
     b = Xb.shape[0]
     k = centers.shape[0]
-    _, mind, sums, bcounts = nearest_centroid(Xb, centers, chunk=chunk, accumulate=True)
-    batch_inertia = mind.sum() / b
+    _, mind, sums, bcounts = nearest_centroid(Xb, centers, chunk=chunk, accumulate=True,
+                                              sample_weight=sample_weight)
+    if sample_weight is None:
+        batch_inertia = mind.sum() / b
+    else:
+        batch_inertia = (mind * sample_weight.to(mind.device, mind.dtype)).sum() / b
     counts = state.counts + bcounts
-    step = (sums - bcounts.to(sums.dtype)[:, None] * centers) / counts.clamp(min=1).to(sums.dtype)[:, None]
+    if sample_weight is None:
+        rate = counts.clamp(min=1).to(sums.dtype)[:, None]
+    else:
+        rate = torch.where(counts > 0, counts, 1.0).to(sums.dtype)[:, None]
+    step = (sums - bcounts.to(sums.dtype)[:, None] * centers) / rate
     new = centers + step
     state.counts = counts
     state.since_reassign += b
@@ -274,41 +353,50 @@ def _minibatch_step(Xb, centers, state, *, reassignment_ratio, gen, chunk):
             low[keep] = False
             n_low = int(low.sum())
         if n_low:
-            pick = torch.randperm(b, generator=gen)[:n_low].to(Xb.device)
-            new[low] = Xb[pick]
-            counts[low] = floor
+            pick = _random_rows(b, n_low, gen, sample_weight).to(Xb.device)
+            moved = torch.nonzero(low).flatten()[:pick.numel()]
+            new[moved] = Xb[pick]
+            counts[moved] = floor
     shift = ((new - centers) ** 2).sum()
     return new, batch_inertia, shift
 
 
 def _minibatch_converged(state, batch_inertia, shift, *, step, batch_size, n_samples, tol,
                          max_no_improvement, verbose):
-    """scikit-learn's stopping rule: centre shift under ``tol`` or no EWA-inertia improvement."""
+    """scikit-learn's stopping rule: centre shift under ``tol`` or no EWA-inertia improvement.
+
+    Returns None to go on, else the reason to stop.
+    """
     batch_inertia = float(batch_inertia)
+    state.batch_inertia = batch_inertia
     if step == 0:
-        return False
+        return None
     if state.ewa is None:
         state.ewa = batch_inertia
     else:
         alpha = min(batch_size * 2.0 / (n_samples + 1), 1.0)
         state.ewa = state.ewa * (1 - alpha) + batch_inertia * alpha
-    if verbose:
-        print(f"Mini-batch step {step + 1}: batch inertia {batch_inertia:.6g}, "
-              f"ewa inertia {state.ewa:.6g}")
+    log(verbose, "Mini-batch step %d: batch inertia %.6g, ewa inertia %.6g", step + 1,
+        batch_inertia, state.ewa, level=2)
     if tol > 0 and float(shift) <= tol:
-        return True
+        return "centre shift within tol"
     if state.ewa_min is None or state.ewa < state.ewa_min:
         state.no_improvement = 0
         state.ewa_min = state.ewa
     else:
         state.no_improvement += 1
-    return max_no_improvement is not None and state.no_improvement >= max_no_improvement
+    if max_no_improvement is not None and state.no_improvement >= max_no_improvement:
+        return f"no EWA-inertia improvement in {max_no_improvement} steps"
+    return None
 
 
 def _minibatch(X, centers, *, batch_size, max_iter, tol, max_no_improvement, reassignment_ratio,
-               gen, chunk, verbose):
+               gen, chunk, verbose=0, sample_weight=None, compute_labels=True) -> MiniBatchResult:
     """Mini-batch k-means: batches drawn without replacement within each epoch (a fresh CPU
-    permutation per epoch; the remainder shorter than a batch is left for the next one)."""
+    permutation per epoch; the remainder shorter than a batch is left for the next one).
+
+    ``compute_labels=False`` skips the final full pass (labels and inertia are then None).
+    """
     n = X.shape[0]
     k = centers.shape[0]
     b = min(batch_size, n)
@@ -316,125 +404,58 @@ def _minibatch(X, centers, *, batch_size, max_iter, tol, max_no_improvement, rea
     state = _MiniBatchState(torch.zeros(k, dtype=torch.float64, device=X.device))
     perm, pos = None, n
     steps_done = 0
-    for step in range(n_steps):
-        if pos + b > n:
-            perm, pos = torch.randperm(n, generator=gen).to(X.device), 0
-        Xb = X[perm[pos:pos + b]]
-        pos += b
-        centers, batch_inertia, shift = _minibatch_step(
-            Xb, centers, state, reassignment_ratio=reassignment_ratio, gen=gen, chunk=chunk)
-        steps_done = step + 1
-        converged = _minibatch_converged(
-            state, batch_inertia, shift, step=step, batch_size=b, n_samples=n, tol=tol,
-            max_no_improvement=max_no_improvement, verbose=verbose)
-        # Never stop while a centre has seen no sample yet and could still be reassigned.
-        if converged and not (reassignment_ratio > 0 and bool((state.counts == 0).any())):
-            break
-    labels, mind = nearest_centroid(X, centers, chunk=chunk)
+    reason = f"max_iter={max_iter} epochs done"
+    with progress(n_steps, desc="MiniBatchKMeans", verbose=verbose, unit="batch") as bar:
+        for step in range(n_steps):
+            if pos + b > n:
+                perm, pos = torch.randperm(n, generator=gen).to(X.device), 0
+            idx = perm[pos:pos + b]
+            Xb = X[idx]
+            wb = None if sample_weight is None else sample_weight[idx]
+            pos += b
+            centers, batch_inertia, shift = _minibatch_step(
+                Xb, centers, state, reassignment_ratio=reassignment_ratio, gen=gen, chunk=chunk,
+                sample_weight=wb)
+            steps_done = step + 1
+            bar.update(1)
+            stop = _minibatch_converged(
+                state, batch_inertia, shift, step=step, batch_size=b, n_samples=n, tol=tol,
+                max_no_improvement=max_no_improvement, verbose=verbose)
+            # Never stop while a centre has seen no sample yet and could still be reassigned.
+            if stop and not (reassignment_ratio > 0 and bool((state.counts == 0).any())):
+                reason = stop
+                break
     n_iter = int(math.ceil(steps_done * b / n))
-    return centers, labels, mind, state.counts, n_iter, steps_done
+    labels = inertia = None
+    if compute_labels:
+        labels, mind = nearest_centroid(X, centers, chunk=chunk)
+        inertia = _inertia(mind, sample_weight)
+    ewa = state.ewa if state.ewa is not None else state.batch_inertia
+    log(verbose, "MiniBatchKMeans: stopped after %d steps, %d epochs (%s), %s", steps_done,
+        n_iter, reason, "ewa inertia %.6g" % ewa if inertia is None else "inertia %.6g" % inertia)
+    return MiniBatchResult(centers, labels, inertia, n_iter, steps_done, state.counts, ewa)
 
 
 # --------------------------------------------------------------------------------------------
-# The estimator
+# The estimators
 # --------------------------------------------------------------------------------------------
 
-class MiniBatchKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin,
-                      BaseEstimator):
-    """k-means in torch, full-batch (Lloyd) or mini-batch, on the CPU or CUDA.
+#: k-means++ subsample per centre when ``init_size=None``: a careful start pays off over
+#: Lloyd's full passes, while for mini-batches a larger sample would cost more than the fit.
+_LLOYD_INIT_OVERSAMPLING = 24
+_MINIBATCH_INIT_OVERSAMPLING = 3
 
-    The dictionary stage of the Coates-Ng pipeline (1600 centres on ~400,000 whitened patches by
-    default). Works in float32 with distances ``||c||^2 - 2 X C^T`` computed chunk by chunk
-    (chunks sized from free memory), so memory beyond the data is ``O(chunk * k + k * d)``.
-    Clusters never end empty, zero or NaN: empty and low-count clusters move to random data
-    points (see ``reassignment_ratio``), never left on a single outlier patch.
 
-    Parameters
-    ----------
-    n_clusters : int, default=1600
-        Number of centres; must not exceed the number of samples.
-    init : {"k-means++", "random", "randn"} or array of shape (n_clusters, n_features), \
-            default="k-means++"
-        "k-means++": greedy k-means++ (``2 + log(k)`` trials per centre) on a random subsample
-        of ``init_size`` points. "random": distinct sampled data points. "randn":
-        ``0.1 * randn``, the MATLAB demo's init (empty clusters are then reassigned).
-    batch_size : int or None, default=None
-        None runs full-batch Lloyd (what the paper ran). An int runs mini-batch updates with
-        scikit-learn's rule: per-centre counts and step ``1 / count``, batches drawn without
-        replacement within an epoch, stopping on the smoothed (EWA) batch inertia.
-    init_size : int or None, default=None
-        Points sampled for the k-means++ initialisation (at least ``n_clusters``). None means
-        ``24 * n_clusters`` for Lloyd and ``3 * n_clusters`` for mini-batches (where a larger
-        sample would cost more than the rest of the fit).
-    max_iter : int, default=50
-        Lloyd iterations, or epochs (passes over the data) for mini-batches.
-    tol : float, default=1e-4
-        Stop when the summed squared centre shift of one iteration (step) is at most
-        ``tol * mean(var(X, axis=0))``, scikit-learn's relative tolerance. Lloyd also stops
-        when the labels stop changing.
-    max_no_improvement : int or None, default=10
-        Mini-batch only: stop after this many steps without improving the EWA inertia.
-        None disables the rule.
-    reassignment_ratio : float, default=0.01
-        Centres whose count is below this fraction of the largest count move to random data
-        points: in Lloyd before every iteration but the last, in mini-batch mode every
-        ``10 * n_clusters`` samples or at once when a centre has count 0 (then to batch points).
-        0 disables it: Lloyd then moves only empty clusters, to the farthest points
-        (scikit-learn's ``KMeans``), and mini-batch leaves unseen centres where they are.
-    n_init : int, default=1
-        Independent initialisations; the run with the lowest inertia on ``X`` is kept.
-    device : str or torch.device, default="auto"
-        "auto" uses CUDA when available, else the CPU.
-    random_state : int, RandomState instance or None, default=None
-        Seeds a private CPU torch generator: the same seed gives the same centres on the same
-        device (and the same sampled points on every device).
-    verbose : int, default=0
-        Print progress per iteration / step.
-
-    Attributes
-    ----------
-    cluster_centers_ : ndarray of shape (n_clusters, n_features), float32
-    labels_ : ndarray of shape (n_samples,), int64
-        Nearest centre of each training sample (of the last batch for :meth:`partial_fit`).
-    inertia_ : float
-        Sum of squared distances of those samples to their nearest centre.
-    n_iter_ : int
-        Lloyd iterations, or epochs started (mini-batch).
-    n_steps_ : int
-        Centre updates performed (equals ``n_iter_`` for Lloyd; batches for mini-batch).
-    counts_ : ndarray of shape (n_clusters,), int64
-        Samples per centre: in the final assignment (Lloyd), or the mini-batch running counts.
-    n_features_in_ : int
-    feature_names_in_ : ndarray of str
-        Only when ``X`` had string column names.
-
-    Notes
-    -----
-    ``fit``/``predict`` accept numpy arrays (float32 preferred, float64 and integers are
-    converted) and torch tensors (on any device). Fitting always runs in float32;
-    :meth:`predict`/:meth:`transform`/:meth:`score` compute in float64 for float64 input.
-    Fitted state is numpy, so a CUDA-fitted model pickles and loads without CUDA.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from featlearn import MiniBatchKMeans
-    >>> X = np.array([[0, 0], [0, 1], [10, 10], [10, 11]], dtype=np.float32)
-    >>> km = MiniBatchKMeans(n_clusters=2, random_state=0, device="cpu").fit(X)
-    >>> sorted(km.cluster_centers_.tolist())
-    [[0.0, 0.5], [10.0, 10.5]]
-    >>> km.predict(np.array([[1, 1]], dtype=np.float32)) == km.labels_[0]
-    array([ True])
-    """
+class _BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin,
+                  BaseEstimator):
+    """Validation, initialisation, ``predict``/``transform``/``score`` shared by both k-means."""
 
     _parameter_constraints = {
         "n_clusters": [Interval(numbers.Integral, 1, None, closed="left")],
         "init": [StrOptions({"k-means++", "random", "randn"}), "array-like"],
-        "batch_size": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "init_size": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
         "tol": [Interval(numbers.Real, 0, None, closed="left")],
-        "max_no_improvement": [Interval(numbers.Integral, 0, None, closed="left"), None],
         "reassignment_ratio": [Interval(numbers.Real, 0, 1, closed="both")],
         "n_init": [Interval(numbers.Integral, 1, None, closed="left")],
         "device": [str, torch.device, None],
@@ -442,29 +463,16 @@ class MiniBatchKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         "verbose": ["verbose"],
     }
 
-    def __init__(self, n_clusters=1600, *, init="k-means++", batch_size=None, init_size=None,
-                 max_iter=50, tol=1e-4, max_no_improvement=10, reassignment_ratio=0.01,
-                 n_init=1, device="auto", random_state=None, verbose=0):
-        self.n_clusters = n_clusters
-        self.init = init
-        self.batch_size = batch_size
-        self.init_size = init_size
-        self.max_iter = max_iter
-        self.tol = tol
-        self.max_no_improvement = max_no_improvement
-        self.reassignment_ratio = reassignment_ratio
-        self.n_init = n_init
-        self.device = device
-        self.random_state = random_state
-        self.verbose = verbose
+    #: k-means++ subsample per centre when ``init_size`` is None.
+    _init_oversampling = _LLOYD_INIT_OVERSAMPLING
 
     # ---- validation ----------------------------------------------------------------------
 
-    def _to_tensor(self, X, *, reset, dtype=None, fitting=False):
+    def _to_tensor(self, X, *, reset, fitting=False):
         """Validate ``X`` (numpy-like or tensor) and return it as a tensor on the device.
 
-        ``dtype=None`` keeps float64 input as float64 (for predict/transform); fitting casts
-        to float32.
+        Float64 input stays float64 (for predict/transform/score); fitting casts to float32.
+        Values that are not finite after that cast are an error.
         """
         device = resolve_device(self.device)
         if isinstance(X, torch.Tensor):
@@ -481,14 +489,35 @@ class MiniBatchKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
             want = torch.float32 if (fitting or X.dtype != torch.float64) else torch.float64
             X = X.to(device=device, dtype=want)
             if not bool(torch.isfinite(X).all()):
-                raise ValueError("Input X contains NaN or infinity.")
+                raise ValueError("Input X contains NaN or infinity (after the cast to "
+                                 f"{str(want).replace('torch.', '')}).")
             return X.contiguous()
         X = validate_data(self, X, dtype=[np.float32, np.float64], reset=reset, order="C")
         if fitting or X.dtype != np.float64:
-            X = X.astype(np.float32, copy=False)
+            with np.errstate(over="ignore"):
+                X32 = X.astype(np.float32, copy=False)
+            if X32 is not X and not np.isfinite(X32).all():
+                raise ValueError("Input X contains infinity after the cast to float32 (values "
+                                 "beyond float32's range).")
+            X = X32
         if not X.flags.writeable:
             X = X.copy()  # torch.from_numpy warns on read-only (e.g. memmapped) arrays
         return torch.from_numpy(X).to(device)
+
+    def _check_weight(self, sample_weight, X: torch.Tensor):
+        """scikit-learn's sample-weight validation; None stays None (the unweighted path)."""
+        if sample_weight is None:
+            return None
+        if isinstance(sample_weight, torch.Tensor):
+            sample_weight = to_numpy(sample_weight)
+        w = _check_sample_weight(sample_weight, np.empty((X.shape[0], 0)), dtype=np.float64,
+                                 ensure_non_negative=True)
+        w32 = w.astype(np.float32)
+        if not np.isfinite(w32).all():
+            raise ValueError("sample_weight contains values beyond float32's range.")
+        if not w32.sum() > 0:
+            raise ValueError("sample_weight must have a positive sum.")
+        return torch.from_numpy(w32).to(X.device)
 
     def _check_n_samples(self, n):
         if n < self.n_clusters:
@@ -505,118 +534,126 @@ class MiniBatchKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
             raise ValueError("init array contains NaN or infinity")
         return init
 
-    def _init_size(self, minibatch):
+    def _init_size(self):
         if self.init_size is not None:
             return self.init_size
-        return _default_init_size(self.n_clusters, minibatch)
+        return self._init_oversampling * self.n_clusters
 
     # ---- fitting -------------------------------------------------------------------------
 
-    def fit(self, X, y=None):
-        """Compute the centres of ``X`` (n_samples, n_features); ``y`` is ignored."""
+    def _solve(self, X, centers, *, gen, tol, chunk, sample_weight, need_labels):
+        raise NotImplementedError
+
+    def _fit(self, X, sample_weight, *, need_labels=True):
+        """Validate, run ``n_init`` initialisations + solver runs, keep the lowest inertia."""
         self._validate_params()
         X = self._to_tensor(X, reset=True, fitting=True)
+        w = self._check_weight(sample_weight, X)
         n, d = X.shape
         self._check_n_samples(n)
         init = self._check_init(d)
         n_init = self.n_init
         if not isinstance(init, str) and n_init != 1:
             warnings.warn("Explicit initial centres given: running a single init (n_init=1).",
-                          RuntimeWarning, stacklevel=2)
+                          RuntimeWarning, stacklevel=3)
             n_init = 1
         gen = make_generator(self.random_state)
+        # scikit-learn's relative tolerance: tol times the mean per-feature variance.
         tol = float(X.var(0).mean()) * self.tol if n > 1 else 0.0
         chunk = _rows_per_chunk(self.n_clusters, d, X.device)
-        init_size = self._init_size(self.batch_size is not None)
+        init_size = self._init_size()
         best = None
         for _ in range(n_init):
-            centers = _init_centers(X, self.n_clusters, init, gen, init_size)
-            if self.batch_size is None:
-                res = _lloyd(X, centers, max_iter=self.max_iter, tol=tol,
-                             reassignment_ratio=self.reassignment_ratio, gen=gen, chunk=chunk,
-                             verbose=self.verbose)
-            else:
-                res = _minibatch(X, centers, batch_size=self.batch_size, max_iter=self.max_iter,
-                                 tol=tol, max_no_improvement=self.max_no_improvement,
-                                 reassignment_ratio=self.reassignment_ratio, gen=gen, chunk=chunk,
-                                 verbose=self.verbose)
-            inertia = float(res[2].sum(dtype=torch.float64))
-            if best is None or inertia < best[0]:
-                best = (inertia, res)
-        inertia, (centers, labels, _, counts, n_iter, n_steps) = best
-        self.cluster_centers_ = to_numpy(centers).astype(np.float32, copy=True)
-        self.labels_ = to_numpy(labels).astype(np.int64, copy=False)
-        self.inertia_ = inertia
-        self.counts_ = np.rint(to_numpy(counts)).astype(np.int64)
-        self.n_iter_ = int(n_iter)
-        self.n_steps_ = int(n_steps)
-        # partial_fit may continue a fitted model: its seed and reassignment clock.
-        self._seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
-        self._since_reassign = 0
-        return self
-
-    def partial_fit(self, X, y=None):
-        """One mini-batch update with all of ``X`` as the batch (initialising on the first call).
-
-        The first call draws the initial centres from this batch (so it needs at least
-        ``n_clusters`` samples); ``labels_``/``inertia_`` describe the latest batch.
-        """
-        first = not hasattr(self, "cluster_centers_")
-        if first:
-            self._validate_params()
-        X = self._to_tensor(X, reset=first, fitting=True)
-        n, d = X.shape
-        k = self.n_clusters
-        if first:
-            self._check_n_samples(n)
-            self._seed = int(check_random_state(self.random_state).randint(0, 2**31 - 1))
-            gen = torch.Generator().manual_seed(self._seed)
-            centers = _init_centers(X, k, self._check_init(d), gen, self._init_size(True))
-            state = _MiniBatchState(torch.zeros(k, dtype=torch.float64, device=X.device))
-            self.n_steps_ = 0
-        else:
-            gen = torch.Generator().manual_seed(self._seed + self.n_steps_ + 1)
-            centers = torch.from_numpy(self.cluster_centers_).to(X.device)
-            state = _MiniBatchState(torch.from_numpy(self.counts_.astype(np.float64)).to(X.device),
-                                    self._since_reassign)
-        chunk = _rows_per_chunk(k, d, X.device)
-        centers, _, _ = _minibatch_step(X, centers, state,
-                                        reassignment_ratio=self.reassignment_ratio,
-                                        gen=gen, chunk=chunk)
-        labels, mind = nearest_centroid(X, centers, chunk=chunk)
-        self.cluster_centers_ = to_numpy(centers).astype(np.float32, copy=True)
-        self.counts_ = np.rint(to_numpy(state.counts)).astype(np.int64)
-        self._since_reassign = state.since_reassign
-        self.labels_ = to_numpy(labels).astype(np.int64, copy=False)
-        self.inertia_ = float(mind.sum(dtype=torch.float64))
-        self.n_steps_ += 1
-        self.n_iter_ = self.n_steps_
-        return self
+            centers = _init_centers(X, self.n_clusters, init, gen, init_size, w)
+            res = self._solve(X, centers, gen=gen, tol=tol, chunk=chunk, sample_weight=w,
+                              need_labels=need_labels or n_init > 1)
+            if best is None or res.inertia < best.inertia:
+                best = res
+        self.cluster_centers_ = to_numpy(best.centers).astype(np.float32, copy=True)
+        if need_labels:
+            self.labels_ = to_numpy(best.labels).astype(np.int64, copy=False)
+        if best.inertia is not None:
+            self.inertia_ = best.inertia
+        else:  # the final pass was skipped: scikit-learn's estimate from the batch inertia
+            weight_sum = float(n) if w is None else float(w.sum(dtype=torch.float64))
+            self.inertia_ = best.ewa_inertia * weight_sum
+        self.counts_ = to_numpy(best.counts).astype(np.float64, copy=True)
+        self.n_iter_ = int(best.n_iter)
+        self.n_steps_ = int(best.n_steps)
+        return gen, best
 
     # ---- using a fitted model ------------------------------------------------------------
 
     def _centers_like(self, X):
         return torch.from_numpy(self.cluster_centers_).to(device=X.device, dtype=X.dtype)
 
+    def fit_predict(self, X, y=None, sample_weight=None):
+        """Fit, then return the nearest centre of every row of ``X``.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features)
+        y : ignored
+        sample_weight : array-like of shape (n_samples,) or None, default=None
+
+        Returns
+        -------
+        labels : ndarray of shape (n_samples,), int64
+        """
+        self.fit(X, sample_weight=sample_weight)
+        labels = getattr(self, "labels_", None)
+        return labels if labels is not None else self.predict(X)
+
     def predict(self, X):
-        """Index of the nearest centre for each row of ``X`` (int64 numpy array)."""
+        """Index of the nearest centre for each row of ``X``.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features)
+
+        Returns
+        -------
+        labels : ndarray of shape (n_samples,), int64
+        """
         check_is_fitted(self)
         X = self._to_tensor(X, reset=False)
         labels, _ = nearest_centroid(X, self._centers_like(X))
         return to_numpy(labels).astype(np.int64, copy=False)
 
     def transform(self, X):
-        """Euclidean distances ``(n_samples, n_clusters)`` from each row to every centre."""
+        """Euclidean distances from each row of ``X`` to every centre.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features)
+
+        Returns
+        -------
+        distances : ndarray of shape (n_samples, n_clusters)
+            float64 for float64 input, else float32.
+        """
         check_is_fitted(self)
         X = self._to_tensor(X, reset=False)
         return to_numpy(pairwise_distances(X, self._centers_like(X)))
 
-    def score(self, X, y=None):
-        """Minus the inertia of ``X`` (sum of squared distances to the nearest centre)."""
+    def score(self, X, y=None, sample_weight=None):
+        """Minus the inertia of ``X`` (weighted sum of squared distances to the nearest centre).
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features)
+        y : ignored
+        sample_weight : array-like of shape (n_samples,) or None, default=None
+
+        Returns
+        -------
+        score : float
+        """
         check_is_fitted(self)
         X = self._to_tensor(X, reset=False)
+        w = self._check_weight(sample_weight, X)
         _, mind = nearest_centroid(X, self._centers_like(X))
-        return -float(mind.sum(dtype=torch.float64))
+        return -_inertia(mind, w)
 
     @property
     def _n_features_out(self):
@@ -627,3 +664,311 @@ class MiniBatchKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         tags.transformer_tags.preserves_dtype = ["float64", "float32"]
         return tags
 
+
+_COMMON_PARAMS = """\
+    n_clusters : int, default=1600
+        Number of centres; must not exceed the number of samples.
+    init : {"k-means++", "random", "randn"} or array of shape (n_clusters, n_features), \\
+            default="k-means++"
+        "k-means++": greedy k-means++ (``2 + log(k)`` trials per centre) on a random subsample
+        of ``init_size`` points. "random": distinct sampled data points. "randn":
+        ``0.1 * randn``, the MATLAB demo's init (empty clusters are then reassigned). With
+        ``sample_weight``, points are drawn in proportion to their weights.
+"""
+
+_SHARED_TAIL = """\
+    n_init : int, default=1
+        Independent initialisations, each run to the end; the run with the lowest inertia on
+        ``X`` is kept.
+    device : str or torch.device, default="auto"
+        "auto" uses CUDA when available, else the CPU.
+    random_state : int, RandomState instance or None, default=None
+        Seeds a private CPU torch generator: the same seed gives the same centres on the same
+        device (and the same sampled points on every device).
+    verbose : int, default=0
+        1: a summary line per fit (and a progress bar for mini-batches); 2: a line per
+        iteration / step as well (the ``featlearn`` logger).
+"""
+
+_NOTES = """\
+    Notes
+    -----
+    ``fit``/``predict`` accept numpy arrays (float32 preferred, float64 and integers are
+    converted) and torch tensors (on any device). Fitting always runs in float32 (values that
+    are not finite after that cast are a ValueError); :meth:`predict`/:meth:`transform`/
+    :meth:`score` compute in float64 for float64 input. Distances are computed chunk by chunk
+    (chunks sized from free memory), so memory beyond the data is ``O(chunk * k + k * d)``.
+    Fitted state is numpy, so a CUDA-fitted model pickles and loads without CUDA.
+"""
+
+
+class KMeans(_BaseKMeans):
+    __doc__ = f"""k-means by full-batch Lloyd iterations in torch, on the CPU or CUDA.
+
+    The dictionary stage of the Coates-Ng pipeline (1600 centres on ~400,000 whitened patches,
+    50 iterations, as the paper ran). Clusters never end empty, zero or NaN: empty and low-count
+    clusters move to random data points (see ``reassignment_ratio``), so no centre is left on a
+    single outlier patch.
+
+    Parameters
+    ----------
+{_COMMON_PARAMS}    init_size : int or None, default=None
+        Points sampled for the k-means++ initialisation (at least ``n_clusters``). None means
+        ``24 * n_clusters``.
+    max_iter : int, default=50
+        Lloyd iterations.
+    tol : float, default=1e-4
+        Stop when the summed squared centre shift of one iteration is at most
+        ``tol * mean(var(X, axis=0))``, scikit-learn's relative tolerance. Lloyd also stops
+        when the labels stop changing.
+    reassignment_ratio : float, default=0.01
+        Centres whose (weighted) count is below this fraction of the largest count move to
+        distinct random data points before every iteration but the last (empty ones also in
+        the last). 0: only empty clusters move, to the points farthest from their centres
+        (scikit-learn's ``KMeans``).
+{_SHARED_TAIL}
+    Attributes
+    ----------
+    cluster_centers_ : ndarray of shape (n_clusters, n_features), float32
+    labels_ : ndarray of shape (n_samples,), int64
+        Nearest centre of each training sample (consistent with ``cluster_centers_``).
+    inertia_ : float
+        (Weighted) sum of squared distances of the training samples to their nearest centre.
+    n_iter_ : int
+        Lloyd iterations run.
+    n_steps_ : int
+        Centre updates (equals ``n_iter_``; kept for symmetry with :class:`MiniBatchKMeans`).
+    counts_ : ndarray of shape (n_clusters,), float64
+        Samples (summed sample weights) per centre in the final assignment.
+    n_features_in_ : int
+    feature_names_in_ : ndarray of str
+        Only when ``X`` had string column names.
+
+{_NOTES}
+    See Also
+    --------
+    MiniBatchKMeans : the same model fitted by mini-batch updates, with ``partial_fit``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from featlearn import KMeans
+    >>> X = np.array([[0, 0], [0, 1], [10, 10], [10, 11]], dtype=np.float32)
+    >>> km = KMeans(n_clusters=2, random_state=0, device="cpu").fit(X)
+    >>> sorted(km.cluster_centers_.tolist())
+    [[0.0, 0.5], [10.0, 10.5]]
+    >>> km.predict(np.array([[1, 1]], dtype=np.float32)) == km.labels_[0]
+    array([ True])
+    """
+
+    def __init__(self, n_clusters=1600, *, init="k-means++", init_size=None, max_iter=50,
+                 tol=1e-4, reassignment_ratio=0.01, n_init=1, device="auto", random_state=None,
+                 verbose=0):
+        self.n_clusters = n_clusters
+        self.init = init
+        self.init_size = init_size
+        self.max_iter = max_iter
+        self.tol = tol
+        self.reassignment_ratio = reassignment_ratio
+        self.n_init = n_init
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    def _solve(self, X, centers, *, gen, tol, chunk, sample_weight, need_labels):
+        return _lloyd(X, centers, max_iter=self.max_iter, tol=tol,
+                      reassignment_ratio=self.reassignment_ratio, gen=gen, chunk=chunk,
+                      verbose=self.verbose, sample_weight=sample_weight)
+
+    def fit(self, X, y=None, sample_weight=None):
+        """Compute the centres of ``X``.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features)
+        y : ignored
+        sample_weight : array-like of shape (n_samples,) or None, default=None
+            Non-negative weights: Lloyd's means and counts are weighted, k-means++ samples in
+            proportion to them. Integer weights act as repeated rows.
+
+        Returns
+        -------
+        self : KMeans
+        """
+        self._fit(X, sample_weight)
+        return self
+
+
+class MiniBatchKMeans(_BaseKMeans):
+    __doc__ = f"""k-means by scikit-learn's mini-batch updates in torch, on the CPU or CUDA.
+
+    Per-centre counts and step ``1 / count``, batches drawn without replacement within an
+    epoch, stopping on the smoothed (EWA) batch inertia. Low-count centres move to random
+    batch points, so no centre stays empty or on a single outlier. :meth:`partial_fit` streams
+    batches.
+
+    Parameters
+    ----------
+{_COMMON_PARAMS}    batch_size : int, default=1024
+        Samples per update (scikit-learn's default); capped at the number of samples.
+    init_size : int or None, default=None
+        Points sampled for the k-means++ initialisation (at least ``n_clusters``). None means
+        ``3 * n_clusters`` (a larger sample would cost more than the mini-batch fit itself;
+        scikit-learn uses ``3 * batch_size``).
+    max_iter : int, default=50
+        Epochs (passes over the data) at most.
+    tol : float, default=1e-4
+        Stop when the summed squared centre shift of one step is at most
+        ``tol * mean(var(X, axis=0))``. 0 disables the rule.
+    max_no_improvement : int or None, default=10
+        Stop after this many steps without improving the EWA batch inertia. None disables it.
+    reassignment_ratio : float, default=0.01
+        Centres whose (weighted) count is below this fraction of the largest count move to
+        random batch points every ``10 * n_clusters`` samples, or at once when a centre has
+        count 0 (at most half a batch per round). 0 disables it.
+    compute_labels : bool, default=True
+        After fitting, compute ``labels_`` and ``inertia_`` in one full pass over ``X`` (for
+        :meth:`partial_fit`: over the batch). False skips the pass: no ``labels_``, and
+        ``inertia_`` is the EWA batch inertia times the summed weights (with ``n_init > 1``
+        the pass still runs, to compare the runs).
+{_SHARED_TAIL}
+    Attributes
+    ----------
+    cluster_centers_ : ndarray of shape (n_clusters, n_features), float32
+    labels_ : ndarray of shape (n_samples,), int64
+        Nearest centre of each training sample (of the last batch for :meth:`partial_fit`);
+        only with ``compute_labels=True``.
+    inertia_ : float
+        (Weighted) sum of squared distances of those samples to their nearest centre.
+    n_iter_ : int
+        Epochs started (:meth:`partial_fit`: calls).
+    n_steps_ : int
+        Centre updates (batches) performed.
+    counts_ : ndarray of shape (n_clusters,), float64
+        Running (weighted) sample counts per centre, the denominators of the learning rate.
+    n_features_in_ : int
+    feature_names_in_ : ndarray of str
+        Only when ``X`` had string column names.
+
+{_NOTES}
+    See Also
+    --------
+    KMeans : full-batch Lloyd, the paper's k-means.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from featlearn import MiniBatchKMeans
+    >>> X = np.array([[0, 0], [0, 1], [10, 10], [10, 11]], dtype=np.float32)
+    >>> km = MiniBatchKMeans(n_clusters=2, random_state=0, device="cpu").fit(X)
+    >>> km.predict(np.array([[0, 0], [10, 10]], dtype=np.float32)).tolist() in ([0, 1], [1, 0])
+    True
+    """
+
+    _parameter_constraints = {
+        **_BaseKMeans._parameter_constraints,
+        "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
+        "max_no_improvement": [Interval(numbers.Integral, 0, None, closed="left"), None],
+        "compute_labels": ["boolean"],
+    }
+    _init_oversampling = _MINIBATCH_INIT_OVERSAMPLING
+
+    def __init__(self, n_clusters=1600, *, init="k-means++", batch_size=1024, init_size=None,
+                 max_iter=50, tol=1e-4, max_no_improvement=10, reassignment_ratio=0.01,
+                 compute_labels=True, n_init=1, device="auto", random_state=None, verbose=0):
+        self.n_clusters = n_clusters
+        self.init = init
+        self.batch_size = batch_size
+        self.init_size = init_size
+        self.max_iter = max_iter
+        self.tol = tol
+        self.max_no_improvement = max_no_improvement
+        self.reassignment_ratio = reassignment_ratio
+        self.compute_labels = compute_labels
+        self.n_init = n_init
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    def _solve(self, X, centers, *, gen, tol, chunk, sample_weight, need_labels):
+        return _minibatch(X, centers, batch_size=self.batch_size, max_iter=self.max_iter,
+                          tol=tol, max_no_improvement=self.max_no_improvement,
+                          reassignment_ratio=self.reassignment_ratio, gen=gen, chunk=chunk,
+                          verbose=self.verbose, sample_weight=sample_weight,
+                          compute_labels=need_labels)
+
+    def fit(self, X, y=None, sample_weight=None):
+        """Compute the centres of ``X`` by mini-batch updates.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features)
+        y : ignored
+        sample_weight : array-like of shape (n_samples,) or None, default=None
+            Non-negative weights: counts and centre updates are weighted, k-means++ samples in
+            proportion to them.
+
+        Returns
+        -------
+        self : MiniBatchKMeans
+        """
+        if hasattr(self, "labels_"):
+            del self.labels_  # a refit with compute_labels=False must not keep stale labels
+        gen, _ = self._fit(X, sample_weight, need_labels=self.compute_labels)
+        # partial_fit may continue a fitted model: its seed and reassignment clock.
+        self._seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
+        self._since_reassign = 0
+        return self
+
+    def partial_fit(self, X, y=None, sample_weight=None):
+        """One mini-batch update with all of ``X`` as the batch (initialising on the first call).
+
+        The first call draws the initial centres from this batch (so it needs at least
+        ``n_clusters`` samples); ``labels_``/``inertia_`` describe the latest batch (with
+        ``compute_labels=True``).
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features)
+        y : ignored
+        sample_weight : array-like of shape (n_samples,) or None, default=None
+
+        Returns
+        -------
+        self : MiniBatchKMeans
+        """
+        first = not hasattr(self, "cluster_centers_")
+        if first:
+            self._validate_params()
+        X = self._to_tensor(X, reset=first, fitting=True)
+        w = self._check_weight(sample_weight, X)
+        n, d = X.shape
+        k = self.n_clusters
+        if first:
+            self._check_n_samples(n)
+            self._seed = int(check_random_state(self.random_state).randint(0, 2**31 - 1))
+            gen = torch.Generator().manual_seed(self._seed)
+            centers = _init_centers(X, k, self._check_init(d), gen, self._init_size(), w)
+            state = _MiniBatchState(torch.zeros(k, dtype=torch.float64, device=X.device))
+            self.n_steps_ = 0
+        else:
+            gen = torch.Generator().manual_seed(self._seed + self.n_steps_ + 1)
+            centers = torch.from_numpy(self.cluster_centers_).to(X.device)
+            state = _MiniBatchState(torch.from_numpy(self.counts_.astype(np.float64)).to(X.device),
+                                    self._since_reassign)
+        chunk = _rows_per_chunk(k, d, X.device)
+        centers, batch_inertia, _ = _minibatch_step(X, centers, state,
+                                                    reassignment_ratio=self.reassignment_ratio,
+                                                    gen=gen, chunk=chunk, sample_weight=w)
+        self.cluster_centers_ = to_numpy(centers).astype(np.float32, copy=True)
+        self.counts_ = to_numpy(state.counts).astype(np.float64, copy=True)
+        self._since_reassign = state.since_reassign
+        if self.compute_labels:
+            labels, mind = nearest_centroid(X, centers, chunk=chunk)
+            self.labels_ = to_numpy(labels).astype(np.int64, copy=False)
+            self.inertia_ = _inertia(mind, w)
+        else:
+            self.inertia_ = float(batch_inertia) * n
+        self.n_steps_ += 1
+        self.n_iter_ = self.n_steps_
+        return self

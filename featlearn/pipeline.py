@@ -69,14 +69,14 @@ def make_coates_pipeline(n_centroids=1600, *, classifier="mlp", augment=None, me
     """
     from featlearn.classifier import TorchMLPClassifier
     from featlearn.encoding import PatchEncoder
-    from featlearn.kmeans import MiniBatchKMeans
+    from featlearn.kmeans import KMeans
 
     if augment not in (None, "flip"):
         raise ValueError(f"augment must be None or 'flip', got {augment!r}")
     n_views = 2 if augment == "flip" else 1
     encoder = PatchEncoder(
-        kmeans=MiniBatchKMeans(n_clusters=n_centroids, device=device, random_state=random_state,
-                               verbose=verbose),
+        kmeans=KMeans(n_clusters=n_centroids, device=device, random_state=random_state,
+                      verbose=verbose),
         flip=augment == "flip", device=device, random_state=random_state, verbose=verbose)
     if isinstance(classifier, str):
         presets = {"svm": SVM_PARAMS, "mlp": MLP_PARAMS}

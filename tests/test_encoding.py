@@ -228,21 +228,21 @@ def test_random_state_controls_patches_and_default_kmeans_seed_is_not_overridden
     assert not hasattr(enc.kmeans, "cluster_centers_")
 
 
-def test_default_kmeans_is_minibatch_kmeans_resolved_at_fit(monkeypatch):
+def test_default_kmeans_is_kmeans_resolved_at_fit(monkeypatch):
     enc = PatchEncoder()  # constructing must not need featlearn.kmeans
     assert enc.kmeans is None
     kmeans = pytest.importorskip("featlearn.kmeans")
 
-    class QuickMiniBatchKMeans(kmeans.MiniBatchKMeans):
+    class QuickKMeans(kmeans.KMeans):
         """The real estimator, made cheap (1 iteration, random init) for a test of wiring."""
 
         def __init__(self, n_clusters=1600, *, random_state=None):
             super().__init__(n_clusters, init="random", max_iter=1, random_state=random_state)
 
-    monkeypatch.setattr(kmeans, "MiniBatchKMeans", QuickMiniBatchKMeans)
+    monkeypatch.setattr(kmeans, "KMeans", QuickKMeans)
     X = images(40, (10, 10), 1, seed=4)
     enc = PatchEncoder(n_patches=2000, random_state=0).fit(X)
-    assert isinstance(enc.kmeans_, QuickMiniBatchKMeans)
+    assert isinstance(enc.kmeans_, QuickKMeans)
     assert enc.n_clusters_ == 1600 == enc.kmeans_.n_clusters
     seed = enc.kmeans_.random_state
     assert seed is not None  # seeded from the encoder's random_state
