@@ -24,6 +24,26 @@ CPU_CHUNK_BYTES = 512 * 2**20
 VALID_DEVICES = '"auto", "cpu", "cuda", "cuda:N", "mps"'
 
 
+def check_device_name(device):
+    """The :class:`torch.device` a name stands for, without asking whether this machine has it.
+
+    Returns None for "auto" and None (resolved by :func:`resolve_device`). Raises a ValueError
+    listing the valid devices for anything but those, "cpu", "cuda", "cuda:N", "mps" or a
+    :class:`torch.device` of those types.
+    """
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return None
+    if not isinstance(device, (str, torch.device)):
+        raise ValueError(f"device must be one of {VALID_DEVICES}, got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown device {str(device)!r}; valid devices are {VALID_DEVICES}")
+    return dev
+
+
 def resolve_device(device="auto") -> torch.device:
     """Map ``"auto"``/``None``/strings/devices to a concrete :class:`torch.device`.
 
@@ -34,14 +54,7 @@ def resolve_device(device="auto") -> torch.device:
     """
     if device is None or (isinstance(device, str) and device == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not isinstance(device, (str, torch.device)):
-        raise ValueError(f"device must be one of {VALID_DEVICES}, got {device!r}")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unknown device {str(device)!r}; valid devices are {VALID_DEVICES}")
+    dev = check_device_name(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {str(device)!r} was requested but CUDA is not available on "

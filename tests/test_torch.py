@@ -52,3 +52,13 @@ def test_mps_without_mps_says_so():
     else:
         with pytest.raises(ValueError, match="MPS is not available"):
             resolve_device("mps")
+
+
+def test_check_device_name_does_not_need_the_device():
+    from featlearn._torch import check_device_name
+
+    assert check_device_name("auto") is None and check_device_name(None) is None
+    assert check_device_name("cuda:1") == torch.device("cuda:1")  # a name, not a lookup
+    assert check_device_name("mps").type == "mps"
+    with pytest.raises(ValueError, match="valid devices"):
+        check_device_name("gpu")
