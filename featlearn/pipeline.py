@@ -71,6 +71,26 @@ def make_coates_pipeline(n_centroids=1600, *, classifier="mlp", augment=None, me
     -------
     sklearn.pipeline.Pipeline with steps ``("encoder", PatchEncoder)`` and
     ``("classifier", ...)``; ``clone``, ``GridSearchCV`` and pickle accept it.
+
+    Notes
+    -----
+    Predict and score on images at the scale the pipeline was fitted on: the encoder records it
+    at fit, and data whose scale differs by more than 10x (0..1 floats after fitting on 0..255
+    uint8 pixels, or the reverse) triggers a :class:`featlearn.ScaleWarning` that names the fix.
+    Turn it into an error with ``warnings.simplefilter("error", featlearn.ScaleWarning)``:
+
+    >>> import warnings
+    >>> import numpy as np
+    >>> import featlearn
+    >>> X = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    >>> y = np.arange(40) % 2
+    >>> pipe = make_coates_pipeline(4, classifier="svm", encoder__patch_size=3,
+    ...                             encoder__n_patches=500, classifier__max_epochs=5).fit(X, y)
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     _ = pipe.predict(X / 255.0)  # fitted on 0..255, given 0..1
+    >>> [w.category.__name__ for w in caught]
+    ['ScaleWarning']
     """
     from featlearn.classifier import TorchMLPClassifier
     from featlearn.encoding import PatchEncoder
