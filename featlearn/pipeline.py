@@ -228,7 +228,7 @@ def _check_config(config, where):
                              f"{', '.join(CONFIG_KEYS)}")
     if not isinstance(config.get("params"), dict):
         raise ValueError(f"configuration {where} has no 'params' object")
-    name = config.get("name")
+    name = config.get("name", "unnamed")  # load_config always sets it
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ValueError(f"configuration {where}: 'name' must match [A-Za-z0-9][A-Za-z0-9._-]* "
                          f"(it names the results folder), got {name!r}")

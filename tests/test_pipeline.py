@@ -398,3 +398,10 @@ def test_the_name_defaults_to_the_file_stem_and_must_be_safe(tmp_path):
     assert load_config(_write_config(tmp_path, {"params": {}}, "my-config.json"))["name"] == \
         "my-config"
     _one_line_error(_write_config(tmp_path, {"params": {}}, "my config.json"), "'name' must match")
+
+
+def test_build_pipeline_accepts_a_plain_dict_without_name():
+    pipe = build_pipeline({"params": {"n_centroids": 8, "encoder__stride": 2}})
+    assert pipe.named_steps["encoder"].stride == 2
+    with pytest.raises(ValueError, match="must be a JSON object, got a list"):
+        build_pipeline([1])
