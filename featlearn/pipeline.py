@@ -299,6 +299,12 @@ def build_pipeline(config, **overrides):
     for key in sorted(nested, key=lambda k: k.count("__")):
         valid = pipe.get_params(deep=True)
         if key not in valid:
+            owner = key.rsplit("__", 1)[0]
+            if owner.rsplit("__", 1)[-1] in ESTIMATOR_PARAMS and valid.get(owner) is None:
+                raise ValueError(
+                    f"configuration key {key!r}: {owner} is the default (null), whose "
+                    f"parameters cannot be set one by one; give {owner} as "
+                    '{"class": NAME, "params": {...}} instead')
             candidates = [k for k in valid if "__" in k] + top_keys
             raise ValueError(f"unknown configuration key {key!r}{_suggest(key, candidates)}")
         value = _from_json(key, nested[key],

@@ -305,6 +305,7 @@ def test_missing_file_folder_and_bad_names(tmp_path):
     ({"steps": []}, "unknown configuration key 'steps'"),
     ({"encoder__whitener__eps": 0.1, "encoder__whitener": "passthrough"},
      "unknown configuration key 'encoder__whitener__eps'"),
+    ({"encoder__whitener__eps": 0.01}, "encoder__whitener is the default \\(null\\).*\"class\""),
     ({"n_centroids": -5}, "'n_centroids'.*n_clusters.*Got -5"),
     ({"n_centroids": "many"}, "'n_centroids' must be an integer"),
     ({"n_centroids": True}, "'n_centroids' must be an integer"),
