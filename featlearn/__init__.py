@@ -10,7 +10,8 @@ module                     public names                     stage
 ``featlearn.preprocessing````PatchNormalizer``,             contrast normalization, whitening
                            ``ZCAWhitening``
 ``featlearn.kmeans``       ``KMeans``, ``MiniBatchKMeans``  dictionary (torch, CPU or GPU)
-``featlearn.encoding``     ``PatchEncoder``                 dense encoding and pooling
+``featlearn.encoding``     ``PatchEncoder``,                dense encoding and pooling
+                           ``ScaleWarning``
 ``featlearn.classifier``   ``TorchMLPClassifier``           MLP / L2-SVM (torch)
 ``featlearn.pipeline``     ``make_coates_pipeline``         composition
 ``featlearn.extraction``   ``extract_features``             cached, resumable extraction
@@ -33,6 +34,7 @@ _LAZY = {
     "KMeans": "kmeans",
     "MiniBatchKMeans": "kmeans",
     "PatchEncoder": "encoding",
+    "ScaleWarning": "encoding",
     "TorchMLPClassifier": "classifier",
     "make_coates_pipeline": "pipeline",
     "extract_features": "extraction",

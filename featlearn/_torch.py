@@ -20,17 +20,53 @@ MEMORY_FRACTION = 0.25
 CPU_CHUNK_BYTES = 512 * 2**20
 
 
+#: The device names :func:`resolve_device` accepts, for error messages.
+VALID_DEVICES = '"auto", "cpu", "cuda", "cuda:N", "mps"'
+
+
+def check_device_name(device):
+    """The :class:`torch.device` a name stands for, without asking whether this machine has it.
+
+    Returns None for "auto" and None (resolved by :func:`resolve_device`). Raises a ValueError
+    listing the valid devices for anything but those, "cpu", "cuda", "cuda:N", "mps" or a
+    :class:`torch.device` of those types.
+    """
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return None
+    if not isinstance(device, (str, torch.device)):
+        raise ValueError(f"device must be one of {VALID_DEVICES}, got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown device {str(device)!r}; valid devices are {VALID_DEVICES}")
+    return dev
+
+
 def resolve_device(device="auto") -> torch.device:
     """Map ``"auto"``/``None``/strings/devices to a concrete :class:`torch.device`.
 
-    ``"auto"`` picks CUDA when it is available, else the CPU. Asking for CUDA on a machine
-    without it is an error that says so, rather than a silent fallback.
+    ``"auto"`` picks CUDA when it is available, else the CPU. Any other name must be one of
+    "cpu", "cuda", "cuda:N" or "mps" (or a :class:`torch.device` of those types); an unknown
+    name, or a device this machine lacks, is a ValueError that says so, rather than a torch
+    traceback or a silent fallback.
     """
     if device is None or (isinstance(device, str) and device == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} was requested but CUDA is not available on this machine")
+    dev = check_device_name(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} was requested but CUDA is not available on "
+                             "this machine; use \"cpu\" or \"auto\"")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} does not exist: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s) (cuda:0 .. "
+                             f"cuda:{torch.cuda.device_count() - 1})")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                  and torch.backends.mps.is_available()):
+        raise ValueError(f"device {str(device)!r} was requested but MPS is not available on this "
+                         "machine; use \"cpu\" or \"auto\"")
     return dev
 
 

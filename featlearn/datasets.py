@@ -1,4 +1,10 @@
-"""CIFAR-10: download (checksummed, atomic, retried), local archives, and a parsed-array cache."""
+"""CIFAR-10: download (checksummed, atomic, retried), local archives, and a parsed-array cache.
+
+The batches are Python pickles. They are read with :class:`_BatchUnpickler`, which admits only
+the few names the official archive's pickles use (numpy's array reconstruction and the latin-1
+``_codecs.encode`` that protocol 2 uses for bytes), so an archive from an untrusted source can be
+rejected as corrupt but can never run code. Tar members are read in memory, never extracted.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ _TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 _TEST = "test_batch"
 _META = "batches.meta"
 _PIXELS = 32 * 32 * 3
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 
 class DatasetError(ValueError):
@@ -73,6 +79,9 @@ def fetch_cifar10(data_home=None, *, archive=None, download_if_missing=True, md5
         download is present.
     md5 : str or None
         Expected md5 of the archive; None skips the check (e.g. for a re-encoded copy you trust).
+        When given, the archive's bytes are hashed on every call (a cached parse is used only
+        for an archive whose content has this md5, so an archive edited in place is always
+        caught); with None the parsed-array cache trusts the file's path, size and mtime.
     url : str
         Where to download from.
     n_retries : int, default=3
@@ -91,44 +100,49 @@ def fetch_cifar10(data_home=None, *, archive=None, download_if_missing=True, md5
         When the archive is missing and cannot be downloaded.
     """
     home = get_data_home(data_home)
+    actual = None  # the archive's md5, computed at most once per call
     if archive is None:
         archive = home / "cifar-10-python.tar.gz"
-        if archive.exists() and md5 is not None and file_md5(archive) != md5:
-            if verbose:
-                logger.info(f"{archive} fails its checksum; downloading it again")
-            archive.unlink()
+        if archive.exists() and md5 is not None:
+            actual = file_md5(archive)
+            if actual != md5:
+                if verbose:
+                    logger.info(f"{archive} fails its checksum; downloading it again")
+                archive.unlink()
+                actual = None
         if not archive.exists():
             if not download_if_missing:
                 raise OSError(
                     f"CIFAR-10 not found at {archive} and download_if_missing=False; pass "
                     "archive='path/to/cifar-10-python.tar.gz' to use a local copy")
             _download(url, archive, md5, n_retries=n_retries, verbose=verbose)
-            md5_checked = True
-        else:
-            md5_checked = False
+            actual = md5  # _download verified it
     else:
         archive = Path(archive).expanduser()
         if not archive.exists():
             raise OSError(f"CIFAR-10 archive {archive} does not exist")
-        md5_checked = archive.is_dir()  # folders carry no single checksum
 
-    cache = _cache_path(home, archive, md5)
+    if md5 is not None and not archive.is_dir():  # folders carry no single checksum
+        if actual is None:
+            actual = file_md5(archive)
+        if actual != md5:
+            raise ChecksumError(_checksum_message(archive, actual, md5))
+    cache = _cache_path(home, archive, md5 if actual is not None else None)
     if cache is not None and cache.exists():
         try:
             return _load_cache(cache, archive)
         except Exception:  # a damaged cache is only a cache: rebuild it
             cache.unlink(missing_ok=True)
 
-    if not md5_checked and md5 is not None:
-        actual = file_md5(archive)
-        if actual != md5:
-            raise ChecksumError(
-                f"{archive} has md5 {actual}, expected {md5}; the file is corrupt or a different "
-                "archive (pass md5=None to skip the check for a copy you trust)")
     data = _parse(archive)
     if cache is not None:
         _save_cache(cache, data)
     return Bunch(**data, archive=str(archive))
+
+
+def _checksum_message(what, actual, expected) -> str:
+    return (f"{what} has md5 {actual}, expected {expected}: the archive is corrupt or not the "
+            "one expected")
 
 
 def _download(url, dest: Path, md5, *, n_retries, verbose):
@@ -150,7 +164,7 @@ def _download(url, dest: Path, md5, *, n_retries, verbose):
             if md5 is not None:
                 actual = file_md5(part)
                 if actual != md5:
-                    raise ChecksumError(f"downloaded {url} has md5 {actual}, expected {md5}")
+                    raise ChecksumError(_checksum_message(f"the download from {url}", actual, md5))
             os.replace(part, dest)
             return
         except (OSError, http.client.HTTPException, ChecksumError) as exc:
@@ -166,19 +180,28 @@ def _download(url, dest: Path, md5, *, n_retries, verbose):
         "cifar-10-batches-py folder)") from last
 
 
-def _cache_path(home: Path, archive: Path, md5):
-    """Cache file keyed by the archive's identity (path, size, mtime) and the expected md5."""
+def _cache_path(home: Path, archive: Path, verified_md5):
+    """Cache file for an archive.
+
+    A tarball whose bytes were just verified against ``verified_md5`` is keyed by that content
+    hash alone, so the cache can never stand in for different bytes. Otherwise (no md5, or a
+    folder, which has no single checksum) the key is the file's identity: path, size, mtime.
+    """
     try:
-        st = archive.stat()
+        archive.stat()
     except OSError:
         return None
     if archive.is_dir():
+        root = _batch_dir(archive)
         stamps = [(p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                  for p in sorted(_batch_dir(archive).iterdir())] if _batch_dir(archive) else []
+                  for p in sorted(root.iterdir())] if root else []
         ident = repr((str(archive.resolve()), stamps))
+    elif verified_md5 is not None:
+        ident = f"md5:{verified_md5}"
     else:
+        st = archive.stat()
         ident = repr((str(archive.resolve()), st.st_size, st.st_mtime_ns))
-    key = hashlib.sha1(f"{_CACHE_VERSION}|{ident}|{md5}".encode()).hexdigest()[:16]
+    key = hashlib.sha1(f"{_CACHE_VERSION}|{ident}".encode()).hexdigest()[:16]
     return home / f"cifar10-{key}.npz"
 
 
@@ -245,11 +268,52 @@ def _parse(archive: Path) -> dict:
     }
 
 
+def _latin1_encode(text, encoding="latin1"):
+    """``_codecs.encode`` as protocol-2 pickles use it for bytes, and nothing else."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"unexpected _codecs.encode({type(text).__name__}, "
+                                     f"{encoding!r})")
+    return text.encode("latin1")
+
+
+def _plain_dtype(*args):
+    """``numpy.dtype`` for plain numeric/bytes dtypes only (an object dtype could hide anything)."""
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError(f"object dtype {dtype} in a data batch")
+    return dtype
+
+
+_reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]  # numpy's array unpickling entry point
+
+#: Every global the official archive's pickles name (Python 2 wrote ``numpy.core``; numpy 2
+#: writes ``numpy._core``). Anything else makes the archive "corrupt", whatever it would do.
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _plain_dtype,
+    ("_codecs", "encode"): _latin1_encode,
+}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """A pickle reader that resolves only :data:`_ALLOWED_GLOBALS`: it cannot run code."""
+
+    def find_class(self, module, name):
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"it references {module}.{name}, which a CIFAR-10 batch never holds") from None
+
+
 def _unpickle(blob: bytes, name, archive):
     try:
-        return pickle.load(io.BytesIO(blob), encoding="bytes")
+        return _BatchUnpickler(io.BytesIO(blob), encoding="bytes").load()
     except Exception as exc:
-        raise DatasetError(f"{archive}: batch {name} is corrupt ({exc})") from exc
+        raise DatasetError(f"{archive}: batch {name} is corrupt or not a CIFAR-10 archive: "
+                           f"{exc}") from exc
 
 
 def _parse_batch(blob: bytes, name, archive):

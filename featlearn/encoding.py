@@ -33,6 +33,7 @@ then run from cache); on a GPU the chunk is sized from free memory.
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._logging import progress
 from ._torch import chunk_size, resolve_device, to_numpy
-from .patches import RandomPatchExtractor, check_images, flatten_patches
+from .patches import RandomPatchExtractor, check_finite_float32, check_images, flatten_patches
 from .preprocessing import PatchNormalizer, ZCAWhitening
 
 #: Working-set target of one CPU chunk: a few CIFAR images at K=1600, where the GEMM measured
@@ -51,11 +52,32 @@ from .preprocessing import PatchNormalizer, ZCAWhitening
 _CPU_CHUNK_BYTES = 12 * 2**20
 #: Upper bound on images per chunk on an accelerator (bounds index/one-hot temporaries).
 _MAX_GPU_CHUNK = 4096
+#: Sampled patches (fit) and images per call (transform) used to estimate the value scale:
+#: enough for a stable percentile, never a pass over the whole input.
+_SCALE_SAMPLE_PATCHES = 4096
+_SCALE_SAMPLE_IMAGES = 64
+#: A transform input whose scale differs from the fitted one by more than this factor, either
+#: way, gets a ScaleWarning.
+_SCALE_TOLERANCE = 10.0
 #: Images per joblib task when ``n_jobs`` is set (rounded to whole chunks): big enough to
 #: amortize shipping the plan, small enough to balance and to report progress.
 _TASK_IMAGES = 512
-#: Images checked for NaN/inf per step, so validation never allocates a dataset-sized mask.
-_FINITE_CHECK_CHUNK = 1024
+
+
+class ScaleWarning(UserWarning):
+    """Data passed to ``transform`` has a different value scale from the data used to fit.
+
+    The fitted stages are not scale-invariant (contrast normalization's ``eps`` is in pixel
+    units, the centroids live where the fitted patches were), so 0..1 floats encoded by a model
+    fitted on 0..255 pixels, or the reverse, give quietly meaningless features. The message
+    names both scales and the fix.
+    """
+
+
+def value_scale(values) -> float:
+    """The robust value scale of pixels: the 99th percentile of ``|x|`` (float32 arithmetic)."""
+    values = np.abs(np.asarray(values, dtype=np.float32)).ravel()
+    return float(np.percentile(values, 99)) if values.size else 0.0
 
 
 def pooling_bounds(n: int, n_cells: int) -> list[tuple[int, int]]:
@@ -144,6 +166,18 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         block of columns, ``[f(x), f(mirror(x))]``: flip augmentation that keeps one row per
         sample (see :mod:`featlearn.pipeline`).
 
+    Notes
+    -----
+    The fitted stages depend on the pixels' scale (``PatchNormalizer``'s ``eps=10`` is in 0..255
+    pixel units), so images must be encoded at the scale they were fitted at. ``fit`` records
+    that scale (``input_scale_``, the 99th percentile of ``|x|`` over sampled patches);
+    ``transform`` estimates it on a few evenly spaced images of its input and, if the two differ
+    by more than 10x either way (0..1 floats after fitting on 0..255 bytes, or the reverse),
+    warns with :class:`featlearn.ScaleWarning`, naming both scales and the fix (multiply or
+    divide by 255, or refit). Turn the warning into an error with
+    ``warnings.simplefilter("error", featlearn.ScaleWarning)``. Values that are NaN, infinite
+    or past float32's range (a float64 1e39) are a ValueError in ``fit`` and ``transform``.
+
     Attributes
     ----------
     normalizer_, whitener_ : estimator or "passthrough"
@@ -154,6 +188,9 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         Number of centroids ``K``.
     image_shape_ : tuple (H, W, C)
         Image shape seen in :meth:`fit`; transform requires the same.
+    input_scale_ : float
+        Value scale of the fitted images (99th percentile of ``|x|`` over sampled raw patches);
+        see Notes.
     n_features_in_ : int
         ``H * W * C``.
     map_shape_ : tuple (rows, cols)
@@ -235,6 +272,7 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         kmeans_seed = rng.randint(np.iinfo(np.int32).max)
         patches = RandomPatchExtractor(self.patch_size, self.n_patches,
                                        random_state=patch_seed).fit_transform(X)
+        input_scale = value_scale(patches[:_SCALE_SAMPLE_PATCHES])
 
         self.normalizer_ = _fit_stage(self.normalizer, PatchNormalizer, patches)
         if self.normalizer_ != "passthrough":
@@ -256,6 +294,7 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
                 f"{patches.shape[1]}) to match the whitened patch width")
 
         self.image_shape_ = (H, W, C)
+        self.input_scale_ = input_scale
         self.n_features_in_ = H * W * C
         self.n_clusters_ = int(centers.shape[0])
         return self
@@ -284,6 +323,7 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
                 f"images have size {X.shape[1]}x{X.shape[2]} with {X.shape[3]} channel(s); the "
                 f"encoder was fitted on {H}x{W} images with {C} channel(s)")
         _check_finite(X)
+        self._check_scale(X)
         plan = self._plan()
         device = resolve_device(self.device)
         n = X.shape[0]
@@ -322,6 +362,29 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
                            for c in range(grid[0] * grid[1]) for name in per_cell], dtype=object)
 
     # -------------------------------------------------------------- helpers
+    def _check_scale(self, X):
+        """Warn (ScaleWarning) when ``X``'s value scale is not the fitted one (see Notes)."""
+        fitted = getattr(self, "input_scale_", None)  # absent from models saved before it
+        if not fitted:
+            return
+        idx = np.unique(np.linspace(0, X.shape[0] - 1, _SCALE_SAMPLE_IMAGES).astype(np.intp))
+        scale = value_scale(X[idx])
+        if scale == 0.0 or 1 / _SCALE_TOLERANCE <= scale / fitted <= _SCALE_TOLERANCE:
+            return  # all-black images carry no scale information
+        ratio = fitted / scale
+        if 100 <= ratio <= 650:
+            fix = ("if they are 0..1 floats and the encoder was fitted on 0..255 pixels, "
+                   "multiply them by 255")
+        elif 1 / 650 <= ratio <= 1 / 100:
+            fix = ("if they are 0..255 pixels and the encoder was fitted on 0..1 floats, "
+                   "divide them by 255")
+        else:
+            fix = f"multiply them by about {ratio:.3g}"
+        warnings.warn(
+            f"images passed to transform have a value scale of {scale:.3g} (99th percentile of "
+            f"|x|) but the encoder was fitted on images of scale {fitted:.3g}; {fix}, or refit "
+            "the encoder on data of this scale", ScaleWarning, stacklevel=4)
+
     def _grid(self):
         pooling = self.pooling
         if isinstance(pooling, numbers.Integral):
@@ -381,11 +444,8 @@ def _centers(kmeans):
 
 
 def _check_finite(X):
-    if not np.issubdtype(X.dtype, np.floating):
-        return
-    for s in range(0, X.shape[0], _FINITE_CHECK_CHUNK):
-        if not np.isfinite(X[s:s + _FINITE_CHECK_CHUNK]).all():
-            raise ValueError("images contain NaN or infinity")
+    """NaN, infinity or float64 values past float32's range: a ValueError (chunked check)."""
+    check_finite_float32(X, "images")
 
 
 class _Plan:

@@ -18,6 +18,30 @@ from sklearn.utils._param_validation import Interval
 
 #: Patches gathered per vectorised step; bounds the index arrays to a few tens of MB.
 _GATHER_CHUNK = 65536
+#: Values checked for NaN/inf per step, so validation never allocates a dataset-sized mask.
+_FINITE_CHECK_VALUES = 2**21
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_finite_float32(X: np.ndarray, what: str = "images") -> None:
+    """Raise a ValueError unless every value of ``X`` is finite once cast to float32.
+
+    Every stage computes in float32, so a float64 value past float32's range (about 3.4e38)
+    would become infinity there and silently turn centroids or features into NaN. Checked in
+    chunks of rows, so the temporaries stay small whatever the size of ``X``.
+    """
+    if not np.issubdtype(X.dtype, np.floating):
+        return  # integers (even int64) and booleans always fit
+    wide = X.dtype.itemsize > 4
+    verb = "contain" if what.endswith("s") else "contains"
+    rows = max(1, _FINITE_CHECK_VALUES // max(1, int(np.prod(X.shape[1:]))))
+    for s in range(0, X.shape[0], rows):
+        chunk = X[s:s + rows]
+        if not np.isfinite(chunk).all():
+            raise ValueError(f"{what} {verb} NaN or infinity")
+        if wide and chunk.size and np.abs(chunk).max() > _FLOAT32_MAX:
+            raise ValueError(f"{what} {verb} values beyond float32's range (|x| > 3.4e38), "
+                             "which become infinity in float32; rescale them")
 
 
 def flatten_patches(patches: np.ndarray) -> np.ndarray:
@@ -38,8 +62,9 @@ def check_images(X, *, patch_size: int | None = None, allow_nan: bool = False) -
     """Validate a batch of images and return it as ``(n, H, W, C)``.
 
     Accepts ``(n, H, W)`` (taken as one channel) or ``(n, H, W, C)``, uint8/integer or float.
-    Raises a ValueError that names the problem: dimensionality, dtype, emptiness, NaN/inf, or
-    images smaller than ``patch_size``.
+    Raises a ValueError that names the problem: dimensionality, dtype, emptiness, NaN/inf or
+    values past float32's range (unless ``allow_nan``, for callers that check later), or images
+    smaller than ``patch_size``.
     """
     if hasattr(X, "detach"):  # torch tensor
         X = X.detach().cpu().numpy()
@@ -59,8 +84,8 @@ def check_images(X, *, patch_size: int | None = None, allow_nan: bool = False) -
         raise ValueError(f"images have an empty dimension (shape {X.shape})")
     if X.dtype == bool:
         X = X.astype(np.uint8)
-    if not allow_nan and np.issubdtype(X.dtype, np.floating) and not np.isfinite(X).all():
-        raise ValueError("images contain NaN or infinity")
+    if not allow_nan:
+        check_finite_float32(X)
     if patch_size is not None and (X.shape[1] < patch_size or X.shape[2] < patch_size):
         raise ValueError(
             f"images of size {X.shape[1]}x{X.shape[2]} are smaller than the "

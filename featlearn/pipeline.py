@@ -19,7 +19,12 @@ cached together.
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
 import json
+import os
+import re
 from pathlib import Path
 
 from sklearn.pipeline import Pipeline
@@ -66,6 +71,26 @@ def make_coates_pipeline(n_centroids=1600, *, classifier="mlp", augment=None, me
     -------
     sklearn.pipeline.Pipeline with steps ``("encoder", PatchEncoder)`` and
     ``("classifier", ...)``; ``clone``, ``GridSearchCV`` and pickle accept it.
+
+    Notes
+    -----
+    Predict and score on images at the scale the pipeline was fitted on: the encoder records it
+    at fit, and data whose scale differs by more than 10x (0..1 floats after fitting on 0..255
+    uint8 pixels, or the reverse) triggers a :class:`featlearn.ScaleWarning` that names the fix.
+    Turn it into an error with ``warnings.simplefilter("error", featlearn.ScaleWarning)``:
+
+    >>> import warnings
+    >>> import numpy as np
+    >>> import featlearn
+    >>> X = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    >>> y = np.arange(40) % 2
+    >>> pipe = make_coates_pipeline(4, classifier="svm", encoder__patch_size=3,
+    ...                             encoder__n_patches=500, classifier__max_epochs=5).fit(X, y)
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     _ = pipe.predict(X / 255.0)  # fitted on 0..255, given 0..1
+    >>> [w.category.__name__ for w in caught]
+    ['ScaleWarning']
     """
     from featlearn.classifier import TorchMLPClassifier
     from featlearn.encoding import PatchEncoder
@@ -102,44 +127,304 @@ def available_configs():
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
 
-def load_config(name_or_path) -> dict:
-    """Load a configuration by name (``pipelines/NAME.json``) or path.
+#: The keys a configuration file may hold: documentation, plus ``params``.
+CONFIG_KEYS = ("name", "description", "published", "how_chosen", "params")
+#: A configuration's name becomes a folder name: no path separators, no leading dot.
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+#: The parameters (last ``__`` component) that take an estimator, i.e. accept a nested
+#: ``{"class": NAME, "params": {...}}`` object in a configuration.
+ESTIMATOR_PARAMS = ("normalizer", "whitener", "kmeans")
 
-    Returns a dict with at least ``name`` and ``params`` (keyword arguments of
-    :func:`make_coates_pipeline`); other keys (``description``, ``how_chosen``, ``published``) are
-    documentation.
-    """
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = CONFIG_DIR / f"{name_or_path}.json"
-    if not path.exists():
-        raise ValueError(f"unknown configuration {name_or_path!r}; available: "
-                         f"{', '.join(available_configs()) or '(none)'}")
+
+def _featlearn_kmeans():
+    """``featlearn.kmeans.KMeans`` where this version has it (resolved lazily), else None."""
     try:
-        config = json.loads(path.read_text())
+        from featlearn.kmeans import KMeans
+    except ImportError:
+        return None
+    return KMeans
+
+
+#: Every class a configuration may name, by the name it uses. A fixed table (module and
+#: attribute spelled out here), so a configuration can name no function and no other class.
+ESTIMATOR_CLASSES = {
+    "PatchNormalizer": lambda: importlib.import_module("featlearn.preprocessing").PatchNormalizer,
+    "ZCAWhitening": lambda: importlib.import_module("featlearn.preprocessing").ZCAWhitening,
+    "RandomPatchExtractor": lambda: importlib.import_module("featlearn.patches").RandomPatchExtractor,
+    "MiniBatchKMeans": lambda: importlib.import_module("featlearn.kmeans").MiniBatchKMeans,
+    "KMeans": _featlearn_kmeans,
+    "sklearn.decomposition.PCA": lambda: importlib.import_module("sklearn.decomposition").PCA,
+    "sklearn.preprocessing.StandardScaler":
+        lambda: importlib.import_module("sklearn.preprocessing").StandardScaler,
+    "sklearn.cluster.KMeans": lambda: importlib.import_module("sklearn.cluster").KMeans,
+    "sklearn.cluster.MiniBatchKMeans":
+        lambda: importlib.import_module("sklearn.cluster").MiniBatchKMeans,
+}
+
+
+def load_config(name_or_path) -> dict:
+    """Load and validate a configuration by name (``pipelines/NAME.json``) or path.
+
+    A configuration is data: a JSON object with the keys in :data:`CONFIG_KEYS` only. ``params``
+    holds keyword arguments of :func:`make_coates_pipeline` and ``step__param`` paths of the
+    pipeline it builds; a parameter that takes an estimator (:data:`ESTIMATOR_PARAMS`) may be
+    ``{"class": NAME, "params": {...}}`` with NAME one of :data:`ESTIMATOR_CLASSES`. Nothing
+    else is ever looked up, imported or called. The other keys (``description``,
+    ``how_chosen``, ``published``) are documentation; ``name`` (default: the file's stem) names
+    the results folder, so it must match ``[A-Za-z0-9][A-Za-z0-9._-]*``.
+
+    Returns
+    -------
+    dict
+        The configuration, with ``name`` filled in.
+
+    Raises
+    ------
+    ValueError
+        With one line naming the problem: unknown name, missing or unreadable file, invalid
+        JSON, not an object, an unknown key (with the closest valid one), a wrong type or a bad
+        value. The parameters are checked by building the pipeline once (nothing is fitted).
+    """
+    text = str(name_or_path)
+    path = Path(name_or_path)
+    if not text.endswith(".json") and os.sep not in text and "/" not in text:
+        if not _NAME_RE.fullmatch(text):
+            raise ValueError(f"configuration name {text!r} is not valid: use letters, digits, "
+                             "'.', '_' and '-' (or give a path to a .json file)")
+        path = CONFIG_DIR / f"{text}.json"
+        if not path.is_file():
+            raise ValueError(f"unknown configuration {text!r}; available: "
+                             f"{', '.join(available_configs()) or '(none)'}")
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise ValueError(f"configuration {path} {what}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"configuration {path} is not valid JSON: {exc}") from exc
-    if not isinstance(config.get("params"), dict):
-        raise ValueError(f"configuration {path} has no 'params' object")
-    config.setdefault("name", path.stem)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"configuration {path} cannot be read: {exc}") from exc
+    if isinstance(config, dict):
+        config.setdefault("name", path.stem)
+    _check_config(config, path)
+    device = config["params"].get("device")
+    if isinstance(device, str):
+        from featlearn._torch import check_device_name
+
+        check_device_name(device)  # its availability is checked when the pipeline is built
+    build_pipeline(config, device="cpu")  # validates every other parameter
     return config
 
 
+def _check_config(config, where):
+    """The configuration's own structure (not its params): one ValueError per problem."""
+    if not isinstance(config, dict):
+        raise ValueError(f"configuration {where} must be a JSON object, got "
+                         f"{_json_type(config)}")
+    for key in config:
+        if key not in CONFIG_KEYS:
+            raise ValueError(f"configuration {where}: unknown key {key!r}"
+                             f"{_suggest(key, CONFIG_KEYS)}; allowed keys: "
+                             f"{', '.join(CONFIG_KEYS)}")
+    if not isinstance(config.get("params"), dict):
+        raise ValueError(f"configuration {where} has no 'params' object")
+    name = config.get("name", "unnamed")  # load_config always sets it
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ValueError(f"configuration {where}: 'name' must match [A-Za-z0-9][A-Za-z0-9._-]* "
+                         f"(it names the results folder), got {name!r}")
+    for key in ("description", "how_chosen"):
+        if key in config and not isinstance(config[key], str):
+            raise ValueError(f"configuration {where}: {key!r} must be a string, got "
+                             f"{_json_type(config[key])}")
+    published = config.get("published")
+    if published is not None and (isinstance(published, bool)
+                                  or not isinstance(published, (int, float))):
+        raise ValueError(f"configuration {where}: 'published' must be a number or null, got "
+                         f"{_json_type(published)}")
+
+
 def build_pipeline(config, **overrides):
-    """``make_coates_pipeline`` from a loaded configuration; ``overrides`` win over its params."""
+    """``make_coates_pipeline`` from a configuration; ``overrides`` win over its params.
+
+    Every key and value is checked before anything is built from it, and every estimator's
+    parameters are validated eagerly (``_validate_params``), so a bad configuration fails here,
+    in one line naming the key, not after the data is loaded or half-way through a fit.
+
+    Parameters
+    ----------
+    config : dict
+        A configuration as returned by :func:`load_config`.
+    **overrides
+        Keyword arguments of :func:`make_coates_pipeline` or ``step__param`` paths; None
+        values are ignored.
+
+    Returns
+    -------
+    sklearn.pipeline.Pipeline
+
+    Raises
+    ------
+    ValueError
+        Unknown key (with the closest valid one), wrong type, an estimator class outside
+        :data:`ESTIMATOR_CLASSES`, or a value the estimator rejects.
+    """
+    _check_config(config, repr(config.get("name", "(unnamed)")) if isinstance(config, dict)
+                  else "(given)")
     params = dict(config["params"])
     params.update({k: v for k, v in overrides.items() if v is not None})
-    for key, value in list(params.items()):
-        if key.endswith(("whitener", "normalizer")) and isinstance(value, dict):
-            params[key] = _build_estimator(value)
-        elif isinstance(value, list):
-            params[key] = tuple(value)  # JSON has no tuples (hidden_layer_sizes, pooling)
-    return make_coates_pipeline(**params)
+
+    signature = inspect.signature(make_coates_pipeline).parameters
+    top_keys = [k for k in signature if signature[k].kind is inspect.Parameter.KEYWORD_ONLY
+                or signature[k].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    top, nested = {}, {}
+    for key, value in params.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"configuration params: invalid key {key!r}")
+        if "__" in key:
+            nested[key] = value
+        elif key in top_keys:
+            top[key] = _from_json(key, value, takes_estimator=False)
+        else:
+            raise ValueError(f"unknown configuration key {key!r}{_suggest(key, top_keys)}; "
+                             "params are arguments of make_coates_pipeline "
+                             f"({', '.join(top_keys)}) or step__param paths such as "
+                             "encoder__stride or classifier__max_epochs")
+    _check_top_types(top)
+    if "device" in top:
+        from featlearn._torch import resolve_device
+
+        resolve_device(top["device"])  # an unknown or absent device, now and in one line
+    pipe = make_coates_pipeline(**top)
+    # Shallow paths first: setting encoder__whitener creates encoder__whitener__eps.
+    for key in sorted(nested, key=lambda k: k.count("__")):
+        valid = pipe.get_params(deep=True)
+        if key not in valid:
+            owner = key.rsplit("__", 1)[0]
+            if owner.rsplit("__", 1)[-1] in ESTIMATOR_PARAMS and valid.get(owner) is None:
+                raise ValueError(
+                    f"configuration key {key!r}: {owner} is the default (null), whose "
+                    f"parameters cannot be set one by one; give {owner} as "
+                    '{"class": NAME, "params": {...}} instead')
+            candidates = [k for k in valid if "__" in k] + top_keys
+            raise ValueError(f"unknown configuration key {key!r}{_suggest(key, candidates)}")
+        value = _from_json(key, nested[key],
+                           takes_estimator=key.rsplit("__", 1)[1] in ESTIMATOR_PARAMS)
+        pipe.set_params(**{key: value})
+    _validate_estimators(pipe, params)
+    return pipe
 
 
-def _build_estimator(spec: dict):
-    """``{"class": "ZCAWhitening", "params": {...}}`` -> an estimator from featlearn."""
-    import featlearn
+def _check_top_types(top):
+    checks = {
+        "n_centroids": (int,), "classifier": (str,), "augment": (str, type(None)),
+        "memory": (str, type(None)), "device": (str, type(None)),
+        "random_state": (int, type(None)), "verbose": (int,),
+    }
+    for key, value in top.items():
+        types = checks.get(key)
+        if types is None:
+            continue
+        bad_bool = isinstance(value, bool) and key in ("n_centroids", "random_state")
+        if bad_bool or not isinstance(value, types):
+            names = " or ".join({int: "an integer", str: "a string",
+                                 type(None): "null"}[t] for t in types)
+            raise ValueError(f"configuration key {key!r} must be {names}, got {value!r}")
 
-    cls = getattr(featlearn, spec["class"])
-    return cls(**spec.get("params", {}))
+
+def _from_json(key, value, *, takes_estimator):
+    """A JSON value -> the Python value for ``key``: lists become tuples, estimator specs
+    become estimators (only where the parameter takes one); anything else is refused."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, list):
+        for item in value:
+            if not (item is None or isinstance(item, (bool, int, float, str))):
+                raise ValueError(f"configuration key {key!r}: lists may hold only numbers, "
+                                 f"strings, booleans and null, got {_json_type(item)} in "
+                                 f"{value!r}")
+        return tuple(value)  # JSON has no tuples (hidden_layer_sizes, pooling)
+    if isinstance(value, dict):
+        if not takes_estimator:
+            raise ValueError(f"configuration key {key!r} does not take an estimator; only "
+                             f"{', '.join(ESTIMATOR_PARAMS)} accept a {{\"class\": ..., "
+                             "\"params\": ...} object")
+        return _build_estimator(value, key=key)
+    raise ValueError(f"configuration key {key!r} has an unsupported value {value!r}")
+
+
+def _build_estimator(spec: dict, key="estimator"):
+    """``{"class": "ZCAWhitening", "params": {...}}`` -> an estimator from :data:`ESTIMATOR_CLASSES`."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"configuration key {key!r}: an estimator must be a "
+                         f"{{\"class\": ..., \"params\": ...}} object, got {_json_type(spec)}")
+    extra = sorted(set(spec) - {"class", "params"})
+    if extra:
+        raise ValueError(f"configuration key {key!r}: unknown estimator field {extra[0]!r}; an "
+                         "estimator is {\"class\": NAME, \"params\": {...}}")
+    name = spec.get("class")
+    loader = ESTIMATOR_CLASSES.get(name) if isinstance(name, str) else None
+    cls = loader() if loader is not None else None
+    if cls is None:
+        allowed = [n for n, load in ESTIMATOR_CLASSES.items() if n != "KMeans" or load() is not None]
+        raise ValueError(f"configuration key {key!r}: class {name!r} is not allowed"
+                         f"{_suggest(str(name), allowed)}; allowed classes: {', '.join(allowed)}")
+    params = spec.get("params", {})
+    if not isinstance(params, dict):
+        raise ValueError(f"configuration key {key!r}: 'params' of {name} must be an object, got "
+                         f"{_json_type(params)}")
+    valid = cls().get_params(deep=False)
+    kwargs = {}
+    for pkey, pvalue in params.items():
+        if pkey not in valid:
+            raise ValueError(f"configuration key {key!r}: {name} has no parameter {pkey!r}"
+                             f"{_suggest(pkey, list(valid))}")
+        kwargs[pkey] = _from_json(f"{key}__{pkey}", pvalue, takes_estimator=False)
+    return cls(**kwargs)
+
+
+#: Parameters of make_coates_pipeline that set a step's parameter, for error messages.
+_ALIASES = {"encoder__kmeans__n_clusters": "n_centroids"}
+
+
+def _validate_estimators(pipe, params):
+    """Run every estimator's own parameter validation now, naming the configuration key."""
+    from sklearn.base import BaseEstimator
+
+    estimators = [(name, est) for name, est in pipe.steps]
+    estimators += [(k, v) for k, v in pipe.get_params(deep=True).items()
+                   if "__" in k and isinstance(v, BaseEstimator)]
+    for prefix, est in estimators:
+        validate = getattr(est, "_validate_params", None)
+        if validate is None:
+            continue
+        try:
+            validate()
+        except ValueError as exc:
+            m = re.match(r"The '(\w+)' parameter", str(exc))
+            key = f"{prefix}__{m[1]}" if m else prefix
+            alias = _ALIASES.get(key)
+            if alias is not None and alias in params and key not in params:
+                key = alias
+            raise ValueError(f"configuration key {key!r}: {_one_line(exc)}") from exc
+    encoder = pipe.named_steps.get("encoder")
+    if encoder is not None and hasattr(encoder, "_grid"):
+        try:
+            encoder._grid()
+        except ValueError as exc:
+            raise ValueError(f"configuration key 'encoder__pooling': {_one_line(exc)}") from exc
+
+
+def _one_line(exc) -> str:
+    return " ".join(str(exc).split())
+
+
+def _suggest(key, candidates) -> str:
+    close = difflib.get_close_matches(str(key), [str(c) for c in candidates], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)

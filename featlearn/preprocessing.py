@@ -15,6 +15,8 @@ from sklearn.base import TransformerMixin
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from .patches import check_finite_float32
+
 #: Rows processed per step when accumulating covariance, to keep float64 copies small.
 _COV_CHUNK = 65536
 
@@ -69,13 +71,15 @@ class PatchNormalizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         """Validate ``X`` and record its width; nothing is learned."""
         self._validate_params()
         X = validate_data(self, X, dtype=[np.float32, np.float64])
+        check_finite_float32(X, "X")
         self._check_width(X)
         return self
 
     def transform(self, X):
         """Return the contrast-normalized rows of ``X`` as float32."""
         self._validate_params()
-        X = validate_data(self, X, dtype=np.float32, reset=False, copy=True)
+        X = _float32(validate_data(self, X, dtype=[np.float32, np.float64], reset=False),
+                     copy=True)
         self._check_width(X)
         return normalize_rows(X, self.eps, self.ddof)
 
@@ -159,6 +163,7 @@ class ZCAWhitening(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         """Fit the mean and the eigen-decomposition of the covariance of ``X``."""
         self._validate_params()
         X = validate_data(self, X, dtype=[np.float32, np.float64])
+        check_finite_float32(X, "X")
         n, d = X.shape
         if n < 2:
             raise ValueError(f"ZCAWhitening needs at least 2 samples, got {n} sample(s)")
@@ -189,24 +194,33 @@ class ZCAWhitening(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
     def transform(self, X):
         """Whiten ``X``: ``(X - mean_) @ whitening_``, float32."""
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=np.float32, reset=False,
-                          copy=self.copy, order="C")
+        X = _float32(validate_data(self, X, dtype=[np.float32, np.float64], reset=False,
+                                   order="C"), copy=self.copy)
         X -= self.mean_
         return _rowwise_matmul(X, self.whitening_)
 
     def inverse_transform(self, X):
         """Map whitened rows back to patch space (exact unless components were dropped)."""
         check_is_fitted(self)
-        X = np.asarray(X, dtype=np.float32)
+        X = np.asarray(X)
         if X.ndim != 2 or X.shape[1] != self._n_features_out:
             raise ValueError(
                 f"X has shape {X.shape}; expected (n_samples, {self._n_features_out}) whitened rows")
+        X = _float32(X, copy=False)
         return _rowwise_matmul(X, self._unwhitening) + self.mean_
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.transformer_tags.preserves_dtype = ["float32"]
         return tags
+
+
+def _float32(X: np.ndarray, copy: bool) -> np.ndarray:
+    """``X`` as a C-contiguous float32 array, after checking it stays finite in float32."""
+    check_finite_float32(X, "X")
+    if X.dtype == np.float32 and X.flags.c_contiguous:
+        return X.copy() if copy else X
+    return np.ascontiguousarray(X, dtype=np.float32)
 
 
 def _rowwise_matmul(X: np.ndarray, W: np.ndarray) -> np.ndarray:

@@ -242,3 +242,132 @@ def test_default_data_home_from_environment(tmp_path, monkeypatch, payload):
         assert (tmp_path / "envhome" / "cifar-10-python.tar.gz").exists()
     finally:
         srv.close()
+
+
+# -- the restricted unpickler ----------------------------------------------------------------------
+
+class _RunsACommand:
+    """Unpickling this calls ``os.system(command)`` with the standard pickle module."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+        return (os.system, (self.command,))
+
+
+def test_archive_whose_pickle_would_run_code_is_rejected_without_running_it(tmp_path,
+                                                                             monkeypatch):
+    import os
+    marker = tmp_path / "pwned"
+    arc = tmp_path / "evil.tar.gz"
+    make_archive(arc, mutate=lambda m: m.__setitem__(
+        "data_batch_1", pickle.dumps({b"data": _RunsACommand(f"touch {marker}"), b"labels": []},
+                                     protocol=2)))
+    # Had the loader resolved the pickle's global, it would find this recorder, not run a shell.
+    calls = []
+    monkeypatch.setattr(os, "system", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.setattr(__import__(os.name), "system", lambda cmd: calls.append(cmd) or 0)
+    with pytest.raises(DatasetError, match="corrupt or not a CIFAR-10 archive") as info:
+        fetch_cifar10(tmp_path / "home", archive=arc, md5=None)
+    assert "system" in str(info.value) and "\n" not in str(info.value)
+    assert not marker.exists() and calls == []
+    assert not list((tmp_path / "home").glob("cifar10-*.npz"))
+
+
+@pytest.mark.parametrize("payload", [
+    pickle.dumps(eval, protocol=2),  # a builtin function, not data
+    pickle.dumps({b"data": np.array([None, 1], dtype=object), b"labels": [0, 1]}, protocol=2),
+    pickle.dumps(__import__("collections").OrderedDict(a=1), protocol=4),
+])
+def test_anything_but_the_official_types_is_a_corrupt_archive(tmp_path, payload):
+    arc = tmp_path / "c.tar.gz"
+    make_archive(arc, mutate=lambda m: m.__setitem__("test_batch", payload))
+    with pytest.raises(DatasetError, match="corrupt or not a CIFAR-10 archive"):
+        fetch_cifar10(tmp_path / "home", archive=arc, md5=None)
+
+
+def test_python2_numpy_core_pickles_are_read(tmp_path):
+    """The official archive was written by Python 2 numpy, which names ``numpy.core``."""
+    arc = tmp_path / "c.tar.gz"
+
+    def old_numpy(members):
+        for name in ("data_batch_1", "test_batch"):
+            blob = pickle.dumps(members[name], protocol=2)
+            assert b"numpy._core.multiarray" in blob
+            members[name] = blob.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+
+    make_archive(arc, mutate=old_numpy)
+    d = fetch_cifar10(tmp_path / "home", archive=arc, md5=None)
+    assert d.X_train.shape == (20, 32, 32, 3)
+
+
+def test_tar_members_are_read_in_memory(tmp_path):
+    arc = tmp_path / "c.tar.gz"
+    make_archive(arc)
+    fetch_cifar10(tmp_path / "home", archive=arc, md5=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.tar.gz", "home"]
+    assert not list(tmp_path.rglob("data_batch_*"))
+
+
+# -- integrity -------------------------------------------------------------------------------------
+
+def test_archive_edited_in_place_with_mtime_restored_fails_md5(tmp_path):
+    import os
+    arc = tmp_path / "c.tar.gz"
+    make_archive(arc, n=50)
+    md5 = md5_of(arc)
+    home = tmp_path / "home"
+    fetch_cifar10(home, archive=arc, md5=md5)  # parsed and cached
+    assert list(home.glob("cifar10-*.npz"))
+    st = arc.stat()
+    blob = bytearray(arc.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF  # same size, one byte different
+    arc.write_bytes(bytes(blob))
+    os.utime(arc, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert arc.stat().st_mtime_ns == st.st_mtime_ns and arc.stat().st_size == st.st_size
+    with pytest.raises(ChecksumError) as info:
+        fetch_cifar10(home, archive=arc, md5=md5)
+    msg = str(info.value)
+    assert md5 in msg and md5_of(arc) in msg
+    assert "corrupt or not the one expected" in msg and "md5=None" not in msg
+
+
+def test_checksum_message_names_both_hashes_and_not_md5_none(tmp_path):
+    arc = tmp_path / "c.tar.gz"
+    make_archive(arc)
+    with pytest.raises(ChecksumError) as info:
+        fetch_cifar10(tmp_path / "home", archive=arc, md5="0" * 32)
+    msg = str(info.value)
+    assert "0" * 32 in msg and md5_of(arc) in msg and "None" not in msg
+    assert "corrupt or not the one expected" in msg and "\n" not in msg
+
+
+def test_verified_cache_is_keyed_by_content_not_by_path(tmp_path):
+    import shutil
+    arc = tmp_path / "a.tar.gz"
+    make_archive(arc, n=20)
+    md5 = md5_of(arc)
+    home = tmp_path / "home"
+    a = fetch_cifar10(home, archive=arc, md5=md5)
+    copy = tmp_path / "b.tar.gz"
+    shutil.copy(arc, copy)
+    b = fetch_cifar10(home, archive=copy, md5=md5)
+    assert len(list(home.glob("cifar10-*.npz"))) == 1  # the same bytes share one cache entry
+    np.testing.assert_array_equal(a.X_train, b.X_train)
+    assert b.archive == str(copy)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o077, 0o600), (0o002, 0o664)])
+def test_cache_file_follows_the_umask(tmp_path, umask, mode):
+    import os
+    arc = tmp_path / "c.tar.gz"
+    make_archive(arc)
+    old = os.umask(umask)
+    try:
+        fetch_cifar10(tmp_path / "home", archive=arc, md5=None)
+    finally:
+        os.umask(old)
+    (cache,) = (tmp_path / "home").glob("cifar10-*.npz")
+    assert cache.stat().st_mode & 0o777 == mode

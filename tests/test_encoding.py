@@ -385,3 +385,74 @@ def test_bad_input_raises_named_value_errors():
     wrong = make_encoder(K=4, whitener=PCA(n_components=10))
     wrong.set_params(kmeans=KMeans(4, n_init=1))
     assert wrong.fit(X).kmeans_.cluster_centers_.shape == (4, 10)  # d' follows the whitener
+
+
+def test_values_past_float32_range_are_a_value_error_at_fit_and_transform():
+    X = images(4, (12, 12), 3)
+    enc = make_encoder(K=4).fit(X)
+    big = X.astype(np.float64)
+    big[2, 5, 5, 1] = 1e39  # finite in float64, infinity in float32
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        enc.transform(big)
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        make_encoder(K=4).fit(big)
+
+
+# --------------------------------------------------------------------- value-scale warning
+def _scale_warnings(fn):
+    import warnings
+
+    from featlearn import ScaleWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    return [w for w in caught if issubclass(w.category, ScaleWarning)]
+
+
+def test_transform_at_another_scale_warns_with_the_fix():
+    import featlearn
+
+    assert issubclass(featlearn.ScaleWarning, UserWarning)
+    X = images(20, (12, 12), 3)
+    enc = make_encoder(K=4).fit(X)
+    assert 200 < enc.input_scale_ <= 255
+    assert _scale_warnings(lambda: enc.transform(X)) == []
+    assert _scale_warnings(lambda: enc.transform(X.astype(np.float32) * 0.9)) == []
+    (w,) = _scale_warnings(lambda: enc.transform(X / 255.0))
+    msg = str(w.message)
+    assert "multiply them by 255" in msg and "refit" in msg
+    assert f"{enc.input_scale_:.3g}" in msg and "0.9" in msg  # both scales
+
+    small = make_encoder(K=4).fit(X / 255.0)
+    assert small.input_scale_ <= 1
+    assert _scale_warnings(lambda: small.transform(X / 255.0)) == []
+    (w,) = _scale_warnings(lambda: small.transform(X))
+    assert "divide them by 255" in str(w.message)
+    (w,) = _scale_warnings(lambda: enc.transform(X * 0.05))
+    assert "multiply them by about 20" in str(w.message)
+
+
+def test_scale_warning_through_the_pipeline_and_as_an_error():
+    import warnings
+
+    from featlearn import ScaleWarning, make_coates_pipeline
+
+    X = images(24, (8, 8), 3)
+    y = np.arange(24) % 2
+    pipe = make_coates_pipeline(4, classifier="svm", encoder__patch_size=3,
+                                encoder__n_patches=500, classifier__max_epochs=3).fit(X, y)
+    assert len(_scale_warnings(lambda: pipe.predict(X / 255.0))) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ScaleWarning)
+        pipe.predict(X)  # the fitted scale: silent
+        with pytest.raises(ScaleWarning):
+            pipe.predict(X / 255.0)
+
+
+def test_scale_check_ignores_black_images_and_older_models():
+    X = images(10, (12, 12), 3)
+    enc = make_encoder(K=4).fit(X)
+    assert _scale_warnings(lambda: enc.transform(np.zeros_like(X))) == []
+    del enc.input_scale_  # a model saved before the attribute existed
+    assert _scale_warnings(lambda: enc.transform(X / 255.0)) == []

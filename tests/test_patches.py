@@ -80,3 +80,13 @@ def test_flatten_roundtrip():
 def test_bad_input(X, match):
     with pytest.raises(ValueError, match=match):
         RandomPatchExtractor(patch_size=6, n_patches=5).transform(X)
+
+
+@pytest.mark.parametrize("method", ["fit", "transform"])
+def test_values_past_float32_range_are_a_value_error(method):
+    X = np.zeros((3, 8, 8, 3), np.float64)
+    X[1, 2, 3, 0] = -1e39  # finite in float64, infinity once cast to float32
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        getattr(RandomPatchExtractor(patch_size=6, n_patches=5), method)(X)
+    X[1, 2, 3, 0] = 3e38  # within range: fine
+    assert np.isfinite(RandomPatchExtractor(patch_size=6, n_patches=5).transform(X)).all()

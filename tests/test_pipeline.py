@@ -242,3 +242,167 @@ def test_classifier_views_average_scores_and_split_by_sample():
     np.testing.assert_allclose(d, (dA + dB) / 2, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="not divisible by n_views=2"):
         TorchMLPClassifier(n_views=2).fit(np.zeros((4, 5)), [0, 1, 0, 1])
+
+
+# -- configurations are data -------------------------------------------------------------------------
+
+def _write_config(tmp_path, obj, name="c.json"):
+    path = tmp_path / name
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    return path
+
+
+def _one_line_error(path_or_config, match, **overrides):
+    with pytest.raises(ValueError, match=match) as info:
+        if isinstance(path_or_config, dict):
+            build_pipeline(path_or_config, **overrides)
+        else:
+            load_config(path_or_config)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_shipped_configurations_use_only_the_allowed_keys():
+    from featlearn.pipeline import CONFIG_KEYS
+
+    for name in available_configs():
+        raw = json.loads((__import__("featlearn.pipeline").pipeline.CONFIG_DIR
+                          / f"{name}.json").read_text())
+        assert set(raw) <= set(CONFIG_KEYS) and raw["name"] == name
+
+
+@pytest.mark.parametrize("content, match", [
+    ("[1, 2]", "must be a JSON object, got a list"),
+    ('"text"', "must be a JSON object, got a string"),
+    ("{not json", "not valid JSON"),
+    ("", "not valid JSON"),
+    ({"params": {}, "descripton": "x"}, "unknown key 'descripton' \\(did you mean 'description'"),
+    ({"params": [1]}, "no 'params' object"),
+    ({"name": "../../x", "params": {}}, "'name' must match"),
+    ({"name": "..", "params": {}}, "'name' must match"),
+    ({"name": "a/b", "params": {}}, "'name' must match"),
+    ({"name": 3, "params": {}}, "'name' must match"),
+    ({"params": {}, "published": "77.9"}, "'published' must be a number or null"),
+    ({"params": {}, "description": ["x"]}, "'description' must be a string"),
+])
+def test_malformed_configuration_files_are_one_line_errors(tmp_path, content, match):
+    _one_line_error(_write_config(tmp_path, content), match)
+
+
+def test_missing_file_folder_and_bad_names(tmp_path):
+    _one_line_error(tmp_path / "absent.json", "does not exist")
+    _one_line_error(tmp_path, "is a folder")
+    _one_line_error("../../etc/passwd", "does not exist")
+    _one_line_error("bad name", "not valid")
+    _one_line_error("nope", "unknown configuration 'nope'.*coates2011-1600-svm")
+
+
+@pytest.mark.parametrize("params, match", [
+    ({"n_centroid": 100}, "unknown configuration key 'n_centroid' \\(did you mean 'n_centroids'"),
+    ({"encoder__strid": 2}, "'encoder__strid' \\(did you mean 'encoder__stride'"),
+    ({"encoder__kmeans__max_iters": 5}, "did you mean 'encoder__kmeans__max_iter'"),
+    ({"classifier__max_epoch": 5}, "did you mean 'classifier__max_epochs'"),
+    ({"steps": []}, "unknown configuration key 'steps'"),
+    ({"encoder__whitener__eps": 0.1, "encoder__whitener": "passthrough"},
+     "unknown configuration key 'encoder__whitener__eps'"),
+    ({"encoder__whitener__eps": 0.01}, "encoder__whitener is the default \\(null\\).*\"class\""),
+    ({"n_centroids": -5}, "'n_centroids'.*n_clusters.*Got -5"),
+    ({"n_centroids": "many"}, "'n_centroids' must be an integer"),
+    ({"n_centroids": True}, "'n_centroids' must be an integer"),
+    ({"encoder__kmeans__n_clusters": 0}, "'encoder__kmeans__n_clusters'.*Got 0"),
+    ({"encoder__pooling": "x"}, "'encoder__pooling'.*Got 'x'"),
+    ({"encoder__pooling": [2, "a"]}, "'encoder__pooling'.*pooling must be"),
+    ({"encoder__pooling": [[2], 2]}, "'encoder__pooling': lists may hold only"),
+    ({"encoder__activation": "relu"}, "'encoder__activation'.*relu"),
+    ({"encoder__stride": 0}, "'encoder__stride'"),
+    ({"encoder__stride": {"class": "ZCAWhitening"}}, "'encoder__stride' does not take an estimator"),
+    ({"classifier__dropout": 3}, "'classifier__dropout'"),
+    ({"classifier": "svmm"}, "classifier must be"),
+    ({"classifier": {"class": "ZCAWhitening"}}, "'classifier' does not take an estimator"),
+    ({"augment": "mirror"}, "augment must be"),
+    ({"device": "gpu"}, "unknown device 'gpu'.*\"cuda:N\""),
+    ({"encoder__whitener": {"class": "ZCAWhitening", "params": {"eps": -1}}},
+     "'encoder__whitener__eps'.*Got -1"),
+    ({"encoder__whitener": {"class": "ZCAWhitening", "params": {"epss": 1}}},
+     "ZCAWhitening has no parameter 'epss' \\(did you mean 'eps'"),
+    ({"encoder__whitener": {"class": "ZCAWhitening", "params": [1]}}, "must be an object"),
+    ({"encoder__whitener": {"class": "ZCAWhitening", "kwargs": {}}}, "unknown estimator field"),
+    ({"encoder__whitener": {"class": "ZCAWhitenin"}}, "did you mean 'ZCAWhitening'"),
+    ({"encoder__whitener": {"class": "make_coates_pipeline"}}, "not allowed"),
+    ({"encoder__whitener": {"class": "sklearn.decomposition.FastICA"}}, "not allowed"),
+    ({"encoder__whitener": {"class": "os.system", "params": {"command": "true"}}}, "not allowed"),
+    ({"encoder__normalizer": {"class": "PatchEncoder"}}, "not allowed"),
+    ({"encoder__kmeans": {"class": "TorchMLPClassifier"}}, "not allowed"),
+])
+def test_bad_params_are_one_line_errors_naming_the_key(tmp_path, params, match):
+    _one_line_error(_write_config(tmp_path, {"params": params}), match)
+    _one_line_error({"name": "c", "params": params}, match)
+
+
+def test_a_config_naming_a_function_is_refused_and_nothing_runs(tmp_path, monkeypatch):
+    """The issue's attack: a featlearn function in place of a whitener class."""
+    import featlearn
+    import featlearn.datasets
+
+    calls = []
+    record = lambda *a, **k: calls.append((a, k))  # noqa: E731
+    monkeypatch.setattr(featlearn.datasets, "fetch_cifar10", record)
+    monkeypatch.setattr(featlearn, "fetch_cifar10", record, raising=False)
+    evil = tmp_path / "evil.tar.gz"
+    spec = {"class": "fetch_cifar10", "params": {"url": f"file://{evil}", "md5": None}}
+    for key in ("encoder__whitener", "encoder__normalizer", "encoder__kmeans"):
+        msg = _one_line_error(_write_config(tmp_path, {"params": {key: spec}}),
+                              f"'{key}': class 'fetch_cifar10' is not allowed")
+        assert "ZCAWhitening" in msg and "sklearn.decomposition.PCA" in msg
+    assert calls == []
+
+
+def test_allowed_estimators_build(tmp_path):
+    pca = {"class": "sklearn.decomposition.PCA", "params": {"n_components": 20, "whiten": True}}
+    config = load_config(_write_config(tmp_path, {"params": {
+        "encoder__whitener": pca, "encoder__whitener__n_components": 10,
+        "encoder__normalizer": {"class": "sklearn.preprocessing.StandardScaler"},
+        "encoder__kmeans": {"class": "sklearn.cluster.MiniBatchKMeans",
+                            "params": {"n_clusters": 8, "n_init": 1}},
+        "encoder__pooling": [1, 2], "classifier__hidden_layer_sizes": [16]}}))
+    enc = build_pipeline(config).named_steps["encoder"]
+    from sklearn.cluster import MiniBatchKMeans
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    assert isinstance(enc.whitener, PCA) and enc.whitener.n_components == 10
+    assert isinstance(enc.normalizer, StandardScaler)
+    assert isinstance(enc.kmeans, MiniBatchKMeans) and enc.kmeans.n_clusters == 8
+    assert enc.pooling == (1, 2)
+
+
+def test_featlearn_kmeans_is_allowed_where_it_exists(tmp_path):
+    import featlearn.kmeans
+
+    config = {"name": "c", "params": {"encoder__kmeans": {"class": "KMeans",
+                                                          "params": {"n_clusters": 8}}}}
+    if hasattr(featlearn.kmeans, "KMeans"):
+        enc = build_pipeline(config).named_steps["encoder"]
+        assert type(enc.kmeans) is featlearn.kmeans.KMeans
+    else:
+        _one_line_error(config, "'KMeans' is not allowed")
+
+
+def test_overrides_are_validated_too():
+    config = load_config("coates2011-1600-svm")
+    _one_line_error(config, "unknown device 'bogus'", device="bogus")
+    _one_line_error(config, "'n_centroids'.*Got -1", n_centroids=-1)
+    assert build_pipeline(config, n_centroids=8).named_steps["encoder"].kmeans.n_clusters == 8
+
+
+def test_the_name_defaults_to_the_file_stem_and_must_be_safe(tmp_path):
+    assert load_config(_write_config(tmp_path, {"params": {}}, "my-config.json"))["name"] == \
+        "my-config"
+    _one_line_error(_write_config(tmp_path, {"params": {}}, "my config.json"), "'name' must match")
+
+
+def test_build_pipeline_accepts_a_plain_dict_without_name():
+    pipe = build_pipeline({"params": {"n_centroids": 8, "encoder__stride": 2}})
+    assert pipe.named_steps["encoder"].stride == 2
+    with pytest.raises(ValueError, match="must be a JSON object, got a list"):
+        build_pipeline([1])

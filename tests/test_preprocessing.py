@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from sklearn.base import clone
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from featlearn import PatchNormalizer, ZCAWhitening
@@ -119,3 +120,26 @@ def test_zca_fit_cifar_sized_input_is_fast_enough_to_be_practical():
     X = rng.normal(size=(400_000, 108)).astype(np.float32)
     z = ZCAWhitening().fit(X)
     assert z.whitening_.shape == (108, 108) and np.isfinite(z.whitening_).all()
+
+
+@pytest.mark.parametrize("est", [PatchNormalizer(), ZCAWhitening()])
+def test_values_past_float32_range_are_a_value_error(est):
+    X = data().astype(np.float64)
+    big = X.copy()
+    big[3, 2] = 1e39  # finite in float64, infinity once cast to float32
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        clone(est).fit(big)
+    fitted = clone(est).fit(X)
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        fitted.transform(big)
+
+
+def test_whitening_inverse_transform_refuses_non_finite_values():
+    z = ZCAWhitening().fit(data())
+    Y = z.transform(data()).astype(np.float64)
+    Y[0, 0] = 1e39
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        z.inverse_transform(Y)
+    Y[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        z.inverse_transform(Y)

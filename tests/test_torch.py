@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from featlearn._torch import resolve_device
+
+
+def test_auto_and_none_pick_cuda_when_available_else_cpu():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device(None).type == expected
+
+
+@pytest.mark.parametrize("device", ["cpu", torch.device("cpu")])
+def test_cpu_is_always_valid(device):
+    assert resolve_device(device) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("name", ["gpu", "bogus", "cuda:x", "meta", "xpu", "", "CPU"])
+def test_unknown_device_lists_the_valid_ones(name):
+    with pytest.raises(ValueError) as info:
+        resolve_device(name)
+    msg = str(info.value)
+    assert "\n" not in msg and repr(name) in msg
+    for valid in ('"auto"', '"cpu"', '"cuda"', '"cuda:N"', '"mps"'):
+        assert valid in msg
+
+
+@pytest.mark.parametrize("value", [3, 1.5, ["cpu"]])
+def test_non_string_device_is_a_value_error(value):
+    with pytest.raises(ValueError, match="device must be one of"):
+        resolve_device(value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("name", ["cuda", "cuda:0", "cuda:3"])
+def test_cuda_without_cuda_says_so(name):
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device(name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_index_past_the_last_device():
+    n = torch.cuda.device_count()
+    assert resolve_device("cuda:0").type == "cuda"
+    with pytest.raises(ValueError, match="does not exist"):
+        resolve_device(f"cuda:{n}")
+
+
+def test_mps_without_mps_says_so():
+    if torch.backends.mps.is_available():
+        assert resolve_device("mps").type == "mps"
+    else:
+        with pytest.raises(ValueError, match="MPS is not available"):
+            resolve_device("mps")
+
+
+def test_check_device_name_does_not_need_the_device():
+    from featlearn._torch import check_device_name
+
+    assert check_device_name("auto") is None and check_device_name(None) is None
+    assert check_device_name("cuda:1") == torch.device("cuda:1")  # a name, not a lookup
+    assert check_device_name("mps").type == "mps"
+    with pytest.raises(ValueError, match="valid devices"):
+        check_device_name("gpu")
