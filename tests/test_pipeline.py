@@ -292,7 +292,7 @@ def test_malformed_configuration_files_are_one_line_errors(tmp_path, content, ma
 def test_missing_file_folder_and_bad_names(tmp_path):
     _one_line_error(tmp_path / "absent.json", "does not exist")
     _one_line_error(tmp_path, "is a folder")
-    _one_line_error("../../etc/passwd", "does not exist")
+    _one_line_error(str(tmp_path / "no" / ".." / ".." / "absent"), "does not exist")
     _one_line_error("bad name", "not valid")
     _one_line_error("nope", "unknown configuration 'nope'.*coates2011-1600-svm")
 
@@ -346,8 +346,9 @@ def test_a_config_naming_a_function_is_refused_and_nothing_runs(tmp_path, monkey
 
     calls = []
     record = lambda *a, **k: calls.append((a, k))  # noqa: E731
+    # featlearn first: its lazy lookup must record the real function for the undo.
+    monkeypatch.setattr(featlearn, "fetch_cifar10", record)
     monkeypatch.setattr(featlearn.datasets, "fetch_cifar10", record)
-    monkeypatch.setattr(featlearn, "fetch_cifar10", record, raising=False)
     evil = tmp_path / "evil.tar.gz"
     spec = {"class": "fetch_cifar10", "params": {"url": f"file://{evil}", "md5": None}}
     for key in ("encoder__whitener", "encoder__normalizer", "encoder__kmeans"):
