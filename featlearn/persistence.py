@@ -135,12 +135,7 @@ def save_model(model, path, *, config=None, format="safe", overwrite=False, inpu
     except (TypeError, ValueError) as exc:
         raise TypeError(f"model metadata must be JSON data (config and extra values): {exc}") from None
     if format == "safe":
-        arrays = {}
-        try:
-            tree = _Encoder(arrays).encode(model, "model")
-        except _NotSafe as exc:
-            raise TypeError(f"{exc}; save it with format='pickle' (a pickle runs code when "
-                            "loaded: only for trusted files)") from None
+        tree, arrays = _encode_safe(model)
         doc = json.dumps({"format": _FORMAT_NAME, "format_version": FORMAT_VERSION,
                           "metadata": meta, "model": tree})
         arrays[_JSON_KEY] = np.frombuffer(doc.encode("utf-8"), dtype=np.uint8)
@@ -151,6 +146,28 @@ def save_model(model, path, *, config=None, format="safe", overwrite=False, inpu
             _CPUPickler(fh, protocol=_PICKLE_PROTOCOL).dump(
                 {_PICKLE_MARK: True, "metadata": meta, "model": model})
     return meta
+
+
+def check_saveable(model, *, format="safe"):
+    """Raise ``ValueError`` now if ``model``'s classes cannot be saved in ``format``.
+
+    Meant for an unfitted model before a long fit: its parameters (estimators, layers) are
+    checked; fitted state is checked again by :func:`save_model`.
+    """
+    if format == "safe":
+        _encode_safe(model)
+    elif format != "pickle":
+        raise ValueError(f"format={format!r}: expected 'safe' or 'pickle'")
+
+
+def _encode_safe(model):
+    arrays = {}
+    try:
+        tree = _Encoder(arrays).encode(model, "model")
+    except _NotSafe as exc:
+        raise ValueError(f"{exc}; save it with format='pickle' (command line: --format pickle), "
+                         "knowing that loading a pickle runs code: only for trusted files") from None
+    return tree, arrays
 
 
 def load_model(path, *, return_metadata=False, allow_pickle=False):
@@ -506,7 +523,7 @@ def _is_module_class(cls):
 
 def _load_safe(path):
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
         raw = arrays.pop(_JSON_KEY, None)
         if raw is None:
