@@ -203,7 +203,7 @@ def _add_extract(sub, parent):
                        help="encode images with a saved model into an .npy feature file (cached "
                             "and resumable: rerun after an interruption)")
     p.add_argument("--model", required=True, help="a model saved by 'featlearn fit'")
-    p.add_argument("--allow-pickle", action="store_true", help="load a pickle: runs code, trusted only")
+    p.add_argument("--allow-pickle", action="store_true", help="a pickle runs code: trusted only")
     _add_images_args(p)
     p.add_argument("--out", required=True, help="features .npy to write")
     p.add_argument("--flip", action="store_true", help="encode the horizontally mirrored images")

@@ -121,6 +121,15 @@ def save_model(model, path, *, config=None, format="safe", overwrite=False, inpu
     dict
         The metadata written.
 
+    Raises
+    ------
+    OutputExistsError
+        ``path`` is one of ``inputs``, or exists and is not a featlearn model (without
+        ``overwrite``); the file is left as it was.
+    ValueError
+        ``format="safe"`` and the model holds an object the format does not (its attribute
+        path and type are named), or an unknown ``format``.
+
     Tensors are saved from CPU copies, so a CUDA-fitted model loads on a CPU-only machine and
     the caller's model is left untouched.
     """
@@ -133,7 +142,8 @@ def save_model(model, path, *, config=None, format="safe", overwrite=False, inpu
     try:
         json.dumps(meta)
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"model metadata must be JSON data (config and extra values): {exc}") from None
+        raise TypeError(f"model metadata (config and extra values) must be JSON data: {exc}") \
+            from None
     if format == "safe":
         tree, arrays = _encode_safe(model)
         doc = json.dumps({"format": _FORMAT_NAME, "format_version": FORMAT_VERSION,
@@ -165,8 +175,9 @@ def _encode_safe(model):
     try:
         tree = _Encoder(arrays).encode(model, "model")
     except _NotSafe as exc:
-        raise ValueError(f"{exc}; save it with format='pickle' (command line: --format pickle), "
-                         "knowing that loading a pickle runs code: only for trusted files") from None
+        raise ValueError(f"{exc}; save it with format='pickle' (command line: --format "
+                         "pickle), knowing that loading a pickle runs code: only for trusted "
+                         "files") from None
     return tree, arrays
 
 
@@ -312,8 +323,8 @@ class _Encoder:
             return {k: self.encode(v, f"{where}[{k!r}]") for k, v in obj.items()}
         if t in (dict, collections.OrderedDict):  # non-str keys, or an OrderedDict
             return {"__type__": "dict", "ordered": t is not dict,
-                    "items": [[self.encode(k, f"{where} key {k!r}"), self.encode(v, f"{where}[{k!r}]")]
-                              for k, v in obj.items()]}
+                    "items": [[self.encode(k, f"{where} key {k!r}"),
+                               self.encode(v, f"{where}[{k!r}]")] for k, v in obj.items()]}
         if t in (np.ndarray, np.memmap):
             if obj.dtype.hasobject or obj.dtype.fields is not None:
                 raise _NotSafe(f"{where} is an array of dtype {obj.dtype}")
@@ -369,7 +380,8 @@ class _Encoder:
         if state is None:
             return {}
         if not isinstance(state, dict):
-            raise _NotSafe(f"{type(obj).__qualname__}.__getstate__ returned a {type(state).__name__}")
+            raise _NotSafe(f"{type(obj).__qualname__}.__getstate__ returned a "
+                           f"{type(state).__name__}")
         return state
 
     def _encode_estimator(self, obj, name, where):
@@ -494,7 +506,8 @@ class _Decoder:
         if cls is None:
             raise ValueError(f"class {name!r} is not one a featlearn model may contain")
         if (kind == "module") != _is_module_class(cls):
-            raise ValueError(f"class {name!r} is not a {'torch module' if kind == 'module' else 'estimator'}")
+            what = "torch module" if kind == "module" else "estimator"
+            raise ValueError(f"class {name!r} is not a {what}")
         obj = cls.__new__(cls)
         if kind == "module":
             import torch
@@ -582,7 +595,9 @@ def _load_pickle(path):
     import joblib
 
     try:
-        blob = joblib.load(path)
+        with warnings.catch_warnings():  # torch's own pickles use its deprecated TypedStorage
+            warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
+            blob = joblib.load(path)
     except MemoryError:
         raise
     except Exception as exc:
