@@ -6,6 +6,15 @@ JSON document, ``__featlearn__.json``: the format version, the versions that mad
 its config and metadata, and the object tree. Loading reads it with
 ``numpy.load(allow_pickle=False)`` and ``json``; the only classes it instantiates are those of
 :data:`SAFE_CLASSES`, rebuilt from their saved state without calling anything a file names.
+
+An estimator is saved as ``{"class", "params", "state"}``: its ``__getstate__`` split into
+``get_params`` names and the rest, restored with ``cls.__new__`` and ``__setstate__``. So a class
+marks an attribute as a transient cache (a lazily built generator, a device copy) by leaving it
+out of ``__getstate__`` and rebuilding it on use or in ``__setstate__``; any other attribute the
+format cannot hold is an error at save time, never silently dropped. A class whose pickle state
+differs from what it should save here may define ``__featlearn_getstate__`` (returning a dict)
+and ``__featlearn_setstate__(state)``, which take precedence. Torch modules are saved as their
+attributes, parameters, buffers and submodules.
 """
 
 from __future__ import annotations
@@ -376,7 +385,8 @@ class _Encoder:
         return None
 
     def _state(self, obj):
-        state = obj.__getstate__()  # the class decides what is transient (e.g. a generator)
+        getter = getattr(obj, "__featlearn_getstate__", None) or obj.__getstate__
+        state = getter()  # the class decides what is transient (e.g. a generator)
         if state is None:
             return {}
         if not isinstance(state, dict):
@@ -521,8 +531,10 @@ class _Decoder:
             return obj
         state = {k: self.decode(v) for k, v in node["params"].items()}
         state.update({k: self.decode(v) for k, v in node["state"].items()})
-        if hasattr(obj, "__setstate__"):
-            obj.__setstate__(state)  # the class's own restore (e.g. rebuilding a generator)
+        restore = (getattr(obj, "__featlearn_setstate__", None)
+                   or getattr(obj, "__setstate__", None))
+        if restore is not None:
+            restore(state)  # the class's own restore (e.g. rebuilding a generator)
         else:
             obj.__dict__.update(state)
         return obj

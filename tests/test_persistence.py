@@ -401,3 +401,50 @@ def test_gpu_fitted_model_loads_on_cpu(images, labels, tmp_path, fmt):
                                rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.load(tmp_path / "p.npy"), pipe.decision_function(images),
                                rtol=1e-3, atol=1e-4)
+
+
+class Cached(TransformerMixin, BaseEstimator):
+    """Marks its lazily built generator as transient (left out of __getstate__)."""
+
+    def __init__(self, seed=0):
+        self.seed = seed
+
+    def fit(self, X=None, y=None):
+        self.offset_ = np.float32(self.seed)
+        self._gen = torch.Generator().manual_seed(self.seed)
+        return self
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_gen", None)
+        return state
+
+
+class Custom(Cached):
+    """Saves a different state in the safe format than in a pickle."""
+
+    def __featlearn_getstate__(self):
+        return {"seed": self.seed, "packed_": [self.offset_]}
+
+    def __featlearn_setstate__(self, state):
+        self.seed = state["seed"]
+        self.offset_ = state["packed_"][0]
+        self.restored_ = True
+
+
+def test_classes_mark_transient_state_and_may_customise_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(persistence, "SAFE_CLASSES", persistence.SAFE_CLASSES + (
+        ("test.Cached", f"{__name__}:Cached"), ("test.Custom", f"{__name__}:Custom")))
+    save_model(Cached(3).fit(), tmp_path / "a.npz")
+    got = load_model(tmp_path / "a.npz")
+    assert type(got) is Cached and got.offset_ == 3 and not hasattr(got, "_gen")
+    save_model(Custom(4).fit(), tmp_path / "b.npz")
+    assert read_doc(tmp_path / "b.npz")["model"]["state"] == {"packed_": [
+        {"__type__": "npscalar", "key": "a0"}]}
+    got = load_model(tmp_path / "b.npz")
+    assert type(got) is Custom and got.offset_ == 4 and got.restored_
+    # an unmarked generator in an allow-listed class is an error, not silently dropped
+    bad = Cached(1).fit()
+    bad.other_gen = torch.Generator()
+    with pytest.raises(ValueError, match=r"model\.other_gen is a torch\._C\.Generator"):
+        save_model(bad, tmp_path / "c.npz")
