@@ -161,7 +161,9 @@ def save_model(model, path, *, config=None, format="safe", overwrite=False, inpu
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
     else:
-        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh, warnings.catch_warnings():
+            # torch pickles tensors through its deprecated TypedStorage, warning the user for it
+            warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
             _CPUPickler(fh, protocol=_PICKLE_PROTOCOL).dump(
                 {_PICKLE_MARK: True, "metadata": meta, "model": model})
     return meta
@@ -565,22 +567,12 @@ def _load_safe(path):
         meta = doc.get("metadata")
         if not isinstance(meta, dict):
             raise TypeError("metadata is not a JSON object")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", _sklearn_version_warning())  # our own warning says it
-            model = _Decoder(arrays).decode(doc["model"])
+        model = _Decoder(arrays).decode(doc["model"])
     except MemoryError:
         raise
     except Exception as exc:  # any decoding failure is the file's fault: one clear error
         raise _corrupt(path, f"{type(exc).__name__}: {exc}") from None
     return model, meta
-
-
-def _sklearn_version_warning():
-    try:
-        from sklearn.exceptions import InconsistentVersionWarning
-    except ImportError:  # pragma: no cover
-        return UserWarning
-    return InconsistentVersionWarning
 
 
 # -- pickle --------------------------------------------------------------------------------------
@@ -607,7 +599,7 @@ def _load_pickle(path):
     import joblib
 
     try:
-        with warnings.catch_warnings():  # torch's own pickles use its deprecated TypedStorage
+        with warnings.catch_warnings():  # as in save_model
             warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
             blob = joblib.load(path)
     except MemoryError:

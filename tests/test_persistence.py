@@ -359,6 +359,12 @@ def test_save_refuses_foreign_files_and_inputs(encoder, tmp_path):
     save_model(encoder, pkl)
     save_model(encoder, pkl, format="pickle")
     assert is_model_file(pkl)
+    joblib.dump({"featlearn_model": True, "metadata": {}, "model": encoder}, pkl)  # older featlearn
+    save_model(encoder, pkl)
+    joblib.dump({"weights": 1}, pkl)  # someone else's pickle
+    with pytest.raises(OutputExistsError):
+        save_model(encoder, pkl)
+    save_model(encoder, pkl, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pkl", "notes.txt", "x.npy"]
 
 
