@@ -366,15 +366,16 @@ class _Encoder:
         if isinstance(obj, torch.Tensor) and type(obj) in (torch.Tensor, torch.nn.Parameter):
             if obj.layout != torch.strided or obj.is_quantized:
                 raise _NotSafe(f"{where} is a {obj.layout} tensor")
-            t = obj.detach().to("cpu")  # a copy if on a GPU; the caller's tensor is untouched
+            # a copy if on a GPU: the caller's tensor is untouched
+            t = obj.detach().to("cpu").contiguous()
             if t.dtype == torch.bfloat16:  # numpy has no bfloat16: keep its exact bits
-                arr = t.contiguous().view(torch.int16).numpy().view(np.uint16)
+                arr = t.view(torch.int16).numpy().view(np.uint16)
             else:
                 try:
                     arr = t.numpy()
                 except (TypeError, RuntimeError):
                     raise _NotSafe(f"{where} is a tensor of dtype {t.dtype}") from None
-            return {"__type__": "tensor", "key": self.add(np.ascontiguousarray(arr)),
+            return {"__type__": "tensor", "key": self.add(arr),
                     "dtype": str(t.dtype).removeprefix("torch."),
                     "parameter": type(obj) is torch.nn.Parameter,
                     "requires_grad": bool(obj.requires_grad)}

@@ -145,7 +145,8 @@ def test_generic_values_round_trip(tmp_path):
     est.extra_ = {"t": (1, 2.5, None), 3: [np.float32(1.5), np.int64(7)], "dt": np.dtype("<f4"),
                   "bf": torch.arange(5, dtype=torch.bfloat16) / 3, "p": torch.nn.Parameter(
                       torch.ones(2)), "dev": torch.device("cuda", 1), "tdt": torch.float16,
-                  "size": torch.Size([2, 3]), "s": {1, 2}, "nan": float("nan")}
+                  "size": torch.Size([2, 3]), "s": {1, 2}, "nan": float("nan"),
+                  "t0": torch.tensor(2.0), "a0": np.array(3), "tT": torch.arange(6.).view(2, 3).T}
     save_model(pipe, tmp_path / "m.npz")
     got = load_model(tmp_path / "m.npz")
     e = got.named_steps["zca"].extra_
@@ -155,6 +156,8 @@ def test_generic_values_round_trip(tmp_path):
     assert e["bf"].dtype == torch.bfloat16 and torch.equal(e["bf"], est.extra_["bf"])
     assert isinstance(e["p"], torch.nn.Parameter) and e["p"].requires_grad
     assert np.isnan(e["nan"])
+    assert e["t0"].shape == () and e["a0"].shape == () and e["a0"] == 3  # 0-d stays 0-d
+    assert torch.equal(e["tT"], est.extra_["tT"])  # a transposed view, saved by value
     np.testing.assert_array_equal(got.transform(X), pipe.transform(X))
 
 
