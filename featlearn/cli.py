@@ -151,9 +151,9 @@ def _add_fit(sub, parent):
     p.add_argument("--force", action="store_true",
                    help="replace --out even if it is not a featlearn model (never an input)")
     p.add_argument("--format", choices=("safe", "pickle"), default="safe",
-                   help="safe (default): arrays + JSON, loading runs no code; pickle: joblib, "
-                        "for arbitrary pipelines; loading a pickle runs code, so only trusted "
-                        "pickles may be loaded (extract --allow-pickle)")
+                   help="safe (default): arrays + JSON, loading runs no code; pickle: any "
+                        "pipeline, but loading a pickle runs code, so load only pickles you "
+                        "trust (extract --allow-pickle)")
     p.add_argument("--with-classifier", action="store_true",
                    help="also fit the classifier (needs labels: a CIFAR-10 archive or --labels)")
     p.add_argument("--labels", default=None, help="labels .npy for an .npy --data")
