@@ -38,6 +38,8 @@ _LAZY = {
     "TorchMLPClassifier": "classifier",
     "make_coates_pipeline": "pipeline",
     "extract_features": "extraction",
+    "save_model": "persistence",
+    "load_model": "persistence",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -128,25 +128,54 @@ def load_images(args, *, labels=False):
 
 
 def _add_fit(sub, parent):
+    def positive_int(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        return value
+
     p = sub.add_parser("fit", parents=[parent],
                        help="fit the encoder (and optionally the classifier) of a pipelines/ "
-                            "configuration and save it")
+                            "configuration and save it",
+                       description="The default --format safe saves arrays + JSON, which load "
+                                   "without running code. --format pickle saves any pipeline, "
+                                   "but loading a pickle runs code: only load pickles you trust.")
     p.add_argument("config", metavar="CONFIG", help="a name from pipelines/ or a JSON file")
     _add_images_args(p)
-    p.add_argument("--out", required=True, help="model file to write (e.g. model.joblib)")
+    p.add_argument("--out", required=True, help="model file to write (e.g. model.npz); an "
+                                                "existing file is replaced only if it is a "
+                                                "featlearn model, or with --force")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out even if it is not a featlearn model (never an input)")
+    p.add_argument("--format", choices=("safe", "pickle"), default="safe",
+                   help="safe (default): arrays + JSON, loading runs no code; pickle: any "
+                        "pipeline, but loading a pickle runs code, so load only pickles you "
+                        "trust (extract --allow-pickle)")
     p.add_argument("--with-classifier", action="store_true",
                    help="also fit the classifier (needs labels: a CIFAR-10 archive or --labels)")
     p.add_argument("--labels", default=None, help="labels .npy for an .npy --data")
-    p.add_argument("--n-train", type=int, default=None, help="use only the first N images")
+    p.add_argument("--n-train", type=positive_int, default=None,
+                   help="use only the first N images (N > 0)")
     p.add_argument("--device", default=None, help="torch device (default: the config's)")
 
 
 def _run_fit(args):
     import featlearn
-    from featlearn.persistence import save_model
+    from featlearn._io import check_output
+    from featlearn.persistence import check_saveable, is_model_file, save_model
     from featlearn.pipeline import build_pipeline, load_config
 
     config = load_config(args.config)
+    inputs = [args.data, args.labels]
+    # Everything that can be checked before the (long) fit is: the output, then the model's classes.
+    check_output(args.out, inputs=inputs, is_ours=is_model_file, overwrite=args.force,
+                 what="model file")
+    pipe = build_pipeline(config, device=args.device, verbose=args.verbose)
+    model = pipe if args.with_classifier else pipe.named_steps["encoder"]
+    check_saveable(model, format=args.format)
     if args.with_classifier:
         X, y = load_images(args, labels=True)
     else:
@@ -154,16 +183,15 @@ def _run_fit(args):
     if args.n_train is not None:
         X = X[:args.n_train]
         y = None if y is None else y[:args.n_train]
-    pipe = build_pipeline(config, device=args.device, verbose=args.verbose)
     t0 = time.perf_counter()
-    if args.with_classifier:
-        model = pipe.fit(X, y)
+    if y is None:
+        model.fit(X)
     else:
-        model = pipe.named_steps["encoder"].fit(X)
+        model.fit(X, y)
     seconds = time.perf_counter() - t0
-    save_model(model, args.out, config=config, data=str(args.data), split=args.split,
-               n_images=int(len(X)), with_classifier=bool(args.with_classifier),
-               fit_seconds=round(seconds, 3))
+    save_model(model, args.out, config=config, format=args.format, overwrite=args.force,
+               inputs=inputs, data=str(args.data), split=args.split, n_images=int(len(X)),
+               with_classifier=bool(args.with_classifier), fit_seconds=round(seconds, 3))
     what = "pipeline (encoder + classifier)" if args.with_classifier else "encoder"
     print(f"fitted the {what} of {config['name']} on {len(X)} images in {seconds:.1f} s "
           f"(featlearn {featlearn.__version__}) -> {args.out}")
@@ -175,6 +203,7 @@ def _add_extract(sub, parent):
                        help="encode images with a saved model into an .npy feature file (cached "
                             "and resumable: rerun after an interruption)")
     p.add_argument("--model", required=True, help="a model saved by 'featlearn fit'")
+    p.add_argument("--allow-pickle", action="store_true", help="a pickle runs code: trusted only")
     _add_images_args(p)
     p.add_argument("--out", required=True, help="features .npy to write")
     p.add_argument("--flip", action="store_true", help="encode the horizontally mirrored images")
@@ -190,7 +219,7 @@ def _run_extract(args):
     from featlearn.extraction import extract_features
     from featlearn.persistence import encoder_of, load_model
 
-    encoder = encoder_of(load_model(args.model))
+    encoder = encoder_of(load_model(args.model, allow_pickle=args.allow_pickle))
     if args.device is not None and "device" in encoder.get_params():
         encoder.set_params(device=args.device)
     batch = args.batch_size if args.batch_size == "auto" else int(args.batch_size)

@@ -35,6 +35,9 @@ def _canonical_state(obj, _depth=0):
     mod = type(obj).__module__
     if mod.startswith("torch") and hasattr(obj, "detach"):  # a torch tensor, without importing torch
         return ("tensor", str(obj.dtype), obj.detach().cpu().numpy())
+    if hasattr(obj, "state_dict") and hasattr(obj, "named_modules"):
+        # a torch module: its layers and weights (its pickle, like a tensor's, changes on reload)
+        return ("module", repr(obj), _canonical_state(dict(obj.state_dict()), _depth + 1))
     if hasattr(obj, "get_params") and hasattr(obj, "set_params"):  # a scikit-learn estimator
         params = {k: v for k, v in _params(obj).items() if k not in EXECUTION_PARAMS}
         fitted = {k: v for k, v in vars(obj).items() if k.endswith("_") and not k.startswith("__")}

@@ -1,21 +1,83 @@
-"""Saving and loading fitted models, with the versions that made them recorded beside them."""
+"""Saving and loading fitted models: a safe format (arrays + JSON, loading runs no code) by
+default, and joblib/pickle for arbitrary pipelines, which only trusted files may use.
+
+The safe format is one ``.npz`` zip (``numpy.savez``) holding every array of the model plus one
+JSON document, ``__featlearn__.json``: the format version, the versions that made the model,
+its config and metadata, and the object tree. Loading reads it with
+``numpy.load(allow_pickle=False)`` and ``json``; the only classes it instantiates are those of
+:data:`SAFE_CLASSES`, rebuilt from their saved state without calling anything a file names.
+
+An estimator is saved as ``{"class", "params", "state"}``: its ``__getstate__`` split into
+``get_params`` names and the rest, restored with ``cls.__new__`` and ``__setstate__``. So a class
+marks an attribute as a transient cache (a lazily built generator, a device copy) by leaving it
+out of ``__getstate__`` and rebuilding it on use or in ``__setstate__``; any other attribute the
+format cannot hold is an error at save time, never silently dropped. A class whose pickle state
+differs from what it should save here may define ``__featlearn_getstate__`` (returning a dict)
+and ``__featlearn_setstate__(state)``, which take precedence. Torch modules are saved as their
+attributes, parameters, buffers and submodules.
+"""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import errno
+import importlib
+import io
+import json
+import pickle
+import pickletools
 import platform
 import warnings
+import zipfile
 from pathlib import Path
 
-import joblib
 import numpy as np
 
 from . import __version__
-from ._io import atomic_path
-from .fingerprints import _params
+from ._io import atomic_path, check_output
 
+FORMAT_VERSION = 1
+_JSON_KEY = "__featlearn__.json"
+_FORMAT_NAME = "featlearn-model"
+_PICKLE_MARK = "featlearn_model"
+_PICKLE_PROTOCOL = 5
+
+#: The classes a safe model file may contain, as ``name in the file -> "module:attribute"``.
+#: Matched by exact type (a subclass is not admitted) and resolved lazily, so a class that does
+#: not exist (yet) is simply unavailable. Extend this tuple to admit a new fitted-state class.
+SAFE_CLASSES = (
+    ("featlearn.RandomPatchExtractor", "featlearn.patches:RandomPatchExtractor"),
+    ("featlearn.PatchNormalizer", "featlearn.preprocessing:PatchNormalizer"),
+    ("featlearn.ZCAWhitening", "featlearn.preprocessing:ZCAWhitening"),
+    ("featlearn.MiniBatchKMeans", "featlearn.kmeans:MiniBatchKMeans"),
+    ("featlearn.KMeans", "featlearn.kmeans:KMeans"),
+    ("featlearn.PatchEncoder", "featlearn.encoding:PatchEncoder"),
+    ("featlearn.TorchMLPClassifier", "featlearn.classifier:TorchMLPClassifier"),
+    ("featlearn.classifier._Dropout", "featlearn.classifier:_Dropout"),
+    ("sklearn.pipeline.Pipeline", "sklearn.pipeline:Pipeline"),
+    ("sklearn.preprocessing.StandardScaler", "sklearn.preprocessing:StandardScaler"),
+    ("sklearn.decomposition.PCA", "sklearn.decomposition:PCA"),
+    *((f"torch.nn.{name}", f"torch.nn:{name}") for name in (
+        "Sequential", "Linear", "ReLU", "LeakyReLU", "Tanh", "Sigmoid", "Identity", "Dropout",
+        "BatchNorm1d", "BatchNorm2d", "Conv2d", "Flatten", "AdaptiveAvgPool2d", "MaxPool2d",
+        "AvgPool2d")),
+)
+
+_PICKLE_WARNING = ("loading a pickle runs code: only load pickled models from a source you "
+                   "trust")
+
+
+class _NotSafe(TypeError):
+    """A value the safe format cannot hold (raised at save time, with its attribute path)."""
+
+
+def _corrupt(path, why):
+    return ValueError(f"{path} is not a featlearn model (or corrupt): {why}")
+
+
+# -- metadata ------------------------------------------------------------------------------------
 
 def model_metadata(config=None, **extra) -> dict:
     """Versions, platform and time recorded beside a saved model."""
@@ -35,40 +97,143 @@ def model_metadata(config=None, **extra) -> dict:
     return meta
 
 
-def save_model(model, path, *, config=None, **extra) -> dict:
-    """Save a fitted model with joblib, with versions and ``config`` recorded beside it.
+# -- public API ----------------------------------------------------------------------------------
 
-    Torch tensors in the model's state are moved to the CPU first, so a model fitted on a GPU
-    loads on a machine without one. The file is written atomically (temp file + rename).
-    Returns the metadata dict.
+def save_model(model, path, *, config=None, format="safe", overwrite=False, inputs=(), **extra):
+    """Save a fitted model with its config and the versions that made it.
+
+    Parameters
+    ----------
+    model : estimator
+        A fitted featlearn estimator or scikit-learn ``Pipeline`` of them.
+    path : str or Path
+        The file to write (atomically: a model already there stays intact until the new one is
+        complete).
+    config : dict, optional
+        The configuration the model was built from (JSON data), recorded in the metadata.
+    format : {"safe", "pickle"}, default="safe"
+        ``"safe"``: arrays + JSON in one ``.npz``; loading it runs no code. It holds featlearn's
+        estimators, a ``Pipeline`` of them, ``StandardScaler``/``PCA`` and standard torch layers
+        (:data:`SAFE_CLASSES`); anything else is refused here, naming the attribute.
+        ``"pickle"``: joblib/pickle, for arbitrary pipelines. **Loading a pickle runs code**:
+        only load one you trust (``load_model(..., allow_pickle=True)``).
+    overwrite : bool, default=False
+        Replace an existing file that is not a featlearn model. An existing featlearn model is
+        replaced without it.
+    inputs : iterable of paths
+        Files the model was fitted from; ``path`` may never be one of them.
+    **extra
+        More JSON metadata (e.g. ``n_images``), returned by ``load_model(return_metadata=True)``.
+
+    Returns
+    -------
+    dict
+        The metadata written.
+
+    Raises
+    ------
+    OutputExistsError
+        ``path`` is one of ``inputs``, or exists and is not a featlearn model (without
+        ``overwrite``); the file is left as it was.
+    ValueError
+        ``format="safe"`` and the model holds an object the format does not (its attribute
+        path and type are named), or an unknown ``format``.
+
+    Tensors are saved from CPU copies, so a CUDA-fitted model loads on a CPU-only machine and
+    the caller's model is left untouched.
     """
-    path = Path(path).expanduser()
+    if format not in ("safe", "pickle"):
+        raise ValueError(f"format={format!r}: expected 'safe' or 'pickle'")
+    path = check_output(path, inputs=inputs, is_ours=is_model_file, overwrite=overwrite,
+                        what="model file", flag="overwrite=True")
     meta = model_metadata(config, **extra)
-    _to_cpu_inplace(model)
-    with atomic_path(path) as tmp:
-        joblib.dump({"featlearn_model": True, "metadata": meta, "model": model}, tmp)
+    meta["format"] = format
+    try:
+        json.dumps(meta)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"model metadata (config and extra values) must be JSON data: {exc}") \
+            from None
+    if format == "safe":
+        tree, arrays = _encode_safe(model)
+        doc = json.dumps({"format": _FORMAT_NAME, "format_version": FORMAT_VERSION,
+                          "metadata": meta, "model": tree})
+        arrays[_JSON_KEY] = np.frombuffer(doc.encode("utf-8"), dtype=np.uint8)
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+    else:
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh, warnings.catch_warnings():
+            # torch pickles tensors through its deprecated TypedStorage, warning the user for it
+            warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
+            _CPUPickler(fh, protocol=_PICKLE_PROTOCOL).dump(
+                {_PICKLE_MARK: True, "metadata": meta, "model": model})
     return meta
 
 
-def load_model(path, *, return_metadata=False):
-    """Load a model saved by :func:`save_model` (on any device), warning on a version mismatch.
+def check_saveable(model, *, format="safe"):
+    """Raise ``ValueError`` now if ``model``'s classes cannot be saved in ``format``.
 
-    A model saved by another featlearn version may compute different features; the warning
-    says which versions are involved. Tensors are mapped to the CPU when CUDA is unavailable,
-    and an estimator whose ``device`` asks for CUDA is switched to ``"cpu"`` (with a warning)
-    on such a machine.
+    Meant for an unfitted model before a long fit: its parameters (estimators, layers) are
+    checked; fitted state is checked again by :func:`save_model`.
+    """
+    if format == "safe":
+        _encode_safe(model)
+    elif format != "pickle":
+        raise ValueError(f"format={format!r}: expected 'safe' or 'pickle'")
+
+
+def _encode_safe(model):
+    arrays = {}
+    try:
+        tree = _Encoder(arrays).encode(model, "model")
+    except _NotSafe as exc:
+        raise ValueError(f"{exc}; save it with format='pickle' (command line: --format "
+                         "pickle), knowing that loading a pickle runs code: only for trusted "
+                         "files") from None
+    return tree, arrays
+
+
+def load_model(path, *, return_metadata=False, allow_pickle=False):
+    """Load a model saved by :func:`save_model`, on any device, warning on a version mismatch.
+
+    Parameters
+    ----------
+    path : str or Path
+        A model file.
+    return_metadata : bool, default=False
+        Also return the metadata dict (versions, config, the ``extra`` of ``save_model``).
+    allow_pickle : bool, default=False
+        Admit a pickle (``format="pickle"``, or a joblib file). **Loading a pickle runs code**
+        that the file names: pass True only for a file from a source you trust. The safe
+        format never needs it.
+
+    Returns
+    -------
+    model or (model, dict)
+
+    Raises
+    ------
+    ValueError
+        The file is not a featlearn model, is corrupt, names a class outside
+        :data:`SAFE_CLASSES`, or is a pickle and ``allow_pickle`` is False.
+
+    Tensors are created on the CPU; an estimator whose ``device`` asks for CUDA on a machine
+    without it is switched to ``"cpu"`` with a warning. A model saved by another featlearn
+    version may compute different features, so that is a warning too.
     """
     path = Path(path).expanduser()
     if not path.exists():
         raise OSError(errno.ENOENT, f"model file {path} does not exist")
-    with _cpu_unpickling():
-        blob = joblib.load(path)
-    if isinstance(blob, dict) and blob.get("featlearn_model"):
-        model, meta = blob["model"], blob["metadata"]
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    if head == b"PK":
+        model, meta = _load_safe(path)
+    elif head[:1] == b"\x80":
+        if not allow_pickle:
+            raise ValueError(f"{path} is a pickle, and {_PICKLE_WARNING}. If you do, pass "
+                             "allow_pickle=True (command line: --allow-pickle)")
+        model, meta = _load_pickle(path)
     else:
-        model, meta = blob, {}
-        warnings.warn(f"{path} carries no featlearn metadata (not saved by featlearn.jobs."
-                      "save_model); its versions cannot be checked", UserWarning, stacklevel=2)
+        raise _corrupt(path, "neither a featlearn .npz model nor a pickle")
     saved = meta.get("featlearn")
     if saved is not None and saved != __version__:
         warnings.warn(f"{path} was saved by featlearn {saved} (torch {meta.get('torch')}, "
@@ -79,27 +244,379 @@ def load_model(path, *, return_metadata=False):
     return (model, meta) if return_metadata else model
 
 
-@contextlib.contextmanager
-def _cpu_unpickling():
-    """Unpickle torch storages onto the CPU when CUDA is unavailable (plain pickle has no map_location)."""
+def is_model_file(path) -> bool:
+    """Whether ``path`` is a model :func:`save_model` wrote (checked without unpickling)."""
     try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+        if head[:2] == b"PK":
+            with zipfile.ZipFile(path) as zf:
+                return _JSON_KEY + ".npy" in zf.namelist()
+        if head[:1] == b"\x80":  # a pickle whose top-level dict starts with our mark
+            for i, (_, arg, _) in enumerate(pickletools.genops(io.BytesIO(head))):
+                if arg == _PICKLE_MARK:
+                    return True
+                if i > 8:
+                    break
+    except (OSError, ValueError, zipfile.BadZipFile):
+        pass
+    return False
+
+
+def encoder_of(model):
+    """The feature-producing part of a saved model: a Pipeline's ``encoder`` step, else the model."""
+    steps = getattr(model, "named_steps", None)
+    if steps is not None and "encoder" in steps:
+        return steps["encoder"]
+    return model
+
+
+# -- the safe format -----------------------------------------------------------------------------
+
+def _safe_classes():
+    """``{name: class}`` and ``{class: name}`` for the classes of :data:`SAFE_CLASSES` that exist."""
+    by_name = {}
+    for name, target in SAFE_CLASSES:
+        module, _, attr = target.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):
+            continue
+        if isinstance(cls, type):
+            by_name[name] = cls
+    return by_name, {cls: name for name, cls in by_name.items()}
+
+
+def _module_internals():
+    import torch
+
+    return frozenset(vars(torch.nn.Module()))
+
+
+def _is_plain_key(k):
+    return isinstance(k, str) and k != "__type__"
+
+
+class _Encoder:
+    """Object tree -> JSON-able tree; arrays go to ``self.arrays`` and are referenced by key."""
+
+    def __init__(self, arrays):
+        self.arrays = arrays
+        self.names = _safe_classes()[1]
+        self.active = set()
+
+    def add(self, array):
+        key = f"a{len(self.arrays)}"
+        self.arrays[key] = array
+        return key
+
+    def encode(self, obj, where):
+        if obj is None or type(obj) in (bool, int, float, str):
+            return obj
+        if id(obj) in self.active:
+            raise _NotSafe(f"{where} refers back to an object that contains it")
+        self.active.add(id(obj))
+        try:
+            return self._encode(obj, where)
+        finally:
+            self.active.discard(id(obj))
+
+    def _encode(self, obj, where):
+        t = type(obj)
+        if t is list:
+            return [self.encode(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        if t is tuple:
+            return {"__type__": "tuple", "items": [self.encode(v, f"{where}[{i}]")
+                                                   for i, v in enumerate(obj)]}
+        if t in (set, frozenset):
+            return {"__type__": t.__name__, "items": [self.encode(v, f"{where}{{}}") for v in obj]}
+        if t is dict and all(_is_plain_key(k) for k in obj):
+            return {k: self.encode(v, f"{where}[{k!r}]") for k, v in obj.items()}
+        if t in (dict, collections.OrderedDict):  # non-str keys, or an OrderedDict
+            return {"__type__": "dict", "ordered": t is not dict,
+                    "items": [[self.encode(k, f"{where} key {k!r}"),
+                               self.encode(v, f"{where}[{k!r}]")] for k, v in obj.items()]}
+        if t in (np.ndarray, np.memmap):
+            if obj.dtype.hasobject or obj.dtype.fields is not None:
+                raise _NotSafe(f"{where} is an array of dtype {obj.dtype}")
+            return {"__type__": "ndarray", "key": self.add(np.asarray(obj))}
+        if isinstance(obj, np.generic) and t.__module__ == "numpy":
+            if obj.dtype.hasobject or obj.dtype.fields is not None:
+                raise _NotSafe(f"{where} is a numpy scalar of dtype {obj.dtype}")
+            return {"__type__": "npscalar", "key": self.add(np.asarray(obj))}
+        if isinstance(obj, np.dtype):
+            if obj.hasobject or obj.fields is not None:
+                raise _NotSafe(f"{where} is the dtype {obj}")
+            return {"__type__": "dtype", "str": obj.str}
+        if t.__module__.startswith("torch"):
+            out = self._encode_torch(obj, where)
+            if out is not None:
+                return out
+        if t in self.names:
+            name = self.names[t]
+            if _is_module(obj):
+                return self._encode_module(obj, name, where)
+            return self._encode_estimator(obj, name, where)
+        raise _NotSafe(f"{where} is a {t.__module__}.{t.__qualname__}, which the safe model "
+                       "format does not hold")
+
+    def _encode_torch(self, obj, where):
         import torch
-        import torch.storage as ts
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    if torch.cuda.is_available():
-        yield
-        return
-    import io
 
-    original = ts._load_from_bytes
-    ts._load_from_bytes = lambda b: torch.load(io.BytesIO(b), map_location="cpu", weights_only=False)
+        if isinstance(obj, torch.Tensor) and type(obj) in (torch.Tensor, torch.nn.Parameter):
+            if obj.layout != torch.strided or obj.is_quantized:
+                raise _NotSafe(f"{where} is a {obj.layout} tensor")
+            # a copy if on a GPU: the caller's tensor is untouched
+            t = obj.detach().to("cpu").contiguous()
+            if t.dtype == torch.bfloat16:  # numpy has no bfloat16: keep its exact bits
+                arr = t.view(torch.int16).numpy().view(np.uint16)
+            else:
+                try:
+                    arr = t.numpy()
+                except (TypeError, RuntimeError):
+                    raise _NotSafe(f"{where} is a tensor of dtype {t.dtype}") from None
+            return {"__type__": "tensor", "key": self.add(arr),
+                    "dtype": str(t.dtype).removeprefix("torch."),
+                    "parameter": type(obj) is torch.nn.Parameter,
+                    "requires_grad": bool(obj.requires_grad)}
+        if isinstance(obj, torch.dtype):
+            return {"__type__": "torch.dtype", "name": str(obj).removeprefix("torch.")}
+        if isinstance(obj, torch.device):
+            return {"__type__": "torch.device", "str": str(obj)}
+        if type(obj) is torch.Size:
+            return {"__type__": "torch.Size", "items": [int(v) for v in obj]}
+        return None
+
+    def _state(self, obj):
+        getter = getattr(obj, "__featlearn_getstate__", None) or obj.__getstate__
+        state = getter()  # the class decides what is transient (e.g. a generator)
+        if state is None:
+            return {}
+        if not isinstance(state, dict):
+            raise _NotSafe(f"{type(obj).__qualname__}.__getstate__ returned a "
+                           f"{type(state).__name__}")
+        return state
+
+    def _encode_estimator(self, obj, name, where):
+        state = self._state(obj)
+        try:
+            names = set(obj._get_param_names())
+        except Exception:
+            names = set()
+        params = {k: v for k, v in state.items() if k in names}
+        rest = {k: v for k, v in state.items() if k not in names}
+        for k in list(params) + list(rest):
+            if not isinstance(k, str):
+                raise _NotSafe(f"{where} has an attribute named {k!r}")
+        return {"__type__": "object", "class": name,
+                "params": {k: self.encode(v, f"{where}.{k}") for k, v in params.items()},
+                "state": {k: self.encode(v, f"{where}.{k}") for k, v in rest.items()}}
+
+    def _encode_module(self, obj, name, where):
+        state = self._state(obj)
+        internal = _module_internals()
+        out = {"__type__": "module", "class": name, "training": bool(state.get("training", True)),
+               "parameters": {}, "buffers": {}, "modules": {},
+               "non_persistent": sorted(state.get("_non_persistent_buffers_set", ())), "attrs": {}}
+        for k, v in state.items():
+            if k in ("training", "_non_persistent_buffers_set"):
+                continue
+            if k in ("_parameters", "_buffers", "_modules"):
+                out[k[1:]] = {n: self.encode(m, f"{where}.{n}") for n, m in v.items()}
+            elif k in internal:
+                if v:
+                    raise _NotSafe(f"{where} has hooks ({k}), which the safe format does not hold")
+            else:
+                out["attrs"][k] = self.encode(v, f"{where}.{k}")
+        return out
+
+
+def _is_module(obj):
+    import torch
+
+    return isinstance(obj, torch.nn.Module)
+
+
+class _Decoder:
+    """JSON tree + arrays -> objects; only :data:`SAFE_CLASSES` are instantiated."""
+
+    def __init__(self, arrays):
+        self.arrays = arrays
+        self.classes = _safe_classes()[0]
+
+    def array(self, node):
+        key = node["key"]
+        if not isinstance(key, str) or key == _JSON_KEY or key not in self.arrays:
+            raise KeyError(f"array {key!r} is missing")
+        return self.arrays[key]
+
+    def decode(self, node):
+        if node is None or isinstance(node, (bool, int, float, str)):
+            return node
+        if isinstance(node, list):
+            return [self.decode(v) for v in node]
+        if not isinstance(node, dict):
+            raise TypeError(f"unexpected JSON value {node!r}")
+        kind = node.get("__type__")
+        if kind is None:
+            return {k: self.decode(v) for k, v in node.items()}
+        if kind == "tuple":
+            return tuple(self.decode(v) for v in node["items"])
+        if kind in ("set", "frozenset"):
+            return (set if kind == "set" else frozenset)(self.decode(v) for v in node["items"])
+        if kind == "dict":
+            cls = collections.OrderedDict if node.get("ordered") else dict
+            return cls((self.decode(k), self.decode(v)) for k, v in node["items"])
+        if kind == "ndarray":
+            return self.array(node)
+        if kind == "npscalar":
+            return self.array(node)[()]
+        if kind == "dtype":
+            return np.dtype(str(node["str"]))
+        if kind == "tensor":
+            return self.tensor(node)
+        if kind == "torch.dtype":
+            import torch
+
+            dtype = getattr(torch, str(node["name"]), None)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"unknown torch dtype {node['name']!r}")
+            return dtype
+        if kind == "torch.device":
+            import torch
+
+            return torch.device(str(node["str"]))
+        if kind == "torch.Size":
+            import torch
+
+            return torch.Size([int(v) for v in node["items"]])
+        if kind in ("object", "module"):
+            return self.instance(node, kind)
+        raise ValueError(f"unknown entry type {kind!r}")
+
+    def tensor(self, node):
+        import torch
+
+        arr = self.array(node)
+        dtype = getattr(torch, str(node["dtype"]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown torch dtype {node['dtype']!r}")
+        if dtype == torch.bfloat16:
+            if arr.dtype != np.uint16:
+                raise ValueError("a bfloat16 tensor must be stored as uint16")
+            t = torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+        else:
+            t = torch.from_numpy(arr)
+            if t.dtype != dtype:
+                raise ValueError(f"tensor stored as {arr.dtype} but recorded as {dtype}")
+        if node.get("parameter"):
+            return torch.nn.Parameter(t, requires_grad=bool(node.get("requires_grad", True)))
+        return t.requires_grad_(bool(node.get("requires_grad", False)))
+
+    def instance(self, node, kind):
+        name = node["class"]
+        cls = self.classes.get(name) if isinstance(name, str) else None
+        if cls is None:
+            raise ValueError(f"class {name!r} is not one a featlearn model may contain")
+        if (kind == "module") != _is_module_class(cls):
+            what = "torch module" if kind == "module" else "estimator"
+            raise ValueError(f"class {name!r} is not a {what}")
+        obj = cls.__new__(cls)
+        if kind == "module":
+            import torch
+
+            torch.nn.Module.__init__(obj)
+            obj.__dict__.update({k: self.decode(v) for k, v in node["attrs"].items()})
+            obj.training = bool(node["training"])
+            for key in ("parameters", "buffers", "modules"):
+                getattr(obj, f"_{key}").update({k: self.decode(v) for k, v in node[key].items()})
+            obj._non_persistent_buffers_set = set(node["non_persistent"])
+            return obj
+        state = {k: self.decode(v) for k, v in node["params"].items()}
+        state.update({k: self.decode(v) for k, v in node["state"].items()})
+        restore = (getattr(obj, "__featlearn_setstate__", None)
+                   or getattr(obj, "__setstate__", None))
+        if restore is not None:
+            restore(state)  # the class's own restore (e.g. rebuilding a generator)
+        else:
+            obj.__dict__.update(state)
+        return obj
+
+
+def _is_module_class(cls):
+    import torch
+
+    return issubclass(cls, torch.nn.Module)
+
+
+def _load_safe(path):
     try:
-        yield
-    finally:
-        ts._load_from_bytes = original
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        raw = arrays.pop(_JSON_KEY, None)
+        if raw is None:
+            raise KeyError(f"no {_JSON_KEY} entry")
+        if raw.dtype != np.uint8 or raw.ndim != 1:
+            raise TypeError(f"{_JSON_KEY} is not a byte string")
+        doc = json.loads(raw.tobytes().decode("utf-8"))
+        if not isinstance(doc, dict) or doc.get("format") != _FORMAT_NAME:
+            raise ValueError("not a featlearn model document")
+        version = doc.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(f"format version {version!r} is newer than this featlearn reads "
+                             f"({FORMAT_VERSION}); upgrade featlearn")
+        meta = doc.get("metadata")
+        if not isinstance(meta, dict):
+            raise TypeError("metadata is not a JSON object")
+        model = _Decoder(arrays).decode(doc["model"])
+    except MemoryError:
+        raise
+    except Exception as exc:  # any decoding failure is the file's fault: one clear error
+        raise _corrupt(path, f"{type(exc).__name__}: {exc}") from None
+    return model, meta
 
+
+# -- pickle --------------------------------------------------------------------------------------
+
+class _CPUPickler(pickle.Pickler):
+    """Pickles tensors from CPU copies, so a CUDA-fitted model unpickles anywhere, unmodified."""
+
+    def reducer_override(self, obj):
+        mod = type(obj).__module__
+        if mod.startswith("torch") and hasattr(obj, "device") and hasattr(obj, "detach"):
+            import torch
+
+            if isinstance(obj, torch.Tensor) and obj.device.type != "cpu":
+                cpu = obj.detach().to("cpu")
+                if isinstance(obj, torch.nn.Parameter):
+                    cpu = torch.nn.Parameter(cpu, requires_grad=obj.requires_grad)
+                else:
+                    cpu.requires_grad_(obj.requires_grad)
+                return cpu.__reduce_ex__(_PICKLE_PROTOCOL)
+        return NotImplemented
+
+
+def _load_pickle(path):
+    import joblib
+
+    try:
+        with warnings.catch_warnings():  # as in save_model
+            warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
+            blob = joblib.load(path)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise _corrupt(path, f"unpickling failed ({type(exc).__name__}: {exc})") from None
+    if isinstance(blob, dict) and blob.get(_PICKLE_MARK):
+        return blob["model"], blob.get("metadata") or {}
+    if hasattr(blob, "get_params"):
+        warnings.warn(f"{path} carries no featlearn metadata (not saved by featlearn's "
+                      "save_model); its versions cannot be checked", UserWarning, stacklevel=3)
+        return blob, {}
+    raise _corrupt(path, f"it holds a pickled {type(blob).__name__}, not an estimator")
+
+
+# -- devices -------------------------------------------------------------------------------------
 
 def _estimators(obj, seen=None):
     """Every scikit-learn estimator reachable from ``obj`` (parameters and fitted attributes)."""
@@ -109,7 +626,7 @@ def _estimators(obj, seen=None):
     seen.add(id(obj))
     if hasattr(obj, "get_params") and hasattr(obj, "set_params"):
         yield obj
-        for v in list(_params(obj).values()) + list(vars(obj).values()):
+        for v in vars(obj).values():
             yield from _estimators(v, seen)
     elif isinstance(obj, (list, tuple)):
         for v in obj:
@@ -119,23 +636,9 @@ def _estimators(obj, seen=None):
             yield from _estimators(v, seen)
 
 
-def _to_cpu_inplace(model):
-    try:
-        from featlearn._torch import state_to_cpu
-    except ImportError:  # pragma: no cover
-        return
-    for est in _estimators(model):
-        for k, v in list(vars(est).items()):
-            moved = state_to_cpu(v)
-            if moved is not v:
-                setattr(est, k, moved)
-
-
 def _fix_devices(model, path):
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        return
+    import torch
+
     if torch.cuda.is_available():
         return
     for est in _estimators(model):
@@ -143,12 +646,5 @@ def _fix_devices(model, path):
         if isinstance(dev, (str, torch.device)) and str(dev).startswith("cuda"):
             warnings.warn(f"{path}: {type(est).__name__} was set to device={str(dev)!r}, but CUDA "
                           "is not available here; using device='cpu'", UserWarning, stacklevel=3)
-            est.set_params(device="cpu")
-
-
-def encoder_of(model):
-    """The feature-producing part of a saved model: a Pipeline's ``encoder`` step, else the model."""
-    steps = getattr(model, "named_steps", None)
-    if steps is not None and "encoder" in steps:
-        return steps["encoder"]
-    return model
+            with contextlib.suppress(ValueError):
+                est.set_params(device="cpu")
