@@ -4,8 +4,8 @@
 applies them to *every* patch of every image, chunk by chunk, so that no patch matrix larger than
 one cache-sized chunk ever exists.
 
-How the work is laid out (the measured reasoning behind it)
------------------------------------------------------------
+How the work is laid out
+------------------------
 Per chunk of ``B`` images with ``L`` patch positions each:
 
 1. im2col in the library's HWC layout (:func:`featlearn.patches.flatten_patches`): ``(B*L, d)``.
@@ -17,17 +17,14 @@ Per chunk of ``B`` images with ``L`` patch positions each:
 4. Activation and pooling in place on that buffer (clamp, sqrt, mean over K, ``max(0, mu - z)``,
    pooled rows first, then columns), each a single contiguous pass.
 
-Folding the normalization and whitening into the centroids (filters ``F = W c``, per-position
-scalar corrections from box filters) costs exactly the same products: ``||y||^2`` still needs the
-``d x d'`` whitening products, and then ``y . c`` is as cheap as ``x . F``. The explicit form has
-better float32 conditioning (no ``x.F - m * sum(F)`` cancellation on raw pixels) and needs no
-per-row rescaling pass over the ``K`` columns, so it is the one used here. The big product is a
-plain GEMM rather than a convolution because, measured on the 2-core AVX-512 CPU this was written
-on (torch 2.13, oneDNN), ``torch.mm`` on ``729*B x 108 x 1600`` ran at 178-201 GFLOP/s for B=1..4
-images while ``conv2d`` with the 1600 filters ran at 168-177 GFLOP/s in channels-last and
-16-61 GFLOP/s in NCHW, and the convolution's output would still need the per-row corrections.
-Chunks are kept at a few images on the CPU: the GEMM is fastest there (the elementwise passes
-then run from cache); on a GPU the chunk is sized from free memory.
+Why not fold normalization and whitening into the centroids (filters ``F = W c``, per-position
+corrections from box filters): it saves no products (``||y||^2`` still needs the ``d x d'``
+whitening products, and ``y . c`` then costs what ``x . F`` would), it has worse float32
+conditioning (``x.F - m * sum(F)`` cancels on raw pixels), and it needs a rescaling pass over the
+``K`` columns. Why a GEMM and not ``conv2d``: on the CPUs measured, ``torch.mm`` on
+``(L*B, d) x (d, K)`` outran ``conv2d`` with the ``K`` filters (benchmarks/results/encode.md),
+and a convolution's output would still need the per-row corrections. Chunks are a few images on
+the CPU, so the elementwise passes run from cache; on a GPU the chunk is sized from free memory.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 Layout: a ``p x p`` patch of a ``C``-channel image is flattened in HWC order, i.e. element
 ``(r, c, ch)`` of the patch lands at index ``(r * p + c) * C + ch``. Every stage that turns
 patches into vectors (sampling here, dense encoding in :mod:`featlearn.encoding`, the reference
-implementations in the tests) goes through :func:`flatten_patches` / :func:`unflatten_patches`,
-so the layout used to fit the dictionary is by construction the one used to encode images.
+implementations in the tests) goes through :func:`flatten_patches`, so the layout used to fit the
+dictionary is by construction the one used to encode images; :func:`unflatten_patches` turns
+vectors (e.g. centroids, for pictures) back into patches.
 """
 
 from __future__ import annotations

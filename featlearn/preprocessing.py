@@ -1,8 +1,8 @@
 """Patch-space preprocessing: per-patch contrast normalization and ZCA/PCA whitening.
 
-Both are fitted on sampled patches and applied again, densely, inside
-:class:`featlearn.PatchEncoder`; their fitted state (``eps``, ``ddof``, ``mean_``,
-``whitening_``) is exactly what the encoder folds into its filters.
+Both are fitted on sampled patches and applied again, densely, to every patch of every image
+inside :class:`featlearn.PatchEncoder`, which reads their fitted state (``eps``, ``ddof``,
+``mean_``, ``whitening_``) and applies it to its patch chunks in torch.
 """
 
 from __future__ import annotations
