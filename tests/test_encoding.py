@@ -2,7 +2,7 @@
 
 The reference below is deliberately the slow, obvious algorithm (every patch materialized with
 numpy, the fitted estimators' own ``transform``, explicit float64 distances, explicit pooling
-loops), so the fast path's folding, augmented GEMM and fused pooling are checked against
+loops), so the fast path's chunked whitening, augmented GEMM and fused pooling are checked against
 something that shares none of their tricks.
 """
 
