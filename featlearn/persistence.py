@@ -14,7 +14,6 @@ import numpy as np
 
 from . import __version__
 from ._io import atomic_path
-from .fingerprints import _params
 
 
 def model_metadata(config=None, **extra) -> dict:
@@ -109,7 +108,7 @@ def _estimators(obj, seen=None):
     seen.add(id(obj))
     if hasattr(obj, "get_params") and hasattr(obj, "set_params"):
         yield obj
-        for v in list(_params(obj).values()) + list(vars(obj).values()):
+        for v in list(obj.get_params(deep=False).values()) + list(vars(obj).values()):
             yield from _estimators(v, seen)
     elif isinstance(obj, (list, tuple)):
         for v in obj:

@@ -62,18 +62,14 @@ def _code_fingerprint() -> str:
 
 
 def encoder_cache_key(encoder) -> dict:
-    """What can change the encoder's output: its parameters (all but ``verbose`` and
-    ``n_jobs``) and the code of the feature stages.
-
-    Nested estimators are named by class; their own parameters appear expanded
-    (``kmeans__n_clusters``), so a progress-bar setting never invalidates cached features.
+    """What can change the encoder's output: its class, its result parameters and those of its
+    nested estimators (:func:`featlearn.fingerprints.params_fingerprint`, which leaves out the
+    same execution-only parameters as extraction), and the code of the feature stages.
     """
-    from sklearn.base import BaseEstimator
+    from featlearn.fingerprints import params_fingerprint
 
-    params = {k: (type(v).__name__ if isinstance(v, BaseEstimator) else v)
-              for k, v in encoder.get_params(deep=True).items()
-              if not k.endswith(("verbose", "n_jobs"))}
-    return params | {"class": type(encoder).__name__, "code": _code_fingerprint()}
+    return {"class": type(encoder).__name__, "params": params_fingerprint(encoder),
+            "code": _code_fingerprint()}
 
 
 def encode_cached(encoder, X_train, X_test, cache=None, verbose=0):

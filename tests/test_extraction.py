@@ -1,4 +1,5 @@
-"""Cached, resumable feature extraction (featlearn.jobs) and the fit/extract commands."""
+"""Cached, resumable feature extraction (featlearn.extraction): caching, damage, crashes, kills,
+write failures, what it refuses to overwrite, and the worker processes it must not leak."""
 
 import errno
 import fcntl
@@ -14,56 +15,17 @@ from pathlib import Path
 import joblib
 import numpy as np
 import pytest
-from sklearn.base import BaseEstimator, TransformerMixin
 
 import featlearn.extraction as jobs
+from featlearn._io import OutputExistsError
 from featlearn.extraction import ExtractionError, extract_features
 from featlearn.fingerprints import model_fingerprint
 from featlearn.persistence import load_model, save_model
 
+from conftest import Slow, tiny_encoder
+
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-
-
-def tiny_encoder(images, seed=0):
-    """A small real PatchEncoder (3x3 patches, K=8) fitted on ``images``."""
-    from featlearn.encoding import PatchEncoder
-    from featlearn.kmeans import MiniBatchKMeans
-
-    enc = PatchEncoder(patch_size=3, n_patches=500, device="cpu", random_state=seed,
-                       kmeans=MiniBatchKMeans(n_clusters=8, random_state=seed, device="cpu"))
-    return enc.fit(images)
-
-
-class Slow(TransformerMixin, BaseEstimator):
-    """Wraps a fitted encoder and sleeps per call, so a job is slow enough to be killed mid-run."""
-
-    def __init__(self, encoder=None, delay=0.2):
-        self.encoder = encoder
-        self.delay = delay
-
-    def fit(self, X, y=None):
-        return self
-
-    def transform(self, X):
-        time.sleep(self.delay)
-        return self.encoder.transform(X)
-
-
-@pytest.fixture(scope="module")
-def images():
-    rng = np.random.RandomState(0)
-    return rng.randint(0, 256, size=(60, 8, 8, 3)).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def encoder(images):
-    return tiny_encoder(images, seed=0)
-
-
-@pytest.fixture(scope="module")
-def expected(encoder, images):
-    return np.concatenate([encoder.transform(images[i:i + 7]) for i in range(0, len(images), 7)])
 
 
 @pytest.fixture
@@ -72,9 +34,9 @@ def count_chunks(monkeypatch):
     calls = []
     original = jobs._encode_chunk
 
-    def counting(encoder, chunk, flip, index):
+    def counting(encoder, chunk, flip, index, *args):
         calls.append(index)
-        return original(encoder, chunk, flip, index)
+        return original(encoder, chunk, flip, index, *args)
 
     monkeypatch.setattr(jobs, "_encode_chunk", counting)
     return calls
@@ -414,92 +376,3 @@ def test_progress_and_summary(encoder, images, tmp_path, capsys):
     assert "GFLOP/s" in summary and "f.npy (60 x" in summary
 
 
-# -- saved models and the command line -----------------------------------------------------------
-
-def test_model_saved_by_another_version_warns(encoder, tmp_path):
-    path = tmp_path / "m.joblib"
-    meta = save_model(encoder, path, config={"name": "x"})
-    assert {"featlearn", "torch", "sklearn", "saved_at"} <= set(meta)
-    blob = joblib.load(path)
-    blob["metadata"]["featlearn"] = "0.0.1"
-    joblib.dump(blob, path)
-    with pytest.warns(UserWarning, match="saved by featlearn 0.0.1.*loaded by featlearn"):
-        model, meta = load_model(path, return_metadata=True)
-    assert meta["config"] == {"name": "x"}
-
-
-def test_model_pickled_before_a_parameter_existed_loads(encoder, tmp_path):
-    old = Slow(encoder, delay=0.0)
-    del old.delay  # as if Slow had gained ``delay`` after this model was saved
-    save_model(old, tmp_path / "m.joblib")
-    model = load_model(tmp_path / "m.joblib")
-    assert model_fingerprint(model) == model_fingerprint(old)
-    assert model_fingerprint(model) != model_fingerprint(Slow(encoder, delay=0.0))
-
-
-def test_cuda_device_is_switched_to_cpu_without_cuda(encoder, tmp_path, monkeypatch):
-    import torch
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    path = tmp_path / "m.joblib"
-    save_model(Slow(encoder), path)
-    blob = joblib.load(path)
-    blob["model"].encoder.set_params(device="cuda:0")
-    joblib.dump(blob, path)
-    with pytest.warns(UserWarning, match="CUDA is not available here; using device='cpu'"):
-        model = load_model(path)
-    assert model.encoder.device == "cpu"
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs CUDA")
-def test_gpu_fitted_model_loads_on_cpu(images, tmp_path):
-    from featlearn.encoding import PatchEncoder
-    from featlearn.kmeans import MiniBatchKMeans
-
-    enc = PatchEncoder(patch_size=3, n_patches=500, device="cuda", random_state=0,
-                       kmeans=MiniBatchKMeans(n_clusters=8, random_state=0, device="cuda"))
-    enc.fit(images)
-    save_model(enc, tmp_path / "gpu.joblib")
-    np.save(tmp_path / "x.npy", images)
-    code = ("import sys, numpy as np, warnings; from featlearn.persistence import load_model; "
-            f"m = load_model({str(tmp_path / 'gpu.joblib')!r}); "
-            f"np.save({str(tmp_path / 'cpu.npy')!r}, m.transform(np.load({str(tmp_path / 'x.npy')!r})))")
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    np.testing.assert_allclose(np.load(tmp_path / "cpu.npy"), enc.transform(images), rtol=1e-4,
-                               atol=1e-4)
-
-
-def test_cli_fit_then_extract_round_trip(images, tmp_path):
-    from featlearn.cli import main
-
-    config = tmp_path / "tiny.json"
-    config.write_text(json.dumps({"name": "tiny", "params": {
-        "n_centroids": 8, "classifier": "svm", "device": "cpu",
-        "encoder__patch_size": 3, "encoder__n_patches": 500, "classifier__max_epochs": 2}}))
-    src, labels = tmp_path / "x.npy", tmp_path / "y.npy"
-    np.save(src, images)
-    np.save(labels, np.arange(len(images)) % 3)
-    model = tmp_path / "model.joblib"
-    assert main(["fit", str(config), "--data", str(src), "--out", str(model)]) == 0
-    encoder, meta = load_model(model, return_metadata=True)
-    assert meta["config"]["name"] == "tiny" and meta["n_images"] == 60
-    out = tmp_path / "features.npy"
-    assert main(["extract", "--model", str(model), "--data", str(src), "--out", str(out),
-                 "--flip", "--quiet"]) == 0
-    np.testing.assert_allclose(np.load(out), encoder.transform(images[:, :, ::-1]), rtol=1e-5,
-                               atol=1e-5)
-
-    full = tmp_path / "pipe.joblib"
-    assert main(["fit", str(config), "--data", str(src), "--labels", str(labels), "--out",
-                 str(full), "--with-classifier"]) == 0
-    pipe = load_model(full)
-    assert pipe.predict(images).shape == (60,)
-    assert main(["extract", "--model", str(full), "--data", str(src), "--out",
-                 str(tmp_path / "p.npy"), "--quiet"]) == 0
-    np.testing.assert_allclose(np.load(tmp_path / "p.npy"),
-                               pipe.named_steps["encoder"].transform(images), rtol=1e-5, atol=1e-5)
-    assert main(["fit", str(config), "--data", str(src), "--out", str(full),
-                 "--with-classifier"]) == 1  # no labels for an .npy: a clear error
