@@ -8,10 +8,12 @@ registered in :data:`_COMMANDS`; library imports happen inside the run functions
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import signal
 import sys
 import time
+import warnings
 
 
 def _positive_int(text):
@@ -113,6 +115,18 @@ def _add_reproduce(sub, parent):
                    help="use the first N test images")
 
 
+def _check_device(device):
+    """A ``--device`` typo is a one-line error before any work (torch raises RuntimeError)."""
+    if device is None:
+        return
+    from featlearn._torch import resolve_device
+
+    try:
+        resolve_device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"invalid --device {device!r}: {exc}") from exc
+
+
 def _configs_description():
     from featlearn.pipeline import available_configs
 
@@ -142,12 +156,20 @@ def _run_reproduce(args):
     else:
         Path("results").mkdir(exist_ok=True)
         out = default_results_dir(config["name"], "results")
+    _check_device(args.device)
     # Before loading data or fitting: a long run must not end in a refused or failed write.
+    created = not out.exists()
     out = prepare_results_dir(out, overwrite=args.force)
-    data = load_data(args)
-    results, _ = run(config, data, out=out, cache=args.cache, device=args.device,
-                     n_train=args.n_train, n_test=args.n_test, overwrite=args.force,
-                     verbose=args.verbose)
+    try:
+        data = load_data(args)
+        results, _ = run(config, data, out=out, cache=args.cache, device=args.device,
+                         n_train=args.n_train, n_test=args.n_test, overwrite=args.force,
+                         verbose=args.verbose)
+    except BaseException:
+        if created:  # leave no empty folder behind
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
     print(results_markdown(results))
     print(f"results written to {out}/")
     return 0
@@ -329,6 +351,9 @@ def main(argv=None) -> int:
         return 2
     prefix = f"featlearn {args.command}: error:"
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    format_warning = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *a, **k: (
+        f"featlearn {args.command}: warning: {' '.join(str(message).split())}\n")
     try:
         return int(args._run(args) or 0)
     except _Terminated:
@@ -342,6 +367,7 @@ def main(argv=None) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
+        warnings.formatwarning = format_warning
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -169,16 +169,21 @@ def extract_features(encoder, images, out, *, batch_size="auto", n_jobs=None, re
 
     with _exclusive_lock(paths.lock):
         manifest = _read_manifest(paths.manifest, say) if resume else None
+        width = None
+        if manifest is None or manifest["key"] != key:
+            # One image through the encoder: the output width, and a clear error for images
+            # the model cannot encode (wrong size or layout), before anything on disk changes.
+            # (A result of this very model and these images is trusted as it is.)
+            width = _output_width(encoder, images, flip)
         state = _reuse(manifest, key, batch_size, paths, say) if manifest is not None else None
         if state is not None and state["complete"]:
             say.info(f"{out} is up to date ({n} images x {state['n_features']} features); "
                      "nothing to do")
             return np.load(out, mmap_mode="r")
         if state is None:
-            # One image through the encoder: the output width, and a clear error for images
-            # the model cannot encode (wrong size or layout), before anything on disk changes
-            # (_reuse changes nothing unless the model and images are those of the result).
-            state = _start(_output_width(encoder, images, flip), key, batch_size, paths)
+            if width is None:
+                width = _output_width(encoder, images, flip)
+            state = _start(width, key, batch_size, paths)
         _run_chunks(encoder, images, state, flip, n_jobs, paths, say, t_start)
         _finish(state, paths)
     say.summary(state, out, time.perf_counter() - t_start, _flops_per_image(encoder, images))
