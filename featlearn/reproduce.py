@@ -212,8 +212,8 @@ _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
 def safe_folder_name(name) -> str:
-    """``name`` reduced to ``[A-Za-z0-9._-]``, without leading dots: never a path, ``.`` or ``..``."""
-    safe = _SAFE_NAME.sub("_", str(name)).lstrip(".")
+    """``name`` reduced to ``[A-Za-z0-9._-]``, without leading dots or underscores: never a path, ``.`` or ``..``."""
+    safe = _SAFE_NAME.sub("_", str(name)).lstrip("._")
     return safe or "results"
 
 
