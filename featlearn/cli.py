@@ -113,6 +113,24 @@ def _add_reproduce(sub, parent):
                    help="use the first N training images (smoke runs; default all)")
     p.add_argument("--n-test", type=_positive_int, default=None,
                    help="use the first N test images")
+    p.add_argument("--set", dest="overrides", action="append", default=[], type=_param_override,
+                   metavar="PARAM=VALUE",
+                   help="override one of the configuration's params (VALUE is JSON, else a "
+                        "string), e.g. --set n_centroids=16 --set encoder__n_patches=2000; "
+                        "recorded in results.json (repeatable)")
+
+
+def _param_override(text):
+    """argparse type: ``PARAM=VALUE`` with VALUE parsed as JSON (a bare word stays a string)."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+        raise argparse.ArgumentTypeError(f"expected PARAM=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
 
 
 def _check_device(device):
@@ -151,6 +169,8 @@ def _run_reproduce(args):
     from featlearn.reproduce import default_results_dir, prepare_results_dir, results_markdown, run
 
     config = load_config(args.config)
+    if args.overrides:
+        config = {**config, "params": {**config["params"], **dict(args.overrides)}}
     if args.out is not None:
         out = Path(args.out)
     else:
