@@ -292,7 +292,7 @@ def _run_extract(args):
     from featlearn.persistence import encoder_of, load_model
 
     encoder = encoder_of(load_model(args.model))
-    if args.device is not None and "device" in encoder.get_params():
+    if args.device is not None and "device" in getattr(encoder, "get_params", dict)():
         encoder.set_params(device=args.device)
     features = extract_features(encoder, load_images(args), args.out, batch_size=args.batch_size,
                                 n_jobs=args.n_jobs, resume=not args.no_resume, flip=args.flip,

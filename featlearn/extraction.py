@@ -12,7 +12,8 @@ For ``out="features.npy"`` three files live side by side:
     The output while the job runs: a ``.npy`` file created at full size up front (and
     preallocated with ``posix_fallocate``, so a full disk is an ``OSError`` at the start rather
     than a ``SIGBUS`` in the middle of a memory-mapped write). Only the finished job is renamed
-    to ``features.npy``, so a half-written file is never mistaken for a result.
+    to ``features.npy``, so a half-written file is never mistaken for a result, and an earlier
+    result there stays whole until the new one replaces it.
 ``features.npy.manifest.json``
     The cache key (a fingerprint of the model's fitted state, a hash of the input images, their
     shape, the flip flag), the chunk size and, for every finished chunk, the CRC-32 of its
@@ -21,6 +22,11 @@ For ``out="features.npy"`` three files live side by side:
     chunk whose bytes might not be on disk. The manifest carries its own checksum.
 ``features.npy.lock``
     An advisory ``flock`` held while a job writes, so two processes never write one output.
+
+Before anything is written, the inputs are validated (image shape, dtype and finiteness, a
+fitted encoder on a valid device, one image actually encoded) and ``out`` is checked: an
+existing file that no manifest names, or one of the job's inputs, is refused
+(:class:`featlearn._io.OutputExistsError`) unless ``overwrite=True`` (never for an input).
 
 On a rerun, the manifest is read and checked: a different model, different images or a changed
 chunk size start over (with a message saying which); a corrupt manifest, or an output whose
@@ -148,6 +154,8 @@ def extract_features(encoder, images, out, *, batch_size="auto", n_jobs=None, re
     inputs = [*inputs, getattr(images, "filename", None)]
     if not out.parent.is_dir():
         raise ExtractionError(errno.ENOENT, f"output directory {out.parent} does not exist")
+    if out.is_dir():
+        raise ExtractionError(errno.EISDIR, f"output {out} is a folder; give a file name")
     if not os.access(out.parent, os.W_OK | os.X_OK):
         raise ExtractionError(errno.EACCES, f"output directory {out.parent} is not writable; "
                                             "choose another --out")
