@@ -64,7 +64,7 @@ import joblib
 import numpy as np
 
 from . import __version__
-from ._io import OutputExistsError, atomic_path, check_output  # noqa: F401 (re-exported)
+from ._io import OutputExistsError, atomic_path, check_output, same_file
 from ._logging import log, progress
 from .fingerprints import data_fingerprint, iter_blocks, model_fingerprint
 
@@ -159,8 +159,11 @@ def extract_features(encoder, images, out, *, batch_size="auto", n_jobs=None, re
     if not os.access(out.parent, os.W_OK | os.X_OK):
         raise ExtractionError(errno.EACCES, f"output directory {out.parent} is not writable; "
                                             "choose another --out")
-    for p in (out, paths.partial, paths.manifest, paths.lock):
-        check_output(p, inputs=inputs, is_ours=lambda _: True, what="output")
+    for p in (paths.partial, paths.manifest, paths.lock):  # the files kept beside ``out``
+        for src in inputs:
+            if src is not None and same_file(p, src):
+                raise OutputExistsError(errno.EEXIST, f"{p} (kept beside output {out}) is also "
+                                                      f"an input ({src}); choose another --out")
     check_output(out, inputs=inputs, overwrite=overwrite, what="output",
                  is_ours=lambda p: _names_output(paths.manifest, p))
     _check_encoder(encoder)

@@ -558,3 +558,17 @@ def test_killed_parallel_job_leaves_no_worker_alive(encoder, tmp_path, sig):
     proc.communicate(timeout=10)
     if sig == signal.SIGINT:
         assert proc.returncode == 130
+
+
+def test_files_kept_beside_the_output_are_never_an_input(encoder, images, tmp_path):
+    src = tmp_path / "f.npy.partial"
+    with open(src, "wb") as fh:  # np.save(path) would append ".npy"
+        np.save(fh, images)
+    before = src.read_bytes()
+    with pytest.raises(OutputExistsError, match="kept beside output"):
+        extract_features(encoder, np.load(src, mmap_mode="r"), tmp_path / "f.npy", overwrite=True,
+                         verbose=0)
+    assert src.read_bytes() == before
+    (tmp_path / "dir.npy").mkdir()
+    with pytest.raises(ExtractionError, match="is a folder"):
+        extract_features(encoder, images, tmp_path / "dir.npy", overwrite=True, verbose=0)
