@@ -155,3 +155,15 @@ def test_library_run_checks_the_folder_first(tmp_path, archive):
         run({"name": "t", "params": TINY}, data, out=out, n_train=60, n_test=20, verbose=0)
     with pytest.raises(ValueError, match="n_train must be a positive int"):
         run({"name": "t", "params": TINY}, data, n_train=-400, verbose=0)
+
+
+def test_results_follow_the_umask(tmp_path, archive):
+    out = tmp_path / "out"
+    old = os.umask(0o077)
+    try:
+        assert reproduce(tiny_config(tmp_path), archive, "--out", out) == 0
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o700
+    for p in out.iterdir():
+        assert p.stat().st_mode & 0o777 == 0o600, p
