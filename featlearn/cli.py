@@ -8,8 +8,39 @@ registered in :data:`_COMMANDS`; library imports happen inside the run functions
 from __future__ import annotations
 
 import argparse
+import contextlib
+import re
+import signal
 import sys
 import time
+import warnings
+
+
+def _positive_int(text):
+    """argparse type: an int >= 1 (a usage error, exit 2, otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _n_jobs(text):
+    """argparse type: a positive int, or -1 for every CPU (joblib's convention)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1 and value != -1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or -1 (all CPUs), got {text!r}")
+    return value
+
+
+def _batch_size(text):
+    """argparse type: "auto" or a positive int."""
+    return "auto" if text == "auto" else _positive_int(text)
 
 
 def _add_data_args(p, *, metavar="ARCHIVE_OR_DIR",
@@ -35,7 +66,7 @@ def _add_info(sub, parent):
                        help="load a CIFAR-10 archive, print its contents, and whiten a sample of "
                             "its patches (a quick check of an install)")
     _add_data_args(p)
-    p.add_argument("--n-patches", type=int, default=100_000)
+    p.add_argument("--n-patches", type=_positive_int, default=100_000)
     p.add_argument("--random-state", type=int, default=0)
 
 
@@ -64,35 +95,101 @@ def _run_info(args):
 # -- reproduce -----------------------------------------------------------------------------------
 
 def _add_reproduce(sub, parent):
-    from featlearn.pipeline import available_configs
-
     p = sub.add_parser(
         "reproduce", parents=[parent],
         help="train a pipelines/ configuration on CIFAR-10's 50,000 training images, "
-             "test on its 10,000 test images, and write results and pictures",
-        description="Configurations: " + ", ".join(available_configs()))
+             "test on its 10,000 test images, and write results and pictures")
+    _lazy_description(p, _configs_description)
     p.add_argument("config", metavar="CONFIG", help="a name from pipelines/ or a JSON file")
     _add_data_args(p)
-    p.add_argument("--out", default=None, help="folder for results.json/.md and the PNGs "
-                                               "(default: results/CONFIG)")
+    p.add_argument("--out", default=None,
+                   help="folder for results.json/.md and the PNGs (default: results/CONFIG); "
+                        "an existing folder must be empty or hold featlearn results")
+    p.add_argument("--force", action="store_true",
+                   help="write into an existing --out folder that does not hold featlearn results")
     p.add_argument("--cache", default=None, help="joblib.Memory folder caching encoded features")
     p.add_argument("--device", default=None, help="torch device (default: the config's, 'auto')")
-    p.add_argument("--n-train", type=int, default=None, help="use the first N training images "
-                                                             "(smoke runs; default all)")
-    p.add_argument("--n-test", type=int, default=None, help="use the first N test images")
+    p.add_argument("--n-train", type=_positive_int, default=None,
+                   help="use the first N training images (smoke runs; default all)")
+    p.add_argument("--n-test", type=_positive_int, default=None,
+                   help="use the first N test images")
+    p.add_argument("--set", dest="overrides", action="append", default=[], type=_param_override,
+                   metavar="PARAM=VALUE",
+                   help="override one of the configuration's params (VALUE is JSON, else a "
+                        "string), e.g. --set n_centroids=16 --set encoder__n_patches=2000; "
+                        "recorded in results.json (repeatable)")
+
+
+def _param_override(text):
+    """argparse type: ``PARAM=VALUE`` with VALUE parsed as JSON (a bare word stays a string)."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+        raise argparse.ArgumentTypeError(f"expected PARAM=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def _check_device(device):
+    """A ``--device`` typo is a one-line error before any work (torch raises RuntimeError)."""
+    if device is None:
+        return
+    from featlearn._torch import resolve_device
+
+    try:
+        resolve_device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"invalid --device {device!r}: {exc}") from exc
+
+
+def _configs_description():
+    from featlearn.pipeline import available_configs
+
+    return "Configurations: " + ", ".join(available_configs())
+
+
+def _lazy_description(parser, make):
+    """Compute ``parser``'s description only when its help is shown (it may import heavy modules)."""
+    format_help = parser.format_help
+
+    def lazy():
+        parser.description = make()
+        return format_help()
+
+    parser.format_help = lazy
 
 
 def _run_reproduce(args):
     from pathlib import Path
 
     from featlearn.pipeline import load_config
-    from featlearn.reproduce import results_markdown, run
+    from featlearn.reproduce import default_results_dir, prepare_results_dir, results_markdown, run
 
     config = load_config(args.config)
-    data = load_data(args)
-    out = Path(args.out) if args.out else Path("results") / config["name"]
-    results, _ = run(config, data, out=out, cache=args.cache, device=args.device,
-                     n_train=args.n_train, n_test=args.n_test, verbose=args.verbose)
+    if args.overrides:
+        config = {**config, "params": {**config["params"], **dict(args.overrides)}}
+    if args.out is not None:
+        out = Path(args.out)
+    else:
+        Path("results").mkdir(exist_ok=True)
+        out = default_results_dir(config["name"], "results")
+    _check_device(args.device)
+    # Before loading data or fitting: a long run must not end in a refused or failed write.
+    created = not out.exists()
+    out = prepare_results_dir(out, overwrite=args.force)
+    try:
+        data = load_data(args)
+        results, _ = run(config, data, out=out, cache=args.cache, device=args.device,
+                         n_train=args.n_train, n_test=args.n_test, overwrite=args.force,
+                         verbose=args.verbose)
+    except BaseException:
+        if created:  # leave no empty folder behind
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
     print(results_markdown(results))
     print(f"results written to {out}/")
     return 0
@@ -205,11 +302,15 @@ def _add_extract(sub, parent):
     p.add_argument("--model", required=True, help="a model saved by 'featlearn fit'")
     p.add_argument("--allow-pickle", action="store_true", help="a pickle runs code: trusted only")
     _add_images_args(p)
-    p.add_argument("--out", required=True, help="features .npy to write")
+    p.add_argument("--out", required=True,
+                   help="features .npy to write; an existing file is replaced only if it is an "
+                        "earlier 'featlearn extract' result (see --force), never --data or --model")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out that is not a featlearn extraction result")
     p.add_argument("--flip", action="store_true", help="encode the horizontally mirrored images")
-    p.add_argument("--n-jobs", type=int, default=None,
-                   help="chunks encoded in parallel (joblib; default one at a time)")
-    p.add_argument("--batch-size", default="auto",
+    p.add_argument("--n-jobs", type=_n_jobs, default=None,
+                   help="chunks encoded in parallel (joblib; -1: all CPUs; default one at a time)")
+    p.add_argument("--batch-size", type=_batch_size, default="auto",
                    help="images per chunk, the unit of resumption (default auto)")
     p.add_argument("--device", default=None, help="torch device (default: the model's)")
     p.add_argument("--no-resume", action="store_true", help="recompute even a finished job")
@@ -220,11 +321,11 @@ def _run_extract(args):
     from featlearn.persistence import encoder_of, load_model
 
     encoder = encoder_of(load_model(args.model, allow_pickle=args.allow_pickle))
-    if args.device is not None and "device" in encoder.get_params():
+    if args.device is not None and "device" in getattr(encoder, "get_params", dict)():
         encoder.set_params(device=args.device)
-    batch = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
-    features = extract_features(encoder, load_images(args), args.out, batch_size=batch,
+    features = extract_features(encoder, load_images(args), args.out, batch_size=args.batch_size,
                                 n_jobs=args.n_jobs, resume=not args.no_resume, flip=args.flip,
+                                overwrite=args.force, inputs=(args.data, args.model),
                                 verbose=args.verbose)
     if not args.verbose:
         print(f"{args.out}: {features.shape[0]} x {features.shape[1]} float32")
@@ -265,20 +366,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that temporary files are cleaned up on the way out."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated
+
+
+def _message(exc) -> str:
+    """One line for an expected error, in the command line's own words."""
+    from featlearn.datasets import ChecksumError
+
+    msg = str(exc)
+    if isinstance(exc, ChecksumError):  # the library says md5=None; the CLI user has --md5
+        msg = re.sub(r"\s*\(?pass md5=None[^)]*\)?", "", msg).rstrip(" ;.")
+        msg += "; check the --md5 value (without --md5 a local archive is not checked)"
+    elif isinstance(exc, OSError) and exc.strerror:  # without the "[Errno 17]" prefix
+        msg = exc.strerror if exc.filename is None else f"{exc.filename}: {exc.strerror}"
+    return " ".join(msg.split()) or type(exc).__name__
+
+
 def main(argv=None) -> int:
+    """Run the ``featlearn`` command; every expected error is one line on stderr.
+
+    Exit codes: 0 success, 1 an error (``featlearn CMD: error: MESSAGE``), 2 a usage error
+    (argparse), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
+    prefix = f"featlearn {args.command}: error:"
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    format_warning = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *a, **k: (
+        f"featlearn {args.command}: warning: {' '.join(str(message).split())}\n")
     try:
         return int(args._run(args) or 0)
+    except _Terminated:
+        print(f"{prefix} terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"{prefix} interrupted", file=sys.stderr)
         return 130
-    except (OSError, ValueError) as exc:
-        print(f"featlearn {args.command}: error: {exc}", file=sys.stderr)
+    except (OSError, ValueError) as exc:  # incl. OutputExistsError, ExtractionError, DatasetError
+        print(f"{prefix} {_message(exc)}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        warnings.formatwarning = format_warning
 
 
 if __name__ == "__main__":  # pragma: no cover

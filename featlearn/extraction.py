@@ -12,7 +12,8 @@ For ``out="features.npy"`` three files live side by side:
     The output while the job runs: a ``.npy`` file created at full size up front (and
     preallocated with ``posix_fallocate``, so a full disk is an ``OSError`` at the start rather
     than a ``SIGBUS`` in the middle of a memory-mapped write). Only the finished job is renamed
-    to ``features.npy``, so a half-written file is never mistaken for a result.
+    to ``features.npy``, so a half-written file is never mistaken for a result, and an earlier
+    result there stays whole until the new one replaces it.
 ``features.npy.manifest.json``
     The cache key (a fingerprint of the model's fitted state, a hash of the input images, their
     shape, the flip flag), the chunk size and, for every finished chunk, the CRC-32 of its
@@ -21,6 +22,11 @@ For ``out="features.npy"`` three files live side by side:
     chunk whose bytes might not be on disk. The manifest carries its own checksum.
 ``features.npy.lock``
     An advisory ``flock`` held while a job writes, so two processes never write one output.
+
+Before anything is written, the inputs are validated (image shape, dtype and finiteness, a
+fitted encoder on a valid device, one image actually encoded) and ``out`` is checked: an
+existing file that no manifest names, or one of the job's inputs, is refused
+(:class:`featlearn._io.OutputExistsError`) unless ``overwrite=True`` (never for an input).
 
 On a rerun, the manifest is read and checked: a different model, different images or a changed
 chunk size start over (with a message saying which); a corrupt manifest, or an output whose
@@ -49,6 +55,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -57,9 +64,9 @@ import joblib
 import numpy as np
 
 from . import __version__
-from ._io import atomic_path
+from ._io import OutputExistsError, atomic_path, check_output, same_file
 from ._logging import log, progress
-from .fingerprints import data_fingerprint, model_fingerprint
+from .fingerprints import data_fingerprint, iter_blocks, model_fingerprint
 
 #: Version of the manifest layout; a manifest with another version is treated as foreign.
 MANIFEST_FORMAT = 1
@@ -82,7 +89,7 @@ def _crc(block: np.ndarray) -> str:
 
 
 def extract_features(encoder, images, out, *, batch_size="auto", n_jobs=None, resume=True,
-                     flip=False, verbose=1):
+                     flip=False, overwrite=False, inputs=(), verbose=1):
     """Encode ``images`` with a fitted ``encoder`` into the ``.npy`` file ``out``, resumably.
 
     Parameters
@@ -95,7 +102,9 @@ def extract_features(encoder, images, out, *, batch_size="auto", n_jobs=None, re
         chunk and never loaded whole.
     out : str or Path
         The output ``.npy`` file. ``out.partial``, ``out.manifest.json`` and ``out.lock`` are
-        kept beside it (see the module docstring).
+        kept beside it (see the module docstring). An existing ``out`` is replaced only when it
+        is an earlier result of this function (its manifest names it) or ``overwrite=True``, and
+        only once the new result is complete.
     batch_size : int or "auto", default="auto"
         Images per chunk: the unit of work, of resumption and of distribution. ``"auto"`` keeps
         the chunk size of a job being resumed, else picks ``min(1024, n/8, 64 MB of output)``.
@@ -108,6 +117,11 @@ def extract_features(encoder, images, out, *, batch_size="auto", n_jobs=None, re
         ``False`` always starts over.
     flip : bool, default=False
         Encode the horizontally mirrored images (a training-set augmentation).
+    overwrite : bool, default=False
+        Replace an existing ``out`` that is not a featlearn extraction result.
+    inputs : iterable of paths, default=()
+        Files this job reads (the images' ``.npy``, the model file): ``out`` may never be one of
+        them, even with ``overwrite``. A memory-mapped ``images`` is added automatically.
     verbose : int, default=1
         0: silent. 1: a progress bar (images/s, ETA), messages about stale or damaged caches,
         and a one-line summary, through the ``featlearn`` logger.
@@ -118,23 +132,41 @@ def extract_features(encoder, images, out, *, batch_size="auto", n_jobs=None, re
 
     Raises
     ------
+    ValueError
+        Bad images (shape, dtype, values not finite as float32), an unfitted encoder, an
+        unknown device, or an encoder that cannot encode these images. Raised before any
+        existing file is touched.
+    OutputExistsError
+        ``out`` is one of the inputs, or exists and is not a featlearn result (without
+        ``overwrite``).
     ExtractionError
         When the output cannot be written (read-only directory, disk full, another job holding
         the lock). Chunks already finished stay recorded; nothing unfinished is marked done.
     """
+    if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+                                 or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
     images = _check_images(images)
     n = images.shape[0]
     out = Path(out).expanduser()
     paths = _Paths(out)
     say = _Reporter(verbose)
+    inputs = [*inputs, getattr(images, "filename", None)]
     if not out.parent.is_dir():
         raise ExtractionError(errno.ENOENT, f"output directory {out.parent} does not exist")
+    if out.is_dir():
+        raise ExtractionError(errno.EISDIR, f"output {out} is a folder; give a file name")
     if not os.access(out.parent, os.W_OK | os.X_OK):
         raise ExtractionError(errno.EACCES, f"output directory {out.parent} is not writable; "
                                             "choose another --out")
-    if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
-                                 or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
+    for p in (paths.partial, paths.manifest, paths.lock):  # the files kept beside ``out``
+        for src in inputs:
+            if src is not None and same_file(p, src):
+                raise OutputExistsError(errno.EEXIST, f"{p} (kept beside output {out}) is also "
+                                                      f"an input ({src}); choose another --out")
+    check_output(out, inputs=inputs, overwrite=overwrite, what="output",
+                 is_ours=lambda p: _names_output(paths.manifest, p))
+    _check_encoder(encoder)
 
     t_start = time.perf_counter()
     key = {
@@ -148,17 +180,59 @@ def extract_features(encoder, images, out, *, batch_size="auto", n_jobs=None, re
 
     with _exclusive_lock(paths.lock):
         manifest = _read_manifest(paths.manifest, say) if resume else None
+        width = None
+        if manifest is None or manifest["key"] != key:
+            # One image through the encoder: the output width, and a clear error for images
+            # the model cannot encode (wrong size or layout), before anything on disk changes.
+            # (A result of this very model and these images is trusted as it is.)
+            width = _output_width(encoder, images, flip)
         state = _reuse(manifest, key, batch_size, paths, say) if manifest is not None else None
         if state is not None and state["complete"]:
             say.info(f"{out} is up to date ({n} images x {state['n_features']} features); "
                      "nothing to do")
             return np.load(out, mmap_mode="r")
         if state is None:
-            state = _start(encoder, images, key, batch_size, flip, paths, say)
+            if width is None:
+                width = _output_width(encoder, images, flip)
+            state = _start(width, key, batch_size, paths)
         _run_chunks(encoder, images, state, flip, n_jobs, paths, say, t_start)
         _finish(state, paths)
     say.summary(state, out, time.perf_counter() - t_start, _flops_per_image(encoder, images))
     return np.load(out, mmap_mode="r")
+
+
+def _names_output(manifest: Path, out: Path) -> bool:
+    """Whether ``out`` is an extraction result: ``manifest`` beside it names it.
+
+    A manifest that exists but cannot be parsed counts too: it is ours, damaged (a torn disk
+    block, an edit), and the job detects and repairs it; a readable one for another file does not.
+    """
+    try:
+        state = json.loads(manifest.read_text())
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        return manifest.is_file()
+    return isinstance(state, dict) and state.get("output") == out.name
+
+
+def _check_encoder(encoder):
+    """A fitted encoder on a valid device (``ValueError``/``NotFittedError`` otherwise)."""
+    from sklearn.utils.validation import check_is_fitted
+
+    if not callable(getattr(encoder, "transform", None)):
+        raise ValueError(f"the model ({type(encoder).__name__}) has no transform method; "
+                         "expected a fitted encoder such as featlearn.PatchEncoder")
+    if hasattr(encoder, "get_params") and hasattr(encoder, "fit"):
+        check_is_fitted(encoder)
+    device = getattr(encoder, "device", None)
+    if device is not None:
+        from ._torch import resolve_device
+
+        try:
+            resolve_device(device)
+        except RuntimeError as exc:  # torch's own "Expected one of cpu, cuda, ..." message
+            raise ValueError(f"invalid device={device!r}: {exc}") from exc
 
 
 class _Paths:
@@ -177,8 +251,15 @@ def _check_images(images):
                          f"{tuple(images.shape)}")
     if images.shape[0] == 0:
         raise ValueError("got an empty set of images")
-    if images.dtype == object:
-        raise ValueError("images must have a numeric dtype, got dtype object")
+    if images.dtype == object or not (np.issubdtype(images.dtype, np.number)
+                                      or images.dtype == np.bool_):
+        raise ValueError(f"images must have a numeric dtype, got dtype {images.dtype}")
+    if np.issubdtype(images.dtype, np.inexact):
+        for block in iter_blocks(images):
+            with np.errstate(over="ignore", invalid="ignore"):
+                if not np.isfinite(np.asarray(block, dtype=np.float32)).all():
+                    raise ValueError("images contain values that are not finite as float32 "
+                                     "(NaN, inf, or beyond float32's range)")
     return images
 
 
@@ -187,8 +268,9 @@ def _auto_chunk(n: int, n_features: int) -> int:
     return int(max(1, min(AUTO_MAX_IMAGES, by_bytes, math.ceil(n / AUTO_MIN_CHUNKS))))
 
 
-def _encode_chunk(encoder, chunk, flip, index):
+def _encode_chunk(encoder, chunk, flip, index, parent=None):
     """Worker side: encode one chunk and return it; never touches the output file."""
+    _watch_parent(parent)
     chunk = np.asarray(chunk)
     if flip:
         chunk = chunk[:, :, ::-1]
@@ -199,17 +281,39 @@ def _encode_chunk(encoder, chunk, flip, index):
     return index, np.ascontiguousarray(Z, dtype=_OUTPUT_DTYPE)
 
 
+_watchdog = None
+
+
+def _watch_parent(parent):
+    """In a worker process that is a child of ``parent``, exit as soon as ``parent`` dies.
+
+    loky keeps its worker processes for reuse, and a parent killed by SIGKILL or SIGTERM runs no
+    cleanup, so without this its workers (each holding a model) live on until loky's idle
+    timeout. A daemon thread started once per worker polls the parent pid: the kernel
+    reparents an orphan, so ``os.getppid()`` changes the moment the parent is gone. Workers
+    that are not our children (remote Dask workers) and in-process threads are left alone.
+    """
+    global _watchdog
+    if _watchdog is not None or parent is None or os.getpid() == parent or os.getppid() != parent:
+        return
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    _watchdog = threading.Thread(target=watch, name="featlearn-parent-watchdog", daemon=True)
+    _watchdog.start()
+
+
 def _output_width(encoder, images, flip) -> int:
-    """Features per image: from ``get_feature_names_out`` when it works, else one transform."""
-    try:
-        return len(encoder.get_feature_names_out())
-    except Exception:  # not implemented, or needs input features: measure instead
-        one = np.asarray(images[:1])
-        Z = np.asarray(encoder.transform(one[:, :, ::-1] if flip else one))
-        if Z.ndim != 2 or Z.shape[0] != 1:
-            raise ValueError(f"encoder.transform returned shape {Z.shape} for one image; "
-                             "expected (1, n_features)")
-        return int(Z.shape[1])
+    """Features per image, measured by encoding the first image (which also validates it)."""
+    one = np.asarray(images[:1])
+    Z = np.asarray(encoder.transform(one[:, :, ::-1] if flip else one))
+    if Z.ndim != 2 or Z.shape[0] != 1:
+        raise ValueError(f"encoder.transform returned shape {Z.shape} for one image; "
+                         "expected (1, n_features)")
+    return int(Z.shape[1])
 
 
 def _reuse(manifest, key, batch_size, paths, say):
@@ -262,20 +366,21 @@ def _reuse(manifest, key, batch_size, paths, say):
     return state
 
 
-def _start(encoder, images, key, batch_size, flip, paths, say):
-    """Begin a fresh job: manifest first (no chunk done), then the preallocated output."""
+def _start(d, key, batch_size, paths):
+    """Begin a fresh job: manifest first (no chunk done), then the preallocated ``.partial``.
+
+    An existing finished ``out`` is left in place: the new result replaces it only when
+    complete (:func:`_finish`), so a job that fails or is killed never costs the old one.
+    """
     n = key["n_images"]
-    d = _output_width(encoder, images, flip)
     chunk = _auto_chunk(n, d) if batch_size == "auto" else int(batch_size)
     state = {
         "format": MANIFEST_FORMAT, "key": key, "n_features": int(d), "dtype": _OUTPUT_DTYPE.str,
         "chunk_size": int(chunk), "n_chunks": int(math.ceil(n / chunk)), "chunks": {},
         "complete": False, "output": paths.out.name, "featlearn": __version__,
     }
-    # A stale result must not survive beside a job that will replace it.
-    for p in (paths.out, paths.partial):
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
+    with contextlib.suppress(FileNotFoundError):
+        paths.partial.unlink()
     _write_manifest(paths.manifest, state)
     try:
         mm = np.lib.format.open_memmap(paths.partial, mode="w+", dtype=_OUTPUT_DTYPE, shape=(n, d))
@@ -318,7 +423,8 @@ def _run_chunks(encoder, images, state, flip, n_jobs, paths, say, t_start):
     fd = os.open(paths.partial, os.O_RDWR)
     bar = say.bar(n, done_images)
     try:
-        tasks = (joblib.delayed(_encode_chunk)(encoder, images[i * c:(i + 1) * c], flip, i)
+        parent = os.getpid()
+        tasks = (joblib.delayed(_encode_chunk)(encoder, images[i * c:(i + 1) * c], flip, i, parent)
                  for i in todo)
         results = joblib.Parallel(n_jobs=n_jobs, return_as="generator_unordered")(tasks)
         for i, Z in results:

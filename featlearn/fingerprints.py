@@ -1,7 +1,7 @@
 """Fingerprints: what a model computes and which images it sees, as hashes for cache keys.
 
 Extraction manifests and ``featlearn reproduce``'s feature cache both key on these, and both
-leave out the same :data:`EXECUTION_PARAMS`.
+leave out the same execution-only parameters (:data:`EXECUTION_PARAMS`).
 """
 
 from __future__ import annotations
@@ -11,10 +11,37 @@ import hashlib
 import joblib
 import numpy as np
 
-#: Parameters that say *how* a model runs, not *what* it computes; left out of the fingerprint
-#: so that a model fitted on a GPU and loaded on a CPU (``device`` reset) keeps its cache.
-#: (``batch_size`` here is an encoder's *inner* chunking, e.g. sized from free memory.)
-EXECUTION_PARAMS = frozenset({"device", "verbose", "n_jobs", "batch_size"})
+#: Parameters that say *how* an estimator runs, not *what* it computes, per estimator class
+#: (``"*"``: every class). They are left out of every fingerprint, so a model fitted on a GPU
+#: and loaded on a CPU (``device`` reset) keeps its cache and a progress setting never
+#: invalidates one. The rule is per class because a name alone does not tell: a
+#: ``PatchEncoder``'s ``batch_size`` is its inner chunking (sized from free memory), while a
+#: ``MiniBatchKMeans``'s or a classifier's ``batch_size`` changes the result.
+EXECUTION_PARAMS = {
+    "*": frozenset({"device", "verbose", "n_jobs"}),
+    "PatchEncoder": frozenset({"batch_size"}),
+}
+
+
+def execution_params(estimator) -> frozenset:
+    """The names in :data:`EXECUTION_PARAMS` that apply to ``estimator``'s class."""
+    return EXECUTION_PARAMS["*"] | EXECUTION_PARAMS.get(type(estimator).__name__, frozenset())
+
+
+def result_params(estimator) -> dict:
+    """``estimator.get_params(deep=False)`` without its execution-only parameters."""
+    skip = execution_params(estimator)
+    return {k: v for k, v in estimator.get_params(deep=False).items() if k not in skip}
+
+
+def params_fingerprint(estimator) -> str:
+    """A hash of what an *unfitted* ``estimator`` will compute: its class and result parameters.
+
+    Nested estimators (e.g. a ``PatchEncoder``'s ``kmeans``) are reduced the same way, each by
+    its own class's rule, so a nested k-means ``batch_size`` counts while the encoder's own
+    does not. Fitted attributes are ignored: this is the key of a job that has yet to fit.
+    """
+    return joblib.hash(_canonical_state(estimator, fitted=False))
 
 
 def model_fingerprint(model) -> str:
@@ -23,52 +50,50 @@ def model_fingerprint(model) -> str:
     ``joblib.hash(model)`` alone is not usable as a cache key: torch tensors pickle differently
     after a save/load round trip (so a reloaded model would never hit its cache), and lazily
     built private caches change the pickle of an unchanged model. Estimators are therefore
-    reduced to their class, their parameters (minus :data:`EXECUTION_PARAMS`) and their fitted
+    reduced to their class, their result parameters (:func:`result_params`) and their fitted
     attributes (names ending in ``_``), recursively; tensors become numpy arrays.
     """
-    return joblib.hash(_canonical_state(model))
+    return joblib.hash(_canonical_state(model, fitted=True))
 
 
-def _canonical_state(obj, _depth=0):
+def _canonical_state(obj, fitted, _depth=0):
     if _depth > 50:
         raise ValueError("model state is nested too deeply to fingerprint")
     mod = type(obj).__module__
+    rec = lambda v: _canonical_state(v, fitted, _depth + 1)  # noqa: E731
     if mod.startswith("torch") and hasattr(obj, "detach"):  # a torch tensor, without importing torch
         return ("tensor", str(obj.dtype), obj.detach().cpu().numpy())
     if hasattr(obj, "state_dict") and hasattr(obj, "named_modules"):
         # a torch module: its layers and weights (its pickle, like a tensor's, changes on reload)
         return ("module", repr(obj), _canonical_state(dict(obj.state_dict()), _depth + 1))
     if hasattr(obj, "get_params") and hasattr(obj, "set_params"):  # a scikit-learn estimator
-        params = {k: v for k, v in _params(obj).items() if k not in EXECUTION_PARAMS}
-        fitted = {k: v for k, v in vars(obj).items() if k.endswith("_") and not k.startswith("__")}
-        return ("estimator", f"{mod}.{type(obj).__qualname__}",
-                _canonical_state(params, _depth + 1), _canonical_state(fitted, _depth + 1))
+        state = {k: v for k, v in vars(obj).items()
+                 if fitted and k.endswith("_") and not k.startswith("__")}
+        return ("estimator", f"{mod}.{type(obj).__qualname__}", rec(result_params(obj)),
+                rec(state))
     if isinstance(obj, dict):
-        return {k: _canonical_state(v, _depth + 1) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+        return {k: rec(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
     if isinstance(obj, (list, tuple)):
-        return (type(obj).__name__, [_canonical_state(v, _depth + 1) for v in obj])
+        return (type(obj).__name__, [rec(v) for v in obj])
     return obj
-
-
-def _params(est) -> dict:
-    """``get_params(deep=False)`` that tolerates a model pickled before a parameter was added."""
-    try:
-        names = est._get_param_names()
-    except Exception:
-        return est.get_params(deep=False)
-    return {k: getattr(est, k, "<missing>") for k in names}
 
 
 def data_fingerprint(images, *, block_bytes=32 * 2**20) -> str:
     """BLAKE2b of the images' shape, dtype and bytes, read in blocks (memmaps stay on disk).
 
-    Hashing every byte costs about a second per GB (0.2 s for CIFAR-10's training set), which is
-    small next to encoding it and, unlike a file's size/mtime, also covers in-memory arrays.
+    Hashing every byte costs about a second per GB, which is small next to encoding it and,
+    unlike a file's size/mtime, also covers in-memory arrays.
     """
     h = hashlib.blake2b(digest_size=16)
     h.update(repr((tuple(images.shape), images.dtype.str)).encode())
+    for block in iter_blocks(images, block_bytes=block_bytes):
+        h.update(np.ascontiguousarray(block).data)
+    return h.hexdigest()
+
+
+def iter_blocks(images, *, block_bytes=32 * 2**20):
+    """``images`` in consecutive blocks of rows of about ``block_bytes`` (a memmap is read lazily)."""
     row = max(1, int(np.prod(images.shape[1:])) * images.dtype.itemsize)
     step = max(1, block_bytes // row)
     for start in range(0, images.shape[0], step):
-        h.update(np.ascontiguousarray(images[start:start + step]).data)
-    return h.hexdigest()
+        yield images[start:start + step]

@@ -29,8 +29,20 @@ from pathlib import Path
 
 from sklearn.pipeline import Pipeline
 
-#: Where the named configurations live (the repository's ``pipelines/`` folder).
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "pipelines"
+def _config_dir() -> Path:
+    """The named configurations: ``featlearn/pipelines`` in an installed wheel, else the
+    top-level ``pipelines/`` of a source checkout (also what an editable install sees)."""
+    from importlib.resources import files
+
+    installed = Path(str(files("featlearn") / "pipelines"))
+    if installed.is_dir() and any(installed.glob("*.json")):
+        return installed
+    return Path(__file__).resolve().parents[1] / "pipelines"
+
+
+#: Where the named configurations live (the repository's ``pipelines/`` folder, which a wheel
+#: ships inside the package).
+CONFIG_DIR = _config_dir()
 
 #: The paper's L2-SVM: one-vs-all squared hinge, C=100 on the mean loss, full-batch L-BFGS
 #: (REFERENCE.md).

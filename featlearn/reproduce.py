@@ -8,8 +8,10 @@ when a cache folder is given, so a second run that changes only the classifier s
 
 from __future__ import annotations
 
+import errno
 import json
 import platform
+import re
 import resource
 import sys
 import time
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._io import atomic_path, check_output, check_writable_dir
 from ._logging import log, logger
 
 
@@ -62,18 +65,14 @@ def _code_fingerprint() -> str:
 
 
 def encoder_cache_key(encoder) -> dict:
-    """What can change the encoder's output: its parameters (all but ``verbose`` and
-    ``n_jobs``) and the code of the feature stages.
-
-    Nested estimators are named by class; their own parameters appear expanded
-    (``kmeans__n_clusters``), so a progress-bar setting never invalidates cached features.
+    """What can change the encoder's output: its class, its result parameters and those of its
+    nested estimators (:func:`featlearn.fingerprints.params_fingerprint`, which leaves out the
+    same execution-only parameters as extraction), and the code of the feature stages.
     """
-    from sklearn.base import BaseEstimator
+    from featlearn.fingerprints import params_fingerprint
 
-    params = {k: (type(v).__name__ if isinstance(v, BaseEstimator) else v)
-              for k, v in encoder.get_params(deep=True).items()
-              if not k.endswith(("verbose", "n_jobs"))}
-    return params | {"class": type(encoder).__name__, "code": _code_fingerprint()}
+    return {"class": type(encoder).__name__, "params": params_fingerprint(encoder),
+            "code": _code_fingerprint()}
 
 
 def encode_cached(encoder, X_train, X_test, cache=None, verbose=0):
@@ -98,12 +97,13 @@ def encode_cached(encoder, X_train, X_test, cache=None, verbose=0):
 
 
 def run(config, data, *, out=None, cache=None, device=None, n_train=None, n_test=None,
-        random_state=None, verbose=1):
+        random_state=None, overwrite=False, verbose=1):
     """Run ``config`` (a dict from :func:`featlearn.pipeline.load_config`) on ``data``.
 
     ``data`` is the Bunch of :func:`featlearn.fetch_cifar10`. ``n_train`` / ``n_test`` take the
     first images of each split (for smoke runs; the published numbers use all of them). Returns
-    the results dict; with ``out`` it also writes ``results.json``, ``results.md`` and the PNGs.
+    the results dict; with ``out`` it also writes ``results.json``, ``results.md`` and the PNGs
+    there, after checking the folder first (:func:`prepare_results_dir`, with ``overwrite``).
     """
     import sklearn
     import torch
@@ -112,6 +112,11 @@ def run(config, data, *, out=None, cache=None, device=None, n_train=None, n_test
     from featlearn._torch import resolve_device
     from featlearn.pipeline import build_pipeline
 
+    for name, n in (("n_train", n_train), ("n_test", n_test)):
+        if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {n!r}")
+    if out is not None:
+        out = prepare_results_dir(out, overwrite=overwrite)
     t_start = time.perf_counter()
     overrides = {}
     if device is not None:
@@ -200,21 +205,85 @@ def results_markdown(results: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+#: Marks a results.json written by :func:`write_results`: a folder holding one is a featlearn
+#: results folder, which a later run may replace without ``--force``.
+RESULTS_MARKER = "featlearn_results"
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def safe_folder_name(name) -> str:
+    """``name`` reduced to ``[A-Za-z0-9._-]``, without leading dots or underscores: never a path, ``.`` or ``..``."""
+    safe = _SAFE_NAME.sub("_", str(name)).lstrip("._")
+    return safe or "results"
+
+
+def default_results_dir(config_name, parent="results") -> Path:
+    """``parent/NAME`` for a configuration name, verified to lie directly under ``parent``."""
+    parent = Path(parent)
+    out = parent / safe_folder_name(config_name)
+    if out.resolve().parent != parent.resolve():  # pragma: no cover - excluded by safe_folder_name
+        raise ValueError(f"results folder for configuration {config_name!r} would lie outside "
+                         f"{parent}")
+    return out
+
+
+def is_results_dir(path) -> bool:
+    """Whether ``path`` is a folder of featlearn results (its results.json carries the marker)."""
+    try:
+        return json.loads((Path(path) / "results.json").read_text()).get(RESULTS_MARKER) == 1
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def prepare_results_dir(out, *, overwrite=False) -> Path:
+    """Check and create the results folder ``out`` before any work starts; return it.
+
+    An existing ``out`` must be an empty folder or a featlearn results folder
+    (:func:`is_results_dir`) unless ``overwrite``; its parent must exist; the folder must be
+    writable. Checked first so that a long run never ends in a refused or failed write.
+
+    Raises
+    ------
+    OutputExistsError
+        ``out`` exists and is neither empty nor featlearn results (without ``overwrite``).
+    OSError
+        The parent folder does not exist, or ``out`` is not a writable folder.
+    """
+    out = Path(out).expanduser()
+    check_output(out, overwrite=overwrite, what="results folder",
+                 is_ours=lambda p: p.is_dir() and (not any(p.iterdir()) or is_results_dir(p)))
+    if out.exists() and not out.is_dir():
+        raise OSError(errno.ENOTDIR, f"results folder {out} exists and is not a folder")
+    out.mkdir(exist_ok=True)
+    check_writable_dir(out)
+    return out
+
+
 def write_results(results: dict, pipe, out: Path):
-    """``results.json``, ``results.md``, ``centroids.png`` and ``learning_curve.png`` in ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    (out / "results.md").write_text(results_markdown(results))
+    """``results.json``, ``results.md``, ``centroids.png`` and ``learning_curve.png`` in ``out``.
+
+    Each file is written atomically (temporary file, then rename), so an interrupted run
+    leaves the previous file or the new one, never half of one. ``out`` must exist
+    (:func:`prepare_results_dir`).
+    """
+    out = Path(out)
+    with atomic_path(out / "results.md") as tmp:
+        Path(tmp).write_text(results_markdown(results))
     try:
         import matplotlib
     except ImportError:
         logger.warning("matplotlib is not installed: skipping centroids.png and learning_curve.png "
                        "(pip install 'featlearn[plot]')")
-        return
-    matplotlib.use("Agg")
-    plot_centroids(pipe.named_steps["encoder"], out / "centroids.png")
-    plot_learning_curve(pipe.named_steps["classifier"], out / "learning_curve.png",
-                        title=results["config"])
+    else:
+        matplotlib.use("Agg")
+        with atomic_path(out / "centroids.png") as tmp:
+            plot_centroids(pipe.named_steps["encoder"], tmp)
+        with atomic_path(out / "learning_curve.png") as tmp:
+            plot_learning_curve(pipe.named_steps["classifier"], tmp, title=results["config"])
+    # results.json last: its marker says the folder holds a complete set of results.
+    with atomic_path(out / "results.json") as tmp:
+        Path(tmp).write_text(json.dumps({RESULTS_MARKER: 1, **results}, indent=2, default=str)
+                             + "\n")
 
 
 def centroid_tiles(encoder, max_tiles=400):
@@ -249,7 +318,7 @@ def plot_centroids(encoder, path, max_tiles=400):
               interpolation="nearest")
     ax.set_axis_off()
     ax.set_title(f"first {n} of {len(encoder.kmeans_.cluster_centers_)} centroids (whitened)")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    fig.savefig(path, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -270,5 +339,5 @@ def plot_learning_curve(clf, path, title=""):
         ax2.legend(loc="lower right")
     ax.legend(loc="upper right")
     ax.set_title(f"{title} learning curve")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    fig.savefig(path, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)

@@ -17,3 +17,81 @@ def cifar10(tmp_path_factory):
     from featlearn.datasets import fetch_cifar10
 
     return fetch_cifar10(tmp_path_factory.mktemp("data"), archive=SHARED_ARCHIVE, md5=SHARED_MD5)
+
+
+# -- small models and data for the extraction, CLI and reproduce tests ------------------------------
+# (Slow lives here, in an importable module, so that a CLI subprocess with tests/ on its
+# PYTHONPATH can unpickle a model that wraps it.)
+
+import io as _io
+import pickle as _pickle
+import tarfile as _tarfile
+import time as _time
+
+import numpy as _np
+from sklearn.base import BaseEstimator as _BaseEstimator
+from sklearn.base import TransformerMixin as _TransformerMixin
+
+
+def tiny_encoder(images, seed=0):
+    """A small real PatchEncoder (3x3 patches, K=8) fitted on ``images``."""
+    from featlearn.encoding import PatchEncoder
+    from featlearn.kmeans import MiniBatchKMeans
+
+    enc = PatchEncoder(patch_size=3, n_patches=500, device="cpu", random_state=seed,
+                       kmeans=MiniBatchKMeans(n_clusters=8, random_state=seed, device="cpu"))
+    return enc.fit(images)
+
+
+class Slow(_TransformerMixin, _BaseEstimator):
+    """Wraps a fitted encoder and sleeps per call, so a job is slow enough to be killed mid-run."""
+
+    def __init__(self, encoder=None, delay=0.2):
+        self.encoder = encoder
+        self.delay = delay
+
+    def fit(self, X, y=None):
+        return self
+
+    def __sklearn_is_fitted__(self):
+        return True
+
+    def transform(self, X):
+        _time.sleep(self.delay)
+        return self.encoder.transform(X)
+
+
+def make_cifar_archive(path, n=4, seed=0):
+    """A CIFAR-10-format ``.tar.gz`` with ``n`` images per batch (5 train batches, 1 test)."""
+    def batch(k):
+        rng = _np.random.default_rng(seed * 100 + k)
+        return {b"data": rng.integers(0, 256, (n, 3072), dtype=_np.uint8),
+                b"labels": [int(v) for v in rng.integers(0, 10, n)],
+                b"filenames": [b"x.png"] * n, b"batch_label": b"batch"}
+
+    members = {f"data_batch_{i}": batch(i) for i in range(1, 6)}
+    members["test_batch"] = batch(9)
+    members["batches.meta"] = {b"label_names": [f"c{i}".encode() for i in range(10)]}
+    with _tarfile.open(path, "w:gz") as tar:
+        for name, obj in members.items():
+            blob = _pickle.dumps(obj, protocol=2)
+            info = _tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, _io.BytesIO(blob))
+    return path
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = _np.random.RandomState(0)
+    return rng.randint(0, 256, size=(60, 8, 8, 3)).astype(_np.uint8)
+
+
+@pytest.fixture(scope="module")
+def encoder(images):
+    return tiny_encoder(images, seed=0)
+
+
+@pytest.fixture(scope="module")
+def expected(encoder, images):
+    return _np.concatenate([encoder.transform(images[i:i + 7]) for i in range(0, len(images), 7)])

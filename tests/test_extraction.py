@@ -1,4 +1,5 @@
-"""Cached, resumable feature extraction (featlearn.jobs) and the fit/extract commands."""
+"""Cached, resumable feature extraction (featlearn.extraction): caching, damage, crashes, kills,
+write failures, what it refuses to overwrite, and the worker processes it must not leak."""
 
 import errno
 import fcntl
@@ -14,56 +15,17 @@ from pathlib import Path
 import joblib
 import numpy as np
 import pytest
-from sklearn.base import BaseEstimator, TransformerMixin
 
 import featlearn.extraction as jobs
+from featlearn._io import OutputExistsError
 from featlearn.extraction import ExtractionError, extract_features
 from featlearn.fingerprints import model_fingerprint
 from featlearn.persistence import load_model, save_model
 
+from conftest import Slow, tiny_encoder
+
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-
-
-def tiny_encoder(images, seed=0):
-    """A small real PatchEncoder (3x3 patches, K=8) fitted on ``images``."""
-    from featlearn.encoding import PatchEncoder
-    from featlearn.kmeans import MiniBatchKMeans
-
-    enc = PatchEncoder(patch_size=3, n_patches=500, device="cpu", random_state=seed,
-                       kmeans=MiniBatchKMeans(n_clusters=8, random_state=seed, device="cpu"))
-    return enc.fit(images)
-
-
-class Slow(TransformerMixin, BaseEstimator):
-    """Wraps a fitted encoder and sleeps per call, so a job is slow enough to be killed mid-run."""
-
-    def __init__(self, encoder=None, delay=0.2):
-        self.encoder = encoder
-        self.delay = delay
-
-    def fit(self, X, y=None):
-        return self
-
-    def transform(self, X):
-        time.sleep(self.delay)
-        return self.encoder.transform(X)
-
-
-@pytest.fixture(scope="module")
-def images():
-    rng = np.random.RandomState(0)
-    return rng.randint(0, 256, size=(60, 8, 8, 3)).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def encoder(images):
-    return tiny_encoder(images, seed=0)
-
-
-@pytest.fixture(scope="module")
-def expected(encoder, images):
-    return np.concatenate([encoder.transform(images[i:i + 7]) for i in range(0, len(images), 7)])
 
 
 @pytest.fixture
@@ -72,9 +34,9 @@ def count_chunks(monkeypatch):
     calls = []
     original = jobs._encode_chunk
 
-    def counting(encoder, chunk, flip, index):
+    def counting(encoder, chunk, flip, index, *args):
         calls.append(index)
-        return original(encoder, chunk, flip, index)
+        return original(encoder, chunk, flip, index, *args)
 
     monkeypatch.setattr(jobs, "_encode_chunk", counting)
     return calls
@@ -415,36 +377,199 @@ def test_progress_and_summary(encoder, images, tmp_path, capsys):
     assert "GFLOP/s" in summary and "f.npy (60 x" in summary
 
 
-# -- saved models and the command line -----------------------------------------------------------
 
-def test_cli_fit_then_extract_round_trip(images, tmp_path):
-    from featlearn.cli import main
 
-    config = tmp_path / "tiny.json"
-    config.write_text(json.dumps({"name": "tiny", "params": {
-        "n_centroids": 8, "classifier": "svm", "device": "cpu",
-        "encoder__patch_size": 3, "encoder__n_patches": 500, "classifier__max_epochs": 2}}))
-    src, labels = tmp_path / "x.npy", tmp_path / "y.npy"
+# -- what extraction refuses to overwrite ----------------------------------------------------------
+
+def test_foreign_output_is_refused_unless_overwrite(encoder, images, expected, tmp_path):
+    out = tmp_path / "notes.txt"
+    out.write_text("my notes")
+    with pytest.raises(OutputExistsError, match="not written by featlearn.*--force"):
+        extract_features(encoder, images, out, batch_size=7, verbose=0)
+    assert out.read_text() == "my notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    # a manifest of another output does not make it ours
+    Path(str(out) + ".manifest.json").write_text(json.dumps({"output": "other.npy"}))
+    with pytest.raises(OutputExistsError):
+        extract_features(encoder, images, out, batch_size=7, verbose=0)
+    assert out.read_text() == "my notes"
+    F = extract_features(encoder, images, out, batch_size=7, overwrite=True, verbose=0)
+    np.testing.assert_array_equal(F, expected)
+
+
+def test_output_equal_to_an_input_is_always_refused(encoder, images, tmp_path):
+    src = tmp_path / "images.npy"
     np.save(src, images)
-    np.save(labels, np.arange(len(images)) % 3)
+    before = src.read_bytes()
+    X = np.load(src, mmap_mode="r")
+    for kw in ({}, {"overwrite": True}):  # the memmap's own file is an input automatically
+        with pytest.raises(OutputExistsError, match="is also an input"):
+            extract_features(encoder, X, src, verbose=0, **kw)
     model = tmp_path / "model.joblib"
-    assert main(["fit", str(config), "--data", str(src), "--out", str(model)]) == 0
-    encoder, meta = load_model(model, return_metadata=True)
-    assert meta["config"]["name"] == "tiny" and meta["n_images"] == 60
-    out = tmp_path / "features.npy"
-    assert main(["extract", "--model", str(model), "--data", str(src), "--out", str(out),
-                 "--flip", "--quiet"]) == 0
-    np.testing.assert_allclose(np.load(out), encoder.transform(images[:, :, ::-1]), rtol=1e-5,
-                               atol=1e-5)
+    model.write_bytes(b"model bytes")
+    with pytest.raises(OutputExistsError, match="is also an input"):
+        extract_features(encoder, images, tmp_path / "." / "model.joblib", inputs=[model],
+                         overwrite=True, verbose=0)
+    assert src.read_bytes() == before and model.read_bytes() == b"model bytes"
 
-    full = tmp_path / "pipe.joblib"
-    assert main(["fit", str(config), "--data", str(src), "--labels", str(labels), "--out",
-                 str(full), "--with-classifier"]) == 0
-    pipe = load_model(full)
-    assert pipe.predict(images).shape == (60,)
-    assert main(["extract", "--model", str(full), "--data", str(src), "--out",
-                 str(tmp_path / "p.npy"), "--quiet"]) == 0
-    np.testing.assert_allclose(np.load(tmp_path / "p.npy"),
-                               pipe.named_steps["encoder"].transform(images), rtol=1e-5, atol=1e-5)
-    assert main(["fit", str(config), "--data", str(src), "--out", str(full),
-                 "--with-classifier"]) == 1  # no labels for an .npy: a clear error
+
+def _snapshot(out):
+    return out.read_bytes(), Path(str(out) + ".manifest.json").read_bytes()
+
+
+@pytest.mark.parametrize("problem", ["image size", "channels first", "nan", "float32 overflow",
+                                     "unfitted", "device", "no transform", "bad batch_size"])
+def test_bad_rerun_leaves_the_previous_result_intact(encoder, images, tmp_path, problem):
+    from sklearn.base import clone
+    from sklearn.exceptions import NotFittedError
+
+    out = tmp_path / "f.npy"
+    extract_features(encoder, images, out, batch_size=7, verbose=0)
+    before = _snapshot(out)
+    enc, X, kw, error = encoder, images, {"batch_size": 7}, ValueError
+    if problem == "image size":
+        X = np.zeros((10, 5, 5, 3), np.uint8)  # 3x3 patches fit, but the model wants 8x8x3
+    elif problem == "channels first":
+        X = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    elif problem == "nan":
+        X = images.astype(np.float64)
+        X[3, 1, 1, 1] = np.nan
+    elif problem == "float32 overflow":
+        X = images.astype(np.float64)
+        X[3, 1, 1, 1] = 1e300
+    elif problem == "unfitted":
+        enc, error = clone(encoder), NotFittedError
+    elif problem == "device":
+        enc = clone(encoder).set_params(device="bogus")
+        enc.__dict__.update({k: v for k, v in vars(encoder).items() if k.endswith("_")})
+    elif problem == "no transform":
+        enc = object()
+    else:
+        kw = {"batch_size": 0}
+    with pytest.raises(error):
+        extract_features(enc, X, out, verbose=0, **kw)
+    assert _snapshot(out) == before
+    assert not Path(str(out) + ".partial").exists()
+
+
+def test_previous_result_survives_until_the_new_one_is_complete(encoder, images, expected,
+                                                                  tmp_path, monkeypatch):
+    out = tmp_path / "f.npy"
+    extract_features(encoder, images, out, batch_size=7, verbose=0)
+    before = out.read_bytes()
+    other = tiny_encoder(images, seed=1)
+    original = jobs._write_manifest
+
+    def dying(path, state):
+        if len(state["chunks"]) == 3:
+            raise KeyboardInterrupt  # stands in for a kill in the middle of the new job
+        original(path, state)
+
+    monkeypatch.setattr(jobs, "_write_manifest", dying)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(other, images, out, batch_size=7, verbose=0)
+    assert out.read_bytes() == before  # the old result is still there, whole
+    monkeypatch.setattr(jobs, "_write_manifest", original)
+    F = extract_features(other, images, out, batch_size=7, verbose=0)  # resumes the new job
+    np.testing.assert_allclose(F, other.transform(images), rtol=1e-5, atol=1e-5)
+    assert not Path(str(out) + ".partial").exists()
+
+
+def test_files_follow_the_umask(encoder, images, tmp_path):
+    old = os.umask(0o077)
+    try:
+        out = tmp_path / "f.npy"
+        extract_features(encoder, images, out, batch_size=7, verbose=0)
+    finally:
+        os.umask(old)
+    for p in (out, Path(str(out) + ".manifest.json"), Path(str(out) + ".lock")):
+        assert p.stat().st_mode & 0o777 == 0o600, p
+
+
+def test_kill_during_manifest_write_leaves_nothing_a_rerun_keeps(encoder, images, expected,
+                                                                 tmp_path):
+    """A SIGKILL inside the manifest's atomic write leaves a temporary; the next run removes it."""
+    src, model, out = tmp_path / "x.npy", tmp_path / "m.joblib", tmp_path / "f.npy"
+    np.save(src, images)
+    save_model(encoder, model)
+    code = ("import json, os, signal, sys, numpy as np, featlearn.extraction as ex\n"
+            "from featlearn.persistence import load_model\n"
+            "real = json.dump\n"
+            "def dump(obj, fh, **kw):\n"
+            "    if len(obj['chunks']) == 2:\n"
+            "        fh.write('{\"half'); fh.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    real(obj, fh, **kw)\n"
+            "ex.json.dump = dump\n"
+            f"ex.extract_features(load_model({str(model)!r}), np.load({str(src)!r}), "
+            f"{str(out)!r}, batch_size=7, verbose=0)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT)]))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode == -signal.SIGKILL, res.stderr
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".featlearn-tmp")]
+    assert leftovers and read_manifest(out)["chunks"].keys() == {"0"}
+    F = extract_features(encoder, np.load(src), out, batch_size=7, verbose=0)
+    np.testing.assert_array_equal(F, expected)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".featlearn-tmp")]
+
+
+# -- worker processes never outlive the job ---------------------------------------------------------
+
+def _wait_for_workers(proc, n, timeout=120):
+    psutil = pytest.importorskip("psutil")
+    parent = psutil.Process(proc.pid)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        kids = [k for k in parent.children(recursive=True) if k.is_running()]
+        workers = [k for k in kids if "loky" in " ".join(k.cmdline()) or "joblib" in " ".join(k.cmdline())]
+        if len(workers) >= n and _done_chunks_count(proc.out) >= 1:
+            return kids
+        time.sleep(0.1)
+    raise AssertionError("the workers did not start")
+
+
+def _done_chunks_count(out):
+    try:
+        return len(read_manifest(out)["chunks"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_killed_parallel_job_leaves_no_worker_alive(encoder, tmp_path, sig):
+    psutil = pytest.importorskip("psutil")
+    rng = np.random.RandomState(1)
+    src, model, out = tmp_path / "x.npy", tmp_path / "slow.joblib", tmp_path / "f.npy"
+    np.save(src, rng.randint(0, 256, size=(400, 8, 8, 3)).astype(np.uint8))
+    save_model(Slow(encoder, delay=0.3), model, format="pickle")
+    proc = _cli("extract", "--model", model, "--allow-pickle", "--data", src, "--out", out,
+                "--batch-size", 4, "--n-jobs", 2, "-q")
+    proc.out = out
+    try:
+        kids = _wait_for_workers(proc, 2)
+    except BaseException:
+        proc.kill()
+        raise
+    os.kill(proc.pid, sig)
+    proc.wait(timeout=60)  # not communicate(): a surviving worker would hold the pipes open
+    gone, alive = psutil.wait_procs(kids, timeout=30)
+    for p in alive:  # clean up before failing
+        p.kill()
+    assert not alive, [p.cmdline() for p in alive]
+    proc.communicate(timeout=10)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130
+
+
+def test_files_kept_beside_the_output_are_never_an_input(encoder, images, tmp_path):
+    src = tmp_path / "f.npy.partial"
+    with open(src, "wb") as fh:  # np.save(path) would append ".npy"
+        np.save(fh, images)
+    before = src.read_bytes()
+    with pytest.raises(OutputExistsError, match="kept beside output"):
+        extract_features(encoder, np.load(src, mmap_mode="r"), tmp_path / "f.npy", overwrite=True,
+                         verbose=0)
+    assert src.read_bytes() == before
+    (tmp_path / "dir.npy").mkdir()
+    with pytest.raises(ExtractionError, match="is a folder"):
+        extract_features(encoder, images, tmp_path / "dir.npy", overwrite=True, verbose=0)

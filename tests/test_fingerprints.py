@@ -1,0 +1,67 @@
+"""Fingerprints of models and data, and the one list of execution-only parameters."""
+
+import numpy as np
+
+from featlearn.fingerprints import (EXECUTION_PARAMS, data_fingerprint, execution_params,
+                                    model_fingerprint, params_fingerprint)
+from featlearn.persistence import load_model, save_model
+from featlearn.reproduce import encoder_cache_key
+
+
+def _encoder(**kmeans):
+    from featlearn.encoding import PatchEncoder
+    from featlearn.kmeans import MiniBatchKMeans
+
+    return PatchEncoder(patch_size=3, n_patches=500, device="cpu", random_state=0,
+                        kmeans=MiniBatchKMeans(n_clusters=8, random_state=0, device="cpu", **kmeans))
+
+
+def test_execution_params_are_per_class():
+    from featlearn.classifier import TorchMLPClassifier
+    from featlearn.kmeans import MiniBatchKMeans
+
+    enc = _encoder()
+    assert "batch_size" in execution_params(enc)  # the encoder's inner chunking
+    assert "batch_size" not in execution_params(MiniBatchKMeans())  # changes the centres
+    assert "batch_size" not in execution_params(TorchMLPClassifier())
+    assert {"device", "verbose", "n_jobs"} <= EXECUTION_PARAMS["*"]
+
+
+def test_params_fingerprint_ignores_execution_params_only():
+    base = params_fingerprint(_encoder())
+    assert params_fingerprint(_encoder().set_params(batch_size=3, n_jobs=2, verbose=2,
+                                                    device="auto")) == base
+    assert params_fingerprint(_encoder().set_params(kmeans__verbose=3, kmeans__device="auto")) == base
+    # nested k-means batch_size and any result parameter do change it
+    assert params_fingerprint(_encoder(batch_size=64)) != base
+    assert params_fingerprint(_encoder().set_params(stride=2)) != base
+    assert params_fingerprint(_encoder().set_params(kmeans__n_clusters=9)) != base
+
+
+def test_reproduce_cache_key_uses_the_same_rule():
+    base = encoder_cache_key(_encoder())
+    assert encoder_cache_key(_encoder().set_params(batch_size=3, device="auto", verbose=2)) == base
+    assert encoder_cache_key(_encoder(batch_size=64)) != base  # a suffix rule would miss this
+    assert encoder_cache_key(_encoder().set_params(pooling=(3, 3))) != base
+
+
+def test_model_fingerprint_covers_fitted_state_not_execution(images, encoder, tmp_path):
+    from sklearn.base import clone
+
+    fp = model_fingerprint(encoder)
+    other = clone(encoder).set_params(random_state=1).fit(images)
+    assert model_fingerprint(other) != fp
+    save_model(encoder, tmp_path / "m.joblib")
+    reloaded = load_model(tmp_path / "m.joblib")
+    assert model_fingerprint(reloaded) == fp
+    assert model_fingerprint(reloaded.set_params(batch_size=5, verbose=2)) == fp
+
+
+def test_data_fingerprint_sees_every_byte_and_the_layout(images):
+    fp = data_fingerprint(images)
+    changed = images.copy()
+    changed[-1, -1, -1, -1] ^= 1
+    assert data_fingerprint(changed) != fp
+    assert data_fingerprint(images.reshape(60, 8, 24)) != fp
+    assert data_fingerprint(images, block_bytes=100) == fp
+    assert data_fingerprint(np.ascontiguousarray(images)) == fp

@@ -1,0 +1,167 @@
+"""featlearn reproduce: the results folder is checked before any work, never holds someone
+else's files unless --force, is always under --out, and is written atomically."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from featlearn.cli import main
+from featlearn.reproduce import (RESULTS_MARKER, default_results_dir, is_results_dir,
+                                 prepare_results_dir, safe_folder_name)
+
+from conftest import make_cifar_archive
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+TINY = {"n_centroids": 8, "classifier": "svm", "device": "cpu", "encoder__patch_size": 3,
+        "encoder__n_patches": 1000, "encoder__kmeans__max_iter": 5, "classifier__max_epochs": 5}
+
+
+@pytest.fixture
+def archive(tmp_path):
+    return make_cifar_archive(tmp_path / "tiny.tar.gz", n=20)
+
+
+def tiny_config(tmp_path, name="tiny"):
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps({"name": name, "params": TINY}))
+    return path
+
+
+def reproduce(config, archive, *extra):
+    return main(["reproduce", str(config), "--data", str(archive), "--data-home",
+                 str(Path(archive).parent / "home"), "--n-train", "60", "--n-test", "20", "-q",
+                 *map(str, extra)])
+
+
+@pytest.mark.parametrize("name, safe", [("../../x", "x"), ("..", "results"), (".", "results"),
+                                        (".hidden", "hidden"), ("a/b\\c d", "a_b_c_d"),
+                                        ("", "results"), ("coates2011-1600-svm", "coates2011-1600-svm")])
+def test_folder_names_are_sanitized(name, safe, tmp_path):
+    assert safe_folder_name(name) == safe
+    out = default_results_dir(name, tmp_path)
+    assert out.parent == tmp_path and out.name == safe
+
+
+def test_config_name_cannot_escape_the_results_folder(tmp_path, archive, monkeypatch, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert reproduce(tiny_config(tmp_path, name="../../escaped"), archive) == 0
+    assert is_results_dir(work / "results" / "escaped")
+    assert not (tmp_path / "escaped").exists() and not (tmp_path.parent / "escaped").exists()
+    assert "results written to results/escaped" in capsys.readouterr().out
+
+
+def test_results_are_marked_and_a_rerun_replaces_them(tmp_path, archive):
+    out = tmp_path / "out"
+    assert reproduce(tiny_config(tmp_path), archive, "--out", out) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results[RESULTS_MARKER] == 1 and results["n_train"] == 60 and results["n_test"] == 20
+    assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "centroids.png",
+                                               "learning_curve.png"}
+    assert reproduce(tiny_config(tmp_path), archive, "--out", out) == 0  # ours: no --force needed
+
+
+def test_foreign_folder_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    import featlearn.cli as cli
+
+    def no_data(args):
+        raise AssertionError("data must not be loaded before --out is checked")
+
+    monkeypatch.setattr(cli, "load_data", no_data)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    assert reproduce(tiny_config(tmp_path), tmp_path / "unused.tar.gz", "--out", out) == 1
+    err = capsys.readouterr().err
+    assert "featlearn reproduce: error: results folder" in err and "--force" in err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    # a file, and a folder whose parent is missing: refused up front too
+    (tmp_path / "file").write_text("x")
+    assert reproduce(tiny_config(tmp_path), tmp_path / "unused", "--out", tmp_path / "file") == 1
+    assert (tmp_path / "file").read_text() == "x"
+    assert reproduce(tiny_config(tmp_path), tmp_path / "unused", "--out",
+                     tmp_path / "no" / "such" / "out") == 1
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "no").exists()
+
+
+def test_force_writes_into_a_foreign_folder(tmp_path, archive):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    assert reproduce(tiny_config(tmp_path), archive, "--out", out, "--force") == 0
+    assert is_results_dir(out) and (out / "notes.txt").read_text() == "precious"
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                    reason="root ignores directory permissions")
+def test_unwritable_folder_is_refused_before_any_work(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(OSError, match="not writable"):
+            prepare_results_dir(ro)
+    finally:
+        ro.chmod(0o755)
+
+
+def test_unwritable_folder_probe_is_used(tmp_path, monkeypatch):
+    """What a read-only filesystem does even to root: nothing can be created in the folder."""
+    import tempfile
+
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def denied(*a, **k):
+        raise PermissionError(30, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    with pytest.raises(OSError, match="not writable"):
+        prepare_results_dir(out)
+
+
+def test_failed_write_keeps_the_previous_results(tmp_path, archive, monkeypatch):
+    import featlearn.reproduce as rep
+
+    out = tmp_path / "out"
+    assert reproduce(tiny_config(tmp_path), archive, "--out", out) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rep, "plot_learning_curve", broken)
+    assert reproduce(tiny_config(tmp_path), archive, "--out", out) == 1
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert after.keys() == before.keys()  # no temporary left behind
+    assert after["results.json"] == before["results.json"]  # the marked results stay whole
+
+
+def test_library_run_checks_the_folder_first(tmp_path, archive):
+    from featlearn.datasets import fetch_cifar10
+    from featlearn.reproduce import run
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("x")
+    data = fetch_cifar10(tmp_path / "home", archive=archive, md5=None)
+    with pytest.raises(FileExistsError):
+        run({"name": "t", "params": TINY}, data, out=out, n_train=60, n_test=20, verbose=0)
+    with pytest.raises(ValueError, match="n_train must be a positive int"):
+        run({"name": "t", "params": TINY}, data, n_train=-400, verbose=0)
+
+
+def test_results_follow_the_umask(tmp_path, archive):
+    out = tmp_path / "out"
+    old = os.umask(0o077)
+    try:
+        assert reproduce(tiny_config(tmp_path), archive, "--out", out) == 0
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o700
+    for p in out.iterdir():
+        assert p.stat().st_mode & 0o777 == 0o600, p
