@@ -317,16 +317,6 @@ def test_model_saved_by_another_version_warns(encoder, tmp_path):
         load_model(pkl, allow_pickle=True)
 
 
-def test_model_pickled_before_a_parameter_existed_loads(encoder, tmp_path):
-    old = Recorder()
-    old.encoder = encoder
-    del old.delay  # as if Recorder had gained ``delay`` after this model was saved
-    save_model(old, tmp_path / "m.pkl", format="pickle")
-    model = load_model(tmp_path / "m.pkl", allow_pickle=True)
-    assert model_fingerprint(model) == model_fingerprint(old)
-    assert model_fingerprint(model) != model_fingerprint(Recorder())
-
-
 def test_cuda_device_of_a_pickle_is_switched_to_cpu_without_cuda(encoder, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     path = tmp_path / "m.pkl"
