@@ -2,64 +2,40 @@
 
 from __future__ import annotations
 
-import copy
 import numbers
 import time
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .._logging import log
-from .._torch import chunk_size, make_generator, resolve_device, state_to_cpu, to_numpy
+from .._torch import chunk_size, make_generator, resolve_device, to_numpy
 from . import _lbfgs, _network, _stochastic
 from ._data import encode_labels, row_weights, split_views, tensor_view
-from ._docstring import CLASS_DOC
+from ._contract import CLASS_DOC, PARAMETER_CONSTRAINTS
 from ._losses import predict_index
 from ._standardize import Standardizer, feature_stats
+from ._state import PrivateStateMixin
 
 
-class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
+#: ``max_iter=None``: L-BFGS stops on its own once converged, so its cap is only a safeguard (the
+#: paper's 1000); adam/sgd run every epoch (scikit-learn's MLPClassifier default).
+DEFAULT_MAX_ITER = {"lbfgs": 1000, "adam": 200, "sgd": 200}
+
+
+class TorchMLPClassifier(PrivateStateMixin, ClassifierMixin, BaseEstimator):
     __doc__ = CLASS_DOC
 
-    _parameter_constraints = {
-        "hidden_layer_sizes": [tuple, list],
-        "activation": [StrOptions({"relu", "leaky_relu", "tanh"})],
-        "dropout": [Interval(numbers.Real, 0, 1, closed="left")],
-        "input_dropout": [Interval(numbers.Real, 0, 1, closed="left")],
-        "batch_norm": ["boolean"],
-        "loss": [StrOptions({"cross_entropy", "squared_hinge"})],
-        "alpha": [Interval(numbers.Real, 0, None, closed="left")],
-        "C": [Interval(numbers.Real, 0, None, closed="neither"), None],
-        "class_weight": [dict, StrOptions({"balanced"}), None],
-        "solver": [StrOptions({"auto", "lbfgs", "adam", "sgd"})],
-        "learning_rate_init": [Interval(numbers.Real, 0, None, closed="neither")],
-        "momentum": [Interval(numbers.Real, 0, 1, closed="both")],
-        "nesterov": ["boolean"],
-        "lr_schedule": [StrOptions({"constant", "step", "cosine"})],
-        "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
-        "max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
-        "early_stopping": ["boolean"],
-        "validation_fraction": [Interval(numbers.Real, 0, 1, closed="neither")],
-        "n_iter_no_change": [Interval(numbers.Integral, 1, None, closed="left")],
-        "tol": [Interval(numbers.Real, 0, None, closed="left")],
-        "standardize": ["boolean"],
-        "n_views": [Interval(numbers.Integral, 1, None, closed="left")],
-        "precision": [StrOptions({"float32", "bfloat16", "auto"})],
-        "precondition": ["boolean", StrOptions({"auto"})],
-        "device": [str, torch.device, None],
-        "random_state": ["random_state"],
-        "verbose": ["verbose"],
-    }
+    _parameter_constraints = PARAMETER_CONSTRAINTS
 
     def __init__(self, hidden_layer_sizes=(100,), activation="relu", dropout=0.0,
                  input_dropout=0.0, batch_norm=False, loss="cross_entropy", alpha=1e-4, C=None,
                  class_weight=None, solver="auto", learning_rate_init=1e-3, momentum=0.9,
-                 nesterov=True, lr_schedule="cosine", batch_size=200, max_iter=200,
+                 nesterov=True, lr_schedule="cosine", batch_size=200, max_iter=None,
                  early_stopping=False, validation_fraction=0.1, n_iter_no_change=5, tol=1e-4,
                  standardize=True, precision="float32", precondition="auto", n_views=1,
                  device="auto", random_state=None, verbose=0):
@@ -121,7 +97,7 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
         self.solver_ = self._resolve_solver()
         self._check_hyper()
         X, codes, weight = split_views(X, self.n_views, codes, weight)
-        self._initialize(X)
+        self._initialize(X, weight)
         t0 = time.perf_counter()
         dev = torch.device(self.device_)
         Xt = tensor_view(X).to(dev)
@@ -180,7 +156,7 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
             self._check_hyper()
         X, codes, weight = split_views(X, self.n_views, codes, weight)
         if first:
-            self._initialize(X)
+            self._initialize(X, weight)
         dev = self._model_device()
         optimizer = self._optimizer()
         for g in optimizer.param_groups:
@@ -202,8 +178,8 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
         optimizer = self._optimizer()
         schedule = _stochastic.make_schedule(
             optimizer, self.lr_schedule, _stochastic.n_batches(len(rows), self.batch_size),
-            self.max_iter)
-        for epoch in range(self.max_iter):
+            self._max_iter)
+        for epoch in range(self._max_iter):
             t0 = time.perf_counter()
             loss = self._epoch(optimizer, Xt, yt, wt, rows, schedule)
             self.loss_curve_.append(loss)
@@ -242,7 +218,7 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
                 level=2)
 
         common = dict(standardizer=self._standardizer(), loss=self.loss, alpha=self._alpha,
-                      max_iter=self.max_iter, on_eval=on_eval)
+                      max_iter=self._max_iter, on_eval=on_eval)
         if self.hidden_layer_sizes:
             self.n_iter_ = _lbfgs.fit_network(self.model_, Xt, yt, wt, **common)
         else:
@@ -284,7 +260,8 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
         -------
         ndarray of shape (n_samples,)
         """
-        return self.classes_[predict_index(self._forward_numpy(X))]
+        scores = self._forward_numpy(X)  # checks fitted first
+        return self.classes_[predict_index(scores)]
 
     @available_if(lambda self: self.loss == "cross_entropy")
     def predict_proba(self, X):
@@ -348,6 +325,12 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
     def _alpha(self):
         return 1.0 / self.C if self.C is not None else float(self.alpha)
 
+    @property
+    def _max_iter(self):
+        if self.max_iter is not None:
+            return self.max_iter
+        return DEFAULT_MAX_ITER[self._resolve_solver()]
+
     def _resolve_solver(self):
         """"auto": L-BFGS for a linear model (a convex, deterministic objective), else adam."""
         if self.solver != "auto":
@@ -364,7 +347,7 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError("solver='lbfgs' needs a deterministic objective: set dropout=0 "
                              "and input_dropout=0 (or use adam/sgd)")
 
-    def _initialize(self, X):
+    def _initialize(self, X, weight=None):
         """Fresh statistics, network, generators and history."""
         dev = resolve_device(self.device)
         self.device_ = str(dev)
@@ -373,7 +356,7 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
             self.precision_ = "bfloat16" if _network.has_fast_bfloat16(dev) else "float32"
         self._rng = make_generator(self.random_state)
         if self.standardize:
-            self.mean_, self.scale_ = feature_stats(X)
+            self.mean_, self.scale_ = feature_stats(X, weight)
         else:
             self.mean_ = np.zeros(X.shape[1], np.float32)
             self.scale_ = np.ones(X.shape[1], np.float32)
@@ -387,75 +370,6 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
         self._dropout_gen = None
         self.loss_curve_, self.validation_scores_ = [], []
         self.best_epoch_, self.n_iter_ = 0, 0
-
-    # ------------------------------------------------------------------ private state
-
-    # Generators, the optimizer and the device copy of the statistics are not fitted state:
-    # they are rebuilt on demand from fitted attributes (and, after unpickling, from the saved
-    # generator and optimizer states), so a model restored from plain data still predicts.
-
-    def _model_device(self):
-        return next(self.model_.parameters()).device
-
-    def _standardizer(self):
-        dev = self._model_device()
-        std = getattr(self, "_std", None)
-        if std is None or std.mean.device != dev:
-            std = self._std = Standardizer(self.mean_, self.scale_, dev, self.standardize)
-        return std
-
-    def _generator(self):
-        """The private CPU generator (initialization, shuffling, splits, dropout seeds)."""
-        if getattr(self, "_rng", None) is None:
-            self._rng = make_generator(self.random_state)
-            state = getattr(self, "_rng_state", None)
-            if state is not None:
-                self._rng.set_state(state)
-        return self._rng
-
-    def _dropout_generator(self):
-        """A generator on the training device for dropout masks (reseeded every epoch)."""
-        dev = self._model_device()
-        gen = getattr(self, "_dropout_gen", None)
-        if gen is None or gen.device != dev:
-            gen = self._dropout_gen = torch.Generator(device=dev)
-        return gen
-
-    def _optimizer(self):
-        if getattr(self, "_optim", None) is None:
-            self._optim = _stochastic.make_optimizer(
-                self.model_, self.solver_, lr=self.learning_rate_init, alpha=self._alpha,
-                momentum=self.momentum, nesterov=self.nesterov)
-            state = getattr(self, "_optim_state", None)
-            if state is not None:
-                fused = [g.get("fused") for g in self._optim.param_groups]
-                self._optim.load_state_dict(state)
-                # The saved groups carry the fitting device's fused flag; keep this device's.
-                for g, f in zip(self._optim.param_groups, fused):
-                    g["fused"] = f
-        return self._optim
-
-    def __getstate__(self):
-        """Plain data on the CPU: a CUDA-fitted model unpickles anywhere."""
-        state = self.__dict__.copy()
-        if "model_" in state:
-            state["model_"] = copy.deepcopy(self.model_).cpu()
-            if state.get("_optim") is not None:
-                state["_optim_state"] = state_to_cpu(self._optim.state_dict())
-            if state.get("_rng") is not None:
-                state["_rng_state"] = self._rng.get_state()
-        for key in ("_optim", "_rng", "_dropout_gen", "_std"):
-            state.pop(key, None)
-        return state
-
-    def __setstate__(self, state):
-        """Back on the fitting device when it exists here, else on the CPU."""
-        self.__dict__.update(state)
-        if "model_" in state:
-            try:
-                self.model_.to(resolve_device(self.device_))
-            except (ValueError, RuntimeError):
-                pass
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -14,23 +14,29 @@ STANDARDIZE_EPS = 0.01
 _STATS_ROWS = 8192
 
 
-def feature_stats(X: np.ndarray):
-    """Per-feature mean and ``sqrt(var + 0.01)`` as float32 (float64 accumulation, row chunks)."""
+def feature_stats(X: np.ndarray, weight=None):
+    """Per-feature mean and ``sqrt(var + 0.01)`` as float32 (float64 accumulation, row chunks),
+    weighted by ``weight`` (one per row) when given."""
     Xt = tensor_view(X)
     n = len(Xt)
     step = _STATS_ROWS
+    w = None if weight is None else torch.as_tensor(weight, dtype=torch.float64)
+    total = n if w is None else float(w.sum())
     mean = torch.zeros(X.shape[1], dtype=torch.float64)
     for s in range(0, n, step):
-        mean += Xt[s:s + step].sum(0, dtype=torch.float64)
-    mean /= n
+        if w is None:
+            mean += Xt[s:s + step].sum(0, dtype=torch.float64)
+        else:
+            mean += w[s:s + step] @ Xt[s:s + step].double()
+    mean /= total
     var = torch.zeros_like(mean)
     # One reused float64 buffer with in-place ops: no fresh full-size tensor per operation.
     buf = torch.empty((min(step, n), X.shape[1]), dtype=torch.float64)
     for s in range(0, n, step):
         xc = buf[:min(step, n - s)]
         xc.copy_(Xt[s:s + step]).sub_(mean)
-        var += xc.mul_(xc).sum(0)
-    var /= n
+        var += xc.mul_(xc).sum(0) if w is None else w[s:s + step] @ xc.mul_(xc)
+    var /= total
     scale = torch.sqrt(var + STANDARDIZE_EPS)
     return mean.float().numpy(), scale.float().numpy()
 

@@ -1,5 +1,11 @@
-"""The estimator's docstring: its whole contract (kept apart so the estimator's module stays
-short)."""
+"""The estimator's contract: its docstring and its parameters' constraints (kept apart so the
+estimator's module stays short)."""
+
+import numbers
+
+import torch
+from sklearn.utils._param_validation import Interval, StrOptions
+
 
 CLASS_DOC = """Multi-layer perceptron or one-vs-all L2-SVM, trained with torch on the CPU or a GPU.
 
@@ -19,7 +25,7 @@ CLASS_DOC = """Multi-layer perceptron or one-vs-all L2-SVM, trained with torch o
     **Solvers.** ``solver="auto"`` is L-BFGS for a linear model without input dropout (the
     objective is convex and deterministic: L-BFGS reaches its minimum, where mini-batch Adam
     stalls far from it), and Adam for a network. L-BFGS is full-batch with a strong-Wolfe line
-    search; it stops after ``max_iter`` iterations or on torch's convergence tests, needs a
+    search; it stops on torch's convergence tests or after ``max_iter`` iterations, needs a
     deterministic objective (no dropout), ignores ``batch_size``, ``lr_schedule`` and
     ``early_stopping`` and has no ``partial_fit``. Adam/SGD run ``max_iter`` epochs of shuffled
     mini-batches (fewer with early stopping).
@@ -85,8 +91,9 @@ CLASS_DOC = """Multi-layer perceptron or one-vs-all L2-SVM, trained with torch o
         batch, or x0.1 at 50% and again at 75% of the epochs. :meth:`partial_fit` always uses
         ``learning_rate_init``.
     batch_size : int, default=200
-    max_iter : int, default=200
-        Epochs of adam/sgd; iterations of L-BFGS.
+    max_iter : int or None, default=None
+        Epochs of adam/sgd; iterations of L-BFGS (which stops earlier once converged). None:
+        200 epochs, or at most 1000 L-BFGS iterations.
     early_stopping : bool, default=False
         Adam/SGD: hold out a stratified ``validation_fraction`` of the training samples, stop
         when its (unweighted) accuracy has not improved by ``tol`` for ``n_iter_no_change``
@@ -132,7 +139,8 @@ CLASS_DOC = """Multi-layer perceptron or one-vs-all L2-SVM, trained with torch o
     solver_ : {"lbfgs", "adam", "sgd"}
         The solver used (``solver`` with "auto" resolved).
     mean_, scale_ : ndarray of shape (n_features_in_ // n_views,), float32
-        Standardization statistics (zeros and ones when ``standardize=False``).
+        Standardization statistics, weighted by the sample weights (zeros and ones when
+        ``standardize=False``).
     loss_curve_ : list of float
         Training objective (mean loss + penalty) per epoch (L-BFGS: per function evaluation).
     validation_scores_ : list of float
@@ -164,3 +172,33 @@ CLASS_DOC = """Multi-layer perceptron or one-vs-all L2-SVM, trained with torch o
     >>> svm.solver_, svm.score(X, y) > 0.9
     ('lbfgs', True)
     """
+
+PARAMETER_CONSTRAINTS = {
+    "hidden_layer_sizes": [tuple, list],
+    "activation": [StrOptions({"relu", "leaky_relu", "tanh"})],
+    "dropout": [Interval(numbers.Real, 0, 1, closed="left")],
+    "input_dropout": [Interval(numbers.Real, 0, 1, closed="left")],
+    "batch_norm": ["boolean"],
+    "loss": [StrOptions({"cross_entropy", "squared_hinge"})],
+    "alpha": [Interval(numbers.Real, 0, None, closed="left")],
+    "C": [Interval(numbers.Real, 0, None, closed="neither"), None],
+    "class_weight": [dict, StrOptions({"balanced"}), None],
+    "solver": [StrOptions({"auto", "lbfgs", "adam", "sgd"})],
+    "learning_rate_init": [Interval(numbers.Real, 0, None, closed="neither")],
+    "momentum": [Interval(numbers.Real, 0, 1, closed="both")],
+    "nesterov": ["boolean"],
+    "lr_schedule": [StrOptions({"constant", "step", "cosine"})],
+    "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
+    "max_iter": [Interval(numbers.Integral, 1, None, closed="left"), None],
+    "early_stopping": ["boolean"],
+    "validation_fraction": [Interval(numbers.Real, 0, 1, closed="neither")],
+    "n_iter_no_change": [Interval(numbers.Integral, 1, None, closed="left")],
+    "tol": [Interval(numbers.Real, 0, None, closed="left")],
+    "standardize": ["boolean"],
+    "n_views": [Interval(numbers.Integral, 1, None, closed="left")],
+    "precision": [StrOptions({"float32", "bfloat16", "auto"})],
+    "precondition": ["boolean", StrOptions({"auto"})],
+    "device": [str, torch.device, None],
+    "random_state": ["random_state"],
+    "verbose": ["verbose"],
+}
