@@ -13,12 +13,10 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .._logging import log
-from .._torch import chunk_size, make_generator, resolve_device, to_numpy
 from . import _lbfgs, _network, _stochastic
 from ._data import encode_labels, row_weights, split_views, tensor_view
 from ._contract import CLASS_DOC, PARAMETER_CONSTRAINTS
 from ._losses import predict_index
-from ._standardize import Standardizer, feature_stats
 from ._state import PrivateStateMixin
 
 
@@ -305,18 +303,7 @@ class TorchMLPClassifier(PrivateStateMixin, ClassifierMixin, BaseEstimator):
         X = validate_data(self, X, dtype=np.float32, reset=False)
         n = len(X)
         (X,) = split_views(X, self.n_views)
-        dev = self._model_device()
-        std = self._standardizer()
-        width = X.shape[1] + sum(self.hidden_layer_sizes) + len(self.classes_)
-        step = chunk_size(8 * width, dev, minimum=256)
-        Xt = tensor_view(X)
-        self.model_.eval()
-        out = []
-        with torch.no_grad():
-            for s in range(0, len(X), step):
-                out.append(to_numpy(self.model_(std.apply_(Xt[s:s + step].to(dev, copy=True)))))
-        scores = (np.concatenate(out) if out
-                  else np.zeros((0, self.model_[-1].out_features), np.float32))
+        scores = _network.scores(self.model_, tensor_view(X), self._standardizer())
         return scores.reshape(n, self.n_views, -1).mean(axis=1)
 
     # ------------------------------------------------------------------ set-up
@@ -346,30 +333,6 @@ class TorchMLPClassifier(PrivateStateMixin, ClassifierMixin, BaseEstimator):
                 self.dropout > 0 and len(self.hidden_layer_sizes) > 0)):
             raise ValueError("solver='lbfgs' needs a deterministic objective: set dropout=0 "
                              "and input_dropout=0 (or use adam/sgd)")
-
-    def _initialize(self, X, weight=None):
-        """Fresh statistics, network, generators and history."""
-        dev = resolve_device(self.device)
-        self.device_ = str(dev)
-        self.precision_ = self.precision
-        if self.precision == "auto":
-            self.precision_ = "bfloat16" if _network.has_fast_bfloat16(dev) else "float32"
-        self._rng = make_generator(self.random_state)
-        if self.standardize:
-            self.mean_, self.scale_ = feature_stats(X, weight)
-        else:
-            self.mean_ = np.zeros(X.shape[1], np.float32)
-            self.scale_ = np.ones(X.shape[1], np.float32)
-        self._std = Standardizer(self.mean_, self.scale_, dev, self.standardize)
-        n_out = 1 if len(self.classes_) == 2 else len(self.classes_)
-        self.model_ = _network.build_network(
-            X.shape[1], tuple(self.hidden_layer_sizes), n_out, activation=self.activation,
-            dropout=self.dropout, input_dropout=self.input_dropout, batch_norm=self.batch_norm,
-            generator=self._rng).to(dev)
-        self._optim = self._optim_state = self._rng_state = None
-        self._dropout_gen = None
-        self.loss_curve_, self.validation_scores_ = [], []
-        self.best_epoch_, self.n_iter_ = 0, 0
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

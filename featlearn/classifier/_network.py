@@ -8,7 +8,10 @@ private generator; in eval mode the Dropout layers are the identity, as usual.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from .._torch import chunk_size, to_numpy
 
 #: Negative slope of ``activation="leaky_relu"``.
 LEAKY_SLOPE = 0.01
@@ -72,6 +75,20 @@ def _dropout(x, p, generator):
         return x
     keep = torch.empty_like(x).bernoulli_(1 - p, generator=generator)
     return x * keep * (1.0 / (1 - p))
+
+
+def scores(model, X, standardizer):
+    """Scores of the raw rows ``X`` (a CPU tensor) in eval mode, in memory-bounded chunks,
+    as a float32 numpy array."""
+    dev = next(model.parameters()).device
+    widths = [m.out_features for m in model if isinstance(m, torch.nn.Linear)]
+    step = chunk_size(8 * (X.shape[1] + sum(widths)), dev, minimum=256)
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(X), step):
+            out.append(to_numpy(model(standardizer.apply_(X[s:s + step].to(dev, copy=True)))))
+    return np.concatenate(out) if out else np.zeros((0, widths[-1]), np.float32)
 
 
 def weight_parameters(model):

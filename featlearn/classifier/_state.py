@@ -1,4 +1,4 @@
-"""The estimator's private state: rebuilt on demand from fitted attributes, pickled as plain data.
+"""The estimator's state: set up for a fit, private parts rebuilt on demand, pickled as plain data.
 
 Generators, the optimizer and the device copy of the statistics are not fitted state: they are
 rebuilt on demand from fitted attributes (and, after unpickling, from the saved generator and
@@ -11,13 +11,39 @@ import copy
 
 import torch
 
+import numpy as np
+
 from .._torch import make_generator, resolve_device, state_to_cpu
-from . import _stochastic
-from ._standardize import Standardizer
+from . import _network, _stochastic
+from ._standardize import Standardizer, feature_stats
 
 
 class PrivateStateMixin:
-    """Lazily built private state and CPU pickling for :class:`TorchMLPClassifier`."""
+    """Set-up, lazily built private state and CPU pickling for :class:`TorchMLPClassifier`."""
+
+    def _initialize(self, X, weight=None):
+        """Fresh statistics, network, generators and history."""
+        dev = resolve_device(self.device)
+        self.device_ = str(dev)
+        self.precision_ = self.precision
+        if self.precision == "auto":
+            self.precision_ = "bfloat16" if _network.has_fast_bfloat16(dev) else "float32"
+        self._rng = make_generator(self.random_state)
+        if self.standardize:
+            self.mean_, self.scale_ = feature_stats(X, weight)
+        else:
+            self.mean_ = np.zeros(X.shape[1], np.float32)
+            self.scale_ = np.ones(X.shape[1], np.float32)
+        self._std = Standardizer(self.mean_, self.scale_, dev, self.standardize)
+        n_out = 1 if len(self.classes_) == 2 else len(self.classes_)
+        self.model_ = _network.build_network(
+            X.shape[1], tuple(self.hidden_layer_sizes), n_out, activation=self.activation,
+            dropout=self.dropout, input_dropout=self.input_dropout, batch_norm=self.batch_norm,
+            generator=self._rng).to(dev)
+        self._optim = self._optim_state = self._rng_state = None
+        self._dropout_gen = None
+        self.loss_curve_, self.validation_scores_ = [], []
+        self.best_epoch_, self.n_iter_ = 0, 0
 
     def _model_device(self):
         return next(self.model_.parameters()).device
