@@ -390,3 +390,35 @@ def test_verbose_levels(capsys):
     assert sum("epoch" in line for line in capsys.readouterr().err.splitlines()) == 3
     TorchMLPClassifier(hidden_layer_sizes=(4,), max_iter=3, device="cpu").fit(X, y)
     assert capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------------- shipped configurations
+
+# What every shipped configuration's classifier trained with before solver/max_iter (and the
+# scikit-learn-like class defaults): the presets and configurations must keep computing it.
+_OLD_DEFAULTS = dict(hidden_layer_sizes=(512,), dropout=0.5, batch_size=256,
+                     learning_rate_init=1e-3, lr_schedule="cosine", alpha=1e-4, momentum=0.9,
+                     nesterov=True, n_iter_no_change=5, validation_fraction=0.1, tol=1e-4,
+                     input_dropout=0.0, batch_norm=False, activation="relu", standardize=True)
+_SHIPPED = {
+    "coates2011-1600-svm": dict(hidden_layer_sizes=(), loss="squared_hinge", C=100.0,
+                                dropout=0.0, solver="lbfgs", max_iter=1000, precondition="auto"),
+    "featlearn-best-1600": dict(dropout=0.25, solver="adam", max_iter=20, precision="auto",
+                                n_views=2),
+    "featlearn-best-4000": dict(dropout=0.1, solver="adam", max_iter=20, precision="auto",
+                                n_views=2),
+    "seed-1600-mlp": dict(solver="sgd", learning_rate_init=0.01, lr_schedule="step",
+                          max_iter=40, early_stopping=True, n_iter_no_change=6,
+                          precision="auto"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_SHIPPED))
+def test_shipped_configurations_keep_their_classifier(name):
+    from featlearn.pipeline import build_pipeline, load_config
+
+    params = build_pipeline(load_config(name)).named_steps["classifier"].get_params()
+    expected = {**_OLD_DEFAULTS, **_SHIPPED[name]}
+    if expected["hidden_layer_sizes"] == ():  # irrelevant to the linear model
+        expected = {k: v for k, v in expected.items() if k not in ("batch_size", "dropout")}
+    assert {k: params[k] for k in expected} == expected
