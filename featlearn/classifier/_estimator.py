@@ -91,9 +91,8 @@ class TorchMLPClassifier(PrivateStateMixin, ClassifierMixin, BaseEstimator):
                 f"TorchMLPClassifier needs samples of at least 2 classes in the data, but the "
                 f"data contains only one class: {classes[0]!r}")
         weight = row_weights(sample_weight, self.class_weight, X, codes, classes)
-        self.classes_ = classes
-        self.solver_ = self._resolve_solver()
         self._check_hyper()
+        self.classes_, self.solver_ = classes, self._resolve_solver()
         X, codes, weight = split_views(X, self.n_views, codes, weight)
         self._initialize(X, weight)
         t0 = time.perf_counter()
@@ -149,9 +148,8 @@ class TorchMLPClassifier(PrivateStateMixin, ClassifierMixin, BaseEstimator):
         weight = row_weights(sample_weight, self.class_weight, X, codes,
                              classes if first else self.classes_)
         if first:
-            self.classes_ = classes
-            self.solver_ = self._resolve_solver()
             self._check_hyper()
+            self.classes_, self.solver_ = classes, self._resolve_solver()
         X, codes, weight = split_views(X, self.n_views, codes, weight)
         if first:
             self._initialize(X, weight)
@@ -329,7 +327,7 @@ class TorchMLPClassifier(PrivateStateMixin, ClassifierMixin, BaseEstimator):
         if any(not isinstance(h, numbers.Integral) or h < 1 for h in self.hidden_layer_sizes):
             raise ValueError(f"hidden_layer_sizes must be positive integers, got "
                              f"{self.hidden_layer_sizes!r}")
-        if self.solver_ == "lbfgs" and (self.input_dropout > 0 or (
+        if self._resolve_solver() == "lbfgs" and (self.input_dropout > 0 or (
                 self.dropout > 0 and len(self.hidden_layer_sizes) > 0)):
             raise ValueError("solver='lbfgs' needs a deterministic objective: set dropout=0 "
                              "and input_dropout=0 (or use adam/sgd)")
