@@ -122,6 +122,7 @@ class TorchMLPClassifier(PrivateStateMixin, ClassifierMixin, BaseEstimator):
         y : array-like of shape (n_samples,)
         classes : array-like of shape (n_classes,), default=None
         sample_weight : array-like of shape (n_samples,), default=None
+            Relative weights within this call (times a dict ``class_weight``).
 
         Returns
         -------
