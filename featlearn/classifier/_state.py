@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import copy
 
-import torch
-
 import numpy as np
+import torch
 
 from .._torch import make_generator, resolve_device, state_to_cpu
 from . import _network, _stochastic
