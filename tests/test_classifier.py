@@ -345,6 +345,7 @@ def test_bad_sample_weight():
 # ---------------------------------------------------------------------- contract
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 def test_values_not_finite_in_float32_are_rejected():
     X, y = make_classification(n_samples=40, n_features=5, random_state=0)
     X[0, 0] = 1e39  # finite in float64, inf once cast to float32

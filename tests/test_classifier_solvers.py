@@ -149,5 +149,6 @@ def test_network_is_standard_layers_with_private_dropout():
 def test_penalty_counts_weight_matrices_only():
     model = _network.build_network(3, (4,), 2, activation="tanh", dropout=0, input_dropout=0,
                                    batch_norm=True, generator=torch.Generator().manual_seed(0))
-    sq = sum(float(m.weight.square().sum()) for m in model if isinstance(m, torch.nn.Linear))
+    sq = sum(float(m.weight.detach().square().sum()) for m in model
+             if isinstance(m, torch.nn.Linear))
     assert _losses.penalty(model, 0.5) == pytest.approx(0.25 * sq)
