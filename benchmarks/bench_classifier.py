@@ -115,7 +115,7 @@ def main(argv=None):
     # (a) MLP, same architecture and optimizer settings in both libraries.
     arch = dict(hidden_layer_sizes=(512,), alpha=1e-4, batch_size=256, learning_rate_init=1e-3)
     # torch's one-time start-up (thread pool, kernel selection) is not a per-epoch cost.
-    TorchMLPClassifier(hidden_layer_sizes=(8,), max_epochs=1, device="cpu").fit(Xtr[:512], ytr[:512])
+    TorchMLPClassifier(hidden_layer_sizes=(8,), max_iter=1, device="cpu").fit(Xtr[:512], ytr[:512])
     ref = MLPClassifier(**arch, solver="adam", max_iter=args.sklearn_epochs, shuffle=True,
                         random_state=0)
     with warnings.catch_warnings():
@@ -133,7 +133,7 @@ def main(argv=None):
         # Same alpha value; note MLPClassifier divides its penalty by the batch size, so this
         # penalty is batch_size times stronger (it does not change the time per epoch).
         ours = TorchMLPClassifier(**arch, dropout=0.0, lr_schedule="constant",
-                                  max_epochs=args.mlp_epochs, precision=precision, device="cpu",
+                                  max_iter=args.mlp_epochs, precision=precision, device="cpu",
                                   random_state=0)
         _, t_ours = timed(lambda: ours.fit(Xtr, ytr))
         ep_ours = t_ours / ours.n_iter_
@@ -146,8 +146,8 @@ def main(argv=None):
     # (b) L2-SVM on a subset: featlearn (paper's C=100) vs LinearSVC(C=100/n_sub).
     m = min(args.svm_subset, n)
     Xs, ys = Xtr[:m], ytr[:m]
-    svm = dict(hidden_layer_sizes=(), loss="squared_hinge", C=100.0, optimizer="lbfgs",
-               dropout=0.0, max_epochs=args.svm_iters, device="cpu")
+    svm = dict(hidden_layer_sizes=(), loss="squared_hinge", C=100.0, solver="lbfgs",
+               dropout=0.0, max_iter=args.svm_iters, device="cpu")
     ours = TorchMLPClassifier(**svm)
     _, t_ours = timed(lambda: ours.fit(Xs, ys))
     acc_ours = ours.score(Xte, yte)

@@ -85,7 +85,7 @@ def main(argv=None):
         tiny = int((np.bincount(labels, minlength=args.n_clusters) <= 2).sum())
         Ftr, Fte = enc.transform(Xtr), enc.transform(Xte)
         svm = TorchMLPClassifier(hidden_layer_sizes=(), loss="squared_hinge", C=100,
-                                 optimizer="lbfgs", max_epochs=args.max_epochs,
+                                 solver="lbfgs", max_iter=args.max_epochs,
                                  random_state=args.seed).fit(Ftr, ytr)
         row = (name, float(np.mean(svm.predict(Fte) == yte)),
                float(np.mean(svm.predict(Ftr) == ytr)), tiny, t_dict)

@@ -7,7 +7,7 @@ the other 45,000 and prints/writes their validation accuracies. The test feature
 for the cache but never read here: the test set plays no part in the choice.
 
     python benchmarks/tune_classifier.py featlearn-best-1600 --data ARCHIVE --cache CACHE \
-        --candidates '[{"classifier__max_epochs": 20}, {"classifier__hidden_layer_sizes": [1024]}]'
+        --candidates '[{"classifier__max_iter": 20}, {"classifier__hidden_layer_sizes": [1024]}]'
 """
 
 from __future__ import annotations

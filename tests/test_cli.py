@@ -55,7 +55,7 @@ def test_cli_fit_then_extract_round_trip(images, tmp_path):
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps({"name": "tiny", "params": {
         "n_centroids": 8, "classifier": "svm", "device": "cpu",
-        "encoder__patch_size": 3, "encoder__n_patches": 500, "classifier__max_epochs": 2}}))
+        "encoder__patch_size": 3, "encoder__n_patches": 500, "classifier__max_iter": 2}}))
     src, labels = tmp_path / "x.npy", tmp_path / "y.npy"
     np.save(src, images)
     np.save(labels, np.arange(len(images)) % 3)

@@ -16,7 +16,7 @@ def setup(tmp_path):
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps({"name": "tiny", "params": {
         "n_centroids": 8, "classifier": "svm", "device": "cpu",
-        "encoder__patch_size": 3, "encoder__n_patches": 300, "classifier__max_epochs": 2}}))
+        "encoder__patch_size": 3, "encoder__n_patches": 300, "classifier__max_iter": 2}}))
     rng = np.random.RandomState(0)
     images = rng.randint(0, 256, size=(40, 8, 8, 3)).astype(np.uint8)
     src, labels = tmp_path / "x.npy", tmp_path / "y.npy"

@@ -441,7 +441,7 @@ def test_scale_warning_through_the_pipeline_and_as_an_error():
     X = images(24, (8, 8), 3)
     y = np.arange(24) % 2
     pipe = make_coates_pipeline(4, classifier="svm", encoder__patch_size=3,
-                                encoder__n_patches=500, classifier__max_epochs=3).fit(X, y)
+                                encoder__n_patches=500, classifier__max_iter=3).fit(X, y)
     assert len(_scale_warnings(lambda: pipe.predict(X / 255.0))) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error", ScaleWarning)

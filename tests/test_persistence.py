@@ -77,7 +77,7 @@ def fitted_pipeline(images, labels, classifier):
 
     pipe = make_coates_pipeline(n_centroids=8, classifier=classifier, device="cpu",
                                 encoder__patch_size=3, encoder__n_patches=500,
-                                classifier__max_epochs=3)
+                                classifier__max_iter=3)
     return pipe.fit(images, labels)
 
 
@@ -383,7 +383,7 @@ def test_gpu_fitted_model_loads_on_cpu(images, labels, tmp_path, fmt):
 
     pipe = make_coates_pipeline(n_centroids=8, classifier="mlp", device="cuda",
                                 encoder__patch_size=3, encoder__n_patches=500,
-                                classifier__max_epochs=3).fit(images, labels)
+                                classifier__max_iter=3).fit(images, labels)
     save_model(pipe, tmp_path / "gpu.model", format=fmt)
     assert next(pipe[-1].model_.parameters()).is_cuda  # the caller's model stays on the GPU
     np.save(tmp_path / "x.npy", images)

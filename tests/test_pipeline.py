@@ -13,7 +13,7 @@ from featlearn import PatchEncoder, make_coates_pipeline
 from featlearn.pipeline import available_configs, build_pipeline, load_config
 
 TINY = dict(encoder__patch_size=3, encoder__n_patches=2000, encoder__kmeans__max_iter=10,
-            classifier__max_epochs=15)
+            classifier__max_iter=15)
 
 
 def tiny_images(n=60, size=8, seed=0):
@@ -99,7 +99,7 @@ def test_pipeline_memory_skips_encoding_when_only_the_classifier_changes(tmp_pat
     pipe = tiny_pipeline(memory=str(tmp_path))
     pipe.fit(X, y)
     assert calls["fit"] == 1
-    pipe.set_params(classifier__max_epochs=5).fit(X, y)
+    pipe.set_params(classifier__max_iter=5).fit(X, y)
     assert calls["fit"] == 1  # features came from the cache
     pipe.set_params(encoder__kmeans__n_clusters=8).fit(X, y)
     assert calls["fit"] == 2  # an encoder change is a cache miss
@@ -234,7 +234,7 @@ def test_classifier_views_average_scores_and_split_by_sample():
     rng = np.random.default_rng(0)
     A, B = rng.normal(size=(2, 120, 5)).astype(np.float32)
     y = (A[:, 0] + B[:, 0] > 0).astype(int)
-    clf = TorchMLPClassifier(hidden_layer_sizes=(8,), n_views=2, max_epochs=5, early_stopping=True,
+    clf = TorchMLPClassifier(hidden_layer_sizes=(8,), n_views=2, max_iter=5, early_stopping=True,
                              n_iter_no_change=50, random_state=0).fit(np.hstack([A, B]), y)
     assert clf.mean_.shape == (5,) and clf.n_features_in_ == 10
     d = clf.decision_function(np.hstack([A, B]))
@@ -301,7 +301,7 @@ def test_missing_file_folder_and_bad_names(tmp_path):
     ({"n_centroid": 100}, "unknown configuration key 'n_centroid' \\(did you mean 'n_centroids'"),
     ({"encoder__strid": 2}, "'encoder__strid' \\(did you mean 'encoder__stride'"),
     ({"encoder__kmeans__max_iters": 5}, "did you mean 'encoder__kmeans__max_iter'"),
-    ({"classifier__max_epoch": 5}, "did you mean 'classifier__max_epochs'"),
+    ({"classifier__max_ite": 5}, "did you mean 'classifier__max_iter'"),
     ({"steps": []}, "unknown configuration key 'steps'"),
     ({"encoder__whitener__eps": 0.1, "encoder__whitener": "passthrough"},
      "unknown configuration key 'encoder__whitener__eps'"),

@@ -18,7 +18,7 @@ def test_coates_pipeline_on_5000_cifar10_images(cifar10):
     X_test, y_test = cifar10.X_test[:2000], cifar10.y_test[:2000]
     pipe = make_coates_pipeline(
         200, classifier="svm", random_state=0, device="cpu",
-        encoder__n_patches=50_000, encoder__kmeans__max_iter=20, classifier__max_epochs=300)
+        encoder__n_patches=50_000, encoder__kmeans__max_iter=20, classifier__max_iter=300)
     pipe.fit(X_train, y_train)
     acc = float(np.mean(pipe.predict(X_test) == y_test))
     print(f"test accuracy with 200 centroids on 5,000 training images: {acc:.4f}")

@@ -16,7 +16,7 @@ from conftest import make_cifar_archive
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 TINY = {"n_centroids": 8, "classifier": "svm", "device": "cpu", "encoder__patch_size": 3,
-        "encoder__n_patches": 1000, "encoder__kmeans__max_iter": 5, "classifier__max_epochs": 5}
+        "encoder__n_patches": 1000, "encoder__kmeans__max_iter": 5, "classifier__max_iter": 5}
 
 
 @pytest.fixture

@@ -54,7 +54,7 @@ def test_wheel_installs_and_reproduces(tmp_path):
                 "--out", work / "out", "-q",
                 # smoke-sized: the configuration as shipped, made small enough for a test
                 "--set", "n_centroids=16", "--set", "encoder__n_patches=5000",
-                "--set", "encoder__kmeans__max_iter=5", "--set", "classifier__max_epochs=20"],
+                "--set", "encoder__kmeans__max_iter=5", "--set", "classifier__max_iter=20"],
                cwd=work, env=env)
     assert "coates2011-1600-svm" in res.stdout
     results = json.loads((work / "out" / "results.json").read_text())

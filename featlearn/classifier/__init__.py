@@ -1,0 +1,20 @@
+"""The last stage: a torch MLP classifier that is also the paper's one-vs-all L2-SVM.
+
+A two-layer network (the seed work's classifier) and the paper's linear L2-SVM are the same
+model with a different depth and loss, so one estimator owns both. The modules, each a small
+overridable step with explicit arguments (tests call them directly):
+
+``_estimator``    the scikit-learn estimator: parameters, fit dispatch, predictions, pickling
+``_network``      the network (standard ``torch.nn`` layers) and its private-dropout forward
+``_losses``       signed targets, mean / summed losses and gradients, penalty, predict rule
+``_standardize``  feature statistics, in-place application, folding into a linear layer
+``_stochastic``   adam/sgd: optimizer, schedule, early stopping, one epoch
+``_lbfgs``        L-BFGS: the linear objective, the preconditioner, the minimizer
+``_data``         views, label codes, sample weights, zero-copy tensors
+"""
+
+from ._estimator import TorchMLPClassifier
+from ._network import has_fast_bfloat16 as _has_fast_bfloat16  # noqa: F401 (benchmarks)
+from ._standardize import STANDARDIZE_EPS
+
+__all__ = ["TorchMLPClassifier", "STANDARDIZE_EPS"]

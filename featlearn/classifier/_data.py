@@ -1,0 +1,65 @@
+"""Input plumbing: views, label codes, sample weights, zero-copy tensors."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from sklearn.utils.class_weight import compute_class_weight
+from sklearn.utils.validation import _check_sample_weight
+
+
+def tensor_view(X: np.ndarray) -> torch.Tensor:
+    """A float32 C-contiguous array as a tensor without copying (read-only inputs included:
+    they are only ever read)."""
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(X)
+
+
+def split_views(X, n_views, *per_sample):
+    """``(n, V * F)`` -> ``(n * V, F)`` rows (a view, no copy); per-sample arrays repeated per
+    view (``None`` stays ``None``)."""
+    if X.shape[1] % n_views:
+        raise ValueError(f"X has {X.shape[1]} features, not divisible by n_views={n_views}")
+    X = np.ascontiguousarray(X).reshape(len(X) * n_views, X.shape[1] // n_views)
+    return (X, *(None if a is None else np.repeat(a, n_views) for a in per_sample))
+
+
+def encode_labels(y, classes):
+    """Labels -> indices into the sorted ``classes``; unknown labels are an error."""
+    y = np.asarray(y)
+    idx = np.clip(np.searchsorted(classes, y), 0, len(classes) - 1)
+    bad = classes[idx] != y
+    if np.any(bad):
+        raise ValueError(f"y contains labels not in classes_ {classes.tolist()}: "
+                         f"{np.unique(y[bad]).tolist()}")
+    return idx.astype(np.int64)
+
+
+def row_weights(sample_weight, class_weight, X, codes, classes):
+    """Per-sample weights, scaled to mean 1, or ``None`` when every weight is equal.
+
+    As in scikit-learn's linear models, ``class_weight`` multiplies ``sample_weight``. Scaling
+    to mean 1 keeps ``alpha`` / ``C`` meaning the same with and without weights (the objective
+    is the weighted mean loss); ``None`` keeps the unweighted code path exactly.
+    """
+    if sample_weight is None and class_weight is None:
+        return None
+    w = _check_sample_weight(sample_weight, X, dtype=np.float64, ensure_non_negative=True)
+    if class_weight is not None:
+        present = np.unique(codes)
+        cw = compute_class_weight(class_weight, classes=present, y=codes) if isinstance(
+            class_weight, str) else np.array([class_weight.get(classes[c], 1.0) for c in present],
+                                             dtype=np.float64)
+        full = np.ones(len(classes))
+        full[present] = cw
+        w = w * full[codes]
+    total = w.sum()
+    if not np.isfinite(total) or total <= 0:
+        raise ValueError("sample_weight (times class_weight) must have a positive, finite sum")
+    if np.all(w == w[0]):
+        return None
+    return (w * (len(w) / total)).astype(np.float32)

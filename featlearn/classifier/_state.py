@@ -1,0 +1,109 @@
+"""The estimator's state: set up for a fit, private parts rebuilt on demand, pickled as plain data.
+
+Generators, the optimizer and the device copy of the statistics are not fitted state: they are
+rebuilt on demand from fitted attributes (and, after unpickling, from the saved generator and
+optimizer states), so a model restored from plain data still predicts and trains on.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from .._torch import make_generator, resolve_device, state_to_cpu
+from . import _network, _stochastic
+from ._standardize import Standardizer, feature_stats
+
+
+class PrivateStateMixin:
+    """Set-up, lazily built private state and CPU pickling for :class:`TorchMLPClassifier`."""
+
+    def _initialize(self, X, weight=None):
+        """Fresh statistics, network, generators and history."""
+        dev = resolve_device(self.device)
+        self.device_ = str(dev)
+        self.precision_ = self.precision
+        if self.precision == "auto":
+            self.precision_ = "bfloat16" if _network.has_fast_bfloat16(dev) else "float32"
+        self._rng = make_generator(self.random_state)
+        if self.standardize:
+            self.mean_, self.scale_ = feature_stats(X, weight)
+        else:
+            self.mean_ = np.zeros(X.shape[1], np.float32)
+            self.scale_ = np.ones(X.shape[1], np.float32)
+        self._std = Standardizer(self.mean_, self.scale_, dev, self.standardize)
+        n_out = 1 if len(self.classes_) == 2 else len(self.classes_)
+        self.model_ = _network.build_network(
+            X.shape[1], tuple(self.hidden_layer_sizes), n_out, activation=self.activation,
+            dropout=self.dropout, input_dropout=self.input_dropout, batch_norm=self.batch_norm,
+            generator=self._rng).to(dev)
+        self._optim = self._optim_state = self._rng_state = None
+        self._dropout_gen = None
+        self.loss_curve_, self.validation_scores_ = [], []
+        self.best_epoch_, self.n_iter_ = 0, 0
+
+    def _model_device(self):
+        return next(self.model_.parameters()).device
+
+    def _standardizer(self):
+        dev = self._model_device()
+        std = getattr(self, "_std", None)
+        if std is None or std.mean.device != dev:
+            std = self._std = Standardizer(self.mean_, self.scale_, dev, self.standardize)
+        return std
+
+    def _generator(self):
+        """The private CPU generator (initialization, shuffling, splits, dropout seeds)."""
+        if getattr(self, "_rng", None) is None:
+            self._rng = make_generator(self.random_state)
+            state = getattr(self, "_rng_state", None)
+            if state is not None:
+                self._rng.set_state(state)
+        return self._rng
+
+    def _dropout_generator(self):
+        """A generator on the training device for dropout masks (reseeded every epoch)."""
+        dev = self._model_device()
+        gen = getattr(self, "_dropout_gen", None)
+        if gen is None or gen.device != dev:
+            gen = self._dropout_gen = torch.Generator(device=dev)
+        return gen
+
+    def _optimizer(self):
+        if getattr(self, "_optim", None) is None:
+            self._optim = _stochastic.make_optimizer(
+                self.model_, self.solver_, lr=self.learning_rate_init, alpha=self._alpha,
+                momentum=self.momentum, nesterov=self.nesterov)
+            state = getattr(self, "_optim_state", None)
+            if state is not None:
+                fused = [g.get("fused") for g in self._optim.param_groups]
+                self._optim.load_state_dict(state)
+                # The saved groups carry the fitting device's fused flag; keep this device's.
+                for g, f in zip(self._optim.param_groups, fused):
+                    g["fused"] = f
+        return self._optim
+
+    def __getstate__(self):
+        """Plain data on the CPU: a CUDA-fitted model unpickles anywhere."""
+        state = self.__dict__.copy()
+        if "model_" in state:
+            state["model_"] = copy.deepcopy(self.model_).cpu()
+            if state.get("_optim") is not None:
+                state["_optim_state"] = state_to_cpu(self._optim.state_dict())
+            if state.get("_rng") is not None:
+                state["_rng_state"] = self._rng.get_state()
+        for key in ("_optim", "_rng", "_dropout_gen", "_std"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state):
+        """Back on the fitting device when it exists here, else on the CPU."""
+        self.__dict__.update(state)
+        if "model_" in state:
+            try:
+                self.model_.to(resolve_device(self.device_))
+            except (ValueError, RuntimeError):
+                pass
+
