@@ -94,7 +94,7 @@ def main(argv=None):
     from sklearn.svm import LinearSVC
 
     from featlearn import TorchMLPClassifier
-    from featlearn.classifier import _has_fast_bfloat16
+    from featlearn.classifier._network import has_fast_bfloat16
 
     t0 = time.perf_counter()
     if args.features:
@@ -122,7 +122,7 @@ def main(argv=None):
         warnings.simplefilter("ignore", ConvergenceWarning)
         _, t_ref = timed(lambda: ref.fit(Xtr, ytr))
     acc_ref, ep_ref = ref.score(Xte, yte), t_ref / ref.n_iter_
-    native_bf16 = _has_fast_bfloat16(torch.device("cpu"))
+    native_bf16 = has_fast_bfloat16(torch.device("cpu"))
     for precision in ("float32", "bfloat16"):
         if precision == "bfloat16" and not native_bf16:
             # Emulated bfloat16 runs several times slower than float32: nothing to measure.

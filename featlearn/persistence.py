@@ -55,7 +55,6 @@ SAFE_CLASSES = (
     ("featlearn.KMeans", "featlearn.kmeans:KMeans"),
     ("featlearn.PatchEncoder", "featlearn.encoding:PatchEncoder"),
     ("featlearn.TorchMLPClassifier", "featlearn.classifier:TorchMLPClassifier"),
-    ("featlearn.classifier._Dropout", "featlearn.classifier:_Dropout"),
     ("sklearn.pipeline.Pipeline", "sklearn.pipeline:Pipeline"),
     ("sklearn.preprocessing.StandardScaler", "sklearn.preprocessing:StandardScaler"),
     ("sklearn.decomposition.PCA", "sklearn.decomposition:PCA"),

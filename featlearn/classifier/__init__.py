@@ -14,7 +14,6 @@ overridable step with explicit arguments (tests call them directly):
 """
 
 from ._estimator import TorchMLPClassifier
-from ._network import has_fast_bfloat16 as _has_fast_bfloat16  # noqa: F401 (benchmarks)
 from ._standardize import STANDARDIZE_EPS
 
 __all__ = ["TorchMLPClassifier", "STANDARDIZE_EPS"]
