@@ -7,6 +7,7 @@ Builds a wheel of this checkout, installs it without ``-e`` into a fresh virtual
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,8 +29,14 @@ def _run(cmd, **kw):
 def test_wheel_installs_and_reproduces(tmp_path):
     wheels, venv, work = tmp_path / "wheels", tmp_path / "venv", tmp_path / "work"
     work.mkdir()
+    # Build from a clean copy: a stale build/ in the checkout would leak old modules into the
+    # wheel, and a test must not write into the source tree.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "benchmarks",
+        "results", "cache", "featlearn_data"))
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-          "-w", wheels, ROOT])
+          "-w", wheels, src])
     (wheel,) = wheels.glob("featlearn-*.whl")
     _run([sys.executable, "-m", "venv", "--system-site-packages", venv])
     py = venv / "bin" / "python"
