@@ -61,8 +61,8 @@ class Slow(_TransformerMixin, _BaseEstimator):
         return self.encoder.transform(X)
 
 
-def make_cifar_archive(path, n=4, seed=0):
-    """A CIFAR-10-format ``.tar.gz`` with ``n`` images per batch (5 train batches, 1 test)."""
+def cifar_members(n=4, seed=0):
+    """The members of a CIFAR-10-format archive: ``n`` random images per batch (5 train, 1 test)."""
     def batch(k):
         rng = _np.random.default_rng(seed * 100 + k)
         return {b"data": rng.integers(0, 256, (n, 3072), dtype=_np.uint8),
@@ -72,13 +72,25 @@ def make_cifar_archive(path, n=4, seed=0):
     members = {f"data_batch_{i}": batch(i) for i in range(1, 6)}
     members["test_batch"] = batch(9)
     members["batches.meta"] = {b"label_names": [f"c{i}".encode() for i in range(10)]}
+    return members
+
+
+def write_cifar_archive(path, members, drop=None):
+    """Write ``members`` (objects are pickled, bytes written as they are) as a ``.tar.gz``."""
     with _tarfile.open(path, "w:gz") as tar:
         for name, obj in members.items():
-            blob = _pickle.dumps(obj, protocol=2)
+            if name == drop:
+                continue
+            blob = obj if isinstance(obj, bytes) else _pickle.dumps(obj, protocol=2)
             info = _tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(blob)
             tar.addfile(info, _io.BytesIO(blob))
     return path
+
+
+def make_cifar_archive(path, n=4, seed=0):
+    """A CIFAR-10-format ``.tar.gz`` with ``n`` images per batch (5 train batches, 1 test)."""
+    return write_cifar_archive(path, cifar_members(n, seed))
 
 
 @pytest.fixture(scope="module")

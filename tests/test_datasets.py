@@ -1,6 +1,5 @@
 import hashlib
 import http.server
-import io
 import pickle
 import socket
 import tarfile
@@ -11,7 +10,7 @@ import pytest
 
 from featlearn.datasets import ChecksumError, DatasetError, fetch_cifar10
 
-from conftest import SHARED_ARCHIVE
+from conftest import SHARED_ARCHIVE, cifar_members, write_cifar_archive
 
 
 # -- the shared archive ----------------------------------------------------------------------------
@@ -35,27 +34,11 @@ def test_shared_archive_wrong_md5_is_rejected(tmp_path):
 
 # -- a tiny synthetic archive with the official layout ---------------------------------------------
 
-def _batch(n, seed):
-    rng = np.random.default_rng(seed)
-    return {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            b"labels": [int(v) for v in rng.integers(0, 10, n)],
-            b"filenames": [b"x.png"] * n, b"batch_label": b"batch"}
-
-
 def make_archive(path, n=4, drop=None, mutate=None):
-    members = {f"data_batch_{i}": _batch(n, i) for i in range(1, 6)}
-    members["test_batch"] = _batch(n, 9)
-    members["batches.meta"] = {b"label_names": [f"c{i}".encode() for i in range(10)]}
+    members = cifar_members(n)
     if mutate:
         mutate(members)
-    with tarfile.open(path, "w:gz") as tar:
-        for name, obj in members.items():
-            if name == drop:
-                continue
-            blob = obj if isinstance(obj, bytes) else pickle.dumps(obj, protocol=2)
-            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
+    write_cifar_archive(path, members, drop=drop)
     return members
 
 

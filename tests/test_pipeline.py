@@ -10,6 +10,8 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
 
 from featlearn import PatchEncoder, make_coates_pipeline
+
+from conftest import make_cifar_archive
 from featlearn.pipeline import available_configs, build_pipeline, load_config
 
 TINY = dict(encoder__patch_size=3, encoder__n_patches=2000, encoder__kmeans__max_iter=10,
@@ -141,11 +143,7 @@ def test_unknown_or_broken_configuration(tmp_path):
 
 @pytest.fixture
 def tiny_archive(tmp_path):
-    from test_datasets import make_archive
-
-    arc = tmp_path / "tiny.tar.gz"
-    make_archive(arc, n=40)
-    return arc
+    return make_cifar_archive(tmp_path / "tiny.tar.gz", n=40)
 
 
 @pytest.fixture
@@ -166,7 +164,11 @@ def test_reproduce_cli_writes_results_and_pictures(tmp_path, tiny_archive, tiny_
                  "--data-home", str(tmp_path / "home"), "--quiet"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["n_train"] == 200 and results["n_test"] == 40
-    assert 0 <= results["test_accuracy"] <= 1 and results["n_features"] == 64
+    assert results["n_features"] == 64
+    # accuracies are counts over the 40 test / 200 training images, and the table shows them
+    assert round(results["test_accuracy"] * 40, 6) == round(results["test_accuracy"] * 40)
+    assert round(results["train_accuracy"] * 200, 6) == round(results["train_accuracy"] * 200)
+    assert f"{results['test_accuracy']:.2%}" in (out / "results.md").read_text()
     assert {"encode train", "classifier fit"} <= set(results["stage_seconds"])
     assert "| tiny |" in (out / "results.md").read_text()
     for png in ("centroids.png", "learning_curve.png"):
