@@ -33,13 +33,13 @@ from sklearn.base import BaseEstimator as _BaseEstimator
 from sklearn.base import TransformerMixin as _TransformerMixin
 
 
-def tiny_encoder(images, seed=0):
+def tiny_encoder(images, seed=0, device="cpu"):
     """A small real PatchEncoder (3x3 patches, K=8) fitted on ``images``."""
     from featlearn.encoding import PatchEncoder
     from featlearn.kmeans import MiniBatchKMeans
 
-    enc = PatchEncoder(patch_size=3, n_patches=500, device="cpu", random_state=seed,
-                       kmeans=MiniBatchKMeans(n_clusters=8, random_state=seed, device="cpu"))
+    enc = PatchEncoder(patch_size=3, n_patches=500, device=device, random_state=seed,
+                       kmeans=MiniBatchKMeans(n_clusters=8, random_state=seed, device=device))
     return enc.fit(images)
 
 

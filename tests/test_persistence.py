@@ -23,6 +23,8 @@ from featlearn._io import OutputExistsError
 from featlearn.fingerprints import model_fingerprint
 from featlearn.persistence import is_model_file, load_model, save_model
 
+from conftest import tiny_encoder
+
 SIDE_EFFECTS = []
 
 
@@ -47,29 +49,9 @@ class Recorder(TransformerMixin, BaseEstimator):
         return X
 
 
-def tiny_encoder(images, seed=0, device="cpu"):
-    from featlearn.encoding import PatchEncoder
-    from featlearn.kmeans import MiniBatchKMeans
-
-    enc = PatchEncoder(patch_size=3, n_patches=500, device=device, random_state=seed,
-                       kmeans=MiniBatchKMeans(n_clusters=8, random_state=seed, device=device))
-    return enc.fit(images)
-
-
-@pytest.fixture(scope="module")
-def images():
-    rng = np.random.RandomState(0)
-    return rng.randint(0, 256, size=(60, 8, 8, 3)).astype(np.uint8)
-
-
 @pytest.fixture(scope="module")
 def labels(images):
     return np.arange(len(images)) % 3
-
-
-@pytest.fixture(scope="module")
-def encoder(images):
-    return tiny_encoder(images)
 
 
 def fitted_pipeline(images, labels, classifier):
