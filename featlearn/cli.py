@@ -307,7 +307,8 @@ def _add_extract(sub, parent):
                         "earlier 'featlearn extract' result (see --force), never --data or --model")
     p.add_argument("--force", action="store_true",
                    help="replace an existing --out that is not a featlearn extraction result")
-    p.add_argument("--flip", action="store_true", help="encode the horizontally mirrored images")
+    p.add_argument("--mirror", action="store_true",
+                   help="encode the horizontally mirrored images instead of the images")
     p.add_argument("--n-jobs", type=_n_jobs, default=None,
                    help="chunks encoded in parallel (joblib; -1: all CPUs; default one at a time)")
     p.add_argument("--batch-size", type=_batch_size, default="auto",
@@ -324,7 +325,7 @@ def _run_extract(args):
     if args.device is not None and "device" in getattr(encoder, "get_params", dict)():
         encoder.set_params(device=args.device)
     features = extract_features(encoder, load_images(args), args.out, batch_size=args.batch_size,
-                                n_jobs=args.n_jobs, resume=not args.no_resume, flip=args.flip,
+                                n_jobs=args.n_jobs, resume=not args.no_resume, mirror=args.mirror,
                                 overwrite=args.force, inputs=(args.data, args.model),
                                 verbose=args.verbose)
     if not args.verbose:

@@ -16,7 +16,7 @@ For ``out="features.npy"`` three files live side by side:
     result there stays whole until the new one replaces it.
 ``features.npy.manifest.json``
     The cache key (a fingerprint of the model's fitted state, a hash of the input images, their
-    shape, the flip flag), the chunk size and, for every finished chunk, the CRC-32 of its
+    shape, the mirror flag), the chunk size and, for every finished chunk, the CRC-32 of its
     bytes. It is rewritten atomically (temporary file, ``fsync``, ``os.replace``, ``fsync`` of
     the directory) after a chunk's data has been flushed and ``fsync``-ed, so it never lists a
     chunk whose bytes might not be on disk. The manifest carries its own checksum.
@@ -69,7 +69,7 @@ from ._logging import log, progress
 from .fingerprints import data_fingerprint, iter_blocks, model_fingerprint
 
 #: Version of the manifest layout; a manifest with another version is treated as foreign.
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
 #: ``batch_size="auto"`` caps: images per chunk, and bytes of output per chunk.
 AUTO_MAX_IMAGES = 1024
 AUTO_MAX_BYTES = 64 * 2**20
@@ -89,7 +89,7 @@ def _crc(block: np.ndarray) -> str:
 
 
 def extract_features(encoder, images, out, *, batch_size="auto", n_jobs=None, resume=True,
-                     flip=False, overwrite=False, inputs=(), verbose=1):
+                     mirror=False, overwrite=False, inputs=(), verbose=1):
     """Encode ``images`` with a fitted ``encoder`` into the ``.npy`` file ``out``, resumably.
 
     Parameters
@@ -115,8 +115,10 @@ def extract_features(encoder, images, out, *, batch_size="auto", n_jobs=None, re
     resume : bool, default=True
         Reuse finished chunks of a matching earlier run (and return a finished job at once).
         ``False`` always starts over.
-    flip : bool, default=False
-        Encode the horizontally mirrored images (a training-set augmentation).
+    mirror : bool, default=False
+        Encode the horizontally mirrored images instead of the images (for a
+        :class:`featlearn.PatchEncoder`, ``flip=True`` is the other way: it appends the mirror's
+        features to each image's).
     overwrite : bool, default=False
         Replace an existing ``out`` that is not a featlearn extraction result.
     inputs : iterable of paths, default=()
@@ -175,7 +177,7 @@ def extract_features(encoder, images, out, *, batch_size="auto", n_jobs=None, re
         "n_images": int(n),
         "image_shape": [int(s) for s in images.shape[1:]],
         "image_dtype": images.dtype.str,
-        "flip": bool(flip),
+        "mirror": bool(mirror),
     }
 
     with _exclusive_lock(paths.lock):
@@ -185,7 +187,7 @@ def extract_features(encoder, images, out, *, batch_size="auto", n_jobs=None, re
             # One image through the encoder: the output width, and a clear error for images
             # the model cannot encode (wrong size or layout), before anything on disk changes.
             # (A result of this very model and these images is trusted as it is.)
-            width = _output_width(encoder, images, flip)
+            width = _output_width(encoder, images, mirror)
         state = _reuse(manifest, key, batch_size, paths, say) if manifest is not None else None
         if state is not None and state["complete"]:
             say.info(f"{out} is up to date ({n} images x {state['n_features']} features); "
@@ -193,9 +195,9 @@ def extract_features(encoder, images, out, *, batch_size="auto", n_jobs=None, re
             return np.load(out, mmap_mode="r")
         if state is None:
             if width is None:
-                width = _output_width(encoder, images, flip)
+                width = _output_width(encoder, images, mirror)
             state = _start(width, key, batch_size, paths)
-        _run_chunks(encoder, images, state, flip, n_jobs, paths, say, t_start)
+        _run_chunks(encoder, images, state, mirror, n_jobs, paths, say, t_start)
         _finish(state, paths)
     say.summary(state, out, time.perf_counter() - t_start, _flops_per_image(encoder, images))
     return np.load(out, mmap_mode="r")
@@ -268,11 +270,11 @@ def _auto_chunk(n: int, n_features: int) -> int:
     return int(max(1, min(AUTO_MAX_IMAGES, by_bytes, math.ceil(n / AUTO_MIN_CHUNKS))))
 
 
-def _encode_chunk(encoder, chunk, flip, index, parent=None):
+def _encode_chunk(encoder, chunk, mirror, index, parent=None):
     """Worker side: encode one chunk and return it; never touches the output file."""
     _watch_parent(parent)
     chunk = np.asarray(chunk)
-    if flip:
+    if mirror:
         chunk = chunk[:, :, ::-1]
     Z = np.asarray(encoder.transform(chunk))
     if Z.ndim != 2 or Z.shape[0] != chunk.shape[0]:
@@ -306,10 +308,10 @@ def _watch_parent(parent):
     _watchdog.start()
 
 
-def _output_width(encoder, images, flip) -> int:
+def _output_width(encoder, images, mirror) -> int:
     """Features per image, measured by encoding the first image (which also validates it)."""
     one = np.asarray(images[:1])
-    Z = np.asarray(encoder.transform(one[:, :, ::-1] if flip else one))
+    Z = np.asarray(encoder.transform(one[:, :, ::-1] if mirror else one))
     if Z.ndim != 2 or Z.shape[0] != 1:
         raise ValueError(f"encoder.transform returned shape {Z.shape} for one image; "
                          "expected (1, n_features)")
@@ -322,7 +324,7 @@ def _reuse(manifest, key, batch_size, paths, say):
     if old != key:
         what = [w for k, w in (("model", "the model (its fitted state) differs"),
                                ("data", "the input images differ"),
-                               ("flip", "the flip setting differs"),
+                               ("mirror", "the mirror setting differs"),
                                ("n_images", "the number of images differs"),
                                ("image_shape", "the image shape differs"),
                                ("image_dtype", "the image dtype differs")) if old.get(k) != key.get(k)]
@@ -413,7 +415,7 @@ def _fallocate(fd, size):
         raise
 
 
-def _run_chunks(encoder, images, state, flip, n_jobs, paths, say, t_start):
+def _run_chunks(encoder, images, state, mirror, n_jobs, paths, say, t_start):
     n, c = state["key"]["n_images"], state["chunk_size"]
     todo = [i for i in range(state["n_chunks"]) if str(i) not in state["chunks"]]
     if not todo:
@@ -424,7 +426,7 @@ def _run_chunks(encoder, images, state, flip, n_jobs, paths, say, t_start):
     bar = say.bar(n, done_images)
     try:
         parent = os.getpid()
-        tasks = (joblib.delayed(_encode_chunk)(encoder, images[i * c:(i + 1) * c], flip, i, parent)
+        tasks = (joblib.delayed(_encode_chunk)(encoder, images[i * c:(i + 1) * c], mirror, i, parent)
                  for i in todo)
         results = joblib.Parallel(n_jobs=n_jobs, return_as="generator_unordered")(tasks)
         for i, Z in results:
@@ -574,18 +576,12 @@ def _exclusive_lock(path: Path):
 def _flops_per_image(encoder, images):
     """FLOPs of the dense patch-to-centroid products per image, when the encoder can say.
 
-    An encoder may define ``n_flops(image_shape)``; otherwise, for a fitted encoder exposing its
-    centroids (``cluster_centers_``, or ``kmeans_.cluster_centers_``) and its map of patch
-    positions (``map_shape_``, or ``patch_size``/``stride``), ``2 * positions * d * K`` (twice
-    that with ``flip=True``, which encodes a mirrored view too). None when it cannot be told.
+    For a fitted encoder exposing its centroids (``cluster_centers_``, or
+    ``kmeans_.cluster_centers_``) and its map of patch positions (``map_shape_``, or
+    ``patch_size``/``stride``): ``2 * positions * d * K``, twice that for a
+    ``PatchEncoder(flip=True)``, which encodes a mirrored view too. None when it cannot be told.
     """
     shape = tuple(images.shape[1:])
-    fn = getattr(encoder, "n_flops", None)
-    if callable(fn):
-        try:
-            return float(fn(shape))
-        except Exception:
-            return None
     centers = getattr(encoder, "cluster_centers_", None)
     if centers is None:
         centers = getattr(getattr(encoder, "kmeans_", None), "cluster_centers_", None)

@@ -65,7 +65,7 @@ def test_cli_fit_then_extract_round_trip(images, tmp_path):
     assert meta["config"]["name"] == "tiny" and meta["n_images"] == 60
     out = tmp_path / "features.npy"
     assert main(["extract", "--model", str(model), "--data", str(src), "--out", str(out),
-                 "--flip", "--quiet"]) == 0
+                 "--mirror", "--quiet"]) == 0
     np.testing.assert_allclose(np.load(out), encoder.transform(images[:, :, ::-1]), rtol=1e-5,
                                atol=1e-5)
 

@@ -34,9 +34,9 @@ def count_chunks(monkeypatch):
     calls = []
     original = jobs._encode_chunk
 
-    def counting(encoder, chunk, flip, index, *args):
+    def counting(encoder, chunk, mirror, index, *args):
         calls.append(index)
-        return original(encoder, chunk, flip, index, *args)
+        return original(encoder, chunk, mirror, index, *args)
 
     monkeypatch.setattr(jobs, "_encode_chunk", counting)
     return calls
@@ -64,9 +64,9 @@ def test_chunked_memmap_output_matches_transform(encoder, images, expected, tmp_
     assert not Path(str(out) + ".partial").exists()
 
 
-def test_auto_batch_size_and_flip(encoder, images, tmp_path):
-    out = tmp_path / "flip.npy"
-    F = extract_features(encoder, images, out, flip=True, verbose=0)
+def test_auto_batch_size_and_mirror(encoder, images, tmp_path):
+    out = tmp_path / "mirror.npy"
+    F = extract_features(encoder, images, out, mirror=True, verbose=0)
     assert read_manifest(out)["n_chunks"] >= 2
     np.testing.assert_allclose(F, encoder.transform(images[:, :, ::-1]), rtol=1e-5, atol=1e-5)
 
