@@ -117,13 +117,6 @@ def make_generator(random_state) -> torch.Generator:
     return gen
 
 
-def as_tensor(X, device: torch.device, dtype=torch.float32) -> torch.Tensor:
-    """Numpy array or tensor -> tensor on ``device``, copying only when needed."""
-    if isinstance(X, torch.Tensor):
-        return X.to(device=device, dtype=dtype)
-    return torch.from_numpy(np.ascontiguousarray(X)).to(device=device, dtype=dtype)
-
-
 def to_numpy(t: torch.Tensor) -> np.ndarray:
     """Tensor -> numpy array on the host (a view when it already lives on the CPU)."""
     return t.detach().cpu().numpy()
