@@ -14,8 +14,8 @@ from sklearn.metrics import adjusted_rand_score
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from featlearn import KMeans, MiniBatchKMeans
-from featlearn.kmeans import (LloydResult, MiniBatchResult, _kmeans_plusplus, _lloyd, _minibatch,
-                              nearest_centroid, pairwise_distances)
+from featlearn._kmeans_solvers import (LloydResult, MiniBatchResult, _kmeans_plusplus, _lloyd,
+                                       _minibatch, nearest_centroid, pairwise_distances)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 

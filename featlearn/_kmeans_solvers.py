@@ -1,0 +1,426 @@
+"""The numeric kernels of featlearn's k-means: chunked distances, initialisation, and the Lloyd
+and mini-batch solvers as functions (:mod:`featlearn.kmeans` holds the estimators over them).
+
+Distances are ``||c||^2 - 2 x.c`` (the ``||x||^2`` term is added only where a true distance is
+needed), computed with ``addmm`` into a preallocated ``chunk x k`` buffer, so peak extra memory
+is ``O(chunk * k + k * d)`` and never ``n * k``. The solvers (:func:`_lloyd`,
+:func:`_minibatch`) take initial centres and return named tuples (:class:`LloydResult`,
+:class:`MiniBatchResult`), so they compose: e.g. mini-batch epochs whose centres then start a
+few Lloyd iterations.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from featlearn._logging import log, progress
+from featlearn._torch import chunk_size
+
+#: On the CPU, rows per distance chunk are capped here: a ``chunk x k`` block that stays near the
+#: caches makes the argmin that follows the GEMM cheap; larger chunks gain nothing.
+_CPU_MAX_CHUNK = 4096
+
+
+# --------------------------------------------------------------------------------------------
+# Private numeric kernels
+# --------------------------------------------------------------------------------------------
+
+def _rows_per_chunk(n_clusters: int, n_features: int, device: torch.device, itemsize: int = 4) -> int:
+    """Rows of ``X`` per chunk: one distance row (k) plus the row itself and a few scalars."""
+    maximum = _CPU_MAX_CHUNK if device.type == "cpu" else None
+    return chunk_size((n_clusters + n_features + 4) * itemsize, device, maximum=maximum)
+
+
+def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = None,
+                     accumulate: bool = False, sample_weight: torch.Tensor | None = None,
+                     onehot_sums: bool | None = None):
+    """Nearest centre and squared distance of every row of ``X``, chunk by chunk.
+
+    Returns ``(labels, min_sq_dist)``, plus ``(sums, counts)`` (per-centre sums of the assigned
+    rows and their counts, float64) when ``accumulate`` is true, computed in the same pass while
+    each chunk is hot. With ``sample_weight`` (a tensor of shape ``(n,)``) the sums and counts
+    are weighted; ``min_sq_dist`` never is. ``min_sq_dist`` is clamped at 0 (float32
+    cancellation can make it slightly negative, whose ``sqrt`` would be NaN).
+
+    Centre sums avoid atomics: ``index_add_`` is sequential (deterministic) on the CPU, while on
+    CUDA (where it uses atomics) a one-hot GEMM over the chunk's distance buffer is used instead
+    (``onehot_sums``: None picks by device; True/False force a path, e.g. to test both).
+    """
+    n, d = X.shape
+    k = C.shape[0]
+    device = X.device
+    if chunk is None:
+        chunk = _rows_per_chunk(k, d, device, X.element_size())
+    chunk = max(1, min(chunk, n))
+    c_sq = (C * C).sum(1)
+    Ct = C.t()
+    buf = torch.empty((chunk, k), dtype=X.dtype, device=device)
+    labels = torch.empty(n, dtype=torch.int64, device=device)
+    mind = torch.empty(n, dtype=X.dtype, device=device)
+    w = None if sample_weight is None else sample_weight.to(device=device, dtype=X.dtype)
+    if onehot_sums is None:
+        onehot_sums = device.type == "cuda"
+    if accumulate:
+        sums = torch.zeros((k, d), dtype=X.dtype, device=device)
+        counts = torch.zeros(k, dtype=torch.float64, device=device)
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        Xc = X[s:e]
+        D = buf[:e - s]
+        torch.addmm(c_sq, Xc, Ct, beta=1, alpha=-2, out=D)
+        torch.min(D, dim=1, out=(mind[s:e], labels[s:e]))
+        mind[s:e] += (Xc * Xc).sum(1)
+        if accumulate:
+            lab = labels[s:e]
+            if onehot_sums:
+                D.zero_()
+                if w is None:
+                    D.scatter_(1, lab[:, None], 1.0)
+                else:
+                    D.scatter_(1, lab[:, None], w[s:e, None])
+                sums.addmm_(D.t(), Xc)
+                counts += D.sum(0, dtype=torch.float64)
+            elif w is None:
+                sums.index_add_(0, lab, Xc)
+                counts += torch.bincount(lab, minlength=k)
+            else:
+                sums.index_add_(0, lab, Xc * w[s:e, None])
+                counts += torch.bincount(lab, weights=w[s:e].double(), minlength=k)
+    mind.clamp_(min=0)
+    if accumulate:
+        return labels, mind, sums, counts
+    return labels, mind
+
+
+def _inertia(mind: torch.Tensor, sample_weight: torch.Tensor | None) -> float:
+    """Sum of (weighted) squared distances, accumulated in float64."""
+    if sample_weight is None:
+        return float(mind.sum(dtype=torch.float64))
+    return float((mind.double() * sample_weight.to(mind.device, torch.float64)).sum())
+
+
+def pairwise_distances(X: torch.Tensor, C: torch.Tensor, *, squared: bool = False,
+                       chunk: int | None = None) -> torch.Tensor:
+    """``(n, k)`` Euclidean (or squared) distances, computed chunk by chunk into the output.
+
+    The output is itself ``n x k``; only the working memory beyond it is bounded.
+    """
+    n, d = X.shape
+    k = C.shape[0]
+    if chunk is None:
+        chunk = _rows_per_chunk(k, d, X.device, X.element_size())
+    c_sq = (C * C).sum(1)
+    out = torch.empty((n, k), dtype=X.dtype, device=X.device)
+    for s in range(0, n, max(1, chunk)):
+        e = min(n, s + chunk)
+        D = out[s:e]
+        torch.addmm(c_sq, X[s:e], C.t(), beta=1, alpha=-2, out=D)
+        D += (X[s:e] * X[s:e]).sum(1, keepdim=True)
+        D.clamp_(min=0)
+        if not squared:
+            D.sqrt_()
+    return out
+
+
+def _kmeans_plusplus(X: torch.Tensor, n_clusters: int, gen: torch.Generator,
+                     n_local_trials: int | None = None,
+                     sample_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy k-means++ on ``X`` (already a subsample), without a host round-trip per centre.
+
+    All uniform draws are made up front on the CPU generator and sent to the device once; each
+    centre is then picked by inverse-CDF sampling (``cumsum`` + ``searchsorted``) of the current
+    potential, keeping the best of ``n_local_trials`` candidates (scikit-learn's greedy rule).
+    With ``sample_weight`` the first centre is drawn in proportion to the weights and the
+    potential is weighted, as in scikit-learn. When the potential is zero (fewer distinct points
+    than centres) candidates are uniform.
+    """
+    m, d = X.shape
+    device = X.device
+    if n_local_trials is None:
+        n_local_trials = 2 + int(math.log(n_clusters))
+    w = None if sample_weight is None else sample_weight.to(device=device, dtype=X.dtype)
+    if w is None:
+        first = int(torch.randint(m, (1,), generator=gen))
+    else:
+        first = int(torch.multinomial(w.double().cpu(), 1, generator=gen))
+    u = torch.rand((n_clusters, n_local_trials), generator=gen, dtype=torch.float64).to(device)
+    x_sq = (X * X).sum(1)
+    centers = torch.empty((n_clusters, d), dtype=X.dtype, device=device)
+    centers[0] = X[first]
+    closest = (x_sq - 2 * X @ X[first] + x_sq[first]).clamp_(min=0)
+    last = torch.tensor(m - 1, device=device)
+    for c in range(1, n_clusters):
+        cdf = torch.cumsum(closest if w is None else closest * w, 0, dtype=torch.float64)
+        total = cdf[-1]
+        by_potential = torch.searchsorted(cdf, u[c] * total, right=True)
+        uniform = (u[c] * m).long()
+        cand = torch.where(total > 0, by_potential, uniform).clamp_(max=last)
+        Xc = X[cand]
+        dist = (x_sq[:, None] - 2 * X @ Xc.t() + x_sq[cand][None, :]).clamp_(min=0)
+        dist = torch.minimum(dist, closest[:, None])
+        best = torch.argmin(dist.sum(0) if w is None else (w[:, None] * dist).sum(0))
+        closest = dist[:, best]
+        centers[c] = Xc[best]
+    return centers
+
+
+def _random_rows(n: int, m: int, gen: torch.Generator, sample_weight=None) -> torch.Tensor:
+    """Up to ``m`` distinct row indices (CPU), uniform among rows of positive weight."""
+    if sample_weight is None:
+        return torch.randperm(n, generator=gen)[:m]
+    pool = torch.nonzero(sample_weight.cpu() > 0).flatten()
+    return pool[torch.randperm(pool.numel(), generator=gen)[:m]]
+
+
+def _init_centers(X: torch.Tensor, n_clusters: int, init, gen: torch.Generator,
+                  init_size: int, sample_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Initial centres: k-means++ on a subsample of ``init_size`` points, sampled points,
+    ``0.1 * randn``, or an array. Weighted data draws points in proportion to their weights."""
+    n, d = X.shape
+    if isinstance(init, str) and init == "k-means++":
+        m = min(n, max(init_size, n_clusters))
+        idx = torch.randperm(n, generator=gen)[:m].to(X.device) if m < n else slice(None)
+        w = None if sample_weight is None else sample_weight[idx]
+        return _kmeans_plusplus(X[idx], n_clusters, gen, sample_weight=w)
+    if isinstance(init, str) and init == "random":
+        if sample_weight is not None and int((sample_weight > 0).sum()) >= n_clusters:
+            idx = torch.multinomial(sample_weight.double().cpu(), n_clusters, replacement=False,
+                                    generator=gen).to(X.device)
+        else:
+            idx = torch.randperm(n, generator=gen)[:n_clusters].to(X.device)
+        return X[idx].clone()
+    if isinstance(init, str) and init == "randn":
+        return (0.1 * torch.randn((n_clusters, d), generator=gen)).to(X.device, X.dtype)
+    return torch.as_tensor(np.asarray(init), dtype=X.dtype).to(X.device).clone()
+
+
+# --------------------------------------------------------------------------------------------
+# Solvers
+# --------------------------------------------------------------------------------------------
+
+class LloydResult(NamedTuple):
+    """What :func:`_lloyd` returns (tensors on the device)."""
+
+    centers: torch.Tensor
+    labels: torch.Tensor      # nearest centre of every sample, consistent with ``centers``
+    inertia: float            # (weighted) sum of squared distances, float64 accumulation
+    n_iter: int
+    n_steps: int              # centre updates; equals n_iter for Lloyd
+    counts: torch.Tensor      # float64 (weighted) samples per centre in the final assignment
+
+
+class MiniBatchResult(NamedTuple):
+    """What :func:`_minibatch` returns (tensors on the device)."""
+
+    centers: torch.Tensor
+    labels: torch.Tensor | None   # None when the final full pass was skipped
+    inertia: float | None         # likewise
+    n_iter: int                   # epochs started
+    n_steps: int                  # batches
+    counts: torch.Tensor          # float64 running (weighted) counts
+    ewa_inertia: float | None     # smoothed per-sample batch inertia at the last step
+
+
+def _lloyd(X, centers, *, max_iter, tol, reassignment_ratio, gen, chunk, verbose=0,
+           sample_weight=None) -> LloydResult:
+    """Full-batch Lloyd, with low-count clusters moved to random points.
+
+    Centres whose count is below ``reassignment_ratio * max count`` (empty ones included) move
+    to distinct random data points before every iteration but the last; with a ratio of 0 only
+    empty clusters move, to the points farthest from their centres (scikit-learn's KMeans).
+    Why not always the farthest points: on whitened patches (heavy-tailed) both k-means++ and
+    farthest-point relocation park centres on single outliers, where they stay for good and
+    cost downstream accuracy (benchmarks/bench_dictionary.py compares the variants).
+
+    Stops when the labels no longer change, when the summed squared centre shift is at most
+    ``tol`` (absolute), or after ``max_iter`` iterations. Returns the centres with labels,
+    inertia and counts that are consistent with them (one final E-step if needed).
+    """
+    prev = None
+    n_iter = 0
+    consistent = None
+    n = X.shape[0]
+    reason = f"max_iter={max_iter} reached"
+    for it in range(max_iter):
+        labels, mind, sums, counts = nearest_centroid(X, centers, chunk=chunk, accumulate=True,
+                                                      sample_weight=sample_weight)
+        n_iter = it + 1
+        if prev is not None and torch.equal(labels, prev):
+            # The centres were computed from exactly these labels: a fixed point.
+            consistent = (labels, mind, counts)
+            reason = "labels unchanged"
+            break
+        if sample_weight is None:
+            new = (sums / counts.clamp(min=1).to(sums.dtype)[:, None])
+        else:  # weighted counts can be positive yet below 1: divide by the true weight
+            new = sums / torch.where(counts > 0, counts, 1.0).to(sums.dtype)[:, None]
+        if reassignment_ratio > 0:
+            low = counts < reassignment_ratio * counts.max()
+            if it == max_iter - 1:
+                low &= counts == 0  # the last iteration only rescues empty centres
+        else:
+            low = counts == 0
+        moved = torch.nonzero(low).flatten()
+        if moved.numel():
+            if reassignment_ratio > 0:
+                # Indices drawn on the CPU generator: the same points on every device.
+                pick = _random_rows(n, moved.numel(), gen, sample_weight).to(X.device)
+            else:
+                pick = torch.topk(mind, min(moved.numel(), n)).indices
+            moved = moved[:pick.numel()]
+            new[moved] = X[pick]
+        shift = float(((new - centers) ** 2).sum())
+        log(verbose, "Lloyd iteration %d: inertia %.6g, centre shift %.3g, moved %d", n_iter,
+            _inertia(mind, sample_weight), shift, moved.numel(), level=2)
+        centers = new
+        # A moved centre is not the mean of its labels: no fixed point can be claimed.
+        prev = None if moved.numel() else labels
+        if shift <= tol:
+            reason = "centre shift within tol"
+            break
+    if consistent is None:
+        labels, mind, _, counts = nearest_centroid(X, centers, chunk=chunk, accumulate=True,
+                                                   sample_weight=sample_weight)
+    else:
+        labels, mind, counts = consistent
+    inertia = _inertia(mind, sample_weight)
+    log(verbose, "KMeans: Lloyd stopped after %d iterations (%s), inertia %.6g", n_iter, reason,
+        inertia)
+    return LloydResult(centers, labels, inertia, n_iter, n_iter, counts)
+
+
+class _MiniBatchState:
+    """What a mini-batch run carries between steps (also across ``partial_fit`` calls)."""
+
+    def __init__(self, counts, since_reassign=0):
+        self.counts = counts            # float64 per-centre (weighted) counts, on the device
+        self.since_reassign = since_reassign
+        self.ewa = None
+        self.ewa_min = None
+        self.no_improvement = 0
+        self.batch_inertia = None
+
+
+def _minibatch_step(Xb, centers, state, *, reassignment_ratio, gen, chunk, sample_weight=None):
+    """One mini-batch update with scikit-learn's per-centre learning rate ``1 / count``.
+
+    Returns the new centres, the batch inertia (before the update, per sample) and the summed
+    squared centre shift. Centres with low counts (``< reassignment_ratio * max count``) are
+    moved to random batch points every ``10 * k`` samples, or as soon as a centre has count 0.
+    With ``sample_weight`` (the batch's weights) counts and sums are weighted.
+    """
+    b = Xb.shape[0]
+    k = centers.shape[0]
+    _, mind, sums, bcounts = nearest_centroid(Xb, centers, chunk=chunk, accumulate=True,
+                                              sample_weight=sample_weight)
+    if sample_weight is None:
+        batch_inertia = mind.sum() / b
+    else:
+        batch_inertia = (mind * sample_weight.to(mind.device, mind.dtype)).sum() / b
+    counts = state.counts + bcounts
+    if sample_weight is None:
+        rate = counts.clamp(min=1).to(sums.dtype)[:, None]
+    else:
+        rate = torch.where(counts > 0, counts, 1.0).to(sums.dtype)[:, None]
+    step = (sums - bcounts.to(sums.dtype)[:, None] * centers) / rate
+    new = centers + step
+    state.counts = counts
+    state.since_reassign += b
+    if reassignment_ratio > 0 and (bool((counts == 0).any()) or state.since_reassign >= 10 * k):
+        state.since_reassign = 0
+        low = counts < reassignment_ratio * counts.max()
+        n_low = int(low.sum())
+        # Moved centres restart at the smallest count of the well-populated ones, so that they
+        # are not picked again while others still wait (a capped round leaves some behind).
+        floor = counts[~low].min() if n_low < k else counts.max()
+        if n_low > b // 2:
+            # Never reassign more centres than half the batch (scikit-learn's cap): keep the rest.
+            keep = torch.argsort(counts, stable=True)[b // 2:]
+            low[keep] = False
+            n_low = int(low.sum())
+        if n_low:
+            pick = _random_rows(b, n_low, gen, sample_weight).to(Xb.device)
+            moved = torch.nonzero(low).flatten()[:pick.numel()]
+            new[moved] = Xb[pick]
+            counts[moved] = floor
+    shift = ((new - centers) ** 2).sum()
+    return new, batch_inertia, shift
+
+
+def _minibatch_converged(state, batch_inertia, shift, *, step, batch_size, n_samples, tol,
+                         max_no_improvement, verbose):
+    """scikit-learn's stopping rule: centre shift under ``tol`` or no EWA-inertia improvement.
+
+    Returns None to go on, else the reason to stop.
+    """
+    batch_inertia = float(batch_inertia)
+    state.batch_inertia = batch_inertia
+    if step == 0:
+        return None
+    if state.ewa is None:
+        state.ewa = batch_inertia
+    else:
+        alpha = min(batch_size * 2.0 / (n_samples + 1), 1.0)
+        state.ewa = state.ewa * (1 - alpha) + batch_inertia * alpha
+    log(verbose, "Mini-batch step %d: batch inertia %.6g, ewa inertia %.6g", step + 1,
+        batch_inertia, state.ewa, level=2)
+    if tol > 0 and float(shift) <= tol:
+        return "centre shift within tol"
+    if state.ewa_min is None or state.ewa < state.ewa_min:
+        state.no_improvement = 0
+        state.ewa_min = state.ewa
+    else:
+        state.no_improvement += 1
+    if max_no_improvement is not None and state.no_improvement >= max_no_improvement:
+        return f"no EWA-inertia improvement in {max_no_improvement} steps"
+    return None
+
+
+def _minibatch(X, centers, *, batch_size, max_iter, tol, max_no_improvement, reassignment_ratio,
+               gen, chunk, verbose=0, sample_weight=None, compute_labels=True) -> MiniBatchResult:
+    """Mini-batch k-means: batches drawn without replacement within each epoch (a fresh CPU
+    permutation per epoch; the remainder shorter than a batch is left for the next one).
+
+    ``compute_labels=False`` skips the final full pass (labels and inertia are then None).
+    """
+    n = X.shape[0]
+    k = centers.shape[0]
+    b = min(batch_size, n)
+    n_steps = max(1, (max_iter * n) // b)
+    state = _MiniBatchState(torch.zeros(k, dtype=torch.float64, device=X.device))
+    perm, pos = None, n
+    steps_done = 0
+    reason = f"max_iter={max_iter} epochs done"
+    with progress(n_steps, desc="MiniBatchKMeans", verbose=verbose, unit="batch") as bar:
+        for step in range(n_steps):
+            if pos + b > n:
+                perm, pos = torch.randperm(n, generator=gen).to(X.device), 0
+            idx = perm[pos:pos + b]
+            Xb = X[idx]
+            wb = None if sample_weight is None else sample_weight[idx]
+            pos += b
+            centers, batch_inertia, shift = _minibatch_step(
+                Xb, centers, state, reassignment_ratio=reassignment_ratio, gen=gen, chunk=chunk,
+                sample_weight=wb)
+            steps_done = step + 1
+            bar.update(1)
+            stop = _minibatch_converged(
+                state, batch_inertia, shift, step=step, batch_size=b, n_samples=n, tol=tol,
+                max_no_improvement=max_no_improvement, verbose=verbose)
+            # Never stop while a centre has seen no sample yet and could still be reassigned.
+            if stop and not (reassignment_ratio > 0 and bool((state.counts == 0).any())):
+                reason = stop
+                break
+    n_iter = int(math.ceil(steps_done * b / n))
+    labels = inertia = None
+    if compute_labels:
+        labels, mind = nearest_centroid(X, centers, chunk=chunk)
+        inertia = _inertia(mind, sample_weight)
+    ewa = state.ewa if state.ewa is not None else state.batch_inertia
+    log(verbose, "MiniBatchKMeans: stopped after %d steps, %d epochs (%s), %s", steps_done,
+        n_iter, reason, "ewa inertia %.6g" % ewa if inertia is None else "inertia %.6g" % inertia)
+    return MiniBatchResult(centers, labels, inertia, n_iter, steps_done, state.counts, ewa)
