@@ -4,7 +4,10 @@ Every script takes the same flags (``--data``, ``--md5``, ``--data-home``, ``--o
 ``--quick``), and every results table starts with :func:`header`: the command that produced it,
 the CPU or GPU, and the machine's float32 GEMM rate measured in the same run. The 2-core
 machines these run on differ by up to 6x in raw speed, so a table without its machine and its
-GEMM rate cannot be compared with another.
+GEMM rate cannot be compared with another. Parse with :func:`parse_args`: a ``--quick`` run
+writes only to an ``--out`` given explicitly, so smoke numbers never replace a results file.
+No machine path is written in a script: the default archive is found beside the checkout
+(``$FEATLEARN_CIFAR10`` or ``--data`` point elsewhere).
 """
 
 from __future__ import annotations

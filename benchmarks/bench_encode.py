@@ -11,7 +11,8 @@ the machine's fp32 GEMM rate. The centroids come from a MiniBatchKMeans run of a
 (fitting is not what is measured). The RSS part encodes 100,000 synthetic images in a fresh
 subprocess and reports its peak resident memory relative to the output array.
 
-``--quick`` is a smoke run (small sizes, a minute or so); its numbers are not the results.
+``--quick`` is a smoke run (small sizes, a minute or so); its numbers are not the results
+and are written only to an ``--out`` given explicitly.
 """
 
 from __future__ import annotations
