@@ -10,9 +10,10 @@ for the cache but never read here: the test set plays no part in the choice.
         --candidates '[{"classifier__max_iter": 20}, {"classifier__hidden_layer_sizes": [1024]}]'
     python benchmarks/tune_classifier.py featlearn-best-1600 --quick --candidates '[{}]'
 
-``--quick`` is a seconds-long smoke run: 2,000 training and 500 test images, a 500-image
-validation split, and a 50-centroid dictionary on 20,000 patches instead of the config's
-(``--cache`` optional); its accuracies are not results.
+``--quick`` is a short smoke run: 2,000 training and 500 test images, a 500-image validation
+split, a 50-centroid dictionary on 20,000 patches instead of the config's and 3 classifier
+iterations unless a candidate sets ``classifier__max_iter`` (``--cache`` optional); its
+accuracies are not results.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ import numpy as np
 
 from _common import add_common_args, gemm_rate, header, load_cifar10, parse_args, write, writes
 
-#: What --quick changes in the configuration's encoder (a tiny dictionary) and in the data.
-QUICK_ENCODER = dict(n_centroids=50, encoder__n_patches=20_000, encoder__kmeans__max_iter=5)
+#: What --quick changes in the configuration (a tiny dictionary, few classifier iterations; a
+#: candidate's own overrides still win) and in the data.
+QUICK_PARAMS = dict(n_centroids=50, encoder__n_patches=20_000, encoder__kmeans__max_iter=5,
+                    classifier__max_iter=3)
 QUICK_SIZES = dict(n_train=2000, n_test=500, n_val=500)
 
 
@@ -59,7 +62,7 @@ def main(argv=None):
     if args.quick:
         n_train, n_test, args.n_val = (QUICK_SIZES[k] for k in ("n_train", "n_test", "n_val"))
         X_train, y_train, X_test = X_train[:n_train], y_train[:n_train], X_test[:n_test]
-        overrides = QUICK_ENCODER
+        overrides = QUICK_PARAMS
     pipe = build_pipeline(config, verbose=1, **overrides)
     t0 = time.perf_counter()
     _, F, _, _, hit = encode_cached(pipe.named_steps["encoder"], X_train, X_test,
