@@ -4,7 +4,10 @@ Every script takes the same flags (``--data``, ``--md5``, ``--data-home``, ``--o
 ``--quick``), and every results table starts with :func:`header`: the command that produced it,
 the CPU or GPU, and the machine's float32 GEMM rate measured in the same run. The 2-core
 machines these run on differ by up to 6x in raw speed, so a table without its machine and its
-GEMM rate cannot be compared with another.
+GEMM rate cannot be compared with another. Parse with :func:`parse_args`: a ``--quick`` run
+writes only to an ``--out`` given explicitly, so smoke numbers never replace a results file.
+No machine path is written in a script: the default archive is found beside the checkout
+(``$FEATLEARN_CIFAR10`` or ``--data`` point elsewhere).
 """
 
 from __future__ import annotations
@@ -33,11 +36,36 @@ def add_common_args(parser: argparse.ArgumentParser, *, out: Path | None = None)
                         help="expected md5 of --data ('' skips the check)")
     parser.add_argument("--data-home", default=None,
                         help="where parsed arrays are cached (default $FEATLEARN_DATA)")
-    parser.add_argument("--out", type=Path, default=out,
-                        help="Markdown results file ('' to skip writing)")
+    where = f"default {_show(out)}; " if out is not None else "default: none; "
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"Markdown results file ({where}'' to skip writing; a --quick run "
+                             "writes only to an --out given explicitly)")
     parser.add_argument("--quick", action="store_true",
                         help="a seconds-long smoke run with tiny sizes (its numbers are not results)")
+    parser.set_defaults(_default_out=out)
     return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv=None):
+    """``parser.parse_args(argv)`` with ``--out`` resolved: an explicit ``--out`` wins; otherwise
+    the script's results file, except for ``--quick`` (smoke numbers never replace results)."""
+    args = parser.parse_args(argv)
+    default = vars(args).pop("_default_out", None)
+    if args.out is None and not args.quick:
+        args.out = default
+    return args
+
+
+def writes(out) -> bool:
+    """Whether ``out`` names a file to write (not None, '' or '.')."""
+    return bool(out) and str(out) not in ("", ".")
+
+
+def _show(path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
 
 
 def load_cifar10(args):
@@ -83,10 +111,14 @@ def gemm_rate(n=4096, repeats=3, device="cpu") -> float:
     return 2 * n ** 3 / best / 1e9
 
 
-def command(argv=None) -> str:
-    """The command line that ran this script, as a user would retype it from the repo root."""
+def command(argv=None, script=None) -> str:
+    """The command line that ran this script, as a user would retype it from the repo root.
+
+    ``argv`` defaults to ``sys.argv[1:]`` and ``script`` to ``sys.argv[0]``; a script's ``main``
+    passes its own ``__file__``, so a call from Python (a test) records the script, not pytest.
+    """
     args = sys.argv[1:] if argv is None else list(argv)
-    script = Path(sys.argv[0]).resolve()
+    script = Path(sys.argv[0] if script is None else script).resolve()
     try:
         script = script.relative_to(REPO)
     except ValueError:
@@ -94,10 +126,11 @@ def command(argv=None) -> str:
     return shlex.join(["python", str(script), *map(str, args)])
 
 
-def header(title: str, *, argv=None, gemm: float | None = None, quick=False) -> list[str]:
+def header(title: str, *, argv=None, gemm: float | None = None, quick=False,
+           script=None) -> list[str]:
     """The first lines of every results table: title, command, machine and GEMM rate."""
     lines = [f"# {title}" + (" (QUICK smoke run: not the results)" if quick else ""), "",
-             "```", command(argv), "```", "", f"Machine: {machine()}."]
+             "```", command(argv, script), "```", "", f"Machine: {machine()}."]
     if gemm is not None:
         lines.append(f"float32 GEMM rate measured in the same run (torch.mm 4096^3): "
                      f"{gemm:.1f} GFLOP/s.")
@@ -106,7 +139,7 @@ def header(title: str, *, argv=None, gemm: float | None = None, quick=False) -> 
 
 def write(out, lines):
     """Write the table (unless ``out`` is empty) and say where."""
-    if not out or str(out) == ".":
+    if not writes(out):
         return
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,26 +19,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import shlex
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
 
-ARCHIVE = "/work/shared/datasets/cifar10-jpeg75/cifar-10-python.tar.gz"
-MD5 = "bd43d2a3421d9a4f9a66309ec8f698ed"
-RESULTS = Path(__file__).resolve().parent / "results" / "classifier.md"
+from _common import (RESULTS, add_common_args, gemm_rate, header, load_cifar10, parse_args,
+                     write, writes)
 
 
-def projected_cifar10(n_features, n_train, n_test, data_home=None):
+def projected_cifar10(data, n_features, n_train, n_test):
     """CIFAR-10 pixels (per-pixel standardized) -> fixed Gaussian projection -> ReLU."""
-    from featlearn import fetch_cifar10
-
-    data = fetch_cifar10(data_home, archive=ARCHIVE, md5=MD5)
     Xtr = data.X_train[:n_train].reshape(-1, 3072).astype(np.float32)
     Xte = data.X_test[:n_test].reshape(-1, 3072).astype(np.float32)
     mu, sd = Xtr.mean(0), Xtr.std(0) + 1e-3
@@ -70,9 +62,10 @@ def timed(fn):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--features", help="npz with X_train, y_train, X_test, y_test")
-    p.add_argument("--quick", action="store_true", help="tiny sizes: a seconds-long smoke run")
+    p = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]),
+                        out=RESULTS / "classifier.md")
+    p.add_argument("--features", help="npz with X_train, y_train, X_test, y_test "
+                                      "(instead of projected --data pixels)")
     p.add_argument("--n-features", type=int, default=6400)
     p.add_argument("--svm-subset", type=int, default=10000)
     p.add_argument("--svm-iters", type=int, default=1000,
@@ -81,8 +74,7 @@ def main(argv=None):
     p.add_argument("--sklearn-epochs", type=int, default=2, help="MLPClassifier epochs timed")
     p.add_argument("--plain-svm", action="store_true",
                    help="also fit the full L2-SVM without the preconditioner (minutes)")
-    p.add_argument("--output", default=str(RESULTS), help="markdown file ('' to skip)")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
     if args.quick:
         n_train, n_test, args.n_features = 3000, 1000, 512
         args.svm_subset, args.svm_iters, args.mlp_epochs, args.sklearn_epochs = 1500, 100, 2, 1
@@ -96,6 +88,11 @@ def main(argv=None):
     from featlearn import TorchMLPClassifier
     from featlearn.classifier._network import has_fast_bfloat16
 
+    gemm = None
+    if writes(args.out):  # measured before the timings, in the same run as them
+        gemm = gemm_rate()
+        print(f"fp32 GEMM (torch.mm 4096^3): {gemm:.1f} GFLOP/s", flush=True)
+
     t0 = time.perf_counter()
     if args.features:
         z = np.load(args.features)
@@ -103,7 +100,8 @@ def main(argv=None):
                               z["X_test"][:n_test], z["y_test"][:n_test])
         source = f"features from {args.features}"
     else:
-        Xtr, ytr, Xte, yte = projected_cifar10(args.n_features, n_train, n_test)
+        Xtr, ytr, Xte, yte = projected_cifar10(load_cifar10(args), args.n_features, n_train,
+                                               n_test)
         source = (f"CIFAR-10 pixels -> fixed random projection to {args.n_features} dims -> "
                   "ReLU(x - 0.5)")
     Xtr, Xte = standardize(np.asarray(Xtr, np.float32), np.asarray(Xte, np.float32))
@@ -169,17 +167,16 @@ def main(argv=None):
                      "-", "-", f"{full.score(Xte, yte):.4f} / - ({full.n_iter_} L-BFGS it., "
                      f"objective {full.loss_curve_[-1]:.5f})"))
         print(rows[-1])
-    header = ("task", "featlearn", "scikit-learn", "speed-up", "test accuracy featlearn / sklearn")
-    table = [f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
+    columns = ("task", "featlearn", "scikit-learn", "speed-up", "test accuracy featlearn / sklearn")
+    table = [f"| {' | '.join(columns)} |", "|" + "---|" * len(columns)]
     table += [f"| {' | '.join(r)} |" for r in rows]
     print("\n".join(table))
-    if args.output:
-        cmd = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *sys.argv[1:]])
-        machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores "
-                   f"(torch threads {torch.get_num_threads()}), torch {torch.__version__}")
+    if writes(args.out):
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-        text = [f"Command: `{cmd}`", "", f"Machine: {machine}; device=cpu; load average at the "
-                f"end {load} (the machine is shared: timings are noisy).",
+        text = header("TorchMLPClassifier benchmark", argv=argv, gemm=gemm, quick=args.quick,
+                      script=__file__) + [
+                f"device=cpu; load average at the end {load} (the machine is shared: timings "
+                "are noisy).",
                 f"Features: {n} x {d} train, {len(Xte)} test; {source}; standardized with the "
                 "training mean and sqrt(var + 0.01).", "",
                 "MLP: both alpha=1e-4, but MLPClassifier divides its penalty by the batch size, "
@@ -190,9 +187,7 @@ def main(argv=None):
                 "L2-SVM: featlearn C=100 (paper units), L-BFGS (preconditioned unless the row "
                 "says otherwise; at most --svm-iters iterations, stopping once converged); "
                 "LinearSVC C=100/n_rows, default solver settings.", "", *table, ""]
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text("\n".join(text))
-        print(f"wrote {args.output}")
+        write(args.out, text)
 
 
 if __name__ == "__main__":

@@ -8,23 +8,18 @@ set, and trains the paper's L2-SVM (C=100, L-BFGS, ``--max-epochs`` iterations).
 and train accuracy, and how many centres hold at most 2 of 100,000 held-out patches.
 
     flock /tmp/featlearn-bench.lock python benchmarks/bench_dictionary.py   # ~15 minutes
-    python benchmarks/bench_dictionary.py --smoke                           # seconds
+    python benchmarks/bench_dictionary.py --quick                           # seconds
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-SHARED_ARCHIVE = "/work/shared/datasets/cifar10-jpeg75/cifar-10-python.tar.gz"
-SHARED_MD5 = "bd43d2a3421d9a4f9a66309ec8f698ed"
-RESULTS = Path(__file__).resolve().parent / "results" / "kmeans-dictionary.md"
+from _common import (RESULTS, add_common_args, gemm_rate, header, load_cifar10, parse_args,
+                     write, writes)
 
 
 def variants(k, seed):
@@ -47,25 +42,25 @@ def variants(k, seed):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=SHARED_ARCHIVE, help="cifar-10-python.tar.gz or its folder")
-    p.add_argument("--md5", default=SHARED_MD5, help="expected md5 ('' skips the check)")
+    p = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]),
+                        out=RESULTS / "kmeans-dictionary.md")
     p.add_argument("--n-train", type=int, default=20_000)
     p.add_argument("--n-clusters", type=int, default=1600)
     p.add_argument("--max-epochs", type=int, default=300, help="L-BFGS iterations of the SVM")
     p.add_argument("--only", nargs="*", type=int, help="indices of the variants to run")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--smoke", action="store_true", help="2,000 / 1,000 images, 50 centroids")
-    p.add_argument("--out", default=str(RESULTS), help="Markdown result file ('' to skip)")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
 
     from featlearn import PatchEncoder, RandomPatchExtractor, TorchMLPClassifier
-    from featlearn.datasets import fetch_cifar10
 
-    d = fetch_cifar10(archive=args.data, md5=args.md5 or None)
+    gemm = None
+    if writes(args.out):  # measured before the timings, in the same run as them
+        gemm = gemm_rate()
+        print(f"fp32 GEMM (torch.mm 4096^3): {gemm:.1f} GFLOP/s", flush=True)
+    d = load_cifar10(args)
     n_test = len(d.X_test)
     n_patches = 400_000
-    if args.smoke:
+    if args.quick:  # 2,000 / 1,000 images, 50 centroids
         args.n_train, n_test, args.n_clusters, args.max_epochs = 2000, 1000, 50, 50
         n_patches = 20_000
     Xtr, ytr = d.X_train[:args.n_train], d.y_train[:args.n_train]
@@ -93,22 +88,19 @@ def main(argv=None):
         print(f"{name}: test {row[1]:.2%}, train {row[2]:.2%}, centres with <= 2 held-out "
               f"patches {tiny}, dictionary {t_dict:.0f} s", flush=True)
 
-    if args.out and rows:
-        cmd = "python benchmarks/bench_dictionary.py " + shlex.join(sys.argv[1:] if argv is None
-                                                                     else argv)
-        lines = [
-            f"Command: `{cmd.strip()}`", "",
+    if writes(args.out) and rows:
+        lines = header("k-means dictionaries: downstream accuracy", argv=argv, gemm=gemm,
+                       quick=args.quick, script=__file__) + [
             f"Dictionary: {n_patches:,} patches of all 50,000 training images, contrast "
             f"normalization, ZCA, {args.n_clusters} centroids. Features: triangle encoding, "
             f"2x2 sum pooling. Classifier: L2-SVM C=100, L-BFGS {args.max_epochs} iterations, "
             f"trained on the first {len(Xtr):,} training images, tested on {len(Xte):,} test "
-            f"images (JPEG-75 copy). 2-core CPU, {os.cpu_count()} logical CPUs.", "",
+            "images (JPEG-75 copy).", "",
             "| k-means | test acc | train acc | centres holding <= 2 of 100k held-out patches "
             "| dictionary s |",
             "|---|---|---|---|---|",
         ] + [f"| {n} | {te:.2%} | {tr:.2%} | {tiny} | {t:.0f} |" for n, te, tr, tiny, t in rows]
-        Path(args.out).write_text("\n".join(lines) + "\n")
-        print(f"wrote {args.out}")
+        write(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ the machine's fp32 GEMM rate. The centroids come from a MiniBatchKMeans run of a
 (fitting is not what is measured). The RSS part encodes 100,000 synthetic images in a fresh
 subprocess and reports its peak resident memory relative to the output array.
 
-``--quick`` is a smoke run (small sizes, a minute or so); its numbers are not the results.
+``--quick`` is a smoke run (small sizes, a minute or so); its numbers are not the results
+and are written only to an ``--out`` given explicitly.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import time
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from _common import RESULTS, add_common_args, gemm_rate, header, load_cifar10, machine, write
+from _common import (RESULTS, add_common_args, gemm_rate, header, load_cifar10, machine,
+                     parse_args, write)
 
 
 def _timed(fn):
@@ -115,7 +117,7 @@ def main(argv=None):
     ap.add_argument("--rss-images", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--batch-size", default="auto")
     ap.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv)
     if args.rss_child:
         return rss_child(args.rss_child[0], int(args.rss_child[1]))
     if args.quick:
@@ -159,7 +161,8 @@ def main(argv=None):
               f"output {r['out_mb']:.0f} MB, peak - base - output "
               f"{r['peak_mb'] - r['base_mb'] - r['out_mb']:.0f} MB ({r['seconds']:.1f} s)")
 
-    lines = header("PatchEncoder benchmark", argv=argv, gemm=peak, quick=args.quick) + [
+    lines = header("PatchEncoder benchmark", argv=argv, gemm=peak, quick=args.quick,
+                   script=__file__) + [
         f"numpy {np.__version__}; CIFAR-10 32x32x3 images, 6x6 patches, stride 1 (27x27 positions), d=108, K={enc.n_clusters_}, triangle, 2x2 sum "
         f"pooling. Rates are effective GFLOP/s of the distance products 2*n*729*108*K.",
         "",

@@ -7,7 +7,7 @@ Each row reports the fit wall time and the final inertia of the fitted centres o
 evaluated the same way for every contender (float64 distances, outside the timed region).
 
     python benchmarks/bench_kmeans.py                 # the full benchmark (several minutes)
-    python benchmarks/bench_kmeans.py --smoke         # seconds: 5,000 patches, 20 centres
+    python benchmarks/bench_kmeans.py --quick         # seconds: 5,000 patches, 20 centres
 
 Run the full one under the shared lock so benchmarks do not run concurrently:
 ``flock /tmp/featlearn-bench.lock python benchmarks/bench_kmeans.py``.
@@ -17,27 +17,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import shlex
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-SHARED_ARCHIVE = "/work/shared/datasets/cifar10-jpeg75/cifar-10-python.tar.gz"
-SHARED_MD5 = "bd43d2a3421d9a4f9a66309ec8f698ed"
-RESULTS = Path(__file__).resolve().parent / "results" / "kmeans.md"
+from _common import RESULTS, add_common_args, gemm_rate, header, load_cifar10, write, writes
+from _common import parse_args as _parse
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-home", default=os.environ.get("FEATLEARN_DATA"),
-                   help="cache folder for the parsed arrays (default $FEATLEARN_DATA or "
-                        "~/featlearn_data)")
-    p.add_argument("--archive", default=SHARED_ARCHIVE, help="local cifar-10-python.tar.gz")
-    p.add_argument("--md5", default=SHARED_MD5, help="expected md5 of the archive ('' skips)")
+    p = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]),
+                        out=RESULTS / "kmeans.md")
     p.add_argument("--n-patches", type=int, default=400_000)
     p.add_argument("--n-clusters", type=int, default=1600)
     p.add_argument("--max-iter", type=int, default=50, help="featlearn KMeans (Lloyd) iterations")
@@ -53,11 +44,8 @@ def parse_args(argv=None):
                    help="contenders to leave out")
     p.add_argument("--device", default="cpu", help="device for the featlearn rows")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--smoke", action="store_true",
-                   help="seconds-long run: 5,000 patches, 20 centres, few iterations")
-    p.add_argument("--out", default=str(RESULTS), help="Markdown result file ('' to skip)")
-    args = p.parse_args(argv)
-    if args.smoke:
+    args = _parse(p, argv)
+    if args.quick:  # seconds: at most 5,000 patches, 20 centres, few iterations
         args.n_patches, args.n_clusters = min(args.n_patches, 5000), min(args.n_clusters, 20)
         args.max_iter, args.mb_max_iter, args.sk_kmeans_max_iter = 5, 2, 5
         args.batch_size, args.sk_batch_size = 512, 512
@@ -65,9 +53,9 @@ def parse_args(argv=None):
 
 
 def whitened_patches(args):
-    from featlearn import PatchNormalizer, RandomPatchExtractor, ZCAWhitening, fetch_cifar10
+    from featlearn import PatchNormalizer, RandomPatchExtractor, ZCAWhitening
 
-    data = fetch_cifar10(args.data_home, archive=args.archive, md5=args.md5 or None)
+    data = load_cifar10(args)
     patches = RandomPatchExtractor(n_patches=args.n_patches, random_state=0).transform(data.X_train)
     return ZCAWhitening().fit_transform(PatchNormalizer().transform(patches))
 
@@ -105,9 +93,10 @@ def contenders(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    script = sys.argv[0] if argv is None else "benchmarks/bench_kmeans.py"
-    command = "python " + " ".join(shlex.quote(a) for a in [script] + (
-        sys.argv[1:] if argv is None else list(argv)))
+    gemm = None
+    if writes(args.out):  # measured before the timings, in the same run as them
+        gemm = gemm_rate()
+        print(f"fp32 GEMM (torch.mm 4096^3): {gemm:.1f} GFLOP/s", flush=True)
     load_start = os.getloadavg()[0]
     t0 = time.perf_counter()
     X = whitened_patches(args)
@@ -131,8 +120,8 @@ def main(argv=None):
     print(table)
     loads = (load_start, os.getloadavg()[0])
     print(f"1-minute load average: {loads[0]:.2f} at start, {loads[1]:.2f} at end")
-    if args.out:
-        write_markdown(Path(args.out), command, table, args, X.shape, loads)
+    if writes(args.out):
+        write(args.out, markdown(argv, gemm, table, args, X.shape, loads))
     return rows
 
 
@@ -152,24 +141,20 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-def write_markdown(path, command, table, args, shape, loads):
+def markdown(argv, gemm, table, args, shape, loads):
     import sklearn
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cpu = platform.processor() or platform.machine()
-    text = (f"# k-means benchmark\n\n```\n{command}\n```\n\n"
-            f"{shape[0]:,} whitened {shape[1]}-dim CIFAR-10 patches, k={args.n_clusters}, "
-            f"seed {args.seed}; featlearn on `{args.device}`; {os.cpu_count()} CPU cores "
-            f"({cpu}), torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    text = (f"{shape[0]:,} whitened {shape[1]}-dim CIFAR-10 patches, k={args.n_clusters}, "
+            f"seed {args.seed}; featlearn on `{args.device}`; "
             f"scikit-learn {sklearn.__version__}. Fit wall time; inertia of the fitted centres "
             f"on all points, computed identically (float64) for every row. sklearn KMeans is "
             f"capped at max_iter={args.sk_kmeans_max_iter} (its default is 300; the paper ran 50 "
             f"Lloyd iterations). Run under the shared benchmark lock "
             f"(`flock /tmp/featlearn-bench.lock ...`); 1-minute load average {loads[0]:.2f} at "
             f"start and {loads[1]:.2f} at end (the machine is shared; a load above the core "
-            f"count means the timings were disturbed).\n\n{table}\n")
-    path.write_text(text)
-    print(f"wrote {path}")
+            f"count means the timings were disturbed).")
+    return header("k-means benchmark", argv=argv, gemm=gemm, quick=args.quick,
+                  script=__file__) + [text, "", table]
 
 
 if __name__ == "__main__":

@@ -10,9 +10,11 @@ numpy function on the same standardized features.
                                                                # default MLP vs MLPClassifier()
     python benchmarks/check_svm_objective.py --n-train 10000   # CIFAR-10 features (minutes)
     python benchmarks/check_svm_objective.py --features f.npz  # X_train, y_train from a file
+    python benchmarks/check_svm_objective.py --quick           # seconds: 1,000 CIFAR-10 images
 
 CIFAR-10 features come from a small PatchEncoder (100 centroids, stride 2, 2x2 sum pooling:
-400 features) fitted on the first ``--n-train`` training images of the shared archive.
+400 features) fitted on the first ``--n-train`` training images of ``--data`` (default: the
+shared archive). ``--out FILE`` also writes the printed lines as a Markdown report.
 """
 
 from __future__ import annotations
@@ -23,8 +25,7 @@ import warnings
 
 import numpy as np
 
-ARCHIVE = "/work/shared/datasets/cifar10-jpeg75/cifar-10-python.tar.gz"
-MD5 = "bd43d2a3421d9a4f9a66309ec8f698ed"
+from _common import add_common_args, gemm_rate, header, load_cifar10, parse_args, write, writes
 
 
 def svm_objective(W, b, Xs, y, alpha):
@@ -38,7 +39,7 @@ def svm_objective(W, b, Xs, y, alpha):
     return (np.maximum(0, 1 - t * S) ** 2).sum(1).mean() + 0.5 * alpha * np.square(W).sum()
 
 
-def compare(X, y, C, label):
+def compare(X, y, C, label, report=print):
     from sklearn.svm import LinearSVC
 
     from featlearn import TorchMLPClassifier
@@ -57,14 +58,14 @@ def compare(X, y, C, label):
     o = svm_objective(lin.weight.detach().numpy(), lin.bias.detach().numpy(), Xs, y, alpha)
     r = svm_objective(ref.coef_, ref.intercept_, Xs, y, alpha)
     rel = (o - r) / r
-    print(f"{label}: n={len(X)} d={X.shape[1]} C={C:g} | featlearn solver={ours.solver_} "
+    report(f"{label}: n={len(X)} d={X.shape[1]} C={C:g} | featlearn solver={ours.solver_} "
           f"{ours.n_iter_} it. objective {o:.6f} ({t_ours:.1f} s) | LinearSVC "
           f"C={C / len(Xs):.3g} objective {r:.6f} ({t_ref:.1f} s) | relative gap {rel:.2e} "
           f"{'OK' if rel <= 1e-4 else 'NOT within 1e-4'}")
     return rel
 
 
-def digits():
+def digits(report=print):
     from sklearn.datasets import load_digits
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.model_selection import train_test_split
@@ -74,21 +75,21 @@ def digits():
 
     X, y = load_digits(return_X_y=True)
     Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.3, stratify=y, random_state=0)
-    compare(Xtr, ytr, 1e4, "digits, default alpha=1e-4")
-    compare(Xtr, ytr, 100.0, "digits, the paper's C=100")
+    compare(Xtr, ytr, 1e4, "digits, default alpha=1e-4", report)
+    compare(Xtr, ytr, 100.0, "digits, the paper's C=100", report)
     for seed in (0, 1, 2):
         ours = TorchMLPClassifier(device="cpu", random_state=seed).fit(Xtr, ytr)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             ref = MLPClassifier(random_state=seed).fit(Xtr, ytr)
-        print(f"digits default network, random_state={seed}: featlearn "
+        report(f"digits default network, random_state={seed}: featlearn "
               f"{ours.score(Xte, yte):.4f}, MLPClassifier() {ref.score(Xte, yte):.4f}")
 
 
-def cifar_features(n_train):
-    from featlearn import MiniBatchKMeans, PatchEncoder, fetch_cifar10
+def cifar_features(args, n_train):
+    from featlearn import MiniBatchKMeans, PatchEncoder
 
-    data = fetch_cifar10(archive=ARCHIVE, md5=MD5)
+    data = load_cifar10(args)
     X, y = data.X_train[:n_train], data.y_train[:n_train].astype(np.int64)
     enc = PatchEncoder(n_patches=50_000, stride=2, kmeans=MiniBatchKMeans(
         n_clusters=100, random_state=0), device="cpu", random_state=0)
@@ -96,24 +97,42 @@ def cifar_features(n_train):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--digits", action="store_true", help="scikit-learn's digits (seconds)")
     p.add_argument("--features", help="npz with X_train, y_train")
     p.add_argument("--n-train", type=int, default=10_000)
     p.add_argument("--C", type=float, default=100.0, help="the paper's units (default: 100)")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
+    if args.quick:  # seconds: 1,000 CIFAR-10 training images
+        args.n_train = min(args.n_train, 1000)
+    lines = []
+
+    def report(line):
+        print(line, flush=True)
+        lines.append(f"- {line}")
+
+    gemm = None
+    if writes(args.out):  # measured before the timings, in the same run as them
+        gemm = gemm_rate()
+        print(f"fp32 GEMM (torch.mm 4096^3): {gemm:.1f} GFLOP/s", flush=True)
     if args.digits:
-        digits()
-        return
+        digits(report)
+    else:
+        cifar(args, report)
+    write(args.out, header("L2-SVM objective: featlearn L-BFGS against LinearSVC", argv=argv,
+                           gemm=gemm, quick=args.quick, script=__file__) + lines)
+
+
+def cifar(args, report):
     if args.features:
         z = np.load(args.features)
         X, y = z["X_train"][:args.n_train], z["y_train"][:args.n_train]
     else:
         t0 = time.perf_counter()
-        X, y = cifar_features(args.n_train)
+        X, y = cifar_features(args, args.n_train)
         print(f"encoded {len(X)} CIFAR-10 training images in {time.perf_counter() - t0:.0f} s",
               flush=True)
-    compare(np.asarray(X, np.float32), np.asarray(y), args.C, "CIFAR-10 features")
+    compare(np.asarray(X, np.float32), np.asarray(y), args.C, "CIFAR-10 features", report)
 
 
 if __name__ == "__main__":

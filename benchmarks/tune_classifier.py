@@ -8,6 +8,12 @@ for the cache but never read here: the test set plays no part in the choice.
 
     python benchmarks/tune_classifier.py featlearn-best-1600 --data ARCHIVE --cache CACHE \
         --candidates '[{"classifier__max_iter": 20}, {"classifier__hidden_layer_sizes": [1024]}]'
+    python benchmarks/tune_classifier.py featlearn-best-1600 --quick --candidates '[{}]'
+
+``--quick`` is a short smoke run: 2,000 training and 500 test images, a 500-image validation
+split, a 50-centroid dictionary on 20,000 patches instead of the config's and 3 classifier
+iterations unless a candidate sets ``classifier__max_iter`` (``--cache`` optional); its
+accuracies are not results.
 """
 
 from __future__ import annotations
@@ -15,60 +21,75 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
-from sklearn.base import clone
-from sklearn.model_selection import train_test_split
 
-from featlearn.datasets import fetch_cifar10
-from featlearn.pipeline import build_pipeline, load_config
-from featlearn.reproduce import encode_cached
+from _common import add_common_args, gemm_rate, header, load_cifar10, parse_args, write, writes
+
+#: What --quick changes in the configuration (a tiny dictionary, few classifier iterations; a
+#: candidate's own overrides still win) and in the data.
+QUICK_PARAMS = dict(n_centroids=50, encoder__n_patches=20_000, encoder__kmeans__max_iter=5,
+                    classifier__max_iter=3)
+QUICK_SIZES = dict(n_train=2000, n_test=500, n_val=500)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from sklearn.base import clone
+    from sklearn.model_selection import train_test_split
+
+    from featlearn.pipeline import build_pipeline, load_config
+    from featlearn.reproduce import encode_cached
+
+    ap = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     ap.add_argument("config")
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--md5", default=None)
-    ap.add_argument("--data-home", default=None)
-    ap.add_argument("--cache", required=True)
+    ap.add_argument("--cache", default=None,
+                    help="joblib cache folder for the encoded features (required unless --quick)")
     ap.add_argument("--candidates", required=True,
                     help="JSON list of classifier overrides (set_params names, classifier__...)")
     ap.add_argument("--n-val", type=int, default=5000)
-    ap.add_argument("--out", default=None, help="Markdown file for the table")
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv)
+    if args.cache is None and not args.quick:
+        ap.error("--cache is required (unless --quick)")
 
     config = load_config(args.config)
-    data = fetch_cifar10(args.data_home, archive=args.data, md5=args.md5)
-    pipe = build_pipeline(config, verbose=1)
+    gemm = None
+    if writes(args.out):  # measured before the timings, in the same run as them
+        gemm = gemm_rate()
+        print(f"fp32 GEMM (torch.mm 4096^3): {gemm:.1f} GFLOP/s", flush=True)
+    data = load_cifar10(args)
+    X_train, y_train, X_test = data.X_train, data.y_train, data.X_test
+    overrides = {}
+    if args.quick:
+        n_train, n_test, args.n_val = (QUICK_SIZES[k] for k in ("n_train", "n_test", "n_val"))
+        X_train, y_train, X_test = X_train[:n_train], y_train[:n_train], X_test[:n_test]
+        overrides = QUICK_PARAMS
+    pipe = build_pipeline(config, verbose=1, **overrides)
     t0 = time.perf_counter()
-    _, F, _, _, hit = encode_cached(pipe.named_steps["encoder"], data.X_train, data.X_test,
+    _, F, _, _, hit = encode_cached(pipe.named_steps["encoder"], X_train, X_test,
                                     args.cache, verbose=1)
     print(f"features {F.shape} in {time.perf_counter() - t0:.0f} s" + (" (cache)" if hit else ""))
     idx_fit, idx_val = train_test_split(np.arange(len(F)), test_size=args.n_val,
-                                        stratify=data.y_train, random_state=0)
+                                        stratify=y_train, random_state=0)
     rows = []
     for cand in json.loads(args.candidates):
         params = {k: tuple(v) if isinstance(v, list) else v for k, v in cand.items()}
         trial = clone(pipe).set_params(**params)
         clf = trial.named_steps["classifier"]
         t0 = time.perf_counter()
-        clf.fit(F[idx_fit], data.y_train[idx_fit])
+        clf.fit(F[idx_fit], y_train[idx_fit])
         fit_s = time.perf_counter() - t0
-        val = float(np.mean(clf.predict(F[idx_val]) == data.y_train[idx_val]))
+        val = float(np.mean(clf.predict(F[idx_val]) == y_train[idx_val]))
         rows.append((cand, val, fit_s))
         print(f"{json.dumps(cand)}: validation accuracy {val:.4f} ({fit_s:.0f} s)", flush=True)
 
-    lines = [f"Config `{config['name']}`: classifier candidates trained on 45,000 training images, "
-             f"scored on a stratified {args.n_val}-image validation split of the training set "
-             "(random_state=0). The test set is not used.", "",
+    lines = [f"Config `{config['name']}`: classifier candidates trained on {len(idx_fit):,} "
+             f"training images, scored on a stratified {args.n_val}-image validation split of the "
+             "training set (random_state=0). The test set is not used.", "",
              "| candidate (overrides) | validation accuracy | fit s |", "|---|---|---|"]
     lines += [f"| `{json.dumps(c)}` | {v:.2%} | {s:.0f} |" for c, v, s in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    print("\n".join(lines))
+    write(args.out, header(f"Classifier tuning: {config['name']}", argv=argv, gemm=gemm,
+                           quick=args.quick, script=__file__) + lines)
 
 
 if __name__ == "__main__":

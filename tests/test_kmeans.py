@@ -565,8 +565,8 @@ def test_cuda_sums_are_deterministic():
             assert torch.equal(u, v)
 
 
-def test_benchmark_smoke(tmp_path):
-    """The benchmark script runs end to end in smoke mode and writes its Markdown table."""
+def test_benchmark_smoke(tmp_path, monkeypatch):
+    """The benchmark script runs end to end in quick mode and writes its Markdown table."""
     import importlib.util
     from pathlib import Path
 
@@ -574,17 +574,20 @@ def test_benchmark_smoke(tmp_path):
 
     if not SHARED_ARCHIVE.exists():
         pytest.skip(f"shared CIFAR-10 archive not found at {SHARED_ARCHIVE}")
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kmeans.py"
-    spec = importlib.util.spec_from_file_location("bench_kmeans", script)
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))  # the script imports its sibling _common
+    spec = importlib.util.spec_from_file_location("bench_kmeans", benchmarks / "bench_kmeans.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "kmeans.md"
-    rows = bench.main(["--smoke", "--n-patches", "2000", "--data-home", str(tmp_path / "data"),
-                       "--archive", str(SHARED_ARCHIVE), "--md5", SHARED_MD5, "--out", str(out)])
+    rows = bench.main(["--quick", "--n-patches", "2000", "--data-home", str(tmp_path / "data"),
+                       "--data", str(SHARED_ARCHIVE), "--md5", SHARED_MD5, "--out", str(out)])
     assert [r[0] for r in rows] == ["fl-kmeans", "fl-mbk", "sk-mbk", "sk-mbk-tuned", "sk-kmeans"]
     assert all(np.isfinite(r[3]) and r[3] > 0 for r in rows)
     text = out.read_text()
-    assert "--smoke" in text and "| featlearn KMeans" in text
+    assert text.startswith("# k-means benchmark (QUICK")
+    assert "python benchmarks/bench_kmeans.py --quick" in text and "GFLOP/s" in text
+    assert "| featlearn KMeans" in text
     assert "| featlearn MiniBatchKMeans" in text
 
 
