@@ -7,9 +7,11 @@ Library code never prints. An estimator's ``verbose`` decides *whether* it repor
 - ``verbose>=2``: per-iteration detail as well (Lloyd iterations, L-BFGS evaluations, epochs).
 
 Where the messages go is the ``logging`` module's business. The ``featlearn`` logger writes to
-stderr as ``featlearn: message`` until the application configures it: give it a handler of your
-own (or set ``propagate=True`` and configure the root logger) and featlearn's default handler
-steps aside.
+stderr as ``featlearn: message`` through its own handler and does not propagate, so a script that
+never configures logging still sees what it asked for with ``verbose``. To route the messages
+through your own configuration instead, set ``logging.getLogger("featlearn").propagate = True``:
+the default handler then steps aside. (Handlers that other code attaches to the logger, such as
+pytest's capture, are left alone and do not silence it.)
 """
 
 from __future__ import annotations
@@ -36,8 +38,7 @@ class _DefaultHandler(logging.StreamHandler):
         pass
 
     def emit(self, record):
-        # Step aside once the application has configured featlearn's logging itself.
-        if any(h is not self for h in logger.handlers) or logger.propagate:
+        if logger.propagate:  # the application routes featlearn's records itself
             return
         super().emit(record)
 

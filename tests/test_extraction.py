@@ -81,9 +81,7 @@ def test_finished_job_is_a_noop(encoder, images, expected, tmp_path, monkeypatch
 
     monkeypatch.setattr(jobs, "_encode_chunk", boom)
     monkeypatch.setitem(vars(encoder), "transform", boom)  # instance attr, removed after
-    t0 = time.perf_counter()
-    F = extract_features(encoder, images, out, batch_size="auto")
-    assert time.perf_counter() - t0 < 2
+    F = extract_features(encoder, images, out, batch_size="auto")  # would raise if it encoded
     np.testing.assert_array_equal(F, expected)
     assert out.stat().st_mtime_ns == mtime
     assert "up to date" in capsys.readouterr().err
