@@ -66,7 +66,8 @@ import numpy as np
 from . import __version__
 from ._io import OutputExistsError, atomic_path, check_output, same_file
 from ._logging import log, progress
-from .fingerprints import data_fingerprint, iter_blocks, model_fingerprint
+from .fingerprints import data_fingerprint, model_fingerprint
+from .patches import check_finite_float32
 
 #: Version of the manifest layout; a manifest with another version is treated as foreign.
 MANIFEST_FORMAT = 2
@@ -256,12 +257,7 @@ def _check_images(images):
     if images.dtype == object or not (np.issubdtype(images.dtype, np.number)
                                       or images.dtype == np.bool_):
         raise ValueError(f"images must have a numeric dtype, got dtype {images.dtype}")
-    if np.issubdtype(images.dtype, np.inexact):
-        for block in iter_blocks(images):
-            with np.errstate(over="ignore", invalid="ignore"):
-                if not np.isfinite(np.asarray(block, dtype=np.float32)).all():
-                    raise ValueError("images contain values that are not finite as float32 "
-                                     "(NaN, inf, or beyond float32's range)")
+    check_finite_float32(images)
     return images
 
 

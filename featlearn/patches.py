@@ -39,7 +39,7 @@ def check_finite_float32(X: np.ndarray, what: str = "images") -> None:
     for s in range(0, X.shape[0], rows):
         chunk = X[s:s + rows]
         if not np.isfinite(chunk).all():
-            raise ValueError(f"{what} {verb} NaN or infinity")
+            raise ValueError(f"{what} {verb} values that are not finite (NaN or infinity)")
         if wide and chunk.size and np.abs(chunk).max() > _FLOAT32_MAX:
             raise ValueError(f"{what} {verb} values beyond float32's range (|x| > 3.4e38), "
                              "which become infinity in float32; rescale them")
