@@ -14,8 +14,10 @@ Per chunk of ``B`` images with ``L`` patch positions each:
    The whitened rows are written into an *augmented* buffer ``[y, 1, ||y||^2]``.
 3. One GEMM against the augmented dictionary ``[-2 C^T; ||c||^2; 1]`` gives the squared distances
    ``||y||^2 + ||c||^2 - 2 y.c`` directly in a preallocated buffer: no broadcast passes.
-4. Activation and pooling in place on that buffer (clamp, sqrt, mean over K, ``max(0, mu - z)``,
-   pooled rows first, then columns), each a single contiguous pass.
+4. Activation and pooling (:mod:`featlearn.activations`): eagerly one pass per operation (clamp,
+   sqrt, mean over K, ``max(0, mu - z)``, pooled rows first, then columns), or, with
+   ``compile``, one inductor-generated graph that reads the buffer once for the row means and
+   once for the pooled features.
 
 Why not fold normalization and whitening into the centroids (filters ``F = W c``, per-position
 corrections from box filters): it saves no products (``||y||^2`` still needs the ``d x d'``
@@ -39,7 +41,9 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._logging import progress
+from ._compile import COMPILE_DEVICES, CompiledKernel
+from ._logging import log, progress
+from .activations import ACTIVATIONS, activate_and_pool
 from ._torch import chunk_size, resolve_device, to_numpy
 from .patches import RandomPatchExtractor, check_finite_float32, check_images, flatten_patches
 from .preprocessing import PatchNormalizer, ZCAWhitening
@@ -59,6 +63,10 @@ _SCALE_TOLERANCE = 10.0
 #: Images per joblib task when ``n_jobs`` is set (rounded to whole chunks): big enough to
 #: amortize shipping the plan, small enough to balance and to report progress.
 _TASK_IMAGES = 512
+#: ``compile="auto"`` compiles the activation and pooling only for a transform that computes at
+#: least this many activation entries (images x views x positions x features per position):
+#: about 8,600 32x32 images at K=1600, enough that a first (cold-cache) compilation repays itself.
+_COMPILE_MIN_ENTRIES = 10**10
 
 
 class ScaleWarning(UserWarning):
@@ -162,6 +170,15 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         Also encode the horizontal mirror of every image and append its features as a second
         block of columns, ``[f(x), f(mirror(x))]``: flip augmentation that keeps one row per
         sample (see :mod:`featlearn.pipeline`).
+    compile : bool or "auto", default="auto"
+        Run the activation and pooling of each chunk as one :func:`torch.compile` graph
+        (inductor fuses their elementwise passes and reductions into one or two passes over the
+        distance matrix) instead of one eager pass per operation. "auto" compiles on CPU and
+        CUDA for transforms large enough to repay a first compilation (about 10^10 activation
+        entries: some 8,600 CIFAR images at K=1600); compiled code is cached on disk by
+        inductor, so later processes only re-trace. Results match the eager path to float32
+        rounding. A missing compiler or any compile error logs one warning and runs eagerly.
+        Blocks sent to ``n_jobs`` workers always run eagerly.
 
     Notes
     -----
@@ -219,7 +236,7 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         "whitener": [HasMethods(["fit", "transform"]), StrOptions({"passthrough"}), None],
         "kmeans": [HasMethods(["fit"]), None],
         "stride": [Interval(numbers.Integral, 1, None, closed="left")],
-        "activation": [StrOptions({"triangle", "hard", "soft_threshold"})],
+        "activation": [StrOptions(set(ACTIVATIONS))],
         "alpha": [Interval(numbers.Real, None, None, closed="neither")],
         "pooling": [Interval(numbers.Integral, 1, None, closed="left"), "array-like"],
         "pool_op": [StrOptions({"sum", "max"})],
@@ -229,12 +246,13 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         "random_state": ["random_state"],
         "verbose": ["verbose"],
         "flip": ["boolean"],
+        "compile": ["boolean", StrOptions({"auto"})],
     }
 
     def __init__(self, patch_size=6, n_patches=400_000, normalizer=None, whitener=None,
                  kmeans=None, stride=1, activation="triangle", alpha=0.25, pooling=(2, 2),
                  pool_op="sum", batch_size="auto", device="auto", n_jobs=None,
-                 random_state=None, verbose=0, flip=False):
+                 random_state=None, verbose=0, flip=False, compile="auto"):
         self.patch_size = patch_size
         self.n_patches = n_patches
         self.normalizer = normalizer
@@ -251,6 +269,7 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         self.random_state = random_state
         self.verbose = verbose
         self.flip = flip
+        self.compile = compile
 
     # ------------------------------------------------------------------ fit
     def fit(self, X, y=None):
@@ -305,7 +324,7 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
     @property
     def n_features_out_(self):
         grid = self._grid()
-        per_cell = 2 * self.n_clusters_ if self.activation == "soft_threshold" else self.n_clusters_
+        per_cell = ACTIVATIONS[self.activation].width * self.n_clusters_
         return grid[0] * grid[1] * per_cell * (2 if self.flip else 1)
 
     # ------------------------------------------------------------ transform
@@ -328,7 +347,8 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         out = np.empty((n, self.n_features_out_), dtype=np.float32)
         with progress(n, desc="encode", verbose=self.verbose) as bar:
             if self.n_jobs is None:
-                _encode_into(plan, X, out, device, batch, bar)
+                _encode_into(plan, X, out, device, batch, bar,
+                             compiled=self._use_compile(plan, device, n))
             else:
                 self._transform_parallel(plan, X, out, batch, bar)
         return out
@@ -381,6 +401,19 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
             f"images passed to transform have a value scale of {scale:.3g} (99th percentile of "
             f"|x|) but the encoder was fitted on images of scale {fitted:.3g}; {fix}, or refit "
             "the encoder on data of this scale", ScaleWarning, stacklevel=4)
+
+    def _use_compile(self, plan, device, n_images):
+        """Whether this transform runs the compiled activation + pooling (see ``compile``)."""
+        if self.compile == "auto":
+            entries = (n_images * (2 if plan.flip else 1) * plan.map_shape[0] * plan.map_shape[1]
+                       * plan.per_cell)
+            use = device.type in COMPILE_DEVICES and entries >= _COMPILE_MIN_ENTRIES
+        else:
+            use = bool(self.compile)
+        if use:
+            log(self.verbose, "encoding through the compiled activation + pooling kernel "
+                "(the first compilation on a machine takes tens of seconds; inductor caches it)")
+        return use
 
     def _grid(self):
         pooling = self.pooling
@@ -482,7 +515,7 @@ class _Plan:
 
     @property
     def per_cell(self):
-        return 2 * self.K if self.activation == "soft_threshold" else self.K
+        return ACTIVATIONS[self.activation].width * self.K
 
     def bytes_per_image(self):
         L = self.map_shape[0] * self.map_shape[1]
@@ -492,9 +525,14 @@ class _Plan:
 
 
 class _Kernel:
-    """Device tensors and preallocated buffers for encoding chunks of up to ``batch`` images."""
+    """Device tensors and preallocated buffers for encoding chunks of up to ``batch`` images.
 
-    def __init__(self, plan: _Plan, device: torch.device, batch: int):
+    With ``compiled``, the activation and pooling run through one compiled graph specialised
+    on the full chunk shape: a short last chunk is padded (its extra rows hold the previous
+    chunk's products and are dropped), so every image passes through the same code.
+    """
+
+    def __init__(self, plan: _Plan, device: torch.device, batch: int, compiled: bool = False):
         self.plan, self.device, self.batch = plan, device, batch
         f32 = dict(device=device, dtype=torch.float32)
         H, W, C = plan.image_shape
@@ -506,11 +544,9 @@ class _Kernel:
         self.patches = torch.empty((batch, Ph, Pw, p, p, C), **f32)
         # Whitened rows, augmented with [1, ||y||^2] so one GEMM yields squared distances.
         self.y_aug = torch.empty((batch * L, dp + 2), **f32)
-        self.dist = torch.empty((batch * L, K), **f32)
-        self.tmp = torch.empty((batch * L, K), **f32) if plan.activation == "soft_threshold" else None
-        self.row_mu = torch.empty((batch * L, 1), **f32)
+        self.dist = torch.zeros((batch * L, K), **f32)
         c = torch.from_numpy(plan.centers).to(**f32)  # (K, d')
-        if plan.activation == "soft_threshold":
+        if ACTIVATIONS[plan.activation].products == "dot":
             # Only the dot products: the two augmented rows are zero.
             aug = torch.zeros((dp + 2, K), **f32)
             aug[:dp] = c.T
@@ -526,14 +562,11 @@ class _Kernel:
             wm[:, :dp] = torch.from_numpy(plan.white_mat)
             self.white_aug = wm
             self.white_mean = torch.from_numpy(plan.white_mean).to(**f32)
-        # Position -> pooling cell, for the one-hot ("hard") activation.
-        rows = torch.empty(Ph, dtype=torch.long)
-        for i, (r0, r1) in enumerate(plan.row_bounds):
-            rows[r0:r1] = i
-        cols = torch.empty(Pw, dtype=torch.long)
-        for j, (c0, c1) in enumerate(plan.col_bounds):
-            cols[c0:c1] = j
-        self.cell_of_pos = (rows[:, None] * len(plan.col_bounds) + cols[None, :]).reshape(-1).to(device)
+        self.static = dict(map_shape=plan.map_shape, row_bounds=tuple(plan.row_bounds),
+                           col_bounds=tuple(plan.col_bounds), activation=plan.activation,
+                           alpha=plan.alpha, pool_op=plan.pool_op)
+        self.compiled = (CompiledKernel(activate_and_pool, name="encoding", n_images=batch,
+                                        **self.static) if compiled else None)
 
     def encode(self, chunk: np.ndarray) -> torch.Tensor:
         """``(b, H, W, C)`` images -> ``(b, n_cells, per_cell)`` pooled features on the device."""
@@ -555,7 +588,9 @@ class _Kernel:
         y_aug[:, dp].fill_(1.0)
         D = self.dist[: b * L]
         torch.mm(y_aug, self.centers_aug, out=D)
-        return self._activate_and_pool(D, b)
+        if self.compiled is not None:
+            return self.compiled(self.dist)[:b]
+        return activate_and_pool(D, n_images=b, **self.static)
 
     def _normalize(self, P):
         plan = self.plan
@@ -582,57 +617,11 @@ class _Kernel:
         res = est.transform(to_numpy(P).astype(np.float32, copy=False))
         return torch.from_numpy(np.ascontiguousarray(res, dtype=np.float32)).to(self.device)
 
-    def _activate_and_pool(self, D, b):
-        plan = self.plan
-        K = plan.K
-        out = torch.empty((b, plan.n_cells, plan.per_cell), device=self.device,
-                          dtype=torch.float32)
-        if plan.activation == "triangle":
-            D.clamp_min_(0.0)  # rounding can make a squared distance slightly negative
-            D.sqrt_()
-            mu = self.row_mu[: D.shape[0]]
-            torch.mean(D, dim=1, keepdim=True, out=mu)
-            torch.sub(mu, D, out=D)
-            D.clamp_min_(0.0)
-            self._pool(D, b, out)
-        elif plan.activation == "hard":
-            nearest = D.argmin(1)
-            flat = (torch.arange(b, device=self.device).repeat_interleave(self.L) * plan.n_cells
-                    + self.cell_of_pos.repeat(b)) * K + nearest
-            counts = torch.bincount(flat, minlength=b * plan.n_cells * K).view(b, plan.n_cells, K)
-            if plan.pool_op == "max":
-                counts = counts > 0
-            out.copy_(counts)
-        else:  # soft threshold: D holds c.y
-            T = self.tmp[: D.shape[0]]
-            torch.sub(D, plan.alpha, out=T)
-            T.clamp_min_(0.0)
-            self._pool(T, b, out[:, :, :K])
-            torch.add(D, plan.alpha, out=T)
-            T.neg_().clamp_min_(0.0)
-            self._pool(T, b, out[:, :, K:])
-        return out
 
-    def _pool(self, A, b, out):
-        """Pool ``(b*L, K)`` activations into ``out`` ``(b, n_cells, K)``: rows, then columns."""
-        plan = self.plan
-        Ph, Pw = plan.map_shape
-        v = A.view(b, Ph, Pw, A.shape[1])
-        n_cols = len(plan.col_bounds)
-        for i, (r0, r1) in enumerate(plan.row_bounds):
-            band = v[:, r0:r1].sum(1) if plan.pool_op == "sum" else v[:, r0:r1].amax(1)
-            for j, (c0, c1) in enumerate(plan.col_bounds):
-                part = band[:, c0:c1]
-                if plan.pool_op == "sum":
-                    torch.sum(part, dim=1, out=out[:, i * n_cols + j])
-                else:
-                    torch.amax(part, dim=1, out=out[:, i * n_cols + j])
-
-
-def _encode_into(plan, X, out, device, batch, progress=None):
+def _encode_into(plan, X, out, device, batch, progress=None, compiled=False):
     """Encode ``X`` chunk by chunk straight into the preallocated ``out`` rows."""
     device = resolve_device(device)
-    kernel = _Kernel(plan, device, min(batch, X.shape[0]))
+    kernel = _Kernel(plan, device, min(batch, X.shape[0]), compiled=compiled)
     n_views = 2 if plan.flip else 1
     out_t = torch.from_numpy(out).view(X.shape[0], n_views, plan.n_cells, plan.per_cell)
     with torch.inference_mode():

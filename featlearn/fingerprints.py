@@ -19,7 +19,7 @@ import numpy as np
 #: ``MiniBatchKMeans``'s or a classifier's ``batch_size`` changes the result.
 EXECUTION_PARAMS = {
     "*": frozenset({"device", "verbose", "n_jobs"}),
-    "PatchEncoder": frozenset({"batch_size"}),
+    "PatchEncoder": frozenset({"batch_size", "compile"}),
 }
 
 

@@ -1,0 +1,171 @@
+"""The compiled (fused) activation + pooling path against the eager reference, and its fallback."""
+
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import featlearn.encoding as encoding
+from featlearn._compile import CompiledKernel
+from featlearn._logging import logger
+from featlearn.activations import ACTIVATIONS, activate_and_pool
+from featlearn.encoding import PatchEncoder
+from featlearn.kmeans import MiniBatchKMeans
+
+needs_compiler = pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None and shutil.which("g++") is None,
+    reason="inductor's CPU backend needs a C++ compiler")
+
+
+@pytest.fixture
+def warnings_logged():
+    """Warnings the featlearn logger emits during the test (its stderr handler stays)."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    handler.setLevel(logging.WARNING)
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
+def _fit(images, activation, K=12):
+    enc = PatchEncoder(patch_size=3, n_patches=600, activation=activation, random_state=0,
+                       kmeans=MiniBatchKMeans(n_clusters=K, random_state=0), device="cpu")
+    return enc.fit(images)
+
+
+def _naive(enc, X):
+    """Every patch through the fitted stages in numpy, then the activation, then pooling."""
+    p, s = enc.patch_size, enc.stride
+    Ph, Pw = enc.map_shape_
+    C = np.asarray(enc.kmeans_.cluster_centers_, np.float64)
+    rows = encoding.pooling_bounds(Ph, enc._grid()[0])
+    cols = encoding.pooling_bounds(Pw, enc._grid()[1])
+    out = []
+    for img in X.astype(np.float64):
+        P = np.stack([img[i * s:i * s + p, j * s:j * s + p].reshape(-1)
+                      for i in range(Ph) for j in range(Pw)])
+        Y = enc.whitener_.transform(enc.normalizer_.transform(P.astype(np.float32)))
+        Y = Y.astype(np.float64)
+        if enc.activation == "soft_threshold":
+            dot = Y @ C.T
+            A = np.concatenate([np.maximum(dot - enc.alpha, 0), np.maximum(-dot - enc.alpha, 0)], 1)
+        else:
+            z = np.sqrt(((Y[:, None, :] - C[None]) ** 2).sum(-1))
+            if enc.activation == "triangle":
+                A = np.maximum(z.mean(1, keepdims=True) - z, 0)
+            else:
+                A = np.eye(C.shape[0])[z.argmin(1)]
+        A = A.reshape(Ph, Pw, -1)
+        red = np.sum if enc.pool_op == "sum" else np.max
+        out.append(np.concatenate([red(A[r0:r1, c0:c1], axis=(0, 1))
+                                   for r0, r1 in rows for c0, c1 in cols]))
+    return np.asarray(out)
+
+
+# Every activation and both pool ops, with grids, strides and channel counts spread over them:
+# each row is one compilation (seconds), so the matrix is covered without its full product.
+CASES = [
+    ("triangle", "sum", (2, 2), 1, 3),
+    ("triangle", "max", (3, 2), 2, 1),
+    ("triangle", "sum", 1, 1, 1),
+    ("hard", "sum", (2, 2), 1, 3),
+    ("hard", "max", (1, 3), 2, 3),
+    ("soft_threshold", "sum", (2, 2), 1, 3),
+    ("soft_threshold", "max", (2, 1), 2, 1),
+]
+
+
+@needs_compiler
+@pytest.mark.parametrize("activation,pool_op,pooling,stride,channels", CASES)
+def test_compiled_matches_eager_and_naive(activation, pool_op, pooling, stride, channels,
+                                          warnings_logged):
+    rng = np.random.RandomState(1)
+    images = rng.randint(0, 256, size=(11, 10, 9, channels)).astype(np.uint8)
+    enc = _fit(images, activation)
+    enc.set_params(pool_op=pool_op, pooling=pooling, stride=stride, batch_size=4)
+    eager = enc.set_params(compile=False).transform(images)
+    fused = enc.set_params(compile=True).transform(images)  # 11 = 4 + 4 + 3: a padded chunk
+    assert warnings_logged == []  # it compiled: no fallback
+    scale = np.abs(eager).max()
+    np.testing.assert_allclose(fused, eager, rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_allclose(eager, _naive(enc, images), rtol=1e-4, atol=1e-4 * scale)
+
+
+@needs_compiler
+def test_compiled_flip_views_and_row_independence(images, warnings_logged):
+    enc = _fit(images, "triangle").set_params(flip=True, batch_size=8, compile=True)
+    whole = enc.transform(images)
+    parts = np.concatenate([enc.transform(images[i:i + 5]) for i in range(0, len(images), 5)])
+    np.testing.assert_allclose(whole, parts, rtol=1e-6, atol=1e-6 * np.abs(whole).max())
+    eager = enc.set_params(compile=False).transform(images)
+    np.testing.assert_allclose(whole, eager, rtol=1e-5, atol=1e-5 * np.abs(eager).max())
+    assert warnings_logged == []
+
+
+def test_compile_failure_falls_back_with_one_warning(images, monkeypatch, warnings_logged):
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    enc = _fit(images, "triangle").set_params(batch_size=7)
+    eager = enc.set_params(compile=False).transform(images)
+    fused = enc.set_params(compile=True).transform(images)
+    np.testing.assert_array_equal(fused, eager)
+    assert len(warnings_logged) == 1  # once per transform, not once per chunk
+    assert "could not compile the encoding kernel" in warnings_logged[0]
+    assert "No working C++ compiler" in warnings_logged[0] and "more detail" not in warnings_logged[0]
+
+
+def test_compiled_kernel_reports_and_keeps_eager_after_failure(monkeypatch, warnings_logged):
+    calls = []
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            calls.append(1)
+            raise RuntimeError("boom")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    D = torch.rand(2 * 4 * 4, 5)
+    kernel = CompiledKernel(activate_and_pool, name="test", n_images=2, map_shape=(4, 4),
+                            row_bounds=((0, 2), (2, 4)), col_bounds=((0, 4),),
+                            activation="triangle", alpha=0.0, pool_op="sum")
+    first, second = kernel(D), kernel(D)
+    assert kernel.failed and len(calls) == 1 and len(warnings_logged) == 1
+    torch.testing.assert_close(first, second)
+
+
+def test_auto_compiles_only_large_transforms(images, monkeypatch):
+    enc = _fit(images, "triangle")
+    plan = enc._plan()
+    cpu = torch.device("cpu")
+    per_image = enc.map_shape_[0] * enc.map_shape_[1] * plan.per_cell
+    monkeypatch.setattr(encoding, "_COMPILE_MIN_ENTRIES", 100 * per_image)
+    assert not enc._use_compile(plan, cpu, 99)
+    assert enc._use_compile(plan, cpu, 100)
+    assert not enc._use_compile(plan, torch.device("mps"), 10**6)  # experimental backend
+    enc.set_params(flip=True)
+    assert enc._use_compile(enc._plan(), cpu, 50)  # both views count
+    assert not enc.set_params(compile=False)._use_compile(plan, cpu, 10**6)
+    assert enc.set_params(compile=True)._use_compile(plan, cpu, 1)
+
+
+def test_compile_is_validated_and_execution_only(images):
+    from featlearn.fingerprints import params_fingerprint
+    with pytest.raises(ValueError, match="compile"):
+        _fit(images, "triangle").set_params(compile="always").transform(images)
+    assert (params_fingerprint(PatchEncoder(compile=True))
+            == params_fingerprint(PatchEncoder(compile=False)))
+
+
+def test_activation_table_widths():
+    D = torch.randn(6, 4)
+    for name, act in ACTIVATIONS.items():
+        assert act.fn(D, 0.1).shape == (6, act.width * 4), name
+        assert act.products in {"sqdist", "dot"}
