@@ -17,7 +17,6 @@ import os
 import platform
 import shlex
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,21 +93,11 @@ def machine() -> str:
 
 
 def gemm_rate(n=4096, repeats=3, device="cpu") -> float:
-    """Best-of-``repeats`` float32 ``torch.mm`` rate at ``n^3``, in GFLOP/s."""
-    import torch
+    """Best-of-``repeats`` float32 ``torch.mm`` rate at ``n^3``, in GFLOP/s (the library's own
+    yardstick, :func:`featlearn._torch.gemm_rate`, which ``featlearn reproduce`` records too)."""
+    from featlearn._torch import gemm_rate as rate
 
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    out = torch.empty(n, n, device=device)
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    torch.mm(a, b, out=out)
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e9
+    return rate(n, repeats, device)
 
 
 def command(argv=None, script=None) -> str:

@@ -5,6 +5,11 @@ Run (under the shared lock, so other jobs on the machine do not disturb the timi
     flock /tmp/featlearn-bench.lock python benchmarks/bench_encode.py
     python benchmarks/bench_encode.py --quick      # smoke run, small sizes
 
+Encoding is measured twice, eagerly (``compile=False``: one pass per activation/pooling op)
+and through the fused kernel (``compile=True``), whose compilation is timed separately in fresh
+processes: once with an empty inductor cache (a new machine) and once with that cache warm (any
+later process).
+
 All rates are *effective* GFLOP/s of the distance products, ``2 * n * positions * d * K``
 (REFERENCE.md), whatever each implementation actually computes, so they compare directly with
 the machine's fp32 GEMM rate. The centroids come from a MiniBatchKMeans run of a few iterations
@@ -77,6 +82,38 @@ def _status_kb(field):
     raise RuntimeError(field)
 
 
+def compile_child(model_path, cache_dir):
+    """Run in a fresh process: time the first compiled transform (compile + 8 images)."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
+    with open(model_path, "rb") as fh:
+        enc = pickle.load(fh)
+    H, W, C = enc.image_shape_
+    X = np.random.default_rng(0).integers(0, 256, (8, H, W, C), dtype=np.uint8)
+    enc.set_params(compile=False).transform(X)  # torch start-up is not compilation
+    t0 = time.perf_counter()
+    enc.set_params(compile=True).transform(X)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    enc.transform(X)
+    print(f"COMPILE {first - (time.perf_counter() - t0):.2f}")
+
+
+def measure_compile(enc):
+    """Compilation seconds with an empty inductor cache, then with it warm."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "enc.pkl")
+        with open(path, "wb") as fh:
+            pickle.dump(enc, fh)
+        times = []
+        for _ in range(2):
+            res = subprocess.run([sys.executable, __file__, "--compile-child", path,
+                                  os.path.join(tmp, "inductor")],
+                                 check=True, capture_output=True, text=True)
+            times.append(float([ln for ln in res.stdout.splitlines()
+                                if ln.startswith("COMPILE ")][-1].split()[1]))
+    return times
+
+
 def rss_child(model_path, n_images):
     """Run in a fresh process: encode ``n_images`` synthetic images, print RSS numbers."""
     with open(model_path, "rb") as fh:
@@ -117,9 +154,12 @@ def main(argv=None):
     ap.add_argument("--rss-images", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--batch-size", default="auto")
     ap.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--compile-child", nargs=2, help=argparse.SUPPRESS)
     args = parse_args(ap, argv)
     if args.rss_child:
         return rss_child(args.rss_child[0], int(args.rss_child[1]))
+    if args.compile_child:
+        return compile_child(*args.compile_child)
     if args.quick:
         args.n_images, args.n_clusters, args.numpy_images = 200, 256, 50
         args.rss_images = [500, 2000]
@@ -140,10 +180,18 @@ def main(argv=None):
                        batch_size=batch, device="cpu", random_state=0).fit(train[:10_000])
     print(f"fit (not measured): {time.perf_counter() - t0:.1f} s, K={enc.n_clusters_}")
 
-    enc.transform(X[:20])  # warm-up
-    t_fl = _timed(lambda: enc.transform(X))
-    rate_fl = product_flops(len(X), enc) / t_fl / 1e9
-    print(f"featlearn: {len(X)} images in {t_fl:.2f} s = {rate_fl:.1f} GFLOP/s")
+    cold, warm = measure_compile(enc)
+    print(f"compilation: {cold:.1f} s with an empty inductor cache, {warm:.1f} s warm")
+    rows = {}
+    for mode in (False, True):
+        enc.set_params(compile=mode)
+        enc.transform(X[:20])  # warm-up (and, compiled, the compilation itself)
+        seconds = _timed(lambda: enc.transform(X))
+        rows[mode] = (seconds, product_flops(len(X), enc) / seconds / 1e9)
+        print(f"featlearn compile={mode}: {len(X)} images in {seconds:.2f} s = "
+              f"{rows[mode][1]:.1f} GFLOP/s")
+    t_fl, rate_fl = rows[True]
+    enc.set_params(compile="auto")
 
     Xn = X[: args.numpy_images]
     numpy_encode(enc, Xn[:10])
@@ -151,10 +199,11 @@ def main(argv=None):
     rate_np = product_flops(len(Xn), enc) / t_np / 1e9
     print(f"numpy: {len(Xn)} images in {t_np:.2f} s = {rate_np:.1f} GFLOP/s")
     ref = numpy_encode(enc, X[:20])
-    got = enc.transform(X[:20])
+    got = enc.set_params(compile=True).transform(X[:20])
     err = float(np.abs(got - ref).max() / np.abs(ref).max())
     print(f"max |featlearn - numpy| / max|numpy| on 20 images: {err:.1e}")
 
+    enc.set_params(compile="auto")
     rss = [measure_rss(enc, n) for n in args.rss_images]
     for r in rss:
         print(f"RSS {r['n']} images: base {r['base_mb']:.0f} MB, peak {r['peak_mb']:.0f} MB, "
@@ -169,17 +218,23 @@ def main(argv=None):
         "| what | images | seconds | GFLOP/s | % of GEMM |",
         "|---|---:|---:|---:|---:|",
         f"| fp32 GEMM, torch.mm 4096^3 | | | {peak:.1f} | 100% |",
-        f"| featlearn PatchEncoder (CPU, batch_size={batch}) | {len(X)} | {t_fl:.2f} | "
-        f"{rate_fl:.1f} | {100 * rate_fl / peak:.0f}% |",
+        f"| featlearn PatchEncoder, eager (CPU, batch_size={batch}, compile=False) | {len(X)} | "
+        f"{rows[False][0]:.2f} | {rows[False][1]:.1f} | {100 * rows[False][1] / peak:.0f}% |",
+        f"| featlearn PatchEncoder, fused (CPU, batch_size={batch}, compile=True) | {len(X)} | "
+        f"{t_fl:.2f} | {rate_fl:.1f} | {100 * rate_fl / peak:.0f}% |",
         f"| numpy (sliding_window_view + matmul, 50-image batches) | {len(Xn)} | {t_np:.2f} | "
         f"{rate_np:.1f} | {100 * rate_np / peak:.0f}% |",
         "",
         f"featlearn / numpy: **{rate_fl / rate_np:.1f}x**; featlearn / GEMM: "
         f"**{100 * rate_fl / peak:.0f}%** (targets: >= 4x and >= 70%). Max relative difference "
-        f"of the two outputs on 20 images: {err:.1e}.",
+        f"of the two outputs on 20 images: {err:.1e}. Fused / eager: "
+        f"**{rows[False][0] / t_fl:.2f}x**. Compiling the fused kernel took {cold:.1f} s with an "
+        f"empty inductor cache and {warm:.1f} s with a warm one (fresh processes, 8 images, "
+        "minus their encoding time).",
         "",
-        "Peak resident memory of a fresh process encoding synthetic uint8 images (base = RSS after "
-        "loading the encoder, creating the images and a warm-up; peak = VmHWM after transform):",
+        "Peak resident memory of a fresh process encoding synthetic uint8 images with "
+        "`compile=\"auto\"` (base = RSS after loading the encoder, creating the images and a "
+        "warm-up; peak = VmHWM after transform):",
         "",
         "| images | base MB | peak MB | output MB | peak - base - output MB | seconds |",
         "|---:|---:|---:|---:|---:|---:|",

@@ -131,3 +131,26 @@ def state_to_cpu(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(state_to_cpu(v) for v in obj)
     return obj
+
+
+def gemm_rate(n=4096, repeats=3, device="cpu") -> float:
+    """Best-of-``repeats`` float32 ``torch.mm`` rate at ``n^3`` on ``device``, in GFLOP/s.
+
+    The yardstick for efficiency figures: the same machine can differ several-fold in raw speed
+    from one session to the next, so a run states its speed as a fraction of this rate.
+    """
+    import time
+
+    device = torch.device(device)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    out = torch.empty(n, n, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.mm(a, b, out=out)
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9

@@ -47,7 +47,8 @@ def _encode(encoder, X_train, X_test, key=None):
 
 
 #: The modules whose code decides the encoded features (the cache key fingerprints them).
-_FEATURE_MODULES = ("patches", "preprocessing", "kmeans", "_kmeans_solvers", "encoding", "_torch")
+_FEATURE_MODULES = ("patches", "preprocessing", "kmeans", "_kmeans_solvers", "activations",
+                    "encoding", "_torch")
 
 
 def _code_fingerprint() -> str:
@@ -96,6 +97,42 @@ def encode_cached(encoder, X_train, X_test, cache=None, verbose=0):
     return (*func(encoder, X_train, X_test, key), hit)
 
 
+def distance_flops(encoder, n_train, n_test) -> dict:
+    """FLOPs of the run's distance products, the work a GEMM must do whatever else runs.
+
+    k-means: ``2 * rows * d * K`` per pass over the patches (every Lloyd iteration; each
+    mini-batch step's batch, plus the final pass for ``labels_`` when ``compute_labels``);
+    k-means++ seeding is left out. Encoding: ``2 * images * views * positions * d * K``.
+    ``d`` is the whitened patch width.
+    """
+    km = encoder.kmeans_
+    K, d = encoder.n_clusters_, int(_centers_width(km))
+    n = encoder.n_patches
+    if hasattr(km, "batch_size") and hasattr(km, "n_steps_"):  # mini-batch
+        rows = km.n_steps_ * min(km.batch_size, n) + (n if getattr(km, "compute_labels", True)
+                                                       else 0)
+    else:
+        rows = getattr(km, "n_iter_", 0) * n
+    Ph, Pw = encoder.map_shape_
+    views = 2 if encoder.flip else 1
+    return {"k-means": 2.0 * rows * d * K,
+            "encoding": 2.0 * (n_train + n_test) * views * Ph * Pw * d * K}
+
+
+def _centers_width(km):
+    return np.shape(km.cluster_centers_)[1]
+
+
+def efficiency(flops: dict, seconds: dict, rate_gflops: float) -> dict:
+    """Fraction of the measured GEMM rate each part of the run reached (FLOPs / time / rate)."""
+    dict_s = seconds.get("dictionary (patches, whitening, k-means)", 0.0)
+    enc_s = seconds.get("encode train", 0.0) + seconds.get("encode test", 0.0)
+    parts = {"dictionary": (flops["k-means"], dict_s), "encoding": (flops["encoding"], enc_s),
+             "end to end": (sum(flops.values()), sum(seconds.values()))}
+    return {k: float(f"{f / t / (rate_gflops * 1e9):.3g}") if t > 0 else None
+            for k, (f, t) in parts.items()}
+
+
 def run(config, data, *, out=None, cache=None, device=None, n_train=None, n_test=None,
         random_state=None, overwrite=False, verbose=1):
     """Run ``config`` (a dict from :func:`featlearn.pipeline.load_config`) on ``data``.
@@ -109,7 +146,7 @@ def run(config, data, *, out=None, cache=None, device=None, n_train=None, n_test
     import torch
 
     import featlearn
-    from featlearn._torch import resolve_device
+    from featlearn._torch import gemm_rate, resolve_device
     from featlearn.pipeline import build_pipeline
 
     for name, n in (("n_train", n_train), ("n_test", n_test)):
@@ -132,6 +169,9 @@ def run(config, data, *, out=None, cache=None, device=None, n_train=None, n_test
     log(verbose, f"[{name}] {len(X_train)} training and {len(X_test)} test images, "
                  f"K={encoder.kmeans.n_clusters}, device {resolve_device(encoder.device)}", level=2)
 
+    # The yardstick for the efficiency figures, measured beside the run (a second or two).
+    rate = gemm_rate(n=3072, repeats=2, device=resolve_device(encoder.device))
+    log(verbose, f"[{name}] float32 GEMM rate of this machine: {rate:.0f} GFLOP/s", level=2)
     t0 = time.perf_counter()
     encoder, F_train, F_test, times, cached = encode_cached(encoder, X_train, X_test, cache,
                                                             verbose)
@@ -152,6 +192,7 @@ def run(config, data, *, out=None, cache=None, device=None, n_train=None, n_test
     train_acc = float(np.mean(clf.predict(F_train) == y_train))
     times["predict"] = time.perf_counter() - t0
     total = time.perf_counter() - t_start
+    flops = distance_flops(encoder, len(X_train), len(X_test))
 
     results = {
         "config": name,
@@ -167,6 +208,9 @@ def run(config, data, *, out=None, cache=None, device=None, n_train=None, n_test
         "stage_seconds": {k: round(v, 2) for k, v in times.items()},
         "total_seconds": round(total, 1),
         "peak_rss_gb": round(peak_rss_bytes() / 2**30, 2),
+        "gemm_gflops": round(rate, 1),
+        "distance_tflop": {k: float(f"{v / 1e12:.4g}") for k, v in flops.items()},
+        "efficiency": efficiency(flops, times, rate),
         "device": str(resolve_device(encoder.device)),
         "cpu_threads": torch.get_num_threads(),
         "archive": data.get("archive"),
@@ -195,6 +239,7 @@ def results_markdown(results: dict) -> str:
         f"{results['peak_rss_gb']} | {results['device']} ({results['cpu_threads']} threads) |",
         "",
         f"Stages: {stages}.",
+        _efficiency_line(results),
         f"Images: {results['n_train']} train, {results['n_test']} test from "
         f"`{results['archive']}`" + (
             f"; features loaded from the cache in {results.get('feature_load_seconds')} s "
@@ -203,6 +248,16 @@ def results_markdown(results: dict) -> str:
         "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + ".",
     ]
     return "\n".join(rows) + "\n"
+
+
+def _efficiency_line(results: dict) -> str:
+    eff, tf = results.get("efficiency"), results.get("distance_tflop")
+    if not eff or not tf:
+        return "Efficiency: not recorded (results from before it was measured)."
+    pct = ", ".join(f"{k} {v:.0%}" for k, v in eff.items() if v is not None)
+    return (f"Distance products: {tf['k-means']:.3g} TFLOP in k-means, {tf['encoding']:.3g} "
+            f"TFLOP in encoding; float32 GEMM rate measured in this run "
+            f"{results['gemm_gflops']} GFLOP/s; efficiency (FLOPs / stage time / rate): {pct}.")
 
 
 #: Marks a results.json written by :func:`write_results`: a folder holding one is a featlearn

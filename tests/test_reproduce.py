@@ -167,3 +167,39 @@ def test_results_follow_the_umask(tmp_path, archive):
     assert out.stat().st_mode & 0o777 == 0o700
     for p in out.iterdir():
         assert p.stat().st_mode & 0o777 == 0o600, p
+
+
+def test_results_record_gemm_rate_flops_and_efficiency(tmp_path, archive):
+    out = tmp_path / "out"
+    assert reproduce(tiny_config(tmp_path), archive, "--out", out) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["gemm_gflops"] > 0
+    # TINY: 3x3 patches on 32x32x3 images (30x30 positions, d=27), K=8, 60 + 20 images.
+    assert results["distance_tflop"]["encoding"] == pytest.approx(2 * 80 * 900 * 27 * 8 / 1e12,
+                                                                  rel=1e-3)
+    assert set(results["efficiency"]) == {"dictionary", "encoding", "end to end"}
+    assert all(v > 0 for v in results["efficiency"].values())
+    assert "GEMM rate measured in this run" in (out / "results.md").read_text()
+
+
+def test_distance_flops_counts_every_pass():
+    from types import SimpleNamespace
+
+    from featlearn.reproduce import distance_flops, efficiency
+
+    def encoder(km):
+        return SimpleNamespace(kmeans_=km, n_clusters_=4, n_patches=100, map_shape_=(3, 2),
+                               flip=True)
+
+    lloyd = SimpleNamespace(cluster_centers_=[[0.0] * 5] * 4, n_iter_=7)
+    assert distance_flops(encoder(lloyd), 10, 5) == {
+        "k-means": 2.0 * 7 * 100 * 5 * 4, "encoding": 2.0 * 15 * 2 * 6 * 5 * 4}
+    mb = SimpleNamespace(cluster_centers_=[[0.0] * 5] * 4, n_steps_=3, batch_size=30,
+                         compute_labels=False)
+    assert distance_flops(encoder(mb), 0, 0)["k-means"] == 2.0 * 90 * 5 * 4
+    mb.compute_labels = True
+    assert distance_flops(encoder(mb), 0, 0)["k-means"] == 2.0 * 190 * 5 * 4
+    eff = efficiency({"k-means": 2e9, "encoding": 6e9},
+                     {"dictionary (patches, whitening, k-means)": 1.0, "encode train": 2.0,
+                      "encode test": 1.0, "classifier fit": 4.0}, rate_gflops=4.0)
+    assert eff == {"dictionary": 0.5, "encoding": 0.5, "end to end": 0.25}
