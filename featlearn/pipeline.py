@@ -164,9 +164,15 @@ def _featlearn_kmeans():
 ESTIMATOR_CLASSES = {
     "PatchNormalizer": lambda: importlib.import_module("featlearn.preprocessing").PatchNormalizer,
     "ZCAWhitening": lambda: importlib.import_module("featlearn.preprocessing").ZCAWhitening,
+    "PowerNormalizer": lambda: importlib.import_module("featlearn.preprocessing").PowerNormalizer,
     "RandomPatchExtractor": lambda: importlib.import_module("featlearn.patches").RandomPatchExtractor,
     "MiniBatchKMeans": lambda: importlib.import_module("featlearn.kmeans").MiniBatchKMeans,
     "KMeans": _featlearn_kmeans,
+    "RandomPatchDictionary":
+        lambda: importlib.import_module("featlearn.dictionary").RandomPatchDictionary,
+    "TorchMLPClassifier": lambda: importlib.import_module("featlearn.classifier").TorchMLPClassifier,
+    "TorchConvClassifier":
+        lambda: importlib.import_module("featlearn.classifier").TorchConvClassifier,
     "sklearn.decomposition.PCA": lambda: importlib.import_module("sklearn.decomposition").PCA,
     "sklearn.preprocessing.StandardScaler":
         lambda: importlib.import_module("sklearn.preprocessing").StandardScaler,

@@ -1,8 +1,10 @@
-"""Patch-space preprocessing: per-patch contrast normalization and ZCA/PCA whitening.
+"""Preprocessing: per-patch contrast normalization and ZCA/PCA whitening (patch space), and the
+signed power normalization of pooled features (feature space).
 
-Both are fitted on sampled patches and applied again, densely, to every patch of every image
-inside :class:`featlearn.PatchEncoder`, which reads their fitted state (``eps``, ``ddof``,
-``mean_``, ``whitening_``) and applies it to its patch chunks in torch.
+The patch-space stages are fitted on sampled patches and applied again, densely, to every patch
+of every image inside :class:`featlearn.PatchEncoder`, which reads their fitted state (``eps``,
+``ddof``, ``mean_``, ``whitening_``) and applies it to its patch chunks in torch.
+:class:`PowerNormalizer` acts on the encoder's output, before the classifier.
 """
 
 from __future__ import annotations
@@ -88,6 +90,85 @@ class PatchNormalizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         tags.requires_fit = False
         tags.transformer_tags.preserves_dtype = ["float32"]
         return tags
+
+
+class PowerNormalizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
+    """Signed power normalization of features: ``x -> sign(x) * |x| ** power``.
+
+    With ``power=0.5`` (the signed square root) it damps the features that pooling made large
+    (a dictionary atom that fires over the whole image) relative to the rare ones, the
+    correction Perronnin et al. (ECCV 2010) made to pooled Fisher vectors; sum-pooled counts
+    behave the same way. Applied element-wise and stateless: :meth:`fit` only validates and
+    records ``n_features_in_``. Place it after the encoder in a ``Pipeline``, before the
+    classifier's standardization.
+
+    Parameters
+    ----------
+    power : float > 0, default=0.5
+        The exponent; 1 is the identity.
+    copy : bool, default=True
+        If False and ``X`` is a writable C-contiguous float32 array, it is transformed in place
+        (a feature matrix need not be held twice).
+
+    Attributes
+    ----------
+    n_features_in_ : int
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from featlearn import PowerNormalizer
+    >>> PowerNormalizer().fit_transform(np.array([[4.0, -9.0, 0.25]], dtype=np.float32))
+    array([[ 2. , -3. ,  0.5]], dtype=float32)
+    """
+
+    _parameter_constraints = {
+        "power": [Interval(numbers.Real, 0, None, closed="neither")],
+        "copy": ["boolean"],
+    }
+
+    def __init__(self, power=0.5, copy=True):
+        self.power = power
+        self.copy = copy
+
+    def fit(self, X, y=None):
+        """Validate ``X`` and record its width; nothing is learned."""
+        self._validate_params()
+        X = validate_data(self, X, dtype=[np.float32, np.float64])
+        check_finite_float32(X, "X")
+        return self
+
+    def transform(self, X):
+        """``sign(X) * |X| ** power`` as float32 (chunked, in place on the float32 copy)."""
+        self._validate_params()
+        X = _float32(validate_data(self, X, dtype=[np.float32, np.float64], reset=False,
+                                   order="C", copy=False), copy=self.copy)
+        if not X.flags.writeable:
+            X = X.copy()
+        return signed_power_(X, float(self.power))
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.requires_fit = False
+        tags.transformer_tags.preserves_dtype = ["float32"]
+        return tags
+
+
+def signed_power_(X: np.ndarray, power: float) -> np.ndarray:
+    """``X <- sign(X) * |X| ** power`` in place, in row chunks (one small float32 temporary)."""
+    if power == 1.0:
+        return X
+    rows = max(1, _COV_CHUNK * 16 // max(1, X.shape[1]))
+    flat = X.reshape(X.shape[0], -1)
+    for s in range(0, flat.shape[0], rows):
+        block = flat[s:s + rows]
+        mag = np.abs(block)
+        if power == 0.5:
+            np.sqrt(mag, out=mag)  # correctly rounded, and what power 0.5 means
+        else:
+            np.power(mag, np.float32(power), out=mag)
+        np.copysign(mag, block, out=block)
+    return X
 
 
 def normalize_rows(X: np.ndarray, eps: float, ddof: int) -> np.ndarray:
