@@ -145,9 +145,10 @@ def available_configs():
 CONFIG_KEYS = ("name", "description", "published", "how_chosen", "params")
 #: A configuration's name becomes a folder name: no path separators, no leading dot.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-#: The parameters (last ``__`` component) that take an estimator, i.e. accept a nested
-#: ``{"class": NAME, "params": {...}}`` object in a configuration.
-ESTIMATOR_PARAMS = ("normalizer", "whitener", "kmeans")
+#: The parameters (last ``__`` component, or ``classifier`` of make_coates_pipeline) that take
+#: an estimator, i.e. accept a nested ``{"class": NAME, "params": {...}}`` object in a
+#: configuration.
+ESTIMATOR_PARAMS = ("normalizer", "whitener", "kmeans", "classifier")
 
 
 def _featlearn_kmeans():
@@ -303,7 +304,7 @@ def build_pipeline(config, **overrides):
         if "__" in key:
             nested[key] = value
         elif key in top_keys:
-            top[key] = _from_json(key, value, takes_estimator=False)
+            top[key] = _from_json(key, value, takes_estimator=key in ESTIMATOR_PARAMS)
         else:
             raise ValueError(f"unknown configuration key {key!r}{_suggest(key, top_keys)}; "
                              "params are arguments of make_coates_pipeline "
@@ -342,8 +343,8 @@ def _check_top_types(top):
     }
     for key, value in top.items():
         types = checks.get(key)
-        if types is None:
-            continue
+        if types is None or (key == "classifier" and hasattr(value, "get_params")):
+            continue  # an estimator built from an allowed {"class": ...} object
         bad_bool = isinstance(value, bool) and key in ("n_centroids", "random_state")
         if bad_bool or not isinstance(value, types):
             names = " or ".join({int: "an integer", str: "a string",
