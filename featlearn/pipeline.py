@@ -149,6 +149,8 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 #: an estimator, i.e. accept a nested ``{"class": NAME, "params": {...}}`` object in a
 #: configuration.
 ESTIMATOR_PARAMS = ("normalizer", "whitener", "kmeans", "classifier")
+#: The classes of :data:`ESTIMATOR_CLASSES` that ``classifier`` takes, and only it.
+CLASSIFIER_CLASSES = ("TorchMLPClassifier", "TorchConvClassifier")
 
 
 def _featlearn_kmeans():
@@ -369,6 +371,14 @@ def _from_json(key, value, *, takes_estimator):
             raise ValueError(f"configuration key {key!r} does not take an estimator; only "
                              f"{', '.join(ESTIMATOR_PARAMS)} accept a {{\"class\": ..., "
                              "\"params\": ...} object")
+        name = value.get("class")
+        if key == "classifier" and name not in CLASSIFIER_CLASSES:
+            raise ValueError(f"configuration key 'classifier' does not take an estimator of class "
+                             f"{name!r}; it takes {' or '.join(CLASSIFIER_CLASSES)} (or \"mlp\" "
+                             "/ \"svm\")")
+        if key != "classifier" and name in CLASSIFIER_CLASSES:
+            raise ValueError(f"configuration key {key!r}: class {name!r} is not allowed here; "
+                             "classifiers go in 'classifier'")
         return _build_estimator(value, key=key)
     raise ValueError(f"configuration key {key!r} has an unsupported value {value!r}")
 

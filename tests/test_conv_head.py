@@ -346,3 +346,19 @@ def test_map_source_gathers_views_and_layouts():
     src = _conv.MapSource(flat, 1, (2, 2))
     np.testing.assert_array_equal(src.batch(np.array([0, 1]), torch.device("cpu")).numpy(),
                                   X[:, :3])
+
+
+@pytest.mark.parametrize("params,message", [
+    ({"classifier": {"class": "ZCAWhitening"}},
+     "'classifier' does not take an estimator of class 'ZCAWhitening'; it takes "
+     "TorchMLPClassifier or TorchConvClassifier"),
+    ({"encoder__kmeans": {"class": "TorchConvClassifier"}},
+     "'encoder__kmeans': class 'TorchConvClassifier' is not allowed here; classifiers go in"),
+    ({"classifier": {"class": "TorchConvClassifier", "params": {"widht": 3}}},
+     "TorchConvClassifier has no parameter 'widht' \\(did you mean 'width'\\?\\)"),
+    ({"classifier": {"class": "TorchConvClassifier", "params": {"width": 0}}},
+     "'classifier__width'"),
+])
+def test_configuration_errors_name_the_key(params, message):
+    with pytest.raises(ValueError, match=message):
+        build_pipeline({"name": "bad", "params": params}, device="cpu")
