@@ -7,12 +7,15 @@ module                     public names                     stage
 =========================  ===============================  ================================
 ``featlearn.datasets``     ``fetch_cifar10``                data
 ``featlearn.patches``      ``RandomPatchExtractor``         random patches, patch layout
-``featlearn.preprocessing````PatchNormalizer``,             contrast normalization, whitening
-                           ``ZCAWhitening``
+``featlearn.preprocessing````PatchNormalizer``,             contrast normalization, whitening,
+                           ``ZCAWhitening``,                power normalization of features
+                           ``PowerNormalizer``
 ``featlearn.kmeans``       ``KMeans``, ``MiniBatchKMeans``  dictionary (torch, CPU or GPU)
+``featlearn.dictionary``   ``RandomPatchDictionary``        dictionary of random patches
 ``featlearn.encoding``     ``PatchEncoder``,                dense encoding and pooling
                            ``ScaleWarning``
-``featlearn.classifier``   ``TorchMLPClassifier``           MLP / L2-SVM (torch)
+``featlearn.classifier``   ``TorchMLPClassifier``,          MLP / L2-SVM, convolutional head
+                           ``TorchConvClassifier``          on spatial maps (torch)
 ``featlearn.pipeline``     ``make_coates_pipeline``         composition
 ``featlearn.extraction``   ``extract_features``             cached, resumable extraction
 ``featlearn.persistence``  ``save_model``, ``load_model``   fitted models on disk
@@ -31,11 +34,14 @@ _LAZY = {
     "RandomPatchExtractor": "patches",
     "PatchNormalizer": "preprocessing",
     "ZCAWhitening": "preprocessing",
+    "PowerNormalizer": "preprocessing",
+    "RandomPatchDictionary": "dictionary",
     "KMeans": "kmeans",
     "MiniBatchKMeans": "kmeans",
     "PatchEncoder": "encoding",
     "ScaleWarning": "encoding",
     "TorchMLPClassifier": "classifier",
+    "TorchConvClassifier": "classifier",
     "make_coates_pipeline": "pipeline",
     "extract_features": "extraction",
     "save_model": "persistence",

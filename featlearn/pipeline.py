@@ -145,9 +145,12 @@ def available_configs():
 CONFIG_KEYS = ("name", "description", "published", "how_chosen", "params")
 #: A configuration's name becomes a folder name: no path separators, no leading dot.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-#: The parameters (last ``__`` component) that take an estimator, i.e. accept a nested
-#: ``{"class": NAME, "params": {...}}`` object in a configuration.
-ESTIMATOR_PARAMS = ("normalizer", "whitener", "kmeans")
+#: The parameters (last ``__`` component, or ``classifier`` of make_coates_pipeline) that take
+#: an estimator, i.e. accept a nested ``{"class": NAME, "params": {...}}`` object in a
+#: configuration.
+ESTIMATOR_PARAMS = ("normalizer", "whitener", "kmeans", "classifier")
+#: The classes of :data:`ESTIMATOR_CLASSES` that ``classifier`` takes, and only it.
+CLASSIFIER_CLASSES = ("TorchMLPClassifier", "TorchConvClassifier")
 
 
 def _featlearn_kmeans():
@@ -164,9 +167,15 @@ def _featlearn_kmeans():
 ESTIMATOR_CLASSES = {
     "PatchNormalizer": lambda: importlib.import_module("featlearn.preprocessing").PatchNormalizer,
     "ZCAWhitening": lambda: importlib.import_module("featlearn.preprocessing").ZCAWhitening,
+    "PowerNormalizer": lambda: importlib.import_module("featlearn.preprocessing").PowerNormalizer,
     "RandomPatchExtractor": lambda: importlib.import_module("featlearn.patches").RandomPatchExtractor,
     "MiniBatchKMeans": lambda: importlib.import_module("featlearn.kmeans").MiniBatchKMeans,
     "KMeans": _featlearn_kmeans,
+    "RandomPatchDictionary":
+        lambda: importlib.import_module("featlearn.dictionary").RandomPatchDictionary,
+    "TorchMLPClassifier": lambda: importlib.import_module("featlearn.classifier").TorchMLPClassifier,
+    "TorchConvClassifier":
+        lambda: importlib.import_module("featlearn.classifier").TorchConvClassifier,
     "sklearn.decomposition.PCA": lambda: importlib.import_module("sklearn.decomposition").PCA,
     "sklearn.preprocessing.StandardScaler":
         lambda: importlib.import_module("sklearn.preprocessing").StandardScaler,
@@ -297,7 +306,7 @@ def build_pipeline(config, **overrides):
         if "__" in key:
             nested[key] = value
         elif key in top_keys:
-            top[key] = _from_json(key, value, takes_estimator=False)
+            top[key] = _from_json(key, value, takes_estimator=key in ESTIMATOR_PARAMS)
         else:
             raise ValueError(f"unknown configuration key {key!r}{_suggest(key, top_keys)}; "
                              "params are arguments of make_coates_pipeline "
@@ -336,8 +345,8 @@ def _check_top_types(top):
     }
     for key, value in top.items():
         types = checks.get(key)
-        if types is None:
-            continue
+        if types is None or (key == "classifier" and hasattr(value, "get_params")):
+            continue  # an estimator built from an allowed {"class": ...} object
         bad_bool = isinstance(value, bool) and key in ("n_centroids", "random_state")
         if bad_bool or not isinstance(value, types):
             names = " or ".join({int: "an integer", str: "a string",
@@ -362,6 +371,14 @@ def _from_json(key, value, *, takes_estimator):
             raise ValueError(f"configuration key {key!r} does not take an estimator; only "
                              f"{', '.join(ESTIMATOR_PARAMS)} accept a {{\"class\": ..., "
                              "\"params\": ...} object")
+        name = value.get("class")
+        if key == "classifier" and name not in CLASSIFIER_CLASSES:
+            raise ValueError(f"configuration key 'classifier' does not take an estimator of class "
+                             f"{name!r}; it takes {' or '.join(CLASSIFIER_CLASSES)} (or \"mlp\" "
+                             "/ \"svm\")")
+        if key != "classifier" and name in CLASSIFIER_CLASSES:
+            raise ValueError(f"configuration key {key!r}: class {name!r} is not allowed here; "
+                             "classifiers go in 'classifier'")
         return _build_estimator(value, key=key)
     raise ValueError(f"configuration key {key!r} has an unsupported value {value!r}")
 

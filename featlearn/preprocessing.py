@@ -1,8 +1,10 @@
-"""Patch-space preprocessing: per-patch contrast normalization and ZCA/PCA whitening.
+"""Preprocessing: per-patch contrast normalization and ZCA/PCA whitening (patch space), and the
+signed power normalization of pooled features (feature space).
 
-Both are fitted on sampled patches and applied again, densely, to every patch of every image
-inside :class:`featlearn.PatchEncoder`, which reads their fitted state (``eps``, ``ddof``,
-``mean_``, ``whitening_``) and applies it to its patch chunks in torch.
+The patch-space stages are fitted on sampled patches and applied again, densely, to every patch
+of every image inside :class:`featlearn.PatchEncoder`, which reads their fitted state (``eps``,
+``ddof``, ``mean_``, ``whitening_``) and applies it to its patch chunks in torch.
+:class:`PowerNormalizer` acts on the encoder's output, before the classifier.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import numbers
 import numpy as np
 from sklearn.base import BaseEstimator, OneToOneFeatureMixin, ClassNamePrefixFeaturesOutMixin
 from sklearn.base import TransformerMixin
-from sklearn.utils._param_validation import Interval
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .patches import check_finite_float32
@@ -90,6 +92,85 @@ class PatchNormalizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
         return tags
 
 
+class PowerNormalizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
+    """Signed power normalization of features: ``x -> sign(x) * |x| ** power``.
+
+    With ``power=0.5`` (the signed square root) it damps the features that pooling made large
+    (a dictionary atom that fires over the whole image) relative to the rare ones, the
+    correction Perronnin et al. (ECCV 2010) made to pooled Fisher vectors; sum-pooled counts
+    behave the same way. Applied element-wise and stateless: :meth:`fit` only validates and
+    records ``n_features_in_``. Place it after the encoder in a ``Pipeline``, before the
+    classifier's standardization.
+
+    Parameters
+    ----------
+    power : float > 0, default=0.5
+        The exponent; 1 is the identity.
+    copy : bool, default=True
+        If False and ``X`` is a writable C-contiguous float32 array, it is transformed in place
+        (a feature matrix need not be held twice).
+
+    Attributes
+    ----------
+    n_features_in_ : int
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from featlearn import PowerNormalizer
+    >>> PowerNormalizer().fit_transform(np.array([[4.0, -9.0, 0.25]], dtype=np.float32))
+    array([[ 2. , -3. ,  0.5]], dtype=float32)
+    """
+
+    _parameter_constraints = {
+        "power": [Interval(numbers.Real, 0, None, closed="neither")],
+        "copy": ["boolean"],
+    }
+
+    def __init__(self, power=0.5, copy=True):
+        self.power = power
+        self.copy = copy
+
+    def fit(self, X, y=None):
+        """Validate ``X`` and record its width; nothing is learned."""
+        self._validate_params()
+        X = validate_data(self, X, dtype=[np.float32, np.float64])
+        check_finite_float32(X, "X")
+        return self
+
+    def transform(self, X):
+        """``sign(X) * |X| ** power`` as float32 (chunked, in place on the float32 copy)."""
+        self._validate_params()
+        X = _float32(validate_data(self, X, dtype=[np.float32, np.float64], reset=False,
+                                   order="C", copy=False), copy=self.copy)
+        if not X.flags.writeable:
+            X = X.copy()
+        return signed_power_(X, float(self.power))
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.requires_fit = False
+        tags.transformer_tags.preserves_dtype = ["float32"]
+        return tags
+
+
+def signed_power_(X: np.ndarray, power: float) -> np.ndarray:
+    """``X <- sign(X) * |X| ** power`` in place, in row chunks (one small float32 temporary)."""
+    if power == 1.0:
+        return X
+    rows = max(1, _COV_CHUNK * 16 // max(1, X.shape[1]))
+    flat = X.reshape(X.shape[0], -1)
+    for s in range(0, flat.shape[0], rows):
+        block = flat[s:s + rows]
+        mag = np.abs(block)
+        if power == 0.5:
+            np.sqrt(mag, out=mag)  # correctly rounded, and what power 0.5 means
+        else:
+            np.power(mag, np.float32(power), out=mag)
+        np.copysign(mag, block, out=block)
+    return X
+
+
 def normalize_rows(X: np.ndarray, eps: float, ddof: int) -> np.ndarray:
     """In-place row contrast normalization of a float32 array (statistics in float64)."""
     mean = X.mean(axis=1, dtype=np.float64, keepdims=True)
@@ -105,19 +186,34 @@ class ZCAWhitening(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
     Fits the mean ``M`` and the covariance ``C = V diag(l) V^T`` (unbiased, ``ddof=1``) of the
     training rows and maps a row ``x`` to ``(x - M) W`` with
 
-    * ZCA (``zca=True``): ``W = V diag(1 / sqrt(l + eps)) V^T`` (rotated back to patch space;
+    * ZCA (``zca=True``): ``W = V diag(1 / sqrt(l + eps_)) V^T`` (rotated back to patch space;
       the paper's whitening). With ``n_components=k`` only the top-``k`` directions are kept
       (``V_k diag(...) V_k^T``), still returning ``n_features`` columns.
-    * PCA (``zca=False``): ``W = V_k diag(1 / sqrt(l_k + eps))``, returning ``k`` columns
+    * PCA (``zca=False``): ``W = V_k diag(1 / sqrt(l_k + eps_))``, returning ``k`` columns
       (``k = n_features`` when ``n_components`` is None).
 
-    The whitened covariance of the training data is ``V diag(l / (l + eps)) V^T``: ``eps``
+    The whitened covariance of the training data is ``V diag(l / (l + eps_)) V^T``: ``eps_``
     regularizes the small eigen-directions instead of amplifying their noise.
+
+    **Regularization relative to the spectrum.** ``eps`` is in the data's squared units, so the
+    same value regularizes differently once the pixel scale or the contrast normalization
+    changes. ``eps_scale="mean"`` adds ``eps_ = eps * mean(l)`` instead (``mean(l) =
+    trace(C) / n_features``, the average variance per coordinate: the reference scale of
+    :class:`sklearn.covariance.ShrunkCovariance`), and ``"max"`` adds ``eps * max(l)``; both
+    are taken over all ``n_features`` eigenvalues (clipped at 0), whatever ``n_components``.
+    Thiry et al. (ICLR 2021; louity/patches, ``kneighbors.py`` and ``utils.py``) add an
+    *absolute* ``whitening_reg`` to the eigenvalues of the biased covariance of raw 0..1
+    patches (no contrast normalization); ``eps_scale="mean"`` with ``eps = whitening_reg /
+    mean(l)`` of those patches carries their value over to normalized ones.
 
     Parameters
     ----------
     eps : float, default=0.1
-        Regularizer added to the eigenvalues (the paper's 0.1 for normalized patches).
+        Regularizer added to the eigenvalues (the paper's 0.1 for normalized patches), in the
+        units ``eps_scale`` says.
+    eps_scale : {"absolute", "mean", "max"}, default="absolute"
+        ``"absolute"``: add ``eps`` itself; ``"mean"`` / ``"max"``: add ``eps`` times the mean /
+        largest eigenvalue of the covariance (see above).
     n_components : int or None, default=None
         Number of principal directions kept; None keeps all.
     zca : bool, default=True
@@ -132,6 +228,8 @@ class ZCAWhitening(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         Principal directions (rows), by decreasing variance.
     explained_variance_ : ndarray of shape (n_components_,)
         Eigenvalues of the covariance for those directions.
+    eps_ : float
+        The regularizer actually added to the eigenvalues (``eps`` times the ``eps_scale``).
     whitening_ : ndarray of shape (n_features, n_features_out), float32
         The matrix ``W`` above; ``transform(X) == (X - mean_) @ whitening_``.
     n_components_ : int
@@ -148,13 +246,15 @@ class ZCAWhitening(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
 
     _parameter_constraints = {
         "eps": [Interval(numbers.Real, 0, None, closed="left")],
+        "eps_scale": [StrOptions({"absolute", "mean", "max"})],
         "n_components": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "zca": ["boolean"],
         "copy": ["boolean"],
     }
 
-    def __init__(self, eps=0.1, n_components=None, zca=True, copy=True):
+    def __init__(self, eps=0.1, n_components=None, zca=True, copy=True, eps_scale="absolute"):
         self.eps = eps
+        self.eps_scale = eps_scale
         self.n_components = n_components
         self.zca = zca
         self.copy = copy
@@ -172,10 +272,11 @@ class ZCAWhitening(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
             raise ValueError(f"n_components={k} must be <= n_features={d}")
         mean, cov = _mean_and_covariance(X)
         evals, evecs = np.linalg.eigh(cov)
+        eps = _absolute_eps(self.eps, self.eps_scale, np.clip(evals, 0.0, None))
         order = np.argsort(evals)[::-1][:k]
         evals = np.clip(evals[order], 0.0, None)
         V = evecs[:, order]
-        scale = 1.0 / np.sqrt(evals + self.eps) if self.eps > 0 else _safe_inv_sqrt(evals)
+        scale = 1.0 / np.sqrt(evals + eps) if eps > 0 else _safe_inv_sqrt(evals)
         W = V * scale
         if self.zca:
             W = W @ V.T
@@ -184,8 +285,9 @@ class ZCAWhitening(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         self.explained_variance_ = evals
         self.whitening_ = np.ascontiguousarray(W, dtype=np.float32)
         self.n_components_ = k
+        self.eps_ = float(eps)
         # The pseudo-inverse of W, for inverse_transform (exact when nothing was dropped).
-        unscale = np.sqrt(evals + self.eps)
+        unscale = np.sqrt(evals + eps)
         U = (V * unscale).T
         self._unwhitening = np.ascontiguousarray(V @ U if self.zca else U, dtype=np.float32)
         self._n_features_out = W.shape[1]
@@ -208,6 +310,14 @@ class ZCAWhitening(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
                 f"X has shape {X.shape}; expected (n_samples, {self._n_features_out}) whitened rows")
         X = _float32(X, copy=False)
         return _rowwise_matmul(X, self._unwhitening) + self.mean_
+
+    def __setstate__(self, state):
+        """Models saved before ``eps_scale`` existed regularized absolutely: say so."""
+        state = dict(state)
+        state.setdefault("eps_scale", "absolute")
+        if "whitening_" in state and "eps_" not in state:
+            state["eps_"] = float(state["eps"])
+        super().__setstate__(state)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -237,6 +347,18 @@ def _rowwise_matmul(X: np.ndarray, W: np.ndarray) -> np.ndarray:
     for s in range(0, X.shape[0], _COV_CHUNK):
         out[s:s + _COV_CHUNK] = X[s:s + _COV_CHUNK].astype(np.float64) @ W64
     return out
+
+
+def _absolute_eps(eps, eps_scale, evals):
+    """The regularizer added to the eigenvalues ``evals`` (all of them, clipped at 0).
+
+    ``"absolute"`` returns ``eps`` itself (not a float copy), so today's arithmetic stays
+    bit-identical.
+    """
+    if eps_scale == "absolute":
+        return eps
+    ref = float(evals.mean()) if eps_scale == "mean" else float(evals.max())
+    return eps * ref
 
 
 def _safe_inv_sqrt(evals):

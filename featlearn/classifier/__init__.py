@@ -1,7 +1,9 @@
-"""The last stage: a torch MLP classifier that is also the paper's one-vs-all L2-SVM.
+"""The last stage: a torch MLP classifier that is also the paper's one-vs-all L2-SVM, and a
+convolutional head for pooled spatial maps.
 
 A two-layer network (the seed work's classifier) and the paper's linear L2-SVM are the same
-model with a different depth and loss, so one estimator owns both. The modules, each a small
+model with a different depth and loss, so one estimator owns both; the convolutional head
+(Thiry et al., ICLR 2021) shares its training contract and parts. The modules, each a small
 overridable step with explicit arguments (tests call them directly):
 
 ``_estimator``    the scikit-learn estimator: parameters, fit dispatch, predictions, pickling
@@ -11,9 +13,12 @@ overridable step with explicit arguments (tests call them directly):
 ``_stochastic``   adam/sgd: optimizer, schedule, early stopping, one epoch
 ``_lbfgs``        L-BFGS: the linear objective, the preconditioner, the minimizer
 ``_data``         views, label codes, sample weights, zero-copy tensors
+``_conv_estimator`` the convolutional head's estimator
+``_conv``         its network, its maps decoded per batch, its epoch and chunked scores
 """
 
+from ._conv_estimator import TorchConvClassifier
 from ._estimator import TorchMLPClassifier
 from ._standardize import STANDARDIZE_EPS
 
-__all__ = ["TorchMLPClassifier", "STANDARDIZE_EPS"]
+__all__ = ["TorchMLPClassifier", "TorchConvClassifier", "STANDARDIZE_EPS"]

@@ -92,7 +92,8 @@ def scores(model, X, standardizer):
 
 
 def weight_parameters(model):
-    """The weight matrices: the penalized parameters (biases and batch norm are not)."""
+    """The weight matrices and convolution kernels: the penalized parameters (biases and batch
+    norm are not)."""
     return [p for name, p in model.named_parameters() if _is_weight(name, p)]
 
 
@@ -105,7 +106,7 @@ def split_decay(model):
 
 
 def _is_weight(name, p):
-    return name.endswith("weight") and p.ndim == 2
+    return name.endswith("weight") and p.ndim >= 2  # Linear matrices and Conv2d kernels
 
 
 def has_fast_bfloat16(device: torch.device) -> bool:
