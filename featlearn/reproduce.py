@@ -47,8 +47,8 @@ def _encode(encoder, X_train, X_test, key=None):
 
 
 #: The modules whose code decides the encoded features (the cache key fingerprints them).
-_FEATURE_MODULES = ("patches", "preprocessing", "kmeans", "_kmeans_solvers", "activations",
-                    "encoding", "_torch")
+_FEATURE_MODULES = ("patches", "preprocessing", "dictionary", "kmeans", "_kmeans_solvers",
+                    "activations", "encoding", "_torch")
 
 
 def _code_fingerprint() -> str:
