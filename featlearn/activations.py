@@ -1,8 +1,9 @@
 """Activations and pooling: what the encoder does with each chunk's distance products.
 
 One small table (:data:`ACTIVATIONS`) maps an activation's name to the products its GEMM must
-produce (squared distances or dot products), its width (features per centroid) and a function
-of those products; :func:`pool` reduces the resulting map over a grid of cells. The encoder
+produce (squared distances, dot products, or dot products with unit-norm centroids), its width
+(features per centroid), the norms it needs besides them and a function of those products;
+:func:`pool` reduces the resulting map over cells (a grid, or windows at a stride). The encoder
 composes the two in :func:`activate_and_pool`, the one function that runs eagerly (the
 reference and the fallback) or through :func:`torch.compile` (:mod:`featlearn._compile`), where
 inductor fuses the elementwise passes and the pooling reduction into one or two passes per chunk.
@@ -17,9 +18,15 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 
-def triangle(D: torch.Tensor, alpha: float) -> torch.Tensor:
+#: Entries per row (and per sign) from which ``selection="sampled"`` estimates the
+#: nearest-fraction threshold: evenly strided columns, so no generator is involved.
+SELECTION_SAMPLE = 256
+
+
+def triangle(D: torch.Tensor, alpha: float, **_) -> torch.Tensor:
     """``max(0, mean_j z_j - z_k)`` with ``z = sqrt(max(D, 0))``; ``D`` squared distances.
 
     The clamp absorbs rounding: a squared distance from the GEMM expansion can come out
@@ -29,7 +36,7 @@ def triangle(D: torch.Tensor, alpha: float) -> torch.Tensor:
     return (z.mean(1, keepdim=True) - z).clamp_min(0.0)
 
 
-def hard(D: torch.Tensor, alpha: float) -> torch.Tensor:
+def hard(D: torch.Tensor, alpha: float, **_) -> torch.Tensor:
     """One-hot of the nearest centroid (first index on ties); ``D`` squared distances.
 
     Written as a comparison rather than a scatter so that, compiled, the one-hot is never
@@ -40,50 +47,147 @@ def hard(D: torch.Tensor, alpha: float) -> torch.Tensor:
     return (ids == nearest).to(D.dtype)
 
 
-def soft_threshold(D: torch.Tensor, alpha: float) -> torch.Tensor:
+def soft_threshold(D: torch.Tensor, alpha: float, **_) -> torch.Tensor:
     """``[max(0, c.y - alpha), max(0, -c.y - alpha)]``; ``D`` dot products ``c.y``."""
     return torch.cat([(D - alpha).clamp_min(0.0), (-D - alpha).clamp_min(0.0)], 1)
+
+
+def n_nearest(fraction: float, K: int) -> int:
+    """How many of ``K`` centroids the nearest-fraction encoding marks: ``int(fraction * K)``."""
+    return int(fraction * K)
+
+
+def _lowest_k(E: torch.Tensor, k: int, selection: str) -> torch.Tensor:
+    """``1[E < t]`` per row, ``t`` the ``(k+1)``-th smallest entry of the row (Thiry et al.'s
+    rule: exactly ``k`` ones without ties, fewer on a tie at the boundary), or, with
+    ``"sampled"``, the matching order statistic of :data:`SELECTION_SAMPLE` evenly strided
+    entries of the row."""
+    K = E.shape[1]
+    step = K // SELECTION_SAMPLE
+    if selection == "sampled" and step > 1:
+        sample = E[:, ::step]
+        s = sample.shape[1]
+        rank = min(max(round((k + 0.5) * s / K), 1), s)
+        t = sample.kthvalue(rank, 1, keepdim=True).values
+    else:
+        t = E.kthvalue(k + 1, 1, keepdim=True).values
+    return (E < t).to(E.dtype)
+
+
+def nearest_fraction(D: torch.Tensor, alpha: float, *, col_sq: torch.Tensor, fraction: float,
+                     selection: str, **_) -> torch.Tensor:
+    """``[1 for the int(fraction*K) centroids nearest y, same for -y]``; ``D`` dot products.
+
+    ``||y -+ c||^2 = ||y||^2 + ||c||^2 -+ 2 y.c``: the row's ``||y||^2`` does not change its
+    ranking, so only the centroid norms ``col_sq`` enter (rounding aside, the same sets).
+    """
+    k = n_nearest(fraction, D.shape[1])
+    cc = col_sq.view(1, -1)
+    twice = D + D
+    return torch.cat([_lowest_k(cc - twice, k, selection),
+                      _lowest_k(cc + twice, k, selection)], 1)
+
+
+def heaviside(D: torch.Tensor, alpha: float, *, row_sq: torch.Tensor, **_) -> torch.Tensor:
+    """``[1(cos(y, c) > alpha), 1(cos(-y, c) > alpha)]``; ``D`` dot products with unit-norm
+    centroids, ``row_sq`` the rows' ``||y||^2``. A zero patch has cosine 0 with every centroid."""
+    inv = torch.where(row_sq > 0, row_sq, 1.0).rsqrt().view(-1, 1)
+    cos = D * inv
+    return torch.cat([(cos > alpha).to(D.dtype), (-cos > alpha).to(D.dtype)], 1)
 
 
 @dataclass(frozen=True)
 class Activation:
     """One row of :data:`ACTIVATIONS`."""
 
-    #: What the distance GEMM must produce: ``"sqdist"`` (``||y - c||^2``) or ``"dot"``
-    #: (``c . y``).
+    #: What the distance GEMM must produce: ``"sqdist"`` (``||y - c||^2``), ``"dot"``
+    #: (``c . y``) or ``"unit_dot"`` (``c . y / ||c||``; a zero centroid gives 0).
     products: str
     #: Features per centroid and cell.
     width: int
-    #: ``(products (n, K), alpha) -> activations (n, width * K)``.
-    fn: Callable[[torch.Tensor, float], torch.Tensor]
+    #: ``(products (n, K), alpha, **norms, **options) -> activations (n, width * K)``.
+    fn: Callable[..., torch.Tensor]
+    #: Norms the kernel passes besides the products: ``"row_sq"`` (``||y||^2`` per row, shape
+    #: ``(n,)``) and/or ``"col_sq"`` (``||c||^2`` per centroid, shape ``(K,)``).
+    norms: tuple = ()
 
 
 ACTIVATIONS = {
     "triangle": Activation("sqdist", 1, triangle),
     "hard": Activation("sqdist", 1, hard),
     "soft_threshold": Activation("dot", 2, soft_threshold),
+    "nearest_fraction": Activation("dot", 2, nearest_fraction, ("col_sq",)),
+    "heaviside": Activation("unit_dot", 2, heaviside, ("row_sq",)),
 }
 
+#: Reductions of :func:`pool`.
+POOL_OPS = ("sum", "max", "mean")
 
-def pool(A: torch.Tensor, row_bounds, col_bounds, op: str) -> torch.Tensor:
-    """Pool a ``(b, rows, cols, F)`` map over contiguous cells -> ``(b, n_cells, F)``.
 
-    Rows first, then columns, so the second reduction runs on a map ``cols / n_cell_rows``
-    times smaller. Cells are row-major (for a 2x2 grid: top-left, top-right, bottom-left,
-    bottom-right), which is the encoder's output layout.
+def window_bounds(n: int, size: int, stride: int) -> list[tuple[int, int]]:
+    """Windows of ``size`` positions every ``stride`` over ``n``: ``torch.nn.functional.
+    avg_pool2d``'s ``ceil_mode=True`` arithmetic without padding (Thiry et al.'s), so a last
+    window may hang over the edge and is clipped to it: 27 positions, size 5, stride 3 ->
+    9 windows, the last one ``[24, 27)``."""
+    if n < size:
+        raise ValueError(f"the {n}-position feature map is smaller than the {size}-position "
+                         "pooling window")
+    count = -(-(n - size) // stride) + 1
+    if (count - 1) * stride >= n:
+        count -= 1
+    return [(i * stride, min(i * stride + size, n)) for i in range(count)]
+
+
+def pool(A: torch.Tensor, row_bounds, col_bounds, op: str, window=None) -> torch.Tensor:
+    """Pool a ``(b, rows, cols, F)`` map over cells -> ``(b, n_cells, F)``.
+
+    A cell is a ``[r0, r1) x [c0, c1)`` block. Cells are row-major (for a 2x2 grid: top-left,
+    top-right, bottom-left, bottom-right), which is the encoder's output layout. ``"mean"``
+    divides each cell's sum by its own size (a clipped edge window by its clipped size).
+
+    A grid (``window`` None) is reduced rows first, then columns, so the second reduction runs
+    on a smaller map. Windows (``window = (size_h, size_w, stride_h, stride_w)``, whose bounds
+    :func:`window_bounds` gave) overlap, and slicing them one by one costs a pass per window:
+    they go through torch's pooling kernels instead, on the channels-last view of the map
+    (``ceil_mode=True``: the same windows).
     """
-    reduce = torch.sum if op == "sum" else torch.amax
+    if window is not None:
+        return _pool_windows(A, op, window)
+    reduce = torch.amax if op == "max" else torch.sum
     bands = torch.stack([reduce(A[:, r0:r1], 1) for r0, r1 in row_bounds], 1)
     cells = torch.stack([reduce(bands[:, :, c0:c1], 2) for c0, c1 in col_bounds], 2)
+    if op == "mean":
+        sizes = torch.tensor([[1.0 / ((r1 - r0) * (c1 - c0)) for c0, c1 in col_bounds]
+                              for r0, r1 in row_bounds], dtype=A.dtype, device=A.device)
+        cells = cells * sizes.view(1, len(row_bounds), len(col_bounds), 1)
     return cells.reshape(A.shape[0], len(row_bounds) * len(col_bounds), A.shape[-1])
 
 
-def activate_and_pool(D: torch.Tensor, *, n_images: int, map_shape, row_bounds, col_bounds,
-                      activation: str, alpha: float, pool_op: str) -> torch.Tensor:
+def _pool_windows(A, op, window):
+    b, F_ = A.shape[0], A.shape[-1]
+    x = A.permute(0, 3, 1, 2)  # (b, F, rows, cols), channels-last in memory
+    size, stride = window[:2], window[2:]
+    if op == "max":
+        out = F.max_pool2d(x, size, stride, ceil_mode=True)
+    else:
+        out = F.avg_pool2d(x, size, stride, ceil_mode=True,
+                           divisor_override=1 if op == "sum" else None)
+    return out.permute(0, 2, 3, 1).reshape(b, -1, F_)
+
+
+def activate_and_pool(D: torch.Tensor, row_sq: torch.Tensor | None = None,
+                      col_sq: torch.Tensor | None = None, *, n_images: int, map_shape,
+                      row_bounds, col_bounds, activation: str, alpha: float, pool_op: str,
+                      fraction: float = 0.4, selection: str = "exact",
+                      window=None) -> torch.Tensor:
     """``(n_images * rows * cols, K)`` products -> ``(n_images, n_cells, width * K)`` features.
 
     Rows of ``D`` are image-major, then map rows, then map columns (the encoder's im2col order).
+    ``row_sq`` / ``col_sq`` are the norms the activation declares (:attr:`Activation.norms`);
+    ``fraction`` and ``selection`` are the nearest-fraction encoding's, ``window`` the pooling
+    windows' sizes and strides (:func:`pool`).
     """
-    A = ACTIVATIONS[activation].fn(D, alpha)
+    A = ACTIVATIONS[activation].fn(D, alpha, row_sq=row_sq, col_sq=col_sq, fraction=fraction,
+                                   selection=selection)
     return pool(A.view(n_images, map_shape[0], map_shape[1], A.shape[1]), row_bounds,
-                col_bounds, pool_op)
+                col_bounds, pool_op, window)

@@ -43,7 +43,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._compile import COMPILE_DEVICES, CompiledKernel
 from ._logging import log, progress
-from .activations import ACTIVATIONS, activate_and_pool
+from .activations import ACTIVATIONS, POOL_OPS, activate_and_pool, n_nearest, window_bounds
 from ._torch import chunk_size, resolve_device, to_numpy
 from .patches import RandomPatchExtractor, check_finite_float32, check_images, flatten_patches
 from .preprocessing import PatchNormalizer, ZCAWhitening
@@ -239,7 +239,7 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         "activation": [StrOptions(set(ACTIVATIONS))],
         "alpha": [Interval(numbers.Real, None, None, closed="neither")],
         "pooling": [Interval(numbers.Integral, 1, None, closed="left"), "array-like"],
-        "pool_op": [StrOptions({"sum", "max"})],
+        "pool_op": [StrOptions(set(POOL_OPS))],
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "device": "no_validation",
         "n_jobs": [numbers.Integral, None],
@@ -247,12 +247,19 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         "verbose": ["verbose"],
         "flip": ["boolean"],
         "compile": ["boolean", StrOptions({"auto"})],
+        "neighbor_fraction": [Interval(numbers.Real, 0, 1, closed="neither")],
+        "selection": [StrOptions({"exact", "sampled"})],
+        "pool_size": [Interval(numbers.Integral, 1, None, closed="left"), "array-like", None],
+        "pool_stride": [Interval(numbers.Integral, 1, None, closed="left"), "array-like", None],
+        "layout": [StrOptions({"flat", "map"})],
     }
 
     def __init__(self, patch_size=6, n_patches=400_000, normalizer=None, whitener=None,
                  kmeans=None, stride=1, activation="triangle", alpha=0.25, pooling=(2, 2),
                  pool_op="sum", batch_size="auto", device="auto", n_jobs=None,
-                 random_state=None, verbose=0, flip=False, compile="auto"):
+                 random_state=None, verbose=0, flip=False, compile="auto",
+                 neighbor_fraction=0.4, selection="sampled", pool_size=None, pool_stride=None,
+                 layout="flat"):
         self.patch_size = patch_size
         self.n_patches = n_patches
         self.normalizer = normalizer
@@ -270,18 +277,20 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         self.verbose = verbose
         self.flip = flip
         self.compile = compile
+        self.neighbor_fraction = neighbor_fraction
+        self.selection = selection
+        self.pool_size = pool_size
+        self.pool_stride = pool_stride
+        self.layout = layout
 
     # ------------------------------------------------------------------ fit
     def fit(self, X, y=None):
         """Sample patches from ``X`` and fit normalizer, whitener and k-means on them."""
         self._validate_params()
-        grid = self._grid()
         X = check_images(X, patch_size=self.patch_size, allow_nan=True)
         _check_finite(X)
         n, H, W, C = X.shape
-        map_shape = self._map_shape(H, W)
-        for n_pos, n_cells in zip(map_shape, grid):
-            pooling_bounds(n_pos, n_cells)  # fail at fit, not at the first transform
+        self._cell_bounds(self._map_shape(H, W))  # fail at fit, not at the first transform
 
         rng = check_random_state(self.random_state)
         patch_seed = rng.randint(np.iinfo(np.int32).max)
@@ -313,6 +322,7 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         self.input_scale_ = input_scale
         self.n_features_in_ = H * W * C
         self.n_clusters_ = int(centers.shape[0])
+        self._check_neighbors()
         return self
 
     # The encoding-time parameters (stride, activation, pooling, pool_op, flip) do not enter
@@ -323,9 +333,15 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
 
     @property
     def n_features_out_(self):
-        grid = self._grid()
+        rows, cols = self._cell_bounds(self.map_shape_)
         per_cell = ACTIVATIONS[self.activation].width * self.n_clusters_
-        return grid[0] * grid[1] * per_cell * (2 if self.flip else 1)
+        return len(rows) * len(cols) * per_cell * (2 if self.flip else 1)
+
+    @property
+    def pooled_shape_(self):
+        """``(h, w)`` of the pooled map: the grid, or the number of windows per side."""
+        rows, cols = self._cell_bounds(self.map_shape_)
+        return (len(rows), len(cols))
 
     # ------------------------------------------------------------ transform
     def transform(self, X):
@@ -340,11 +356,12 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
                 f"encoder was fitted on {H}x{W} images with {C} channel(s)")
         _check_finite(X)
         self._check_scale(X)
+        self._check_neighbors()
         plan = self._plan()
         device = resolve_device(self.device)
         n = X.shape[0]
         batch = self._batch_size(plan, device)
-        out = np.empty((n, self.n_features_out_), dtype=np.float32)
+        out = np.empty(_out_shape(plan, n), dtype=np.float32)
         with progress(n, desc="encode", verbose=self.verbose) as bar:
             if self.n_jobs is None:
                 _encode_into(plan, X, out, device, batch, bar,
@@ -365,18 +382,25 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
             progress.update(block.shape[0])
 
     def get_feature_names_out(self, input_features=None):
-        """``patchencoder_c{cell}_k{k}`` (soft threshold: ``..._k{k}_pos`` then ``..._k{k}_neg``;
-        the mirrored block with ``flip``: ``patchencoder_flip_c{cell}_...``)."""
+        """``patchencoder_c{cell}_k{k}`` (width-2 activations: ``..._k{k}_pos`` then
+        ``..._k{k}_neg``; the mirrored block with ``flip``: ``patchencoder_flip_c{cell}_...``),
+        in the order of ``transform(X).reshape(len(X), -1)``'s columns: cell-major for
+        ``layout="flat"``, channel-major (``c{cell}`` varying fastest) for ``"map"``."""
         check_is_fitted(self)
-        grid = self._grid()
+        n_cells = int(np.prod(self.pooled_shape_))
         K = self.n_clusters_
-        if self.activation == "soft_threshold":
+        if ACTIVATIONS[self.activation].width == 2:
             per_cell = [f"k{k}_pos" for k in range(K)] + [f"k{k}_neg" for k in range(K)]
         else:
             per_cell = [f"k{k}" for k in range(K)]
         views = ["patchencoder_", "patchencoder_flip_"] if self.flip else ["patchencoder_"]
-        return np.asarray([f"{view}c{c}_{name}" for view in views
-                           for c in range(grid[0] * grid[1]) for name in per_cell], dtype=object)
+        if self.layout == "map":
+            names = [f"{view}c{c}_{name}" for view in views for name in per_cell
+                     for c in range(n_cells)]
+        else:
+            names = [f"{view}c{c}_{name}" for view in views for c in range(n_cells)
+                     for name in per_cell]
+        return np.asarray(names, dtype=object)
 
     # -------------------------------------------------------------- helpers
     def _check_scale(self, X):
@@ -416,15 +440,39 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         return use
 
     def _grid(self):
-        pooling = self.pooling
-        if isinstance(pooling, numbers.Integral):
-            return (int(pooling), int(pooling))
-        pooling = tuple(pooling)
-        if len(pooling) != 2 or not all(isinstance(v, numbers.Integral) and v >= 1
-                                        for v in pooling):
-            raise ValueError(f"pooling must be a positive int or a (rows, cols) pair of positive "
-                             f"ints, got {self.pooling!r}")
-        return (int(pooling[0]), int(pooling[1]))
+        return self._pair("pooling")
+
+    def _pair(self, name):
+        value = getattr(self, name)
+        if isinstance(value, numbers.Integral):
+            return (int(value), int(value))
+        value = tuple(value)
+        if len(value) != 2 or not all(isinstance(v, numbers.Integral) and v >= 1 for v in value):
+            raise ValueError(f"{name} must be a positive int or a (rows, cols) pair of positive "
+                             f"ints, got {getattr(self, name)!r}")
+        return (int(value[0]), int(value[1]))
+
+    def _cell_bounds(self, map_shape):
+        """Row and column bounds of the pooling cells: ``pool_size`` windows every
+        ``pool_stride`` when ``pool_size`` is set, else the ``pooling`` grid."""
+        window = self._window()
+        if window is None:
+            return tuple(pooling_bounds(n, c) for n, c in zip(map_shape, self._grid()))
+        return tuple(window_bounds(n, z, t) for n, z, t in zip(map_shape, window[:2], window[2:]))
+
+    def _window(self):
+        if self.pool_size is None:
+            return None
+        size = self._pair("pool_size")
+        stride = size if self.pool_stride is None else self._pair("pool_stride")
+        return size + stride
+
+    def _check_neighbors(self):
+        if self.activation == "nearest_fraction" and n_nearest(self.neighbor_fraction,
+                                                               self.n_clusters_) < 1:
+            raise ValueError(
+                f"neighbor_fraction={self.neighbor_fraction} of {self.n_clusters_} centroids "
+                "marks none of them; raise it to at least 1/K")
 
     def _map_shape(self, H, W):
         p, s = self.patch_size, self.stride
@@ -434,14 +482,14 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         """Everything a chunk worker needs, as numpy/picklable objects (no torch state)."""
         H, W, C = self.image_shape_
         Ph, Pw = self._map_shape(H, W)
-        grid = self._grid()
+        rows, cols = self._cell_bounds((Ph, Pw))
         return _Plan(
             patch_size=self.patch_size, stride=self.stride, image_shape=(H, W, C),
-            map_shape=(Ph, Pw), row_bounds=pooling_bounds(Ph, grid[0]),
-            col_bounds=pooling_bounds(Pw, grid[1]), normalizer=self.normalizer_,
+            map_shape=(Ph, Pw), row_bounds=rows, col_bounds=cols, normalizer=self.normalizer_,
             whitener=self.whitener_, centers=_centers(self.kmeans_),
             activation=self.activation, alpha=float(self.alpha), pool_op=self.pool_op,
-            flip=bool(self.flip))
+            flip=bool(self.flip), fraction=float(self.neighbor_fraction),
+            selection=self.selection, layout=self.layout, window=self._window())
 
     def _batch_size(self, plan, device):
         if self.batch_size != "auto":
@@ -482,11 +530,14 @@ class _Plan:
     """The fitted numbers of one encoder, ready for a chunk kernel on any device or worker."""
 
     def __init__(self, *, patch_size, stride, image_shape, map_shape, row_bounds, col_bounds,
-                 normalizer, whitener, centers, activation, alpha, pool_op, flip):
+                 normalizer, whitener, centers, activation, alpha, pool_op, flip,
+                 fraction=0.4, selection="exact", layout="flat", window=None):
         self.patch_size, self.stride = patch_size, stride
         self.image_shape, self.map_shape = image_shape, map_shape
         self.row_bounds, self.col_bounds = row_bounds, col_bounds
         self.activation, self.alpha, self.pool_op = activation, alpha, pool_op
+        self.fraction, self.selection, self.layout = fraction, selection, layout
+        self.window = window  # (size_h, size_w, stride_h, stride_w) of pool_size windows
         self.centers = centers
         self.flip = flip
         self.d = patch_size * patch_size * image_shape[2]
@@ -517,9 +568,14 @@ class _Plan:
     def per_cell(self):
         return ACTIVATIONS[self.activation].width * self.K
 
+    @property
+    def pooled_shape(self):
+        """``(rows, cols)`` of the pooled map: the grid, or the number of windows."""
+        return (len(self.row_bounds), len(self.col_bounds))
+
     def bytes_per_image(self):
         L = self.map_shape[0] * self.map_shape[1]
-        n_big = 2 if self.activation == "soft_threshold" else 1
+        n_big = ACTIVATIONS[self.activation].width
         floats = L * (n_big * self.K + 2 * self.d + 2 * (self.d_out + 2)) + np.prod(self.image_shape)
         return int(floats * 4)
 
@@ -546,14 +602,18 @@ class _Kernel:
         self.y_aug = torch.empty((batch * L, dp + 2), **f32)
         self.dist = torch.zeros((batch * L, K), **f32)
         c = torch.from_numpy(plan.centers).to(**f32)  # (K, d')
-        if ACTIVATIONS[plan.activation].products == "dot":
+        act = ACTIVATIONS[plan.activation]
+        self.col_sq = (c.double() ** 2).sum(1).float()
+        if act.products == "unit_dot":  # unit-norm centroids; a zero one stays zero
+            c = c * torch.where(self.col_sq > 0, self.col_sq, 1.0).rsqrt().view(-1, 1)
+        if act.products != "sqdist":
             # Only the dot products: the two augmented rows are zero.
             aug = torch.zeros((dp + 2, K), **f32)
             aug[:dp] = c.T
         else:
             aug = torch.empty((dp + 2, K), **f32)
             aug[:dp] = -2.0 * c.T
-            aug[dp] = (c.double() ** 2).sum(1).float()
+            aug[dp] = self.col_sq
             aug[dp + 1] = 1.0
         self.centers_aug = aug
         if plan.white_mat is not None:
@@ -562,9 +622,11 @@ class _Kernel:
             wm[:, :dp] = torch.from_numpy(plan.white_mat)
             self.white_aug = wm
             self.white_mean = torch.from_numpy(plan.white_mean).to(**f32)
+        self.norms = act.norms
         self.static = dict(map_shape=plan.map_shape, row_bounds=tuple(plan.row_bounds),
                            col_bounds=tuple(plan.col_bounds), activation=plan.activation,
-                           alpha=plan.alpha, pool_op=plan.pool_op)
+                           alpha=plan.alpha, pool_op=plan.pool_op, fraction=plan.fraction,
+                           selection=plan.selection, window=plan.window)
         self.compiled = (CompiledKernel(activate_and_pool, name="encoding", n_images=batch,
                                         **self.static) if compiled else None)
 
@@ -584,13 +646,22 @@ class _Kernel:
         dp = plan.d_out
         self._whiten(P, y_aug)
         y = y_aug[:, :dp]
-        y_aug[:, dp + 1] = (y * y).sum(1)  # (zeroed out of the soft-threshold dictionary)
+        y_aug[:, dp + 1] = (y * y).sum(1)  # (zeroed out of a dot-product dictionary)
         y_aug[:, dp].fill_(1.0)
         D = self.dist[: b * L]
         torch.mm(y_aug, self.centers_aug, out=D)
         if self.compiled is not None:
-            return self.compiled(self.dist)[:b]
-        return activate_and_pool(D, n_images=b, **self.static)
+            return self.compiled(self.dist, *self._norms(self.y_aug))[:b]
+        return activate_and_pool(D, *self._norms(y_aug), n_images=b, **self.static)
+
+    def _norms(self, y_aug):
+        """The norms the activation declares, as ``activate_and_pool``'s positional tensors:
+        ``||y||^2`` is the augmented buffer's last column, already computed."""
+        if not self.norms:
+            return ()
+        row_sq = y_aug[:, self.plan.d_out + 1] if "row_sq" in self.norms else None
+        col_sq = self.col_sq if "col_sq" in self.norms else None
+        return (row_sq, col_sq)
 
     def _normalize(self, P):
         plan = self.plan
@@ -622,8 +693,7 @@ def _encode_into(plan, X, out, device, batch, progress=None, compiled=False):
     """Encode ``X`` chunk by chunk straight into the preallocated ``out`` rows."""
     device = resolve_device(device)
     kernel = _Kernel(plan, device, min(batch, X.shape[0]), compiled=compiled)
-    n_views = 2 if plan.flip else 1
-    out_t = torch.from_numpy(out).view(X.shape[0], n_views, plan.n_cells, plan.per_cell)
+    out_t = _cells_view(torch.from_numpy(out), plan)
     with torch.inference_mode():
         for s in range(0, X.shape[0], kernel.batch):
             chunk = X[s:s + kernel.batch]
@@ -637,6 +707,23 @@ def _encode_into(plan, X, out, device, batch, progress=None, compiled=False):
 
 def _encode_block(plan, X, device, batch):
     """One joblib task: a block of images -> its rows of the output (runs on any worker)."""
-    n_views = 2 if plan.flip else 1
-    out = np.empty((X.shape[0], n_views * plan.n_cells * plan.per_cell), dtype=np.float32)
+    out = np.empty(_out_shape(plan, X.shape[0]), dtype=np.float32)
     return _encode_into(plan, X, out, device, batch)
+
+
+def _out_shape(plan, n):
+    """The transform's output shape: ``(n, V*cells*F)`` flat, ``(n, V*F, h, w)`` as maps."""
+    n_views = 2 if plan.flip else 1
+    if plan.layout == "map":
+        return (n, n_views * plan.per_cell) + plan.pooled_shape
+    return (n, n_views * plan.n_cells * plan.per_cell)
+
+
+def _cells_view(out_t, plan):
+    """The output tensor seen as ``(n, views, cells, F)`` (a strided view for maps), the shape
+    the kernel's pooled chunks are copied into."""
+    n_views = 2 if plan.flip else 1
+    n = out_t.shape[0]
+    if plan.layout == "map":
+        return out_t.view(n, n_views, plan.per_cell, plan.n_cells).transpose(2, 3)
+    return out_t.view(n, n_views, plan.n_cells, plan.per_cell)

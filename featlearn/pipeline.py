@@ -439,10 +439,14 @@ def _validate_estimators(pipe, params):
             raise ValueError(f"configuration key {key!r}: {_one_line(exc)}") from exc
     encoder = pipe.named_steps.get("encoder")
     if encoder is not None and hasattr(encoder, "_grid"):
-        try:
-            encoder._grid()
-        except ValueError as exc:
-            raise ValueError(f"configuration key 'encoder__pooling': {_one_line(exc)}") from exc
+        for name in ("pooling", "pool_size", "pool_stride"):
+            if getattr(encoder, name, None) is None:
+                continue
+            try:
+                encoder._pair(name) if name != "pooling" else encoder._grid()
+            except ValueError as exc:
+                raise ValueError(f"configuration key 'encoder__{name}': "
+                                 f"{_one_line(exc)}") from exc
 
 
 def _one_line(exc) -> str:

@@ -166,6 +166,10 @@ def test_compile_is_validated_and_execution_only(images):
 
 def test_activation_table_widths():
     D = torch.randn(6, 4)
+    norms = dict(row_sq=torch.rand(6), col_sq=torch.rand(4))
     for name, act in ACTIVATIONS.items():
-        assert act.fn(D, 0.1).shape == (6, act.width * 4), name
-        assert act.products in {"sqdist", "dot"}
+        given = {k: norms[k] for k in act.norms}
+        out = act.fn(D, 0.1, fraction=0.5, selection="exact", **given)
+        assert out.shape == (6, act.width * 4), name
+        assert act.products in {"sqdist", "dot", "unit_dot"}
+        assert set(act.norms) <= {"row_sq", "col_sq"}
