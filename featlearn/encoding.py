@@ -17,7 +17,9 @@ Per chunk of ``B`` images with ``L`` patch positions each:
 4. Activation and pooling (:mod:`featlearn.activations`): eagerly one pass per operation (clamp,
    sqrt, mean over K, ``max(0, mu - z)``, pooled rows first, then columns), or, with
    ``compile``, one inductor-generated graph that reads the buffer once for the row means and
-   once for the pooled features.
+   once for the pooled features. The dot-product activations get the norms they need as
+   tensors (``||y||^2`` is the augmented buffer's last column, ``||c||^2`` computed once), so
+   the squared-distance GEMM of the triangle path is unchanged.
 
 Why not fold normalization and whitening into the centroids (filters ``F = W c``, per-position
 corrections from box filters): it saves no products (``||y||^2`` still needs the ``d x d'``
@@ -105,12 +107,19 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
     contrast normalizer, the whitener and k-means on them in turn (each a clone of the given
     estimator). ``transform(images)`` takes every ``patch_size`` patch at the given ``stride``,
     applies the *same* fitted normalization and whitening, encodes it against the centroids and
-    pools the feature map over a grid of cells.
+    pools the feature map over cells: a grid (``pooling``), or windows of ``pool_size`` every
+    ``pool_stride`` positions (Thiry et al.'s spatial maps).
 
-    Output layout: ``(n_images, n_cells * n_per_cell)`` float32, cell-major: all features of cell
-    0, then cell 1, ...; cells in row-major order over the pooling grid (for (2, 2): top-left,
-    top-right, bottom-left, bottom-right). Cell boundaries are rounded half up, so the 27x27 map
-    of 32x32 images splits into rows/cols 0..13 and 14..26 exactly as the Coates-Ng demo.
+    Output layout (``layout="flat"``): ``(n_images, n_cells * n_per_cell)`` float32, cell-major:
+    all features of cell 0, then cell 1, ...; cells in row-major order over the pooled map (for
+    a (2, 2) grid: top-left, top-right, bottom-left, bottom-right). Grid boundaries are rounded
+    half up, so the 27x27 map of 32x32 images splits into rows/cols 0..13 and 14..26 exactly as
+    the Coates-Ng demo. Windows follow ``avg_pool2d(ceil_mode=True)`` without padding: a last
+    window may hang over the edge and is clipped (27 positions, size 5, stride 3: 9 windows,
+    the last ``[24, 27)``). ``layout="map"`` returns the same numbers as
+    ``(n_images, n_per_cell, h, w)`` maps (``(h, w) = pooled_shape_``), the input of
+    :class:`featlearn.TorchConvClassifier`, which also reads the flat layout given
+    ``map_shape=pooled_shape_``.
 
     Activations, with ``y`` the whitened patch and ``c_k`` the centroids (``K`` of them):
 
@@ -118,6 +127,14 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
     * ``"hard"``: one-hot of the nearest centroid; K per cell (sum pooling counts assignments).
     * ``"soft_threshold"``: ``[max(0, c_k.y - alpha), max(0, -c_k.y - alpha)]``; 2K per cell,
       the K positive parts first, then the K negative parts.
+    * ``"nearest_fraction"`` (Thiry et al.): 1 for the ``k = int(neighbor_fraction * K)``
+      centroids nearest ``y`` in Euclidean distance (in whitened space), else 0; then the same
+      for ``-y``; 2K per cell (the ``y`` block first). The rule is theirs: an entry is 1 when
+      its distance is strictly below the ``(k+1)``-th smallest, so a tie at the boundary gives
+      fewer than ``k``. ``selection`` says how that threshold is found.
+    * ``"heaviside"`` (Thiry et al.'s fixed threshold): ``[1(cos(y, c_k) > alpha),
+      1(cos(-y, c_k) > alpha)]`` with unit-norm ``y`` and ``c_k``; 2K per cell. A zero patch
+      has cosine 0. Their default threshold is 0.1.
 
     Transform runs in bounded memory: images are processed in chunks of ``batch_size`` images
     (normalization and whitening are applied to the chunk's patch rows, and the distance products
@@ -146,10 +163,12 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         Step between patch positions in :meth:`transform`.
     activation : {"triangle", "hard", "soft_threshold"}, default="triangle"
     alpha : float, default=0.25
-        Threshold of the ``"soft_threshold"`` activation.
+        Threshold of the ``"soft_threshold"`` activation (on ``c.y``) and of ``"heaviside"``
+        (on the cosine).
     pooling : (int, int) or int, default=(2, 2)
         Pooling grid (rows, cols); an int means a square grid.
-    pool_op : {"sum", "max"}, default="sum"
+    pool_op : {"sum", "max", "mean"}, default="sum"
+        ``"mean"`` divides each cell by its size (a clipped edge window by its clipped size).
     batch_size : int or "auto", default="auto"
         Images per chunk. "auto" keeps a CPU chunk near the cache (a few 32x32 images at
         K=1600) and sizes a GPU chunk from free memory.
@@ -179,6 +198,21 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         inductor, so later processes only re-trace. Results match the eager path to float32
         rounding. A missing compiler or any compile error logs one warning and runs eagerly.
         Blocks sent to ``n_jobs`` workers always run eagerly.
+    neighbor_fraction : float in (0, 1), default=0.4
+        Fraction of the centroids marked by ``"nearest_fraction"`` (at least one).
+    selection : {"sampled", "exact"}, default="sampled"
+        How ``"nearest_fraction"`` finds each row's threshold: ``"exact"`` is the order
+        statistic over all ``K`` distances (``torch.kthvalue``, Thiry et al.'s); ``"sampled"``
+        estimates it from 256 evenly strided distances of the row (identical for
+        ``K < 512``), cheaper for large ``K`` at the price of a few entries on the other side
+        of the threshold (benchmarks/results/encodings.md measures both).
+    pool_size : int, (int, int) or None, default=None
+        Pooling windows (rows, cols) that replace the ``pooling`` grid; None uses the grid.
+    pool_stride : int, (int, int) or None, default=None
+        Step between windows; None means ``pool_size`` (non-overlapping).
+    layout : {"flat", "map"}, default="flat"
+        ``"flat"`` rows of features (cell-major), or ``"map"``: ``(n, channels, h, w)`` with the
+        ``flip`` view's channels after the original's (see Output layout).
 
     Notes
     -----
@@ -209,8 +243,12 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         ``H * W * C``.
     map_shape_ : tuple (rows, cols)
         Patch positions per image at ``stride``.
+    pooled_shape_ : tuple (h, w)
+        Cells of the pooled map: the grid, or the number of windows per side.
     n_features_out_ : int
-        ``n_cells * K`` (``2K`` per cell for "soft_threshold"), doubled with ``flip``.
+        ``n_cells * K`` (``2K`` per cell for the width-2 activations "soft_threshold",
+        "nearest_fraction" and "heaviside"), doubled with ``flip``; with ``layout="map"`` the
+        size of one output map stack.
 
     See Also
     --------
@@ -227,6 +265,11 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
     ...                    random_state=0).fit(images)
     >>> enc.transform(images).shape
     (20, 32)
+    >>> thiry = PatchEncoder(n_patches=500, kmeans=KMeans(8, n_init=1, random_state=0),
+    ...                      activation="nearest_fraction", pool_size=3, pool_stride=2,
+    ...                      pool_op="mean", layout="map", random_state=0).fit(images)
+    >>> thiry.transform(images).shape
+    (20, 16, 3, 3)
     """
 
     _parameter_constraints = {
