@@ -29,7 +29,9 @@ the CPU, so the elementwise passes run from cache; on a GPU the chunk is sized f
 
 from __future__ import annotations
 
+import copy
 import numbers
+import sys
 import warnings
 
 import numpy as np
@@ -40,7 +42,8 @@ from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._logging import progress
-from ._torch import chunk_size, resolve_device, to_numpy
+from ._torch import (chunk_size, is_torch_data, iter_image_batches, resolve_device, stream_length,
+                     to_numpy)
 from .patches import RandomPatchExtractor, check_finite_float32, check_images, flatten_patches
 from .preprocessing import PatchNormalizer, ZCAWhitening
 
@@ -162,9 +165,24 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         Also encode the horizontal mirror of every image and append its features as a second
         block of columns, ``[f(x), f(mirror(x))]``: flip augmentation that keeps one row per
         sample (see :mod:`featlearn.pipeline`).
+    channels : {"last", "first"}, default="last"
+        Layout of 4-D images: ``(n, H, W, C)`` or the torch layout ``(n, C, H, W)``. Images
+        given in the default layout that look channels-first (``(n, 3, 32, 32)``) are a
+        ValueError naming both layouts, never 3x32 images with 32 channels.
+    output : {"numpy", "torch"}, default="numpy"
+        What :meth:`transform` returns: a numpy array, or a float32 tensor on the encoder's
+        resolved ``device`` (for a torch model downstream that keeps features on the GPU).
 
     Notes
     -----
+    ``fit`` takes images as a numpy array (a memory-mapped ``.npy`` included) or a torch tensor
+    on any device (moved to the host once: the kernel streams chunks to ``device`` itself).
+    ``transform`` also takes a torch ``Dataset`` or ``DataLoader`` yielding images or
+    ``(images, labels)`` (labels are ignored; tensors, arrays or PIL images): it is streamed
+    batch by batch (a ``Dataset`` in batches of 256), so memory holds one batch plus the output;
+    a shuffling ``DataLoader`` is refused, since its rows could not be matched to labels.
+    Fitting samples patches from every image, so it needs an array or tensor.
+
     The fitted stages depend on the pixels' scale (``PatchNormalizer``'s ``eps=10`` is in 0..255
     pixel units), so images must be encoded at the scale they were fitted at. ``fit`` records
     that scale (``input_scale_``, the 99th percentile of ``|x|`` over sampled patches);
@@ -229,12 +247,14 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         "random_state": ["random_state"],
         "verbose": ["verbose"],
         "flip": ["boolean"],
+        "channels": [StrOptions({"last", "first"})],
+        "output": [StrOptions({"numpy", "torch"})],
     }
 
     def __init__(self, patch_size=6, n_patches=400_000, normalizer=None, whitener=None,
                  kmeans=None, stride=1, activation="triangle", alpha=0.25, pooling=(2, 2),
                  pool_op="sum", batch_size="auto", device="auto", n_jobs=None,
-                 random_state=None, verbose=0, flip=False):
+                 random_state=None, verbose=0, flip=False, channels="last", output="numpy"):
         self.patch_size = patch_size
         self.n_patches = n_patches
         self.normalizer = normalizer
@@ -251,13 +271,19 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         self.random_state = random_state
         self.verbose = verbose
         self.flip = flip
+        self.channels = channels
+        self.output = output
+
+    def __setstate__(self, state):
+        # Models saved before ``channels``/``output`` existed: channels-last in, numpy out.
+        super().__setstate__({"channels": "last", "output": "numpy", **state})
 
     # ------------------------------------------------------------------ fit
     def fit(self, X, y=None):
         """Sample patches from ``X`` and fit normalizer, whitener and k-means on them."""
         self._validate_params()
         grid = self._grid()
-        X = check_images(X, patch_size=self.patch_size, allow_nan=True)
+        X = check_images(X, patch_size=self.patch_size, allow_nan=True, channels=self.channels)
         _check_finite(X)
         n, H, W, C = X.shape
         map_shape = self._map_shape(H, W)
@@ -310,10 +336,16 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
 
     # ------------------------------------------------------------ transform
     def transform(self, X):
-        """Encode and pool every image: ``(n_images, n_features_out_)`` float32."""
+        """Encode and pool every image: ``(n_images, n_features_out_)`` float32.
+
+        ``X``: images as in :meth:`fit`, or a torch ``Dataset``/``DataLoader`` (streamed; see
+        Inputs). Returns a numpy array, or a tensor on ``device`` with ``output="torch"``.
+        """
         check_is_fitted(self)
         self._validate_params()
-        X = check_images(X, patch_size=self.patch_size, allow_nan=True)
+        if "torch" in sys.modules and is_torch_data(X):
+            return _as_output(self, _transform_stream(self, X))
+        X = check_images(X, patch_size=self.patch_size, allow_nan=True, channels=self.channels)
         if X.shape[1:] != tuple(self.image_shape_):
             H, W, C = self.image_shape_
             raise ValueError(
@@ -331,7 +363,7 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
                 _encode_into(plan, X, out, device, batch, bar)
             else:
                 self._transform_parallel(plan, X, out, batch, bar)
-        return out
+        return _as_output(self, out)
 
     def _transform_parallel(self, plan, X, out, batch, progress):
         from joblib import Parallel, delayed
@@ -651,3 +683,46 @@ def _encode_block(plan, X, device, batch):
     n_views = 2 if plan.flip else 1
     out = np.empty((X.shape[0], n_views * plan.n_cells * plan.per_cell), dtype=np.float32)
     return _encode_into(plan, X, out, device, batch)
+
+
+# ------------------------------------------------------------------------- inputs and outputs
+def _as_output(encoder, out: np.ndarray):
+    """``out`` as the encoder's ``output`` asks: the array, or a float32 tensor on its device."""
+    if encoder.output == "torch":
+        return torch.from_numpy(out).to(resolve_device(encoder.device))
+    return out
+
+
+def _transform_stream(encoder, data) -> np.ndarray:
+    """Encode a torch ``Dataset``/``DataLoader`` batch by batch into one output array.
+
+    Each batch goes through the encoder's own array path (validation, scale check, chunked
+    kernel, ``n_jobs``) on a shallow copy that is silent and returns numpy; only the current
+    batch and the output are in memory. With a known length the output is preallocated, else
+    the batches' features are joined at the end.
+    """
+    n = stream_length(data)
+    worker = copy.copy(encoder).set_params(verbose=0, output="numpy")
+    width = encoder.n_features_out_
+    out = np.empty((n, width), dtype=np.float32) if n is not None else None
+    parts, done = [], 0
+    with progress(n, desc="encode", verbose=encoder.verbose) as bar:
+        for X in iter_image_batches(data):
+            if len(X) == 0:
+                continue
+            Z = worker.transform(X)
+            if out is None:
+                parts.append(Z)
+            elif done + len(Z) > n:
+                raise ValueError(f"the dataset yielded more images than its length ({n})")
+            else:
+                out[done:done + len(Z)] = Z
+            done += len(Z)
+            bar.update(len(Z))
+    if out is None:
+        if not parts:
+            raise ValueError("the dataset yielded no images")
+        return np.concatenate(parts)
+    if done != n:
+        raise ValueError(f"the dataset yielded {done} images but its length is {n}")
+    return out
