@@ -173,7 +173,13 @@ def _is_number(x):
 
 def _collate_images(samples):
     """``collate_fn`` that stacks the images of a list of samples into one numpy batch."""
-    return np.stack([_sample_images(s) for s in samples])
+    images = [_sample_images(s) for s in samples]
+    for img in images[1:]:
+        if img.shape != images[0].shape:
+            raise ValueError(f"the dataset's images differ in shape ({images[0].shape} and "
+                             f"{img.shape}); all images must have one size (resize them, e.g. "
+                             "with torchvision.transforms.Resize)")
+    return np.stack(images)
 
 
 def _check_order(loader):
