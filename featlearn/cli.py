@@ -79,17 +79,27 @@ def _add_data_args(p, *, metavar="ARCHIVE_OR_DIR",
                         "reported) instead of stopping at the first")
 
 
-def _load_folder(args, path):
+def _load_folder(args, path, *, shuffle=False):
+    """An image folder; with ``shuffle``, in a fixed pseudo-random order rather than class by
+    class, so that the first N images (``--n-train``, ``--n-test``) sample every class."""
+    import numpy as np
+
     from featlearn.datasets import load_image_folder
 
-    return load_image_folder(path, size=args.size, grayscale=args.grayscale,
+    data = load_image_folder(path, size=args.size, grayscale=args.grayscale,
                              skip_bad=args.skip_bad, n_jobs=-1, data_home=args.data_home)
+    if shuffle:
+        order = np.random.default_rng(0).permutation(len(data.target))
+        data.images, data.target = data.images[order], data.target[order]
+        data.filenames = data.filenames[order]
+    return data
 
 
 def load_data(args, *, need_test=True):
     """The ``--data`` dataset as ``fetch_cifar10``'s Bunch: a CIFAR-10 archive or folder, or a
-    folder holding ``train/`` and ``test/`` image folders (without ``need_test``, a single image
-    folder is the training split and ``X_test`` is None)."""
+    folder holding ``train/`` and ``test/`` image folders, each in a fixed shuffled order (like
+    CIFAR-10's, so ``--n-train``/``--n-test`` take every class); without ``need_test``, a single
+    image folder is the training split and ``X_test`` is None."""
     from pathlib import Path
 
     from sklearn.utils import Bunch
@@ -106,9 +116,10 @@ def load_data(args, *, need_test=True):
                              f"has no train/ and test/ splits; 'featlearn {args.command}' "
                              "needs both: give a folder holding train/ and test/, each with "
                              "one sub-folder per class")
-        train, test = _load_folder(args, path), None
+        train, test = _load_folder(args, path, shuffle=True), None
     else:
-        train, test = _load_folder(args, splits["train"]), _load_folder(args, splits["test"])
+        train = _load_folder(args, splits["train"], shuffle=True)
+        test = _load_folder(args, splits["test"], shuffle=True)
         if test.target_names != train.target_names:
             raise ValueError(f"{path}: train/ and test/ have different classes "
                              f"({', '.join(train.target_names)} vs "
@@ -274,9 +285,11 @@ def _add_images_args(p):
                         "first (n, C, H, W, the torch layout)")
 
 
-def load_images(args, *, labels=False):
+def load_images(args, *, labels=False, shuffle=False):
     """Images (and labels if asked) of ``--split`` from ``--data``: a CIFAR-10 archive, an image
-    folder (one sub-folder per class, or train/ and test/ such folders) or an .npy."""
+    folder (one sub-folder per class, or train/ and test/ such folders) or an .npy. An image
+    folder comes class by class in file order, or with ``shuffle`` in a fixed shuffled order
+    (for fitting: ``--n-train`` then samples every class)."""
     from pathlib import Path
 
     import numpy as np
@@ -295,7 +308,8 @@ def load_images(args, *, labels=False):
         return X, np.load(args.labels)
     if is_image_folder(path):
         splits = image_folder_splits(path)
-        data = _load_folder(args, path if splits is None else splits[args.split])
+        data = _load_folder(args, path if splits is None else splits[args.split],
+                            shuffle=shuffle)
         return (data.images, data.target) if labels else data.images
     data = load_data(args)
     X = data[f"X_{args.split}"]
@@ -353,9 +367,9 @@ def _run_fit(args):
     model = pipe if args.with_classifier else pipe.named_steps["encoder"]
     check_saveable(model, format=args.format)
     if args.with_classifier:
-        X, y = load_images(args, labels=True)
+        X, y = load_images(args, labels=True, shuffle=True)
     else:
-        X, y = load_images(args), None
+        X, y = load_images(args, shuffle=True), None
     if args.n_train is not None:
         X = X[:args.n_train]
         y = None if y is None else y[:args.n_train]

@@ -332,3 +332,18 @@ def test_cifar_folders_still_load_as_cifar(tmp_path):
     assert datasets.is_image_folder(tmp_path)
     assert main(["info", "--data", str(tmp_path / "x"), "--data-home", str(tmp_path / "h"),
                  "--n-patches", "100", "-q"]) == 0
+
+
+def test_n_train_on_a_folder_samples_every_class(split_folder, tmp_path, capsys):
+    from featlearn.persistence import load_model
+
+    data, config = split_folder  # train/: 6 cat, then 6 dog, then 6 frog images
+    model = tmp_path / "m.npz"
+    assert cli("fit", config, "--data", data, "--out", model, "--with-classifier", "--n-train",
+               "9", "--data-home", tmp_path / "h") == 0
+    assert list(load_model(model).classes_) == [0, 1, 2]  # not the first 9 files: 6 cats, 3 dogs
+    res = tmp_path / "res"
+    assert cli("reproduce", config, "--data", data, "--out", res, "--n-train", "9", "--n-test",
+               "6", "--data-home", tmp_path / "h") == 0
+    confusion = np.asarray(json.loads((res / "results.json").read_text())["confusion_matrix"])
+    assert confusion.sum() == 6 and (confusion.sum(1) > 0).sum() >= 2

@@ -367,3 +367,12 @@ def test_cli_channels_first_npy(tmp_path, nhwc, nchw, capsys):
                                   np.load(tmp_path / "f-last.npy"))
     np.testing.assert_array_equal(np.load(tmp_path / "f-last.npy"),
                                   load_model(model).transform(nhwc))
+
+
+def test_a_model_saved_for_a_missing_device_loads_on_the_cpu(enc, nhwc, ref, tmp_path, machine):
+    save_model(copy.deepcopy(enc).set_params(device="mps"), tmp_path / "mps.npz")
+    machine(cuda=False, mps=False)
+    with pytest.warns(UserWarning, match="device='mps', but MPS is not available here"):
+        loaded = load_model(tmp_path / "mps.npz")
+    assert loaded.device == "cpu"
+    np.testing.assert_array_equal(loaded.transform(nhwc), ref)
