@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import numbers
-import sys
 import warnings
 
 import numpy as np
@@ -339,11 +338,11 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         """Encode and pool every image: ``(n_images, n_features_out_)`` float32.
 
         ``X``: images as in :meth:`fit`, or a torch ``Dataset``/``DataLoader`` (streamed; see
-        Inputs). Returns a numpy array, or a tensor on ``device`` with ``output="torch"``.
+        Notes). Returns a numpy array, or a tensor on ``device`` with ``output="torch"``.
         """
         check_is_fitted(self)
         self._validate_params()
-        if "torch" in sys.modules and is_torch_data(X):
+        if is_torch_data(X):
             return _as_output(self, _transform_stream(self, X))
         X = check_images(X, patch_size=self.patch_size, allow_nan=True, channels=self.channels)
         if X.shape[1:] != tuple(self.image_shape_):
