@@ -95,11 +95,16 @@ def _load_folder(args, path, *, shuffle=False):
     return data
 
 
-def load_data(args, *, need_test=True):
+#: Commands that need a test split: for them a single image folder (no train/ and test/) is an
+#: error; for the others it is the training split.
+_NEEDS_TEST = {"reproduce"}
+
+
+def load_data(args):
     """The ``--data`` dataset as ``fetch_cifar10``'s Bunch: a CIFAR-10 archive or folder, or a
     folder holding ``train/`` and ``test/`` image folders, each in a fixed shuffled order (like
-    CIFAR-10's, so ``--n-train``/``--n-test`` take every class); without ``need_test``, a single
-    image folder is the training split and ``X_test`` is None."""
+    CIFAR-10's, so ``--n-train``/``--n-test`` take every class). For ``info``, a single image
+    folder is the training split and ``X_test`` is None."""
     from pathlib import Path
 
     from sklearn.utils import Bunch
@@ -111,7 +116,7 @@ def load_data(args, *, need_test=True):
         return fetch_cifar10(args.data_home, archive=args.data, md5=args.md5)
     splits = image_folder_splits(path)
     if splits is None:
-        if need_test:
+        if getattr(args, "command", None) in _NEEDS_TEST:
             raise ValueError(f"{path} is not a CIFAR-10 archive, and as a folder of images it "
                              f"has no train/ and test/ splits; 'featlearn {args.command}' "
                              "needs both: give a folder holding train/ and test/, each with "
@@ -147,7 +152,7 @@ def _run_info(args):
     from featlearn import PatchNormalizer, RandomPatchExtractor, ZCAWhitening
 
     t0 = time.perf_counter()
-    data = load_data(args, need_test=False)
+    data = load_data(args)
     print(f"archive: {data.archive}  ({time.perf_counter() - t0:.1f} s)")
     for split in ("train", "test"):
         X, y = data[f"X_{split}"], data[f"y_{split}"]
