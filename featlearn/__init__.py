@@ -5,7 +5,8 @@ Stages, in data-flow order (one module each):
 =========================  ===============================  ================================
 module                     public names                     stage
 =========================  ===============================  ================================
-``featlearn.datasets``     ``fetch_cifar10``                data
+``featlearn.datasets``     ``fetch_cifar10``,               data
+                           ``load_image_folder``
 ``featlearn.patches``      ``RandomPatchExtractor``         random patches, patch layout
 ``featlearn.preprocessing````PatchNormalizer``,             contrast normalization, whitening,
                            ``ZCAWhitening``,                power normalization of features
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "fetch_cifar10": "datasets",
+    "load_image_folder": "datasets",
     "RandomPatchExtractor": "patches",
     "PatchNormalizer": "preprocessing",
     "ZCAWhitening": "preprocessing",

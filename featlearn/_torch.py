@@ -40,20 +40,29 @@ def check_device_name(device):
     except (RuntimeError, ValueError):
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unknown device {str(device)!r}; valid devices are {VALID_DEVICES}")
+        hint = ' (did you mean "cuda"?)' if str(device).lower().startswith("gpu") else ""
+        raise ValueError(f"unknown device {str(device)!r}{hint}; valid devices are {VALID_DEVICES}")
     return dev
+
+
+def mps_available() -> bool:
+    """Whether Apple's Metal (MPS) backend can be used here (False on builds without it)."""
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
 
 
 def resolve_device(device="auto") -> torch.device:
     """Map ``"auto"``/``None``/strings/devices to a concrete :class:`torch.device`.
 
-    ``"auto"`` picks CUDA when it is available, else the CPU. Any other name must be one of
+    ``"auto"`` picks CUDA when it is available, then Apple's MPS, else the CPU. Any other name must be one of
     "cpu", "cuda", "cuda:N" or "mps" (or a :class:`torch.device` of those types); an unknown
     name, or a device this machine lacks, is a ValueError that says so, rather than a torch
     traceback or a silent fallback.
     """
     if device is None or (isinstance(device, str) and device == "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if mps_available() else "cpu")
     dev = check_device_name(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
@@ -63,8 +72,7 @@ def resolve_device(device="auto") -> torch.device:
             raise ValueError(f"device {str(device)!r} does not exist: this machine has "
                              f"{torch.cuda.device_count()} CUDA device(s) (cuda:0 .. "
                              f"cuda:{torch.cuda.device_count() - 1})")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
-                                  and torch.backends.mps.is_available()):
+    if dev.type == "mps" and not mps_available():
         raise ValueError(f"device {str(device)!r} was requested but MPS is not available on this "
                          "machine; use \"cpu\" or \"auto\"")
     return dev
@@ -154,3 +162,102 @@ def gemm_rate(n=4096, repeats=3, device="cpu") -> float:
         sync()
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best / 1e9
+
+
+# -- torch datasets as streams of image batches --------------------------------------------------
+
+#: Images per batch when a ``Dataset`` (rather than a ``DataLoader``, which keeps its own batch
+#: size) is streamed: enough to amortize the per-batch work, small enough to stay cache-sized.
+DATASET_BATCH = 256
+
+
+def is_torch_data(obj) -> bool:
+    """Whether ``obj`` is a torch ``Dataset`` or ``DataLoader`` (streamed, never an array)."""
+    from torch.utils.data import DataLoader, Dataset
+
+    return isinstance(obj, (Dataset, DataLoader))
+
+
+def _sample_images(sample):
+    """The images of one item a dataset yields: ``images``, or the first of ``(images, labels)``."""
+    if isinstance(sample, (tuple, list)) and len(sample) > 0 and not _is_number(sample[0]):
+        sample = sample[0]
+    if isinstance(sample, dict):
+        raise ValueError("a dataset yielding dicts is not supported: yield images or "
+                         "(images, labels)")
+    if isinstance(sample, torch.Tensor):
+        return to_numpy(sample)
+    return np.asarray(sample)  # numpy arrays, PIL images, nested lists
+
+
+def _is_number(x):
+    return isinstance(x, (int, float, np.number)) or (isinstance(x, torch.Tensor) and x.ndim == 0)
+
+
+def _collate_images(samples):
+    """``collate_fn`` that stacks the images of a list of samples into one numpy batch."""
+    images = [_sample_images(s) for s in samples]
+    for img in images[1:]:
+        if img.shape != images[0].shape:
+            raise ValueError(f"the dataset's images differ in shape ({images[0].shape} and "
+                             f"{img.shape}); all images must have one size (resize them, e.g. "
+                             "with torchvision.transforms.Resize)")
+    return np.stack(images)
+
+
+def _check_order(loader):
+    """A shuffling loader would give features in an order no label can be matched to."""
+    from torch.utils.data import RandomSampler
+
+    samplers = [loader.sampler, getattr(loader.batch_sampler, "sampler", None)]
+    if any(isinstance(s, RandomSampler) for s in samplers):
+        raise ValueError("the DataLoader shuffles (shuffle=True), so its features could not be "
+                         "matched to its labels; pass a DataLoader with shuffle=False")
+
+
+def stream_length(data):
+    """Images a ``Dataset``/``DataLoader`` will yield, when it says without being iterated."""
+    from torch.utils.data import DataLoader
+
+    try:
+        if not isinstance(data, DataLoader):
+            return len(data)
+        if data.batch_sampler is None:  # no automatic batching: one sample per item
+            return len(data.dataset)
+        if data.batch_size is None:  # a custom batch_sampler: batch sizes unknown
+            return None
+        n = len(data.sampler)
+        return (n // data.batch_size) * data.batch_size if data.drop_last else n
+    except TypeError:  # an IterableDataset without __len__
+        return None
+
+
+def iter_image_batches(data, batch_size=DATASET_BATCH):
+    """Yield the images of a torch ``Dataset`` or ``DataLoader`` as numpy batches, in order.
+
+    Items may be images or ``(images, labels)`` (labels are dropped), as tensors on any device,
+    numpy arrays or PIL images. A ``DataLoader`` yields its own batches; a ``Dataset`` is read
+    through a ``DataLoader`` of ``batch_size`` samples (so one without ``__len__`` works too).
+    Only one batch is held at a time. A shuffling ``DataLoader`` is refused (ValueError).
+    """
+    from torch.utils.data import DataLoader
+
+    if not isinstance(data, DataLoader):
+        data = DataLoader(data, batch_size=batch_size, shuffle=False,
+                          collate_fn=_collate_images)
+        for batch in data:
+            yield batch
+        return
+    _check_order(data)
+    if data.batch_sampler is None:  # automatic batching off: the loader yields single samples
+        group = []
+        for sample in data:
+            group.append(sample)
+            if len(group) == batch_size:
+                yield _collate_images(group)
+                group = []
+        if group:
+            yield _collate_images(group)
+        return
+    for batch in data:
+        yield _sample_images(batch)

@@ -43,20 +43,96 @@ def _batch_size(text):
     return "auto" if text == "auto" else _positive_int(text)
 
 
+def _image_size(text):
+    """argparse type: ``N`` (N x N pixels) or ``HxW`` (height x width)."""
+    parts = text.lower().split("x")
+    try:
+        values = [int(v) for v in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected N or HxW (pixels), got {text!r}")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+_FOLDER_HELP = ("a folder of images with one sub-folder per class (labels are the sub-folder "
+                "names)")
+
+
 def _add_data_args(p, *, metavar="ARCHIVE_OR_DIR",
-                   help="cifar-10-python.tar.gz or its extracted cifar-10-batches-py folder"):
+                   help="cifar-10-python.tar.gz or its extracted cifar-10-batches-py folder, or "
+                        "a folder holding train/ and test/ image folders (each one sub-folder "
+                        "per class)"):
     p.add_argument("--data", required=True, metavar=metavar, help=help)
     p.add_argument("--md5", default=None,
                    help="expected md5 of the archive (default: not checked for a local file)")
     p.add_argument("--data-home", default=None,
-                   help="where parsed arrays are cached (default $FEATLEARN_DATA or ~/featlearn_data)")
+                   help="where parsed arrays and decoded images are cached (default "
+                        "$FEATLEARN_DATA or ~/featlearn_data)")
+    p.add_argument("--size", type=_image_size, default=None, metavar="N|HxW",
+                   help="image folders: resize every image to N x N (or H x W) pixels; needed "
+                        "when the images differ in size")
+    p.add_argument("--grayscale", action="store_true",
+                   help="image folders: one channel instead of RGB")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="image folders: skip files that are not readable images (how many is "
+                        "reported) instead of stopping at the first")
+
+
+def _load_folder(args, path, *, shuffle=False):
+    """An image folder; with ``shuffle``, in a fixed pseudo-random order rather than class by
+    class, so that the first N images (``--n-train``, ``--n-test``) sample every class."""
+    import numpy as np
+
+    from featlearn.datasets import load_image_folder
+
+    data = load_image_folder(path, size=args.size, grayscale=args.grayscale,
+                             skip_bad=args.skip_bad, n_jobs=-1, data_home=args.data_home)
+    if shuffle:
+        order = np.random.default_rng(0).permutation(len(data.target))
+        data.images, data.target = data.images[order], data.target[order]
+        data.filenames = data.filenames[order]
+    return data
+
+
+#: Commands that need a test split: for them a single image folder (no train/ and test/) is an
+#: error; for the others it is the training split.
+_NEEDS_TEST = {"reproduce"}
 
 
 def load_data(args):
-    """Load CIFAR-10 from the ``--data`` archive given on the command line."""
-    from featlearn.datasets import fetch_cifar10
+    """The ``--data`` dataset as ``fetch_cifar10``'s Bunch: a CIFAR-10 archive or folder, or a
+    folder holding ``train/`` and ``test/`` image folders, each in a fixed shuffled order (like
+    CIFAR-10's, so ``--n-train``/``--n-test`` take every class). For ``info``, a single image
+    folder is the training split and ``X_test`` is None."""
+    from pathlib import Path
 
-    return fetch_cifar10(args.data_home, archive=args.data, md5=args.md5)
+    from sklearn.utils import Bunch
+
+    from featlearn.datasets import fetch_cifar10, image_folder_splits, is_image_folder
+
+    path = Path(args.data).expanduser()
+    if not is_image_folder(path):
+        return fetch_cifar10(args.data_home, archive=args.data, md5=args.md5)
+    splits = image_folder_splits(path)
+    if splits is None:
+        if getattr(args, "command", None) in _NEEDS_TEST:
+            raise ValueError(f"{path} is not a CIFAR-10 archive, and as a folder of images it "
+                             f"has no train/ and test/ splits; 'featlearn {args.command}' "
+                             "needs both: give a folder holding train/ and test/, each with "
+                             "one sub-folder per class")
+        train, test = _load_folder(args, path, shuffle=True), None
+    else:
+        train = _load_folder(args, splits["train"], shuffle=True)
+        test = _load_folder(args, splits["test"], shuffle=True)
+        if test.target_names != train.target_names:
+            raise ValueError(f"{path}: train/ and test/ have different classes "
+                             f"({', '.join(train.target_names)} vs "
+                             f"{', '.join(test.target_names)})")
+    return Bunch(X_train=train.images, y_train=train.target,
+                 X_test=None if test is None else test.images,
+                 y_test=None if test is None else test.target,
+                 target_names=train.target_names, archive=str(path))
 
 
 # -- info ----------------------------------------------------------------------------------------
@@ -80,14 +156,17 @@ def _run_info(args):
     print(f"archive: {data.archive}  ({time.perf_counter() - t0:.1f} s)")
     for split in ("train", "test"):
         X, y = data[f"X_{split}"], data[f"y_{split}"]
-        counts = ", ".join(f"{n}={c}" for n, c in zip(data.target_names, np.bincount(y, minlength=10)))
+        if X is None:
+            continue
+        counts = ", ".join(f"{n}={c}" for n, c in zip(
+            data.target_names, np.bincount(y, minlength=len(data.target_names))))
         print(f"{split}: {X.shape} {X.dtype}; {counts}")
     t0 = time.perf_counter()
     patches = RandomPatchExtractor(n_patches=args.n_patches,
                                    random_state=args.random_state).transform(data.X_train)
     white = ZCAWhitening().fit(PatchNormalizer().transform(patches))
     ev = white.explained_variance_
-    print(f"{len(patches)} random 6x6x3 patches normalized and ZCA-whitened in "
+    print(f"{len(patches)} random 6x6x{data.X_train.shape[-1]} patches normalized and ZCA-whitened in "
           f"{time.perf_counter() - t0:.2f} s; covariance eigenvalues {ev[0]:.3g} .. {ev[-1]:.3g}")
     return 0
 
@@ -97,8 +176,9 @@ def _run_info(args):
 def _add_reproduce(sub, parent):
     p = sub.add_parser(
         "reproduce", parents=[parent],
-        help="train a pipelines/ configuration on CIFAR-10's 50,000 training images, "
-             "test on its 10,000 test images, and write results and pictures")
+        help="train a pipelines/ configuration on CIFAR-10's 50,000 training images (or an "
+             "image folder's train/), test on its 10,000 test images (test/), and write "
+             "results and pictures")
     _lazy_description(p, _configs_description)
     p.add_argument("config", metavar="CONFIG", help="a name from pipelines/ or a JSON file")
     _add_data_args(p)
@@ -198,27 +278,44 @@ def _run_reproduce(args):
 # -- fit / extract -------------------------------------------------------------------------------
 
 def _add_images_args(p):
-    _add_data_args(p, metavar="ARCHIVE_OR_NPY",
-                   help="cifar-10-python.tar.gz (or its extracted folder), or an .npy array of "
+    _add_data_args(p, metavar="ARCHIVE_DIR_OR_NPY",
+                   help="cifar-10-python.tar.gz (or its extracted folder); " + _FOLDER_HELP +
+                        ", or one holding train/ and test/ such folders; or an .npy array of "
                         "images (n, H, W[, C]), which is memory-mapped rather than loaded")
     p.add_argument("--split", choices=("train", "test"), default="train",
-                   help="which CIFAR-10 split to use (ignored for an .npy file; default train)")
+                   help="which split to use: CIFAR-10's, or an image folder's train/ or test/ "
+                        "(ignored for an .npy file and a single image folder; default train)")
+    p.add_argument("--channels", choices=("last", "first"), default="last",
+                   help="layout of an .npy file's 4-D images: last (n, H, W, C, default) or "
+                        "first (n, C, H, W, the torch layout)")
 
 
-def load_images(args, *, labels=False):
-    """Images (and labels if asked) of ``--split`` from ``--data``: a CIFAR-10 archive or an .npy."""
+def load_images(args, *, labels=False, shuffle=False):
+    """Images (and labels if asked) of ``--split`` from ``--data``: a CIFAR-10 archive, an image
+    folder (one sub-folder per class, or train/ and test/ such folders) or an .npy. An image
+    folder comes class by class in file order, or with ``shuffle`` in a fixed shuffled order
+    (for fitting: ``--n-train`` then samples every class)."""
     from pathlib import Path
 
     import numpy as np
 
+    from featlearn.datasets import image_folder_splits, is_image_folder
+
     path = Path(args.data).expanduser()
     if path.suffix == ".npy":
         X = np.load(path, mmap_mode="r")
+        if args.channels == "first" and X.ndim == 4:
+            X = X.transpose(0, 2, 3, 1)  # a view: the file stays memory-mapped
         if not labels:
             return X
         if getattr(args, "labels", None) is None:
             raise ValueError(f"{path} holds images only: pass --labels LABELS.npy to fit a classifier")
         return X, np.load(args.labels)
+    if is_image_folder(path):
+        splits = image_folder_splits(path)
+        data = _load_folder(args, path if splits is None else splits[args.split],
+                            shuffle=shuffle)
+        return (data.images, data.target) if labels else data.images
     data = load_data(args)
     X = data[f"X_{args.split}"]
     return (X, data[f"y_{args.split}"]) if labels else X
@@ -252,7 +349,8 @@ def _add_fit(sub, parent):
                         "pipeline, but loading a pickle runs code, so load only pickles you "
                         "trust (extract --allow-pickle)")
     p.add_argument("--with-classifier", action="store_true",
-                   help="also fit the classifier (needs labels: a CIFAR-10 archive or --labels)")
+                   help="also fit the classifier (needs labels: a CIFAR-10 archive, an image "
+                        "folder or --labels)")
     p.add_argument("--labels", default=None, help="labels .npy for an .npy --data")
     p.add_argument("--n-train", type=positive_int, default=None,
                    help="use only the first N images (N > 0)")
@@ -274,9 +372,9 @@ def _run_fit(args):
     model = pipe if args.with_classifier else pipe.named_steps["encoder"]
     check_saveable(model, format=args.format)
     if args.with_classifier:
-        X, y = load_images(args, labels=True)
+        X, y = load_images(args, labels=True, shuffle=True)
     else:
-        X, y = load_images(args), None
+        X, y = load_images(args, shuffle=True), None
     if args.n_train is not None:
         X = X[:args.n_train]
         y = None if y is None else y[:args.n_train]

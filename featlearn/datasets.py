@@ -334,3 +334,235 @@ def _parse_batch(blob: bytes, name, archive):
     # CHW row-major -> HWC, contiguous.
     images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
     return images, labels
+
+
+# -- folders of image files ----------------------------------------------------------------------
+
+_FOLDER_CACHE_VERSION = 1
+#: Files that are never images and that file managers leave behind; skipped silently, like
+#: hidden files and folders (names starting with ".").
+_JUNK_FILES = frozenset({"Thumbs.db", "desktop.ini"})
+#: Files per decoding task: enough to amortize a task, few enough to spread over the workers.
+_DECODE_TASK = 256
+
+
+def load_image_folder(path, *, size=None, grayscale=False, n_jobs=None, skip_bad=False,
+                      data_home=None):
+    """Load a folder of image files, one sub-folder per class, as HWC uint8 arrays.
+
+    The layout is torchvision's ``ImageFolder``: ``path/CLASS/IMAGE`` (images may sit deeper
+    inside a class folder). Classes are the sub-folders' names, sorted; ``target[i]`` indexes
+    ``target_names``. Every file in a class folder is read with Pillow (PNG, JPEG, BMP, GIF,
+    TIFF, WebP, ...) and converted to RGB (or to one channel with ``grayscale``), so palette,
+    grayscale and RGBA files mix freely. Hidden files and folders (``.DS_Store``,
+    ``.ipynb_checkpoints``), ``Thumbs.db`` and ``desktop.ini`` are ignored; files directly in
+    ``path`` are not images of any class and are ignored too.
+
+    The decoded arrays are cached in ``data_home``, keyed by the folder, the name, size and
+    modification time of every file in it, and the options: adding, removing, replacing or
+    touching a file reads the folder again; an unchanged folder loads from the cache.
+
+    Parameters
+    ----------
+    path : str or Path
+        The folder.
+    size : int or (int, int), optional
+        Resize every image to ``size x size``, or to ``(height, width)`` (bilinear, antialiased
+        when shrinking). Without it, all images must already have one size: different sizes are
+        an error naming two files and their sizes.
+    grayscale : bool, default=False
+        One channel (ITU-R 601-2 luma) instead of RGB.
+    n_jobs : int or None, default=None
+        Files decoded in parallel through :class:`joblib.Parallel` (-1: all CPUs; None: one
+        process unless a ``joblib.parallel_config`` says otherwise).
+    skip_bad : bool, default=False
+        Skip files Pillow cannot read (not an image, truncated, corrupt) and log how many were
+        skipped, instead of raising.
+    data_home : str or Path, optional
+        Where the cache lives (default ``$FEATLEARN_DATA``, else ``~/featlearn_data``).
+
+    Returns
+    -------
+    Bunch with ``images`` (n, H, W, C) uint8 (C is 3, or 1 with ``grayscale``), ``target`` (n,)
+    int64, ``target_names`` (the class folders, sorted), ``filenames`` (n,) the files' paths,
+    ``root`` (the folder) and ``skipped`` (``(path, reason)`` of each skipped file).
+
+    Raises
+    ------
+    DatasetError
+        The folder has no class sub-folders or no images; a file is not a readable image
+        (without ``skip_bad``), naming it; images differ in size (without ``size``), naming two
+        of them. ``OSError`` when ``path`` is missing.
+
+    Examples
+    --------
+    >>> from featlearn.datasets import load_image_folder
+    >>> data = load_image_folder("my_photos", size=32)  # doctest: +SKIP
+    >>> data.images.shape, data.target_names  # doctest: +SKIP
+    ((1200, 32, 32, 3), ['cats', 'dogs'])
+    """
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise OSError(f"image folder {root} does not exist")
+    if not root.is_dir():
+        raise DatasetError(f"{root} is not a folder")
+    size = _check_size(size)
+    classes, files = _list_image_folder(root)
+    options = (size, bool(grayscale), bool(skip_bad))
+    listing = [(rel, st_size, mtime) for rel, _, st_size, mtime in files]
+    key = hashlib.sha1(repr((_FOLDER_CACHE_VERSION, str(root.resolve()), classes, listing,
+                             options)).encode()).hexdigest()[:16]
+    cache = get_data_home(data_home) / f"imagefolder-{key}.npz"
+    data = None
+    if cache.exists():
+        try:
+            data = _load_folder_cache(cache)
+        except Exception:  # a damaged cache is only a cache: rebuild it
+            cache.unlink(missing_ok=True)
+    if data is None:
+        data = _decode_folder(root, files, size, bool(grayscale), skip_bad, n_jobs)
+        data["target_names"] = classes
+        _save_cache(cache, data)
+    skipped = list(zip(data.pop("skipped_files"), data.pop("skipped_reasons")))
+    if skipped:
+        first, why = skipped[0]
+        logger.warning(f"{root}: skipped {len(skipped)} unreadable file(s) of "
+                       f"{len(skipped) + len(data['target'])} (first: {first}: {why})")
+    return Bunch(images=data["images"], target=data["target"],
+                 target_names=[str(c) for c in data["target_names"]],
+                 filenames=np.asarray([str(root / f) for f in data["filenames"]]),
+                 root=str(root), skipped=[(str(root / f), str(w)) for f, w in skipped])
+
+
+def image_folder_splits(path):
+    """``{"train": Path, "test": Path}`` when ``path`` holds ``train/`` and ``test/`` image
+    folders (each one sub-folder per class), else None."""
+    root = Path(path).expanduser()
+    splits = {s: root / s for s in ("train", "test")}
+    if all(p.is_dir() and _has_subfolders(p) for p in splits.values()):
+        return splits
+    return None
+
+
+def is_image_folder(path) -> bool:
+    """Whether ``path`` is a folder other than an extracted CIFAR-10 archive."""
+    path = Path(path).expanduser()
+    return path.is_dir() and _batch_dir(path) is None
+
+
+def _has_subfolders(folder: Path) -> bool:
+    return any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(folder))
+
+
+def _check_size(size):
+    if size is None:
+        return None
+    pair = (size, size) if isinstance(size, (int, np.integer)) else size
+    try:
+        h, w = pair
+        ok = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
+                 for v in (h, w))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"size must be a positive int or a (height, width) pair of positive "
+                         f"ints, got {size!r}")
+    return (int(h), int(w))
+
+
+def _list_image_folder(root: Path):
+    """Sorted class names and ``(relative path, class index, size, mtime_ns)`` of every file."""
+    classes = sorted(e.name for e in os.scandir(root)
+                     if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DatasetError(f"{root} has no class sub-folders: an image folder holds one "
+                           "sub-folder per class, with that class's images in it "
+                           f"({root}/CLASS/IMAGE.png)")
+    if {"train", "test"} <= set(classes) and _has_subfolders(root / "train"):
+        raise DatasetError(f"{root} holds train/ and test/ splits, not classes: load each split "
+                           f"(load_image_folder('{root / 'train'}'))")
+    files = []
+    for index, name in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for fname in sorted(filenames):
+                if fname.startswith(".") or fname in _JUNK_FILES:
+                    continue
+                full = os.path.join(dirpath, fname)
+                st = os.stat(full)
+                files.append((os.path.relpath(full, root), index, st.st_size, st.st_mtime_ns))
+    if not files:
+        raise DatasetError(f"{root} holds no images: its class folders ({', '.join(classes)}) "
+                           "are empty")
+    return classes, files
+
+
+def _decode_files(root, relpaths, size, grayscale):
+    """Worker: decode files; ``(array, None)`` for each image, ``(None, reason)`` for a bad file."""
+    from PIL import Image, UnidentifiedImageError
+
+    resample = getattr(Image, "Resampling", Image).BILINEAR
+    results = []
+    for rel in relpaths:
+        try:
+            with Image.open(os.path.join(root, rel)) as im:
+                im = im.convert("L" if grayscale else "RGB")
+                if size is not None and im.size != (size[1], size[0]):
+                    im = im.resize((size[1], size[0]), resample=resample)
+                arr = np.asarray(im, dtype=np.uint8)
+        except UnidentifiedImageError:
+            results.append((None, "not an image file Pillow can read"))
+            continue
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            results.append((None, f"corrupt or truncated image ({exc})"))
+            continue
+        results.append((arr[..., None] if grayscale else arr, None))
+    return results
+
+
+def _decode_folder(root, files, size, grayscale, skip_bad, n_jobs) -> dict:
+    from joblib import Parallel, delayed
+
+    groups = [files[s:s + _DECODE_TASK] for s in range(0, len(files), _DECODE_TASK)]
+    jobs = (delayed(_decode_files)(str(root), [f[0] for f in g], size, grayscale)
+            for g in groups)
+    images, first = None, None
+    target, names, bad_files, bad_reasons = [], [], [], []
+    k = 0
+    parallel = Parallel(n_jobs=n_jobs, return_as="generator", prefer="threads")
+    for group, results in zip(groups, parallel(jobs)):
+        for (rel, index, _, _), (arr, why) in zip(group, results):
+            if arr is None:
+                if not skip_bad:
+                    raise DatasetError(f"{root / rel}: {why}; remove it, or pass skip_bad=True "
+                                       "(command line: --skip-bad) to skip unreadable files")
+                bad_files.append(rel)
+                bad_reasons.append(why)
+                continue
+            if images is None:
+                first = (rel, arr.shape)
+                images = np.empty((len(files), *arr.shape), dtype=np.uint8)
+            elif arr.shape != first[1]:
+                (h0, w0), (h, w) = first[1][:2], arr.shape[:2]
+                raise DatasetError(
+                    f"{root}: images differ in size: {first[0]} is {h0}x{w0} (height x width) "
+                    f"but {rel} is {h}x{w}; pass size=(height, width) or size=N (command line: "
+                    "--size HxW or --size N) to resize them all to one size")
+            images[k] = arr
+            k += 1
+            target.append(index)
+            names.append(rel)
+    if images is None:
+        raise DatasetError(f"{root} holds no readable images ({len(bad_files)} file(s) skipped, "
+                           f"first: {bad_files[0]}: {bad_reasons[0]})")
+    return {"images": images[:k] if k < len(images) else images,
+            "target": np.asarray(target, dtype=np.int64),
+            "filenames": np.asarray(names, dtype=str),
+            "skipped_files": np.asarray(bad_files, dtype=str),
+            "skipped_reasons": np.asarray(bad_reasons, dtype=str)}
+
+
+def _load_folder_cache(path: Path) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in ("images", "target", "target_names", "filenames",
+                                  "skipped_files", "skipped_reasons")}

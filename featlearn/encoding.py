@@ -33,6 +33,7 @@ the CPU, so the elementwise passes run from cache; on a GPU the chunk is sized f
 
 from __future__ import annotations
 
+import copy
 import numbers
 import warnings
 
@@ -45,8 +46,9 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._compile import COMPILE_DEVICES, CompiledKernel
 from ._logging import log, progress
+from ._torch import (chunk_size, is_torch_data, iter_image_batches, resolve_device, stream_length,
+                     to_numpy)
 from .activations import ACTIVATIONS, POOL_OPS, activate_and_pool, n_nearest, window_bounds
-from ._torch import chunk_size, resolve_device, to_numpy
 from .patches import RandomPatchExtractor, check_finite_float32, check_images, flatten_patches
 from .preprocessing import PatchNormalizer, ZCAWhitening
 
@@ -213,9 +215,24 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
     layout : {"flat", "map"}, default="flat"
         ``"flat"`` rows of features (cell-major), or ``"map"``: ``(n, channels, h, w)`` with the
         ``flip`` view's channels after the original's (see Output layout).
+    channels : {"last", "first"}, default="last"
+        Layout of 4-D images: ``(n, H, W, C)`` or the torch layout ``(n, C, H, W)``. Images
+        given in the default layout that look channels-first (``(n, 3, 32, 32)``) are a
+        ValueError naming both layouts, never 3x32 images with 32 channels.
+    output : {"numpy", "torch"}, default="numpy"
+        What :meth:`transform` returns: a numpy array, or a float32 tensor on the encoder's
+        resolved ``device`` (for a torch model downstream that keeps features on the GPU).
 
     Notes
     -----
+    ``fit`` takes images as a numpy array (a memory-mapped ``.npy`` included) or a torch tensor
+    on any device (moved to the host once: the kernel streams chunks to ``device`` itself).
+    ``transform`` also takes a torch ``Dataset`` or ``DataLoader`` yielding images or
+    ``(images, labels)`` (labels are ignored; tensors, arrays or PIL images): it is streamed
+    batch by batch (a ``Dataset`` in batches of 256), so memory holds one batch plus the output;
+    a shuffling ``DataLoader`` is refused, since its rows could not be matched to labels.
+    Fitting samples patches from every image, so it needs an array or tensor.
+
     The fitted stages depend on the pixels' scale (``PatchNormalizer``'s ``eps=10`` is in 0..255
     pixel units), so images must be encoded at the scale they were fitted at. ``fit`` records
     that scale (``input_scale_``, the 99th percentile of ``|x|`` over sampled patches);
@@ -295,6 +312,8 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         "pool_size": [Interval(numbers.Integral, 1, None, closed="left"), "array-like", None],
         "pool_stride": [Interval(numbers.Integral, 1, None, closed="left"), "array-like", None],
         "layout": [StrOptions({"flat", "map"})],
+        "channels": [StrOptions({"last", "first"})],
+        "output": [StrOptions({"numpy", "torch"})],
     }
 
     def __init__(self, patch_size=6, n_patches=400_000, normalizer=None, whitener=None,
@@ -302,7 +321,7 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
                  pool_op="sum", batch_size="auto", device="auto", n_jobs=None,
                  random_state=None, verbose=0, flip=False, compile="auto",
                  neighbor_fraction=0.4, selection="sampled", pool_size=None, pool_stride=None,
-                 layout="flat"):
+                 layout="flat", channels="last", output="numpy"):
         self.patch_size = patch_size
         self.n_patches = n_patches
         self.normalizer = normalizer
@@ -325,12 +344,22 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         self.pool_size = pool_size
         self.pool_stride = pool_stride
         self.layout = layout
+        self.channels = channels
+        self.output = output
+
+    def __setstate__(self, state):
+        # Models saved before these parameters existed get their defaults (the behaviour they
+        # were fitted with): channels-last in, numpy out, eager-or-auto, grid pooling, flat.
+        defaults = {"channels": "last", "output": "numpy", "compile": "auto",
+                    "neighbor_fraction": 0.4, "selection": "sampled", "pool_size": None,
+                    "pool_stride": None, "layout": "flat"}
+        super().__setstate__({**defaults, **state})
 
     # ------------------------------------------------------------------ fit
     def fit(self, X, y=None):
         """Sample patches from ``X`` and fit normalizer, whitener and k-means on them."""
         self._validate_params()
-        X = check_images(X, patch_size=self.patch_size, allow_nan=True)
+        X = check_images(X, patch_size=self.patch_size, allow_nan=True, channels=self.channels)
         _check_finite(X)
         n, H, W, C = X.shape
         self._cell_bounds(self._map_shape(H, W))  # fail at fit, not at the first transform
@@ -388,10 +417,16 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
 
     # ------------------------------------------------------------ transform
     def transform(self, X):
-        """Encode and pool every image: ``(n_images, n_features_out_)`` float32."""
+        """Encode and pool every image: ``(n_images, n_features_out_)`` float32.
+
+        ``X``: images as in :meth:`fit`, or a torch ``Dataset``/``DataLoader`` (streamed; see
+        Notes). Returns a numpy array, or a tensor on ``device`` with ``output="torch"``.
+        """
         check_is_fitted(self)
         self._validate_params()
-        X = check_images(X, patch_size=self.patch_size, allow_nan=True)
+        if is_torch_data(X):
+            return _as_output(self, _transform_stream(self, X))
+        X = check_images(X, patch_size=self.patch_size, allow_nan=True, channels=self.channels)
         if X.shape[1:] != tuple(self.image_shape_):
             H, W, C = self.image_shape_
             raise ValueError(
@@ -411,7 +446,7 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
                              compiled=self._use_compile(plan, device, n))
             else:
                 self._transform_parallel(plan, X, out, batch, bar)
-        return out
+        return _as_output(self, out)
 
     def _transform_parallel(self, plan, X, out, batch, progress):
         from joblib import Parallel, delayed
@@ -677,7 +712,10 @@ class _Kernel:
         """``(b, H, W, C)`` images -> ``(b, n_cells, per_cell)`` pooled features on the device."""
         plan, b, L = self.plan, chunk.shape[0], self.L
         x = self.images[:b]
-        x.copy_(torch.from_numpy(np.ascontiguousarray(chunk)))
+        arr = np.ascontiguousarray(chunk)
+        if not arr.flags.writeable:  # a read-only memmap: torch wants a writable buffer
+            arr = arr.copy()
+        x.copy_(torch.from_numpy(arr))
         p, s = plan.patch_size, plan.stride
         # im2col in the library's HWC patch layout: (b, Ph, Pw, p, p, C) -> (b*L, d).
         windows = x.unfold(1, p, s).unfold(2, p, s).permute(0, 1, 2, 4, 5, 3)
@@ -770,3 +808,46 @@ def _cells_view(out_t, plan):
     if plan.layout == "map":
         return out_t.view(n, n_views, plan.per_cell, plan.n_cells).transpose(2, 3)
     return out_t.view(n, n_views, plan.n_cells, plan.per_cell)
+
+
+# ------------------------------------------------------------------------- inputs and outputs
+def _as_output(encoder, out: np.ndarray):
+    """``out`` as the encoder's ``output`` asks: the array, or a float32 tensor on its device."""
+    if encoder.output == "torch":
+        return torch.from_numpy(out).to(resolve_device(encoder.device))
+    return out
+
+
+def _transform_stream(encoder, data) -> np.ndarray:
+    """Encode a torch ``Dataset``/``DataLoader`` batch by batch into one output array.
+
+    Each batch goes through the encoder's own array path (validation, scale check, chunked
+    kernel, ``n_jobs``) on a shallow copy that is silent and returns numpy; only the current
+    batch and the output are in memory. With a known length the output is preallocated, else
+    the batches' features are joined at the end.
+    """
+    n = stream_length(data)
+    worker = copy.copy(encoder).set_params(verbose=0, output="numpy")
+    row_shape = _out_shape(encoder._plan(), 0)[1:]  # flat rows or (channels, h, w) maps
+    out = np.empty((n, *row_shape), dtype=np.float32) if n is not None else None
+    parts, done = [], 0
+    with progress(n, desc="encode", verbose=encoder.verbose) as bar:
+        for X in iter_image_batches(data):
+            if len(X) == 0:
+                continue
+            Z = worker.transform(X)
+            if out is None:
+                parts.append(Z)
+            elif done + len(Z) > n:
+                raise ValueError(f"the dataset yielded more images than its length ({n})")
+            else:
+                out[done:done + len(Z)] = Z
+            done += len(Z)
+            bar.update(len(Z))
+    if out is None:
+        if not parts:
+            raise ValueError("the dataset yielded no images")
+        return np.concatenate(parts)
+    if done != n:
+        raise ValueError(f"the dataset yielded {done} images but its length is {n}")
+    return out

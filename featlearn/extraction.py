@@ -55,6 +55,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import threading
 import time
 import zlib
@@ -98,9 +99,15 @@ def extract_features(encoder, images, out, *, batch_size="auto", n_jobs=None, re
     encoder : fitted transformer
         Any object whose ``transform`` maps a chunk of images to a 2-D array with one row per
         image (e.g. a fitted :class:`featlearn.PatchEncoder`). Features are stored as float32.
-    images : ndarray of shape (n, H, W[, C])
-        The images; a memory-mapped ``.npy`` (``np.load(path, mmap_mode="r")``) is read chunk by
-        chunk and never loaded whole.
+    images : ndarray or tensor of shape (n, H, W[, C]), or a torch Dataset or DataLoader
+        The images, in the layout the encoder reads (``PatchEncoder(channels="first")`` takes
+        ``(n, C, H, W)``). A memory-mapped ``.npy`` (``np.load(path, mmap_mode="r")``) is read
+        chunk by chunk and never loaded whole; a tensor on any device is moved to the host once.
+        A torch ``Dataset`` or ``DataLoader`` yielding images or ``(images, labels)`` (labels
+        are ignored) is streamed one batch at a time, twice: a first pass counts and hashes the
+        images (the cache key), the second encodes them and checks that it saw the same images,
+        so the dataset must be deterministic (no random transforms) and a ``DataLoader`` must
+        not shuffle (a ValueError otherwise). A ``Dataset`` is read in batches of 256.
     out : str or Path
         The output ``.npy`` file. ``out.partial``, ``out.manifest.json`` and ``out.lock`` are
         kept beside it (see the module docstring). An existing ``out`` is replaced only when it
@@ -149,12 +156,15 @@ def extract_features(encoder, images, out, *, batch_size="auto", n_jobs=None, re
     if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
                                  or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
-    images = _check_images(images)
-    n = images.shape[0]
+    if _is_torch_data(images):
+        source = _StreamedImages(images)  # the first pass: count, validate and hash
+    else:
+        source = _ArrayImages(_check_images(images))
+    n = source.shape[0]
     out = Path(out).expanduser()
     paths = _Paths(out)
     say = _Reporter(verbose)
-    inputs = [*inputs, getattr(images, "filename", None)]
+    inputs = [*inputs, source.filename]
     if not out.parent.is_dir():
         raise ExtractionError(errno.ENOENT, f"output directory {out.parent} does not exist")
     if out.is_dir():
@@ -174,10 +184,10 @@ def extract_features(encoder, images, out, *, batch_size="auto", n_jobs=None, re
     t_start = time.perf_counter()
     key = {
         "model": model_fingerprint(encoder),
-        "data": data_fingerprint(images),
+        "data": source.fingerprint(),
         "n_images": int(n),
-        "image_shape": [int(s) for s in images.shape[1:]],
-        "image_dtype": images.dtype.str,
+        "image_shape": [int(s) for s in source.shape[1:]],
+        "image_dtype": source.dtype.str,
         "mirror": bool(mirror),
     }
 
@@ -188,7 +198,7 @@ def extract_features(encoder, images, out, *, batch_size="auto", n_jobs=None, re
             # One image through the encoder: the output width, and a clear error for images
             # the model cannot encode (wrong size or layout), before anything on disk changes.
             # (A result of this very model and these images is trusted as it is.)
-            width = _output_width(encoder, images, mirror)
+            width = _output_width(encoder, source.first, mirror)
         state = _reuse(manifest, key, batch_size, paths, say) if manifest is not None else None
         if state is not None and state["complete"]:
             say.info(f"{out} is up to date ({n} images x {state['n_features']} features); "
@@ -196,11 +206,11 @@ def extract_features(encoder, images, out, *, batch_size="auto", n_jobs=None, re
             return np.load(out, mmap_mode="r")
         if state is None:
             if width is None:
-                width = _output_width(encoder, images, mirror)
+                width = _output_width(encoder, source.first, mirror)
             state = _start(width, key, batch_size, paths)
-        _run_chunks(encoder, images, state, mirror, n_jobs, paths, say, t_start)
+        _run_chunks(encoder, source, state, mirror, n_jobs, paths, say, t_start)
         _finish(state, paths)
-    say.summary(state, out, time.perf_counter() - t_start, _flops_per_image(encoder, images))
+    say.summary(state, out, time.perf_counter() - t_start, _flops_per_image(encoder, source))
     return np.load(out, mmap_mode="r")
 
 
@@ -246,19 +256,142 @@ class _Paths:
         self.lock = out.with_name(out.name + ".lock")
 
 
-def _check_images(images):
+def _is_torch_data(images) -> bool:
+    if "torch" not in sys.modules:  # nothing has imported torch: it cannot be a torch dataset
+        return False
+    from ._torch import is_torch_data
+
+    return is_torch_data(images)
+
+
+def _check_images(images, what="images"):
     if not isinstance(images, np.ndarray):  # lists, torch tensors: memmaps stay memmaps
-        images = np.asarray(images.detach().cpu() if hasattr(images, "detach") else images)
+        if hasattr(images, "detach"):  # a tensor on any device: to the host once
+            from ._torch import to_numpy
+
+            images = to_numpy(images)
+        images = np.asarray(images)
     if images.ndim not in (3, 4):
-        raise ValueError(f"images must be a 3-D (n, H, W) or 4-D (n, H, W, C) array, got shape "
-                         f"{tuple(images.shape)}")
+        raise ValueError(f"{what} must be a 3-D (n, H, W) or 4-D (n, H, W, C) or (n, C, H, W) "
+                         f"array, got shape {tuple(images.shape)}")
     if images.shape[0] == 0:
         raise ValueError("got an empty set of images")
     if images.dtype == object or not (np.issubdtype(images.dtype, np.number)
                                       or images.dtype == np.bool_):
-        raise ValueError(f"images must have a numeric dtype, got dtype {images.dtype}")
-    check_finite_float32(images)
+        raise ValueError(f"{what} must have a numeric dtype, got dtype {images.dtype}")
+    check_finite_float32(images, what)
     return images
+
+
+class _ArrayImages:
+    """Images held as an array (or memmap): sliced into chunks, hashed in blocks."""
+
+    def __init__(self, images):
+        self.images = images
+        self.shape, self.dtype = images.shape, images.dtype
+        self.first = images[:1]
+        self.filename = getattr(images, "filename", None)
+
+    def fingerprint(self):
+        return data_fingerprint(self.images)
+
+    def chunks(self, size, todo):
+        """``(index, images)`` of the chunks in ``todo``, in order."""
+        for i in todo:
+            yield i, self.images[i * size:(i + 1) * size]
+
+
+class _StreamedImages:
+    """A torch ``Dataset``/``DataLoader`` read as consecutive chunks, one batch in memory.
+
+    The constructor is the first pass: it validates every batch (dimensions, dtype,
+    finiteness, one shape throughout), counts the images and hashes each batch, keeping the
+    first image for the width probe. :meth:`chunks` is the second pass: it regroups the batches
+    into chunks of the job's size and checks each batch against the first pass's hash *before*
+    any of it is encoded, so a dataset that yields other images on the second pass (random
+    transforms) is an error, never features of images other than those the cache key names.
+    """
+
+    def __init__(self, data):
+        from ._torch import iter_image_batches
+
+        self.data = data
+        self.filename = None
+        self.batch_hashes = []
+        n, shape, dtype, first = 0, None, None, None
+        for X in iter_image_batches(data):
+            X = _check_images(X, "the dataset's images") if len(X) else X
+            if shape is None and len(X):
+                shape, dtype, first = X.shape[1:], X.dtype, np.array(X[:1])
+            elif len(X) and (X.shape[1:] != shape or X.dtype != dtype):
+                raise ValueError(f"the dataset's batches differ: images {shape} {dtype}, then "
+                                 f"{X.shape[1:]} {X.dtype}; all images must have one size and "
+                                 "dtype")
+            self.batch_hashes.append(_batch_hash(X))
+            n += len(X)
+        if n == 0:
+            raise ValueError("got an empty set of images (the dataset yielded none)")
+        self.shape, self.dtype, self.first = (n, *shape), dtype, first
+
+    def fingerprint(self):
+        h = hashlib.blake2b(digest_size=16)
+        h.update(repr(("stream", self.shape, self.dtype.str)).encode())
+        for b in self.batch_hashes:
+            h.update(b.encode())
+        return h.hexdigest()
+
+    def chunks(self, size, todo):
+        """``(index, images)`` of the chunks in ``todo``, in order (every batch is read)."""
+        from ._torch import iter_image_batches
+
+        todo = set(todo)
+        pending, have, index, n_batches = [], 0, 0, 0
+        for X in iter_image_batches(self.data):
+            if (n_batches >= len(self.batch_hashes)
+                    or _batch_hash(X) != self.batch_hashes[n_batches]):
+                raise ValueError(
+                    f"the dataset yielded different images on a second pass (batch "
+                    f"{n_batches}): extract_features reads it twice (to key the cache, then to "
+                    "encode), so it must give the same images each time (no random transforms, "
+                    "no shuffling); for a one-off encoding call encoder.transform(dataset)")
+            n_batches += 1
+            pending.append(X)
+            have += len(X)
+            while have >= size:
+                block = np.concatenate(pending) if len(pending) > 1 else pending[0]
+                if index in todo:
+                    yield index, block[:size]
+                index += 1
+                rest = block[size:]
+                pending, have = ([rest], len(rest)) if len(rest) else ([], 0)
+        if n_batches != len(self.batch_hashes):
+            raise ValueError(f"the dataset yielded {n_batches} batches on a second pass, "
+                             f"{len(self.batch_hashes)} on the first; it must give the same "
+                             "images each time")
+        if have and index in todo:
+            yield index, np.concatenate(pending) if len(pending) > 1 else pending[0]
+
+
+def _batch_hash(X) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((tuple(X.shape), X.dtype.str)).encode())
+    h.update(np.ascontiguousarray(X).data)
+    return h.hexdigest()
+
+
+def _mirror(images, encoder):
+    """Horizontal mirror in the layout the encoder reads (W is the last axis channels-first)."""
+    axis = images.ndim - 1 if getattr(encoder, "channels", "last") == "first" else 2
+    return np.flip(images, axis=axis)
+
+
+def _features(Z):
+    """An encoder's output as a numpy array (a tensor, on any device, is moved to the host)."""
+    if hasattr(Z, "detach"):
+        from ._torch import to_numpy
+
+        Z = to_numpy(Z)
+    return np.asarray(Z)
 
 
 def _auto_chunk(n: int, n_features: int) -> int:
@@ -271,8 +404,8 @@ def _encode_chunk(encoder, chunk, mirror, index, parent=None):
     _watch_parent(parent)
     chunk = np.asarray(chunk)
     if mirror:
-        chunk = chunk[:, :, ::-1]
-    Z = np.asarray(encoder.transform(chunk))
+        chunk = _mirror(chunk, encoder)
+    Z = _features(encoder.transform(chunk))
     if Z.ndim != 2 or Z.shape[0] != chunk.shape[0]:
         raise ValueError(f"encoder.transform returned shape {Z.shape} for {chunk.shape[0]} images; "
                          "expected (n_images, n_features)")
@@ -304,10 +437,10 @@ def _watch_parent(parent):
     _watchdog.start()
 
 
-def _output_width(encoder, images, mirror) -> int:
+def _output_width(encoder, first, mirror) -> int:
     """Features per image, measured by encoding the first image (which also validates it)."""
-    one = np.asarray(images[:1])
-    Z = np.asarray(encoder.transform(one[:, :, ::-1] if mirror else one))
+    one = np.asarray(first)
+    Z = _features(encoder.transform(_mirror(one, encoder) if mirror else one))
     if Z.ndim != 2 or Z.shape[0] != 1:
         raise ValueError(f"encoder.transform returned shape {Z.shape} for one image; "
                          "expected (1, n_features)")
@@ -411,7 +544,7 @@ def _fallocate(fd, size):
         raise
 
 
-def _run_chunks(encoder, images, state, mirror, n_jobs, paths, say, t_start):
+def _run_chunks(encoder, source, state, mirror, n_jobs, paths, say, t_start):
     n, c = state["key"]["n_images"], state["chunk_size"]
     todo = [i for i in range(state["n_chunks"]) if str(i) not in state["chunks"]]
     if not todo:
@@ -422,8 +555,8 @@ def _run_chunks(encoder, images, state, mirror, n_jobs, paths, say, t_start):
     bar = say.bar(n, done_images)
     try:
         parent = os.getpid()
-        tasks = (joblib.delayed(_encode_chunk)(encoder, images[i * c:(i + 1) * c], mirror, i, parent)
-                 for i in todo)
+        tasks = (joblib.delayed(_encode_chunk)(encoder, chunk, mirror, i, parent)
+                 for i, chunk in source.chunks(c, todo))
         results = joblib.Parallel(n_jobs=n_jobs, return_as="generator_unordered")(tasks)
         for i, Z in results:
             a, b = i * c, min(n, (i + 1) * c)
@@ -569,7 +702,7 @@ def _exclusive_lock(path: Path):
 
 # -- reporting -----------------------------------------------------------------------------------
 
-def _flops_per_image(encoder, images):
+def _flops_per_image(encoder, source):
     """FLOPs of the dense patch-to-centroid products per image, when the encoder can say.
 
     For a fitted encoder exposing its centroids (``cluster_centers_``, or
@@ -577,7 +710,9 @@ def _flops_per_image(encoder, images):
     ``patch_size``/``stride``): ``2 * positions * d * K``, twice that for a
     ``PatchEncoder(flip=True)``, which encodes a mirrored view too. None when it cannot be told.
     """
-    shape = tuple(images.shape[1:])
+    shape = tuple(source.shape[1:])
+    if getattr(encoder, "channels", "last") == "first" and len(shape) == 3:
+        shape = (*shape[1:], shape[0])
     centers = getattr(encoder, "cluster_centers_", None)
     if centers is None:
         centers = getattr(getattr(encoder, "kmeans_", None), "cluster_centers_", None)

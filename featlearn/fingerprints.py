@@ -16,10 +16,11 @@ import numpy as np
 #: and loaded on a CPU (``device`` reset) keeps its cache and a progress setting never
 #: invalidates one. The rule is per class because a name alone does not tell: a
 #: ``PatchEncoder``'s ``batch_size`` is its inner chunking (sized from free memory), while a
-#: ``MiniBatchKMeans``'s or a classifier's ``batch_size`` changes the result.
+#: ``MiniBatchKMeans``'s or a classifier's ``batch_size`` changes the result. A
+#: ``PatchEncoder``'s ``output`` only says whether the same numbers come back as numpy or torch.
 EXECUTION_PARAMS = {
     "*": frozenset({"device", "verbose", "n_jobs"}),
-    "PatchEncoder": frozenset({"batch_size", "compile"}),
+    "PatchEncoder": frozenset({"batch_size", "compile", "output"}),
 }
 
 

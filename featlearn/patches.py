@@ -11,11 +11,12 @@ vectors (e.g. centroids, for pictures) back into patches.
 from __future__ import annotations
 
 import numbers
+import sys
 
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval
+from sklearn.utils._param_validation import Interval, StrOptions
 
 #: Patches gathered per vectorised step; bounds the index arrays to a few tens of MB.
 _GATHER_CHUNK = 65536
@@ -59,16 +60,34 @@ def unflatten_patches(vectors, patch_size: int, n_channels: int):
     return vectors.reshape(*vectors.shape[:-1], patch_size, patch_size, n_channels)
 
 
-def check_images(X, *, patch_size: int | None = None, allow_nan: bool = False) -> np.ndarray:
+#: The image layouts a stage accepts: "last" is (n, H, W, C) (numpy, PIL, scikit-image),
+#: "first" is (n, C, H, W) (torch, torchvision).
+CHANNELS = ("last", "first")
+
+
+def check_images(X, *, patch_size: int | None = None, allow_nan: bool = False,
+                 channels: str = "last") -> np.ndarray:
     """Validate a batch of images and return it as ``(n, H, W, C)``.
 
-    Accepts ``(n, H, W)`` (taken as one channel) or ``(n, H, W, C)``, uint8/integer or float.
-    Raises a ValueError that names the problem: dimensionality, dtype, emptiness, NaN/inf or
-    values past float32's range (unless ``allow_nan``, for callers that check later), or images
-    smaller than ``patch_size``.
+    Accepts ``(n, H, W)`` (taken as one channel) or 4-D images in the ``channels`` layout:
+    ``"last"`` ``(n, H, W, C)`` or ``"first"`` ``(n, C, H, W)`` (returned as a transposed view,
+    not a copy), uint8/integer or float, as a numpy array or a torch tensor on any device (moved
+    to the host once). Raises a ValueError that names the problem: dimensionality, dtype,
+    emptiness, NaN/inf or values past float32's range (unless ``allow_nan``, for callers that
+    check later), images smaller than ``patch_size``, or channels-first images given as
+    channels-last (the message names both layouts and the fix).
     """
-    if hasattr(X, "detach"):  # torch tensor
-        X = X.detach().cpu().numpy()
+    if channels not in CHANNELS:
+        raise ValueError(f"channels must be 'last' (n, H, W, C) or 'first' (n, C, H, W), got "
+                         f"{channels!r}")
+    if _is_torch_data(X):
+        raise ValueError(f"got a torch {type(X).__name__}: stream it through "
+                         "PatchEncoder.transform or featlearn.extract_features, or pass the "
+                         "images as one array or tensor (fitting samples patches from all of them)")
+    if hasattr(X, "detach"):  # torch tensor, on any device
+        from ._torch import to_numpy
+
+        X = to_numpy(X)
     X = np.asarray(X)
     if X.dtype == object or not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
         raise ValueError(f"images must have a numeric dtype, got dtype {X.dtype}")
@@ -77,8 +96,19 @@ def check_images(X, *, patch_size: int | None = None, allow_nan: bool = False) -
     if X.ndim == 3:
         X = X[..., None]
     elif X.ndim != 4:
+        layout = "(n, C, H, W)" if channels == "first" else "(n, H, W, C)"
         raise ValueError(
-            f"images must be a 3-D (n, H, W) or 4-D (n, H, W, C) array, got shape {X.shape}")
+            f"images must be a 3-D (n, H, W) or 4-D {layout} array, got shape {X.shape}")
+    elif channels == "first":
+        X = X.transpose(0, 2, 3, 1)
+    elif _looks_channels_first(X.shape):
+        n, C, H, W = X.shape
+        raise ValueError(
+            f"images of shape {X.shape} look channels-first (n, C, H, W): {n} images of "
+            f"{H}x{W} pixels with {C} channel(s), the torch layout; featlearn reads (n, H, W, C) "
+            f"by default, which would make them {C}x{H} images with {W} channels. Pass "
+            "channels=\"first\" (command line: --channels first), or move the channels last "
+            "(numpy: X.transpose(0, 2, 3, 1); torch: X.permute(0, 2, 3, 1))")
     if X.shape[0] == 0:
         raise ValueError(f"got an empty batch of images (shape {X.shape})")
     if 0 in X.shape[1:]:
@@ -92,6 +122,21 @@ def check_images(X, *, patch_size: int | None = None, allow_nan: bool = False) -
             f"images of size {X.shape[1]}x{X.shape[2]} are smaller than the "
             f"{patch_size}x{patch_size} patch")
     return X
+
+
+def _looks_channels_first(shape) -> bool:
+    """(n, C, H, W) with C in {1, 3, 4}, read as (n, H, W, C): images a few pixels tall with
+    more channels than any image format has. No real channels-last data looks like this."""
+    return shape[1] in (1, 3, 4) and shape[2] > 4 and shape[3] > 4
+
+
+def _is_torch_data(X) -> bool:
+    """A torch Dataset/DataLoader (checked without importing torch if nothing else has)."""
+    if "torch" not in sys.modules:
+        return False
+    from ._torch import is_torch_data
+
+    return is_torch_data(X)
 
 
 class RandomPatchExtractor(TransformerMixin, BaseEstimator):
@@ -110,6 +155,10 @@ class RandomPatchExtractor(TransformerMixin, BaseEstimator):
         Number of patches returned by :meth:`transform`.
     random_state : int, RandomState instance or None, default=None
         Controls the corner positions. An int gives the same patches on every call.
+    channels : {"last", "first"}, default="last"
+        Layout of 4-D images: ``(n, H, W, C)`` or the torch layout ``(n, C, H, W)``. Patches
+        come out in the HWC layout either way. Images may be numpy arrays or torch tensors
+        (on any device).
 
     Attributes
     ----------
@@ -130,24 +179,30 @@ class RandomPatchExtractor(TransformerMixin, BaseEstimator):
         "patch_size": [Interval(numbers.Integral, 1, None, closed="left")],
         "n_patches": [Interval(numbers.Integral, 1, None, closed="left")],
         "random_state": ["random_state"],
+        "channels": [StrOptions(set(CHANNELS))],
     }
 
-    def __init__(self, patch_size=6, n_patches=400_000, random_state=None):
+    def __init__(self, patch_size=6, n_patches=400_000, random_state=None, channels="last"):
         self.patch_size = patch_size
         self.n_patches = n_patches
         self.random_state = random_state
+        self.channels = channels
+
+    def __setstate__(self, state):
+        # Models saved before ``channels`` existed read their images channels-last.
+        super().__setstate__({"channels": "last", **state})
 
     def fit(self, X, y=None):
         """Validate the images; nothing is learned."""
         self._validate_params()
-        X = check_images(X, patch_size=self.patch_size)
+        X = check_images(X, patch_size=self.patch_size, channels=self.channels)
         self.n_features_in_ = int(np.prod(X.shape[1:]))
         return self
 
     def transform(self, X):
         """Return ``(n_patches, patch_size**2 * C)`` float32 patches sampled from ``X``."""
         self._validate_params()
-        X = check_images(X, patch_size=self.patch_size)
+        X = check_images(X, patch_size=self.patch_size, channels=self.channels)
         n, H, W, C = X.shape
         p = self.patch_size
         rng = check_random_state(self.random_state)

@@ -641,12 +641,21 @@ def _estimators(obj, seen=None):
 def _fix_devices(model, path):
     import torch
 
+    from ._torch import mps_available
+
+    missing = {"cuda": "CUDA", "mps": "MPS"}
     if torch.cuda.is_available():
+        del missing["cuda"]
+    if mps_available():
+        del missing["mps"]
+    if not missing:
         return
     for est in _estimators(model):
         dev = getattr(est, "device", None)
-        if isinstance(dev, (str, torch.device)) and str(dev).startswith("cuda"):
-            warnings.warn(f"{path}: {type(est).__name__} was set to device={str(dev)!r}, but CUDA "
-                          "is not available here; using device='cpu'", UserWarning, stacklevel=3)
+        kind = str(dev).split(":")[0] if isinstance(dev, (str, torch.device)) else None
+        if kind in missing:
+            warnings.warn(f"{path}: {type(est).__name__} was set to device={str(dev)!r}, but "
+                          f"{missing[kind]} is not available here; using device='cpu'",
+                          UserWarning, stacklevel=3)
             with contextlib.suppress(ValueError):
                 est.set_params(device="cpu")

@@ -188,9 +188,14 @@ def run(config, data, *, out=None, cache=None, device=None, n_train=None, n_test
     clf.fit(F_train, y_train)
     times["classifier fit"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    test_acc = float(np.mean(clf.predict(F_test) == y_test))
+    pred_test = np.asarray(clf.predict(F_test))
+    test_acc = float(np.mean(pred_test == y_test))
     train_acc = float(np.mean(clf.predict(F_train) == y_train))
     times["predict"] = time.perf_counter() - t0
+    names = [str(n) for n in data.get("target_names") or []]
+    n_classes = max(len(names), int(max(np.max(y_train), np.max(y_test))) + 1)
+    names += [str(k) for k in range(len(names), n_classes)]
+    confusion = confusion_counts(y_test, pred_test, n_classes)
     total = time.perf_counter() - t_start
     flops = distance_flops(encoder, len(X_train), len(X_test))
 
@@ -203,6 +208,13 @@ def run(config, data, *, out=None, cache=None, device=None, n_train=None, n_test
         "n_centroids": int(encoder.kmeans.n_clusters),
         "n_features": int(F_train.shape[1]),
         "published_accuracy": config.get("published"),
+        # Per class: the fraction of that class's test images predicted as it (its recall).
+        "per_class_accuracy": {name: (round(float(confusion[k, k] / confusion[k].sum()), 4)
+                                      if confusion[k].sum() else None)
+                               for k, name in enumerate(names)},
+        # Rows: true class, columns: predicted class, in the order of target_names.
+        "target_names": names,
+        "confusion_matrix": confusion.tolist(),
         "features_from_cache": bool(cached),
         "feature_load_seconds": round(load_s, 2) if cached else None,
         "stage_seconds": {k: round(v, 2) for k, v in times.items()},
@@ -226,6 +238,14 @@ def run(config, data, *, out=None, cache=None, device=None, n_train=None, n_test
     return results, pipe
 
 
+def confusion_counts(y_true, y_pred, n_classes) -> np.ndarray:
+    """``(n_classes, n_classes)`` counts: row = true class, column = predicted class."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    return np.bincount(y_true * n_classes + y_pred,
+                       minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
 def results_markdown(results: dict) -> str:
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in results["stage_seconds"].items())
     pub = results.get("published_accuracy")
@@ -247,6 +267,15 @@ def results_markdown(results: dict) -> str:
             if results["features_from_cache"] else "."),
         "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + ".",
     ]
+    per_class = results.get("per_class_accuracy")
+    if per_class:
+        rows += ["", "Test accuracy per class (the fraction of each class's test images "
+                     "predicted as it; the confusion matrix is in results.json and "
+                     "confusion.png):", "",
+                 "| " + " | ".join(per_class) + " |",
+                 "|" + "---|" * len(per_class),
+                 "| " + " | ".join("-" if v is None else f"{v:.1%}" for v in per_class.values())
+                 + " |"]
     return "\n".join(rows) + "\n"
 
 
@@ -315,7 +344,8 @@ def prepare_results_dir(out, *, overwrite=False) -> Path:
 
 
 def write_results(results: dict, pipe, out: Path):
-    """``results.json``, ``results.md``, ``centroids.png`` and ``learning_curve.png`` in ``out``.
+    """``results.json``, ``results.md``, ``centroids.png``, ``learning_curve.png`` and
+    ``confusion.png`` in ``out``.
 
     Each file is written atomically (temporary file, then rename), so an interrupted run
     leaves the previous file or the new one, never half of one. ``out`` must exist
@@ -327,14 +357,19 @@ def write_results(results: dict, pipe, out: Path):
     try:
         import matplotlib
     except ImportError:
-        logger.warning("matplotlib is not installed: skipping centroids.png and learning_curve.png "
-                       "(pip install 'featlearn[plot]')")
+        logger.warning("matplotlib is not installed: skipping centroids.png, learning_curve.png "
+                       "and confusion.png (pip install matplotlib)")
     else:
         matplotlib.use("Agg")
         with atomic_path(out / "centroids.png") as tmp:
             plot_centroids(pipe.named_steps["encoder"], tmp)
         with atomic_path(out / "learning_curve.png") as tmp:
             plot_learning_curve(pipe.named_steps["classifier"], tmp, title=results["config"])
+        if results.get("confusion_matrix") is not None:
+            with atomic_path(out / "confusion.png") as tmp:
+                plot_confusion(np.asarray(results["confusion_matrix"]), results["target_names"],
+                               tmp, title=f"{results['config']}: test accuracy "
+                                          f"{results['test_accuracy']:.2%}")
     # results.json last: its marker says the folder holds a complete set of results.
     with atomic_path(out / "results.json") as tmp:
         Path(tmp).write_text(json.dumps({RESULTS_MARKER: 1, **results}, indent=2, default=str)
@@ -394,5 +429,30 @@ def plot_learning_curve(clf, path, title=""):
         ax2.legend(loc="lower right")
     ax.legend(loc="upper right")
     ax.set_title(f"{title} learning curve")
+    fig.savefig(path, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_confusion(confusion, names, path, title=""):
+    """The test confusion matrix, each row normalized to the true class's images (row = true)."""
+    import matplotlib.pyplot as plt
+
+    confusion = np.asarray(confusion, dtype=np.float64)
+    rates = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
+    n = len(names)
+    side = max(4.0, 0.55 * n + 2)
+    fig, ax = plt.subplots(figsize=(side, side))
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), names, rotation=45, ha="right")
+    ax.set_yticks(range(n), names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if n <= 20:  # beyond that the numbers would not be readable
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{rates[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if rates[i, j] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    ax.set_title(title)
     fig.savefig(path, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)

@@ -63,7 +63,7 @@ def test_results_are_marked_and_a_rerun_replaces_them(tmp_path, archive):
     results = json.loads((out / "results.json").read_text())
     assert results[RESULTS_MARKER] == 1 and results["n_train"] == 60 and results["n_test"] == 20
     assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "centroids.png",
-                                               "learning_curve.png"}
+                                               "learning_curve.png", "confusion.png"}
     assert reproduce(tiny_config(tmp_path), archive, "--out", out) == 0  # ours: no --force needed
 
 

@@ -1,0 +1,190 @@
+"""Benchmark the ways images come in: a folder of image files through `featlearn fit` and
+`featlearn extract`, and torch DataLoaders through extract_features, against the same images as
+one numpy array in the same process.
+
+Run (under the shared lock, so other jobs on the machine do not disturb the timings)::
+
+    flock /tmp/featlearn-bench.lock python benchmarks/bench_inputs.py
+    python benchmarks/bench_inputs.py --quick      # smoke run, small sizes
+
+The images are the first ``--n-images`` CIFAR-10 training images of ``--data``, written as PNG
+files (and once as JPEG, for the decoding rate) into an ImageFolder layout (one sub-folder per
+class) in a temporary folder: the pixels of real photographs, in files like a user's own. The
+dictionary is small (``--n-clusters`` centroids from 100,000 patches, 20 Lloyd iterations), so
+the numbers show what the input paths cost next to encoding, not the paper's configuration.
+Every command runs in this process (``featlearn.cli.main``), so Python's start-up and imports
+are not counted; ``featlearn extract`` is timed with an empty decoding cache, so its time
+includes reading the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from _common import (RESULTS, add_common_args, gemm_rate, header, load_cifar10, machine,
+                     parse_args, write)
+
+
+def write_folder(root: Path, images, labels, names, fmt):
+    ext = {"PNG": "png", "JPEG": "jpg"}[fmt]
+    from PIL import Image
+
+    for i, (img, y) in enumerate(zip(images, labels)):
+        folder = root / names[y]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(folder / f"{i:05d}.{ext}", format=fmt, **(
+            {"quality": 90} if fmt == "JPEG" else {}))
+
+
+class FileDataset:
+    """What a torch user writes: a map-style dataset decoding one PNG per item with Pillow."""
+
+    def __init__(self, files, labels):
+        self.files, self.labels = files, labels
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        with Image.open(self.files[i]) as im:
+            return np.asarray(im.convert("RGB")), int(self.labels[i])
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - t0, result
+
+
+def main(argv=None):
+    ap = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]),
+                         out=RESULTS / "inputs.md")
+    ap.add_argument("--n-images", type=int, default=2000)
+    ap.add_argument("--n-clusters", type=int, default=400)
+    ap.add_argument("--batch-size", type=int, default=256, help="DataLoader batch size")
+    args = parse_args(ap, argv)
+    n_patches = 100_000
+    if args.quick:
+        args.n_images, args.n_clusters, n_patches = 200, 32, 5000
+
+    import torch
+    from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+    from featlearn import extract_features, load_image_folder
+    from featlearn.cli import main as cli
+    from featlearn.persistence import encoder_of, load_model
+
+    print(machine())
+    peak = gemm_rate()
+    print(f"fp32 GEMM (torch.mm 4096^3): {peak:.1f} GFLOP/s")
+    data = load_cifar10(args)
+    n = args.n_images
+    X, y = np.ascontiguousarray(data.X_train[:n]), data.y_train[:n]
+    rows = []  # (what, seconds, images)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for fmt in ("PNG", "JPEG"):
+            write_folder(tmp / fmt, X, y, data.target_names, fmt)
+        size_png = sum(f.stat().st_size for f in (tmp / "PNG").rglob("*.png"))
+        # Decoding: one thread, all cores (threads), and the cache.
+        for fmt in ("PNG", "JPEG"):
+            for jobs in (1, -1):
+                home = tmp / f"home-{fmt}-{jobs}"
+                dt, folder = timed(lambda: load_image_folder(tmp / fmt, n_jobs=jobs,
+                                                             data_home=home))
+                rows.append((f"`load_image_folder`, {fmt}, n_jobs={jobs} (decode, empty cache)",
+                             dt, n))
+        dt, cached = timed(lambda: load_image_folder(tmp / "PNG", data_home=tmp / "home-PNG-1"))
+        rows.append(("`load_image_folder`, PNG, cached", dt, n))
+        order = [int(Path(f).stem) for f in cached.filenames]  # class by class
+        assert np.array_equal(cached.images, X[order])  # PNG is lossless: the same pixels
+
+        config = tmp / "small.json"
+        config.write_text(json.dumps({"name": "small", "params": {
+            "n_centroids": args.n_clusters, "classifier": "svm", "device": "cpu",
+            "encoder__n_patches": n_patches, "encoder__kmeans__max_iter": 20,
+            "classifier__max_iter": 200}}))
+        model = tmp / "model.npz"
+        dt, rc = timed(lambda: cli(["fit", str(config), "--data", str(tmp / "PNG"), "--out",
+                                    str(model), "--with-classifier", "--data-home",
+                                    str(tmp / "home-fit"), "-q"]))
+        assert rc == 0
+        rows.append(("`featlearn fit --with-classifier` on the PNG folder (decode, dictionary, "
+                     "encode, L2-SVM)", dt, n))
+        feats = tmp / "folder.npy"
+        dt, rc = timed(lambda: cli(["extract", "--model", str(model), "--data", str(tmp / "PNG"),
+                                    "--out", str(feats), "--data-home", str(tmp / "home-ext"),
+                                    "-q"]))
+        assert rc == 0
+        rows.append(("`featlearn extract` on the PNG folder (decode + encode)", dt, n))
+
+        encoder = encoder_of(load_model(model)).set_params(verbose=0)
+        first = encoder_of(load_model(model)).set_params(verbose=0, channels="first")
+        nchw = torch.from_numpy(X).permute(0, 3, 1, 2).contiguous()
+        files = sorted((tmp / "PNG").rglob("*.png"), key=lambda p: p.name)
+        labels = [int(y[int(p.stem)]) for p in files]
+
+        class Files(FileDataset, Dataset):
+            pass
+
+        encoder.transform(X[:20])  # warm-up
+        dt_array, ref = timed(lambda: extract_features(encoder, X, tmp / "array.npy", verbose=0))
+        rows.append(("`extract_features`, numpy array (the peer)", dt_array, n))
+        loaders = [
+            ("`extract_features`, `DataLoader(TensorDataset(uint8 NCHW tensor))`, "
+             "`channels=\"first\"`",
+             first, DataLoader(TensorDataset(nchw, torch.from_numpy(y)),
+                               batch_size=args.batch_size)),
+            ("`extract_features`, `DataLoader` of a Dataset decoding the PNG files",
+             encoder, DataLoader(Files(files, labels), batch_size=args.batch_size,
+                                 collate_fn=lambda b: np.stack([img for img, _ in b]))),
+        ]
+        for i, (what, enc, loader) in enumerate(loaders):
+            dt, out = timed(lambda: extract_features(enc, loader, tmp / f"loader{i}.npy",
+                                                     verbose=0))
+            assert np.array_equal(out, ref)  # files sorted by name are the images in order
+            rows.append((what, dt, n))
+        dt_t, _ = timed(lambda: encoder.transform(X))
+        rows.append(("`PatchEncoder.transform`, numpy array (the peer)", dt_t, n))
+        dt, _ = timed(lambda: first.transform(loaders[0][2]))
+        rows.append(("`PatchEncoder.transform`, the `DataLoader` of tensors", dt, n))
+        # The folder's images come class by class: its features are those of the same images.
+        np.testing.assert_allclose(np.load(feats), encoder.transform(cached.images), rtol=1e-5,
+                                   atol=1e-4)
+
+    for what, dt, k in rows:
+        print(f"{what}: {k} images in {dt:.2f} s = {k / dt:.0f} images/s")
+    lines = header("Inputs: image folders, tensors and DataLoaders", argv=argv, gemm=peak,
+                   quick=args.quick, script=__file__) + [
+        f"{n} CIFAR-10 training images (32x32x3) written as PNG files ({size_png / 2**20:.1f} MB) "
+        f"and as JPEG (quality 90) into one sub-folder per class. Dictionary: 6x6 patches, "
+        f"{n_patches:,} of them, contrast normalization, ZCA, K={args.n_clusters} (Lloyd, 20 "
+        f"iterations), triangle encoding, 2x2 sum pooling ({4 * args.n_clusters} features); "
+        "L2-SVM (at most 200 L-BFGS iterations). DataLoaders: batch_size "
+        f"{args.batch_size}, num_workers=0.",
+        "",
+        "| what | images | seconds | images/s |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [f"| {what} | {k} | {dt:.2f} | {k / dt:,.0f} |" for what, dt, k in rows]
+    by = {what: dt for what, dt, _ in rows}
+    array = by["`extract_features`, numpy array (the peer)"]
+    lines += ["", "`extract_features` on a DataLoader reads it twice (a first pass hashes the "
+              "images for the cache key, the second encodes them and checks they are the same), "
+              "so its overhead over the array is that of iterating the loader twice. Time "
+              "relative to the array in the same run: " + "; ".join(
+                  f"{w.split(', ', 1)[1]} **{by[w] / array:.2f}x**" for w, _, _ in loaders) + "."]
+    write(args.out, lines)
+
+
+if __name__ == "__main__":
+    main()
