@@ -69,4 +69,4 @@ def test_wheel_installs_and_reproduces(tmp_path):
     assert results["n_train"] == 300 and results["n_test"] == 100
     assert results["params"]["encoder__patch_size"] == 6 and results["params"]["n_centroids"] == 16
     assert {p.name for p in (work / "out").iterdir()} == {
-        "results.json", "results.md", "centroids.png", "learning_curve.png"}
+        "results.json", "results.md", "centroids.png", "learning_curve.png", "confusion.png"}
