@@ -20,8 +20,13 @@ import torch
 from featlearn._logging import log, progress
 from featlearn._torch import chunk_size
 
-#: On the CPU, rows per distance chunk are capped here: a ``chunk x k`` block that stays near the
-#: caches makes the argmin that follows the GEMM cheap; larger chunks gain nothing.
+#: On the CPU a chunk's ``chunk x k`` distance block is sized to stay in a core's L2 cache, so
+#: the argmin that reads it back right after the GEMM is cheap; a block of several MiB spills
+#: to memory and costs the pass as much again (benchmarks/bench_kmeans.py, k=1600 and 4000).
+#: Row counts outside these bounds gain nothing (the GEMM's own blocking needs some rows).
+#: Chunking never changes a result: rows are independent and summed in order.
+_CPU_BLOCK_BYTES = 2 * 2**20
+_CPU_MIN_CHUNK = 64
 _CPU_MAX_CHUNK = 4096
 
 
@@ -30,8 +35,14 @@ _CPU_MAX_CHUNK = 4096
 # --------------------------------------------------------------------------------------------
 
 def _rows_per_chunk(n_clusters: int, n_features: int, device: torch.device, itemsize: int = 4) -> int:
-    """Rows of ``X`` per chunk: one distance row (k) plus the row itself and a few scalars."""
-    maximum = _CPU_MAX_CHUNK if device.type == "cpu" else None
+    """Rows of ``X`` per chunk: one distance row (k) plus the row itself and a few scalars.
+
+    On the CPU, also as many rows as keep the distance block near ``_CPU_BLOCK_BYTES``.
+    """
+    maximum = None
+    if device.type == "cpu":
+        rows = _CPU_BLOCK_BYTES // max(1, n_clusters * itemsize)
+        maximum = min(_CPU_MAX_CHUNK, max(_CPU_MIN_CHUNK, rows))
     return chunk_size((n_clusters + n_features + 4) * itemsize, device, maximum=maximum)
 
 
@@ -103,6 +114,28 @@ def _inertia(mind: torch.Tensor, sample_weight: torch.Tensor | None) -> float:
     return float((mind.double() * sample_weight.to(mind.device, torch.float64)).sum())
 
 
+def _tolerance(X: torch.Tensor, tol: float, chunk: int = 16384) -> float:
+    """scikit-learn's relative tolerance: ``tol`` times the mean per-feature variance of ``X``.
+
+    Two passes over row chunks (column sums, then the summed squared deviations as one dot
+    product per chunk, accumulated in float64): several times faster than ``X.var(0)``, whose
+    per-column reduction dominated a short mini-batch fit, and as accurate as a threshold
+    needs. ``tol=0`` (scikit-learn's default for mini-batches) skips both passes.
+    """
+    n, d = X.shape
+    if tol == 0 or n < 2:
+        return 0.0
+    total = torch.zeros(d, dtype=torch.float64, device=X.device)
+    for s in range(0, n, chunk):
+        total += X[s:s + chunk].sum(0)
+    mean = (total / n).to(X.dtype)
+    acc = torch.zeros((), dtype=torch.float64, device=X.device)
+    for s in range(0, n, chunk):
+        dev = (X[s:s + chunk] - mean).view(-1)
+        acc += torch.dot(dev, dev)
+    return float(acc) / (d * (n - 1)) * tol
+
+
 def pairwise_distances(X: torch.Tensor, C: torch.Tensor, *, squared: bool = False,
                        chunk: int | None = None) -> torch.Tensor:
     """``(n, k)`` Euclidean (or squared) distances, computed chunk by chunk into the output.
@@ -153,6 +186,11 @@ def _kmeans_plusplus(X: torch.Tensor, n_clusters: int, gen: torch.Generator,
     centers[0] = X[first]
     closest = (x_sq - 2 * X @ X[first] + x_sq[first]).clamp_(min=0)
     last = torch.tensor(m - 1, device=device)
+    # Candidates times X^T (trials x m) is the fast GEMM orientation, computed in place.
+    # Doubling is exact, so every distance rounds as ``x_sq - 2 x.c + c_sq`` always did; the
+    # per-candidate sums run on an (m, trials) copy, the layout whose summation order (and so
+    # whose picks) earlier versions had.
+    Xt = X.t().contiguous()
     for c in range(1, n_clusters):
         cdf = torch.cumsum(closest if w is None else closest * w, 0, dtype=torch.float64)
         total = cdf[-1]
@@ -160,10 +198,11 @@ def _kmeans_plusplus(X: torch.Tensor, n_clusters: int, gen: torch.Generator,
         uniform = (u[c] * m).long()
         cand = torch.where(total > 0, by_potential, uniform).clamp_(max=last)
         Xc = X[cand]
-        dist = (x_sq[:, None] - 2 * X @ Xc.t() + x_sq[cand][None, :]).clamp_(min=0)
-        dist = torch.minimum(dist, closest[:, None])
-        best = torch.argmin(dist.sum(0) if w is None else (w[:, None] * dist).sum(0))
-        closest = dist[:, best]
+        dist = torch.mm(Xc, Xt).mul_(-2).add_(x_sq).add_(x_sq[cand][:, None]).clamp_(min=0)
+        torch.minimum(dist, closest, out=dist)
+        by_row = dist.t().contiguous()
+        best = torch.argmin(by_row.sum(0) if w is None else (w[:, None] * by_row).sum(0))
+        closest = dist[best]
         centers[c] = Xc[best]
     return centers
 
@@ -206,7 +245,8 @@ class LloydResult(NamedTuple):
     """What :func:`_lloyd` returns (tensors on the device)."""
 
     centers: torch.Tensor
-    labels: torch.Tensor      # nearest centre of every sample, consistent with ``centers``
+    labels: torch.Tensor | None   # nearest centre of every sample, consistent with ``centers``;
+                                  # None when the final pass was skipped
     inertia: float            # (weighted) sum of squared distances, float64 accumulation
     n_iter: int
     n_steps: int              # centre updates; equals n_iter for Lloyd
@@ -226,7 +266,7 @@ class MiniBatchResult(NamedTuple):
 
 
 def _lloyd(X, centers, *, max_iter, tol, reassignment_ratio, gen, chunk, verbose=0,
-           sample_weight=None) -> LloydResult:
+           sample_weight=None, final_pass=True) -> LloydResult:
     """Full-batch Lloyd, with low-count clusters moved to random points.
 
     Centres whose count is below ``reassignment_ratio * max count`` (empty ones included) move
@@ -238,7 +278,10 @@ def _lloyd(X, centers, *, max_iter, tol, reassignment_ratio, gen, chunk, verbose
 
     Stops when the labels no longer change, when the summed squared centre shift is at most
     ``tol`` (absolute), or after ``max_iter`` iterations. Returns the centres with labels,
-    inertia and counts that are consistent with them (one final E-step if needed).
+    inertia and counts that are consistent with them (one final E-step if needed). With
+    ``final_pass=False`` that E-step is skipped: labels are None, and inertia and counts are
+    those of the last assignment (an upper bound on the final centres' inertia, since the means
+    of fixed labels only lower it and the last iteration moves empty centres only).
     """
     prev = None
     n_iter = 0
@@ -282,7 +325,9 @@ def _lloyd(X, centers, *, max_iter, tol, reassignment_ratio, gen, chunk, verbose
         if shift <= tol:
             reason = "centre shift within tol"
             break
-    if consistent is None:
+    if consistent is None and not final_pass:
+        labels = None
+    elif consistent is None:
         labels, mind, _, counts = nearest_centroid(X, centers, chunk=chunk, accumulate=True,
                                                    sample_weight=sample_weight)
     else:
@@ -400,7 +445,7 @@ def _minibatch(X, centers, *, batch_size, max_iter, tol, max_no_improvement, rea
             if pos + b > n:
                 perm, pos = torch.randperm(n, generator=gen).to(X.device), 0
             idx = perm[pos:pos + b]
-            Xb = X[idx]
+            Xb = torch.index_select(X, 0, idx)   # several times faster than X[idx] on the CPU
             wb = None if sample_weight is None else sample_weight[idx]
             pos += b
             centers, batch_inertia, shift = _minibatch_step(

@@ -20,8 +20,9 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
-from featlearn._kmeans_solvers import (_inertia, _init_centers, _lloyd, _minibatch, _minibatch_step,
-                                       _MiniBatchState, _rows_per_chunk, nearest_centroid,
+from featlearn._kmeans_solvers import (MiniBatchResult, _inertia, _init_centers, _lloyd,
+                                       _minibatch, _minibatch_step, _MiniBatchState,
+                                       _rows_per_chunk, _tolerance, nearest_centroid,
                                        pairwise_distances)
 from featlearn._torch import make_generator, resolve_device, to_numpy
 
@@ -147,8 +148,7 @@ class _BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixi
                           RuntimeWarning, stacklevel=3)
             n_init = 1
         gen = make_generator(self.random_state)
-        # scikit-learn's relative tolerance: tol times the mean per-feature variance.
-        tol = float(X.var(0).mean()) * self.tol if n > 1 else 0.0
+        tol = _tolerance(X, self.tol)
         chunk = _rows_per_chunk(self.n_clusters, d, X.device)
         init_size = self._init_size()
         best = None
@@ -418,8 +418,15 @@ class MiniBatchKMeans(_BaseKMeans):
     compute_labels : bool, default=True
         After fitting, compute ``labels_`` and ``inertia_`` in one full pass over ``X`` (for
         :meth:`partial_fit`: over the batch). False skips the pass: no ``labels_``, and
-        ``inertia_`` is the EWA batch inertia times the summed weights (with ``n_init > 1``
-        the pass still runs, to compare the runs).
+        ``inertia_`` is the EWA batch inertia times the summed weights, or with ``lloyd_iter``
+        the inertia of the last Lloyd assignment, an upper bound on the final centres' (with
+        ``n_init > 1`` the pass still runs, to compare the runs).
+    lloyd_iter : int, default=0
+        Full-batch Lloyd iterations (as :class:`KMeans` runs them, with the same ``tol`` and
+        ``reassignment_ratio``) started from the mini-batch centres, in :meth:`fit` only.
+        Mini-batch epochs bring the centres close at a fraction of Lloyd's cost per unit of
+        progress; a few exact passes then take them most of the rest of the way. 0 is
+        scikit-learn's ``MiniBatchKMeans``.
 {_SHARED_TAIL}
     Attributes
     ----------
@@ -430,11 +437,12 @@ class MiniBatchKMeans(_BaseKMeans):
     inertia_ : float
         (Weighted) sum of squared distances of those samples to their nearest centre.
     n_iter_ : int
-        Epochs started (:meth:`partial_fit`: calls).
+        Epochs started (:meth:`partial_fit`: calls), plus the Lloyd iterations run.
     n_steps_ : int
-        Centre updates (batches) performed.
+        Centre updates performed: batches, plus the Lloyd iterations run.
     counts_ : ndarray of shape (n_clusters,), float64
-        Running (weighted) sample counts per centre, the denominators of the learning rate.
+        Running (weighted) sample counts per centre, the denominators of the learning rate;
+        after Lloyd iterations, the (weighted) samples per centre in the last assignment.
     n_features_in_ : int
     feature_names_in_ : ndarray of str
         Only when ``X`` had string column names.
@@ -459,12 +467,14 @@ class MiniBatchKMeans(_BaseKMeans):
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
         "max_no_improvement": [Interval(numbers.Integral, 0, None, closed="left"), None],
         "compute_labels": ["boolean"],
+        "lloyd_iter": [Interval(numbers.Integral, 0, None, closed="left")],
     }
     _init_oversampling = _MINIBATCH_INIT_OVERSAMPLING
 
     def __init__(self, n_clusters=1600, *, init="k-means++", batch_size=1024, init_size=None,
                  max_iter=50, tol=1e-4, max_no_improvement=10, reassignment_ratio=0.01,
-                 compute_labels=True, n_init=1, device="auto", random_state=None, verbose=0):
+                 compute_labels=True, lloyd_iter=0, n_init=1, device="auto", random_state=None,
+                 verbose=0):
         self.n_clusters = n_clusters
         self.init = init
         self.batch_size = batch_size
@@ -474,17 +484,26 @@ class MiniBatchKMeans(_BaseKMeans):
         self.max_no_improvement = max_no_improvement
         self.reassignment_ratio = reassignment_ratio
         self.compute_labels = compute_labels
+        self.lloyd_iter = lloyd_iter
         self.n_init = n_init
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
 
     def _solve(self, X, centers, *, gen, tol, chunk, sample_weight, need_labels):
-        return _minibatch(X, centers, batch_size=self.batch_size, max_iter=self.max_iter,
-                          tol=tol, max_no_improvement=self.max_no_improvement,
-                          reassignment_ratio=self.reassignment_ratio, gen=gen, chunk=chunk,
-                          verbose=self.verbose, sample_weight=sample_weight,
-                          compute_labels=need_labels)
+        res = _minibatch(X, centers, batch_size=self.batch_size, max_iter=self.max_iter,
+                         tol=tol, max_no_improvement=self.max_no_improvement,
+                         reassignment_ratio=self.reassignment_ratio, gen=gen, chunk=chunk,
+                         verbose=self.verbose, sample_weight=sample_weight,
+                         compute_labels=need_labels and not self.lloyd_iter)
+        if not self.lloyd_iter:
+            return res
+        lloyd = _lloyd(X, res.centers, max_iter=self.lloyd_iter, tol=tol,
+                       reassignment_ratio=self.reassignment_ratio, gen=gen, chunk=chunk,
+                       verbose=self.verbose, sample_weight=sample_weight, final_pass=need_labels)
+        return MiniBatchResult(lloyd.centers, lloyd.labels, lloyd.inertia,
+                               res.n_iter + lloyd.n_iter, res.n_steps + lloyd.n_steps,
+                               lloyd.counts, res.ewa_inertia)
 
     def fit(self, X, y=None, sample_weight=None):
         """Compute the centres of ``X`` by mini-batch updates.
