@@ -11,7 +11,11 @@ few Lloyd iterations.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
@@ -28,6 +32,72 @@ from featlearn._torch import chunk_size
 _CPU_BLOCK_BYTES = 2 * 2**20
 _CPU_MIN_CHUNK = 64
 _CPU_MAX_CHUNK = 4096
+
+
+# --------------------------------------------------------------------------------------------
+# CPU parallelism: one worker thread per core over row ranges
+# --------------------------------------------------------------------------------------------
+#
+# torch parallelises every op inside it (an OpenMP region per op, with a barrier). A k-means
+# pass is thousands of small ops (a GEMM and an argmin per chunk, the centre updates), and on
+# a machine with more runnable threads than cores each barrier waits for a descheduled thread:
+# a 400,000 x 1600 pass measured 10-20x slower with 2 intra-op threads under such load than
+# with 1. So the solvers run with one intra-op thread (``cpu_workers``) and split each pass's
+# rows between worker threads themselves (torch releases the GIL inside ops), as scikit-learn
+# does with one OpenMP region per pass: each core keeps its own distance block in its own cache
+# and never waits for the other except once at the end of the pass.
+
+_WORKERS = threading.local()
+_POOL: dict = {"pid": None, "size": 0, "executor": None}
+_POOL_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def cpu_workers(device: torch.device):
+    """Run the enclosed k-means code on ``torch.get_num_threads()`` worker threads of one
+    intra-op thread each (CPU only; a no-op on CUDA, with one thread, or when nested).
+
+    ``torch.set_num_threads`` is process-wide: other threads' torch ops also run on one thread
+    until the block ends. The count is restored on exit, also after an error.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads <= 1 or getattr(_WORKERS, "n", 1) > 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    _WORKERS.n = threads
+    try:
+        yield
+    finally:
+        _WORKERS.n = 1
+        torch.set_num_threads(threads)
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    """The shared pool of ``workers`` threads, made anew after a fork or a change of size."""
+    with _POOL_LOCK:
+        if _POOL["pid"] != os.getpid() or _POOL["size"] != workers:
+            old = _POOL["executor"] if _POOL["pid"] == os.getpid() else None
+            _POOL.update(pid=os.getpid(), size=workers,
+                         executor=ThreadPoolExecutor(workers, thread_name_prefix="featlearn"))
+            if old is not None:
+                old.shutdown(wait=False)
+        return _POOL["executor"]
+
+
+def _over_rows(n: int, chunk: int, work, device: torch.device) -> None:
+    """Call ``work(start, stop)`` over ``[0, n)`` split into chunk-aligned ranges: one per
+    worker inside :func:`cpu_workers` on the CPU (when there are chunks enough), else one."""
+    workers = getattr(_WORKERS, "n", 1) if device.type == "cpu" else 1
+    n_chunks = -(-n // chunk)
+    workers = min(workers, n_chunks)
+    if workers <= 1:
+        work(0, n)
+        return
+    bounds = [min(n, chunk * (n_chunks * i // workers)) for i in range(workers + 1)]
+    futures = [_executor(workers).submit(work, a, b) for a, b in zip(bounds, bounds[1:])]
+    for f in futures:
+        f.result()
 
 
 # --------------------------------------------------------------------------------------------
@@ -52,14 +122,16 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
     """Nearest centre and squared distance of every row of ``X``, chunk by chunk.
 
     Returns ``(labels, min_sq_dist)``, plus ``(sums, counts)`` (per-centre sums of the assigned
-    rows and their counts, float64) when ``accumulate`` is true, computed in the same pass while
-    each chunk is hot. With ``sample_weight`` (a tensor of shape ``(n,)``) the sums and counts
-    are weighted; ``min_sq_dist`` never is. ``min_sq_dist`` is clamped at 0 (float32
-    cancellation can make it slightly negative, whose ``sqrt`` would be NaN).
+    rows and their counts, float64) when ``accumulate`` is true. With ``sample_weight`` (a
+    tensor of shape ``(n,)``) the sums and counts are weighted; ``min_sq_dist`` never is.
+    ``min_sq_dist`` is clamped at 0 (float32 cancellation can make it slightly negative, whose
+    ``sqrt`` would be NaN).
 
-    Centre sums avoid atomics: ``index_add_`` is sequential (deterministic) on the CPU, while on
-    CUDA (where it uses atomics) a one-hot GEMM over the chunk's distance buffer is used instead
-    (``onehot_sums``: None picks by device; True/False force a path, e.g. to test both).
+    On the CPU the chunks are split between the worker threads of :func:`cpu_workers` (when
+    inside it), and the sums are one ``index_add_`` in row order after the pass (deterministic,
+    and the same as chunk by chunk). On CUDA, where ``index_add_`` uses atomics, a one-hot GEMM
+    over each chunk's distance buffer sums instead (``onehot_sums``: None picks by device;
+    True/False force a path, e.g. to test both).
     """
     n, d = X.shape
     k = C.shape[0]
@@ -69,42 +141,58 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
     chunk = max(1, min(chunk, n))
     c_sq = (C * C).sum(1)
     Ct = C.t()
-    buf = torch.empty((chunk, k), dtype=X.dtype, device=device)
     labels = torch.empty(n, dtype=torch.int64, device=device)
     mind = torch.empty(n, dtype=X.dtype, device=device)
     w = None if sample_weight is None else sample_weight.to(device=device, dtype=X.dtype)
     if onehot_sums is None:
         onehot_sums = device.type == "cuda"
+    onehot = accumulate and onehot_sums
     if accumulate:
         sums = torch.zeros((k, d), dtype=X.dtype, device=device)
         counts = torch.zeros(k, dtype=torch.float64, device=device)
-    for s in range(0, n, chunk):
-        e = min(n, s + chunk)
-        Xc = X[s:e]
-        D = buf[:e - s]
-        torch.addmm(c_sq, Xc, Ct, beta=1, alpha=-2, out=D)
-        torch.min(D, dim=1, out=(mind[s:e], labels[s:e]))
-        mind[s:e] += (Xc * Xc).sum(1)
-        if accumulate:
-            lab = labels[s:e]
-            if onehot_sums:
+
+    def work(start, stop):
+        buf = torch.empty((min(chunk, stop - start), k), dtype=X.dtype, device=device)
+        for s in range(start, stop, chunk):
+            e = min(stop, s + chunk)
+            Xc = X[s:e]
+            D = buf[:e - s]
+            torch.addmm(c_sq, Xc, Ct, beta=1, alpha=-2, out=D)
+            torch.min(D, dim=1, out=(mind[s:e], labels[s:e]))
+            mind[s:e] += _row_sq_norms(Xc)
+            if onehot:  # one range only (never split between workers): sums in row order
                 D.zero_()
-                if w is None:
-                    D.scatter_(1, lab[:, None], 1.0)
-                else:
-                    D.scatter_(1, lab[:, None], w[s:e, None])
+                D.scatter_(1, labels[s:e, None], 1.0 if w is None else w[s:e, None])
                 sums.addmm_(D.t(), Xc)
-                counts += D.sum(0, dtype=torch.float64)
-            elif w is None:
-                sums.index_add_(0, lab, Xc)
-                counts += torch.bincount(lab, minlength=k)
-            else:
-                sums.index_add_(0, lab, Xc * w[s:e, None])
-                counts += torch.bincount(lab, weights=w[s:e].double(), minlength=k)
+                counts.add_(D.sum(0, dtype=torch.float64))
+
+    if onehot:
+        work(0, n)
+    else:
+        _over_rows(n, chunk, work, device)
     mind.clamp_(min=0)
+    if accumulate and not onehot:
+        # In row order, as chunk by chunk: row blocks bound the weighted copy's memory.
+        for s in range(0, n, 16384):
+            Xb = X[s:s + 16384]
+            rows = labels[s:s + 16384]
+            sums.index_add_(0, rows, Xb if w is None else Xb * w[s:s + 16384, None])
+        if w is None:
+            counts += torch.bincount(labels, minlength=k)
+        else:
+            counts += torch.bincount(labels, weights=w.double(), minlength=k)
     if accumulate:
         return labels, mind, sums, counts
     return labels, mind
+
+
+def _row_sq_norms(X: torch.Tensor, block: int = 16384) -> torch.Tensor:
+    """``(X * X).sum(1)`` in row blocks (the product is never ``n x d`` at once)."""
+    out = torch.empty(X.shape[0], dtype=X.dtype, device=X.device)
+    for s in range(0, X.shape[0], block):
+        Xb = X[s:s + block]
+        torch.sum(Xb * Xb, 1, out=out[s:s + block])
+    return out
 
 
 def _inertia(mind: torch.Tensor, sample_weight: torch.Tensor | None) -> float:
@@ -146,16 +234,21 @@ def pairwise_distances(X: torch.Tensor, C: torch.Tensor, *, squared: bool = Fals
     k = C.shape[0]
     if chunk is None:
         chunk = _rows_per_chunk(k, d, X.device, X.element_size())
+    chunk = max(1, min(chunk, n))
     c_sq = (C * C).sum(1)
     out = torch.empty((n, k), dtype=X.dtype, device=X.device)
-    for s in range(0, n, max(1, chunk)):
-        e = min(n, s + chunk)
-        D = out[s:e]
-        torch.addmm(c_sq, X[s:e], C.t(), beta=1, alpha=-2, out=D)
-        D += (X[s:e] * X[s:e]).sum(1, keepdim=True)
-        D.clamp_(min=0)
-        if not squared:
-            D.sqrt_()
+
+    def work(start, stop):
+        for s in range(start, stop, chunk):
+            e = min(stop, s + chunk)
+            D = out[s:e]
+            torch.addmm(c_sq, X[s:e], C.t(), beta=1, alpha=-2, out=D)
+            D += (X[s:e] * X[s:e]).sum(1, keepdim=True)
+            D.clamp_(min=0)
+            if not squared:
+                D.sqrt_()
+
+    _over_rows(n, chunk, work, X.device)
     return out
 
 

@@ -22,8 +22,8 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, vali
 
 from featlearn._kmeans_solvers import (MiniBatchResult, _inertia, _init_centers, _lloyd,
                                        _minibatch, _minibatch_step, _MiniBatchState,
-                                       _rows_per_chunk, _tolerance, nearest_centroid,
-                                       pairwise_distances)
+                                       _rows_per_chunk, _tolerance, cpu_workers,
+                                       nearest_centroid, pairwise_distances)
 from featlearn._torch import make_generator, resolve_device, to_numpy
 
 # --------------------------------------------------------------------------------------------
@@ -148,16 +148,17 @@ class _BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixi
                           RuntimeWarning, stacklevel=3)
             n_init = 1
         gen = make_generator(self.random_state)
-        tol = _tolerance(X, self.tol)
         chunk = _rows_per_chunk(self.n_clusters, d, X.device)
         init_size = self._init_size()
         best = None
-        for _ in range(n_init):
-            centers = _init_centers(X, self.n_clusters, init, gen, init_size, w)
-            res = self._solve(X, centers, gen=gen, tol=tol, chunk=chunk, sample_weight=w,
-                              need_labels=need_labels or n_init > 1)
-            if best is None or res.inertia < best.inertia:
-                best = res
+        with cpu_workers(X.device):
+            tol = _tolerance(X, self.tol)
+            for _ in range(n_init):
+                centers = _init_centers(X, self.n_clusters, init, gen, init_size, w)
+                res = self._solve(X, centers, gen=gen, tol=tol, chunk=chunk, sample_weight=w,
+                                  need_labels=need_labels or n_init > 1)
+                if best is None or res.inertia < best.inertia:
+                    best = res
         self.cluster_centers_ = to_numpy(best.centers).astype(np.float32, copy=True)
         if need_labels:
             self.labels_ = to_numpy(best.labels).astype(np.int64, copy=False)
@@ -206,7 +207,8 @@ class _BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixi
         """
         check_is_fitted(self)
         X = self._to_tensor(X, reset=False)
-        labels, _ = nearest_centroid(X, self._centers_like(X))
+        with cpu_workers(X.device):
+            labels, _ = nearest_centroid(X, self._centers_like(X))
         return to_numpy(labels).astype(np.int64, copy=False)
 
     def transform(self, X):
@@ -223,7 +225,8 @@ class _BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixi
         """
         check_is_fitted(self)
         X = self._to_tensor(X, reset=False)
-        return to_numpy(pairwise_distances(X, self._centers_like(X)))
+        with cpu_workers(X.device):
+            return to_numpy(pairwise_distances(X, self._centers_like(X)))
 
     def score(self, X, y=None, sample_weight=None):
         """Minus the inertia of ``X`` (weighted sum of squared distances to the nearest centre).
@@ -241,7 +244,8 @@ class _BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixi
         check_is_fitted(self)
         X = self._to_tensor(X, reset=False)
         w = self._check_weight(sample_weight, X)
-        _, mind = nearest_centroid(X, self._centers_like(X))
+        with cpu_workers(X.device):
+            _, mind = nearest_centroid(X, self._centers_like(X))
         return -_inertia(mind, w)
 
     @property
@@ -287,7 +291,11 @@ _NOTES = """\
     are not finite after that cast are a ValueError); :meth:`predict`/:meth:`transform`/
     :meth:`score` compute in float64 for float64 input. Distances are computed chunk by chunk
     (chunks sized from free memory), so memory beyond the data is ``O(chunk * k + k * d)``.
-    Fitted state is numpy, so a CUDA-fitted model pickles and loads without CUDA.
+    Fitted state is numpy, so a CUDA-fitted model pickles and loads without CUDA. On the CPU,
+    ``fit``/``predict``/``transform``/``score`` split each pass over the rows between
+    ``torch.get_num_threads()`` worker threads and meanwhile run torch with one intra-op thread
+    (a process-wide setting, restored afterwards): per-op thread barriers stall on a loaded
+    machine, one split per pass does not.
 """
 
 
@@ -552,31 +560,32 @@ class MiniBatchKMeans(_BaseKMeans):
         w = self._check_weight(sample_weight, X)
         n, d = X.shape
         k = self.n_clusters
-        if first:
-            self._check_n_samples(n)
-            self._seed = int(check_random_state(self.random_state).randint(0, 2**31 - 1))
-            gen = torch.Generator().manual_seed(self._seed)
-            centers = _init_centers(X, k, self._check_init(d), gen, self._init_size(), w)
-            state = _MiniBatchState(torch.zeros(k, dtype=torch.float64, device=X.device))
-            self.n_steps_ = 0
-        else:
-            gen = torch.Generator().manual_seed(self._seed + self.n_steps_ + 1)
-            centers = torch.from_numpy(self.cluster_centers_).to(X.device)
-            state = _MiniBatchState(torch.from_numpy(self.counts_.astype(np.float64)).to(X.device),
-                                    self._since_reassign)
-        chunk = _rows_per_chunk(k, d, X.device)
-        centers, batch_inertia, _ = _minibatch_step(X, centers, state,
-                                                    reassignment_ratio=self.reassignment_ratio,
-                                                    gen=gen, chunk=chunk, sample_weight=w)
-        self.cluster_centers_ = to_numpy(centers).astype(np.float32, copy=True)
-        self.counts_ = to_numpy(state.counts).astype(np.float64, copy=True)
-        self._since_reassign = state.since_reassign
-        if self.compute_labels:
-            labels, mind = nearest_centroid(X, centers, chunk=chunk)
-            self.labels_ = to_numpy(labels).astype(np.int64, copy=False)
-            self.inertia_ = _inertia(mind, w)
-        else:
-            self.inertia_ = float(batch_inertia) * n
+        with cpu_workers(X.device):
+            if first:
+                self._check_n_samples(n)
+                self._seed = int(check_random_state(self.random_state).randint(0, 2**31 - 1))
+                gen = torch.Generator().manual_seed(self._seed)
+                centers = _init_centers(X, k, self._check_init(d), gen, self._init_size(), w)
+                state = _MiniBatchState(torch.zeros(k, dtype=torch.float64, device=X.device))
+                self.n_steps_ = 0
+            else:
+                gen = torch.Generator().manual_seed(self._seed + self.n_steps_ + 1)
+                centers = torch.from_numpy(self.cluster_centers_).to(X.device)
+                counts = torch.from_numpy(self.counts_.astype(np.float64)).to(X.device)
+                state = _MiniBatchState(counts, self._since_reassign)
+            chunk = _rows_per_chunk(k, d, X.device)
+            centers, batch_inertia, _ = _minibatch_step(X, centers, state,
+                                                        reassignment_ratio=self.reassignment_ratio,
+                                                        gen=gen, chunk=chunk, sample_weight=w)
+            self.cluster_centers_ = to_numpy(centers).astype(np.float32, copy=True)
+            self.counts_ = to_numpy(state.counts).astype(np.float64, copy=True)
+            self._since_reassign = state.since_reassign
+            if self.compute_labels:
+                labels, mind = nearest_centroid(X, centers, chunk=chunk)
+                self.labels_ = to_numpy(labels).astype(np.int64, copy=False)
+                self.inertia_ = _inertia(mind, w)
+            else:
+                self.inertia_ = float(batch_inertia) * n
         self.n_steps_ += 1
         self.n_iter_ = self.n_steps_
         return self

@@ -185,3 +185,64 @@ def test_lloyd_iter_round_trips_through_the_safe_format(heavy, tmp_path):
 def test_bad_lloyd_iter(heavy):
     with pytest.raises(ValueError, match="lloyd_iter"):
         MiniBatchKMeans(n_clusters=3, lloyd_iter=-1).fit(heavy)
+
+
+# ---- CPU worker threads ----------------------------------------------------------------------
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_cpu_workers_set_and_restore_the_thread_count(two_threads):
+    cpu = torch.device("cpu")
+    with solvers.cpu_workers(cpu):
+        assert torch.get_num_threads() == 1 and solvers._WORKERS.n == 2
+        with solvers.cpu_workers(cpu):          # nested: unchanged
+            assert torch.get_num_threads() == 1 and solvers._WORKERS.n == 2
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2 and solvers._WORKERS.n == 1
+    with pytest.raises(RuntimeError, match="boom"):
+        with solvers.cpu_workers(cpu):
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == 2 and solvers._WORKERS.n == 1
+
+
+def test_rows_are_split_into_chunk_aligned_ranges(two_threads):
+    seen = []
+    with solvers.cpu_workers(torch.device("cpu")):
+        solvers._over_rows(1000, 64, lambda a, b: seen.append((a, b)), torch.device("cpu"))
+        assert sorted(seen) == [(0, 512), (512, 1000)]
+        seen.clear()
+        solvers._over_rows(50, 64, lambda a, b: seen.append((a, b)), torch.device("cpu"))
+        assert seen == [(0, 50)]                  # a single chunk: no split
+    seen.clear()
+    solvers._over_rows(1000, 64, lambda a, b: seen.append((a, b)), torch.device("cpu"))
+    assert seen == [(0, 1000)]                    # outside cpu_workers: one range
+
+
+def test_workers_give_the_same_results(heavy, two_threads):
+    X = torch.from_numpy(heavy)
+    C = X[:37].clone()
+    w = torch.rand(len(X), generator=torch.Generator().manual_seed(0))
+    for kw in ({}, {"sample_weight": w}):
+        plain = solvers.nearest_centroid(X, C, chunk=100, accumulate=True, **kw)
+        with solvers.cpu_workers(X.device):
+            split = solvers.nearest_centroid(X, C, chunk=100, accumulate=True, **kw)
+            D = solvers.pairwise_distances(X, C, chunk=100)
+        for a, b in zip(plain, split):
+            assert torch.equal(a, b)
+        assert torch.equal(D, solvers.pairwise_distances(X, C, chunk=100))
+    # An estimator's fit leaves the thread count as it found it.
+    KMeans(5, max_iter=3, random_state=0, device="cpu").fit(heavy)
+    assert torch.get_num_threads() == 2
+
+
+def test_the_pool_is_made_anew_after_a_fork(monkeypatch):
+    first = solvers._executor(2)
+    assert solvers._executor(2) is first
+    monkeypatch.setitem(solvers._POOL, "pid", -1)   # as in a forked child
+    assert solvers._executor(2) is not first
