@@ -432,9 +432,9 @@ class MiniBatchKMeans(_BaseKMeans):
     lloyd_iter : int, default=0
         Full-batch Lloyd iterations (as :class:`KMeans` runs them, with the same ``tol`` and
         ``reassignment_ratio``) started from the mini-batch centres, in :meth:`fit` only.
-        Mini-batch epochs bring the centres close at a fraction of Lloyd's cost per unit of
-        progress; a few exact passes then take them most of the rest of the way. 0 is
-        scikit-learn's ``MiniBatchKMeans``.
+        Mini-batch epochs make Lloyd's early, large moves at a fraction of their cost; the
+        Lloyd iterations then refine exactly, as :class:`KMeans` would. 0 is scikit-learn's
+        ``MiniBatchKMeans``.
 {_SHARED_TAIL}
     Attributes
     ----------
