@@ -7,7 +7,8 @@ with a different k-means, encodes the first ``--n-train`` training images and th
 set, and trains the paper's L2-SVM (C=100, L-BFGS, ``--max-epochs`` iterations). Reported: test
 and train accuracy, and how many centres hold at most 2 of 100,000 held-out patches.
 
-    flock /tmp/featlearn-bench.lock python benchmarks/bench_dictionary.py   # ~15 minutes
+    flock /tmp/featlearn-bench.lock python benchmarks/bench_dictionary.py   # ~20 minutes
+    ... bench_dictionary.py --only 1 2 3                                    # some variants
     python benchmarks/bench_dictionary.py --quick                           # seconds
 """
 
@@ -27,15 +28,21 @@ def variants(k, seed):
 
     from featlearn import KMeans, MiniBatchKMeans
 
+    fast = dict(batch_size=4096, init="random", max_iter=1, tol=0, compute_labels=False,
+                random_state=seed)
     return {
         "featlearn KMeans, k-means++, reassignment_ratio=0 (farthest-point relocation)":
             KMeans(k, reassignment_ratio=0, random_state=seed),
-        "featlearn KMeans, k-means++, reassignment_ratio=0.01 (default)":
+        "featlearn KMeans, k-means++, reassignment_ratio=0.01 (default: 50 Lloyd iterations)":
             KMeans(k, random_state=seed),
-        "featlearn KMeans, random init, reassignment_ratio=0":
-            KMeans(k, init="random", reassignment_ratio=0, random_state=seed),
-        "featlearn MiniBatchKMeans(batch_size=8192), 3 epochs":
-            MiniBatchKMeans(k, batch_size=8192, max_iter=3, random_state=seed),
+        "featlearn MiniBatchKMeans(batch_size=4096, init='random', max_iter=1, lloyd_iter=20)":
+            MiniBatchKMeans(k, lloyd_iter=20, **fast),
+        "featlearn MiniBatchKMeans(batch_size=4096, init='random', max_iter=1, lloyd_iter=30)":
+            MiniBatchKMeans(k, lloyd_iter=30, **fast),
+        "featlearn MiniBatchKMeans(batch_size=2048, init='random', max_no_improvement=5), "
+        "mini-batch only":
+            MiniBatchKMeans(k, batch_size=2048, init="random", max_no_improvement=5, tol=0,
+                            compute_labels=False, random_state=seed),
         "scikit-learn MiniBatchKMeans(batch_size=4096)":
             SkMiniBatchKMeans(k, batch_size=4096, n_init=1, random_state=seed),
     }

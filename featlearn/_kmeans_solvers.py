@@ -11,7 +11,11 @@ few Lloyd iterations.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
@@ -20,9 +24,80 @@ import torch
 from featlearn._logging import log, progress
 from featlearn._torch import chunk_size
 
-#: On the CPU, rows per distance chunk are capped here: a ``chunk x k`` block that stays near the
-#: caches makes the argmin that follows the GEMM cheap; larger chunks gain nothing.
+#: On the CPU a chunk's ``chunk x k`` distance block is sized to stay in a core's L2 cache, so
+#: the argmin that reads it back right after the GEMM is cheap; a block of several MiB spills
+#: to memory and costs the pass as much again (benchmarks/bench_kmeans.py, k=1600 and 4000).
+#: Row counts outside these bounds gain nothing (the GEMM's own blocking needs some rows).
+#: Chunking never changes a result: rows are independent and summed in order.
+_CPU_BLOCK_BYTES = 2 * 2**20
+_CPU_MIN_CHUNK = 64
 _CPU_MAX_CHUNK = 4096
+
+
+# --------------------------------------------------------------------------------------------
+# CPU parallelism: one worker thread per core over row ranges
+# --------------------------------------------------------------------------------------------
+#
+# torch parallelises every op inside it (an OpenMP region per op, with a barrier). A k-means
+# pass is thousands of small ops (a GEMM and an argmin per chunk, the centre updates), and on
+# a machine with more runnable threads than cores each barrier waits for a descheduled thread:
+# a 400,000 x 1600 pass measured 10-20x slower with 2 intra-op threads under such load than
+# with 1. So the solvers run with one intra-op thread (``cpu_workers``) and split each pass's
+# rows between worker threads themselves (torch releases the GIL inside ops), as scikit-learn
+# does with one OpenMP region per pass: each core keeps its own distance block in its own cache
+# and never waits for the other except once at the end of the pass.
+
+_WORKERS = threading.local()
+_POOL: dict = {"pid": None, "size": 0, "executor": None}
+_POOL_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def cpu_workers(device: torch.device):
+    """Run the enclosed k-means code on ``torch.get_num_threads()`` worker threads of one
+    intra-op thread each (CPU only; a no-op on CUDA, with one thread, or when nested).
+
+    ``torch.set_num_threads`` is process-wide: other threads' torch ops also run on one thread
+    until the block ends. The count is restored on exit, also after an error.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads <= 1 or getattr(_WORKERS, "n", 1) > 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    _WORKERS.n = threads
+    try:
+        yield
+    finally:
+        _WORKERS.n = 1
+        torch.set_num_threads(threads)
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    """The shared pool of ``workers`` threads, made anew after a fork or a change of size."""
+    with _POOL_LOCK:
+        if _POOL["pid"] != os.getpid() or _POOL["size"] != workers:
+            old = _POOL["executor"] if _POOL["pid"] == os.getpid() else None
+            _POOL.update(pid=os.getpid(), size=workers,
+                         executor=ThreadPoolExecutor(workers, thread_name_prefix="featlearn"))
+            if old is not None:
+                old.shutdown(wait=False)
+        return _POOL["executor"]
+
+
+def _over_rows(n: int, chunk: int, work, device: torch.device) -> None:
+    """Call ``work(start, stop)`` over ``[0, n)`` split into chunk-aligned ranges: one per
+    worker inside :func:`cpu_workers` on the CPU (when there are chunks enough), else one."""
+    workers = getattr(_WORKERS, "n", 1) if device.type == "cpu" else 1
+    n_chunks = -(-n // chunk)
+    workers = min(workers, n_chunks)
+    if workers <= 1:
+        work(0, n)
+        return
+    bounds = [min(n, chunk * (n_chunks * i // workers)) for i in range(workers + 1)]
+    futures = [_executor(workers).submit(work, a, b) for a, b in zip(bounds, bounds[1:])]
+    for f in futures:
+        f.result()
 
 
 # --------------------------------------------------------------------------------------------
@@ -30,8 +105,14 @@ _CPU_MAX_CHUNK = 4096
 # --------------------------------------------------------------------------------------------
 
 def _rows_per_chunk(n_clusters: int, n_features: int, device: torch.device, itemsize: int = 4) -> int:
-    """Rows of ``X`` per chunk: one distance row (k) plus the row itself and a few scalars."""
-    maximum = _CPU_MAX_CHUNK if device.type == "cpu" else None
+    """Rows of ``X`` per chunk: one distance row (k) plus the row itself and a few scalars.
+
+    On the CPU, also as many rows as keep the distance block near ``_CPU_BLOCK_BYTES``.
+    """
+    maximum = None
+    if device.type == "cpu":
+        rows = _CPU_BLOCK_BYTES // max(1, n_clusters * itemsize)
+        maximum = min(_CPU_MAX_CHUNK, max(_CPU_MIN_CHUNK, rows))
     return chunk_size((n_clusters + n_features + 4) * itemsize, device, maximum=maximum)
 
 
@@ -41,14 +122,16 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
     """Nearest centre and squared distance of every row of ``X``, chunk by chunk.
 
     Returns ``(labels, min_sq_dist)``, plus ``(sums, counts)`` (per-centre sums of the assigned
-    rows and their counts, float64) when ``accumulate`` is true, computed in the same pass while
-    each chunk is hot. With ``sample_weight`` (a tensor of shape ``(n,)``) the sums and counts
-    are weighted; ``min_sq_dist`` never is. ``min_sq_dist`` is clamped at 0 (float32
-    cancellation can make it slightly negative, whose ``sqrt`` would be NaN).
+    rows and their counts, float64) when ``accumulate`` is true. With ``sample_weight`` (a
+    tensor of shape ``(n,)``) the sums and counts are weighted; ``min_sq_dist`` never is.
+    ``min_sq_dist`` is clamped at 0 (float32 cancellation can make it slightly negative, whose
+    ``sqrt`` would be NaN).
 
-    Centre sums avoid atomics: ``index_add_`` is sequential (deterministic) on the CPU, while on
-    CUDA (where it uses atomics) a one-hot GEMM over the chunk's distance buffer is used instead
-    (``onehot_sums``: None picks by device; True/False force a path, e.g. to test both).
+    On the CPU the chunks are split between the worker threads of :func:`cpu_workers` (when
+    inside it), and the sums are one ``index_add_`` in row order after the pass (deterministic,
+    and the same as chunk by chunk). On CUDA, where ``index_add_`` uses atomics, a one-hot GEMM
+    over each chunk's distance buffer sums instead (``onehot_sums``: None picks by device;
+    True/False force a path, e.g. to test both).
     """
     n, d = X.shape
     k = C.shape[0]
@@ -58,42 +141,58 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
     chunk = max(1, min(chunk, n))
     c_sq = (C * C).sum(1)
     Ct = C.t()
-    buf = torch.empty((chunk, k), dtype=X.dtype, device=device)
     labels = torch.empty(n, dtype=torch.int64, device=device)
     mind = torch.empty(n, dtype=X.dtype, device=device)
     w = None if sample_weight is None else sample_weight.to(device=device, dtype=X.dtype)
     if onehot_sums is None:
         onehot_sums = device.type == "cuda"
+    onehot = accumulate and onehot_sums
     if accumulate:
         sums = torch.zeros((k, d), dtype=X.dtype, device=device)
         counts = torch.zeros(k, dtype=torch.float64, device=device)
-    for s in range(0, n, chunk):
-        e = min(n, s + chunk)
-        Xc = X[s:e]
-        D = buf[:e - s]
-        torch.addmm(c_sq, Xc, Ct, beta=1, alpha=-2, out=D)
-        torch.min(D, dim=1, out=(mind[s:e], labels[s:e]))
-        mind[s:e] += (Xc * Xc).sum(1)
-        if accumulate:
-            lab = labels[s:e]
-            if onehot_sums:
+
+    def work(start, stop):
+        buf = torch.empty((min(chunk, stop - start), k), dtype=X.dtype, device=device)
+        for s in range(start, stop, chunk):
+            e = min(stop, s + chunk)
+            Xc = X[s:e]
+            D = buf[:e - s]
+            torch.addmm(c_sq, Xc, Ct, beta=1, alpha=-2, out=D)
+            torch.min(D, dim=1, out=(mind[s:e], labels[s:e]))
+            mind[s:e] += _row_sq_norms(Xc)
+            if onehot:  # one range only (never split between workers): sums in row order
                 D.zero_()
-                if w is None:
-                    D.scatter_(1, lab[:, None], 1.0)
-                else:
-                    D.scatter_(1, lab[:, None], w[s:e, None])
+                D.scatter_(1, labels[s:e, None], 1.0 if w is None else w[s:e, None])
                 sums.addmm_(D.t(), Xc)
-                counts += D.sum(0, dtype=torch.float64)
-            elif w is None:
-                sums.index_add_(0, lab, Xc)
-                counts += torch.bincount(lab, minlength=k)
-            else:
-                sums.index_add_(0, lab, Xc * w[s:e, None])
-                counts += torch.bincount(lab, weights=w[s:e].double(), minlength=k)
+                counts.add_(D.sum(0, dtype=torch.float64))
+
+    if onehot:
+        work(0, n)
+    else:
+        _over_rows(n, chunk, work, device)
     mind.clamp_(min=0)
+    if accumulate and not onehot:
+        # In row order, as chunk by chunk: row blocks bound the weighted copy's memory.
+        for s in range(0, n, 16384):
+            Xb = X[s:s + 16384]
+            rows = labels[s:s + 16384]
+            sums.index_add_(0, rows, Xb if w is None else Xb * w[s:s + 16384, None])
+        if w is None:
+            counts += torch.bincount(labels, minlength=k)
+        else:
+            counts += torch.bincount(labels, weights=w.double(), minlength=k)
     if accumulate:
         return labels, mind, sums, counts
     return labels, mind
+
+
+def _row_sq_norms(X: torch.Tensor, block: int = 16384) -> torch.Tensor:
+    """``(X * X).sum(1)`` in row blocks (the product is never ``n x d`` at once)."""
+    out = torch.empty(X.shape[0], dtype=X.dtype, device=X.device)
+    for s in range(0, X.shape[0], block):
+        Xb = X[s:s + block]
+        torch.sum(Xb * Xb, 1, out=out[s:s + block])
+    return out
 
 
 def _inertia(mind: torch.Tensor, sample_weight: torch.Tensor | None) -> float:
@@ -101,6 +200,28 @@ def _inertia(mind: torch.Tensor, sample_weight: torch.Tensor | None) -> float:
     if sample_weight is None:
         return float(mind.sum(dtype=torch.float64))
     return float((mind.double() * sample_weight.to(mind.device, torch.float64)).sum())
+
+
+def _tolerance(X: torch.Tensor, tol: float, chunk: int = 16384) -> float:
+    """scikit-learn's relative tolerance: ``tol`` times the mean per-feature variance of ``X``.
+
+    Two passes over row chunks (column sums, then the summed squared deviations as one dot
+    product per chunk, accumulated in float64): several times faster than ``X.var(0)``, whose
+    per-column reduction dominated a short mini-batch fit, and as accurate as a threshold
+    needs. ``tol=0`` (scikit-learn's default for mini-batches) skips both passes.
+    """
+    n, d = X.shape
+    if tol == 0 or n < 2:
+        return 0.0
+    total = torch.zeros(d, dtype=torch.float64, device=X.device)
+    for s in range(0, n, chunk):
+        total += X[s:s + chunk].sum(0)
+    mean = (total / n).to(X.dtype)
+    acc = torch.zeros((), dtype=torch.float64, device=X.device)
+    for s in range(0, n, chunk):
+        dev = (X[s:s + chunk] - mean).view(-1)
+        acc += torch.dot(dev, dev)
+    return float(acc) / (d * (n - 1)) * tol
 
 
 def pairwise_distances(X: torch.Tensor, C: torch.Tensor, *, squared: bool = False,
@@ -113,16 +234,21 @@ def pairwise_distances(X: torch.Tensor, C: torch.Tensor, *, squared: bool = Fals
     k = C.shape[0]
     if chunk is None:
         chunk = _rows_per_chunk(k, d, X.device, X.element_size())
+    chunk = max(1, min(chunk, n))
     c_sq = (C * C).sum(1)
     out = torch.empty((n, k), dtype=X.dtype, device=X.device)
-    for s in range(0, n, max(1, chunk)):
-        e = min(n, s + chunk)
-        D = out[s:e]
-        torch.addmm(c_sq, X[s:e], C.t(), beta=1, alpha=-2, out=D)
-        D += (X[s:e] * X[s:e]).sum(1, keepdim=True)
-        D.clamp_(min=0)
-        if not squared:
-            D.sqrt_()
+
+    def work(start, stop):
+        for s in range(start, stop, chunk):
+            e = min(stop, s + chunk)
+            D = out[s:e]
+            torch.addmm(c_sq, X[s:e], C.t(), beta=1, alpha=-2, out=D)
+            D += (X[s:e] * X[s:e]).sum(1, keepdim=True)
+            D.clamp_(min=0)
+            if not squared:
+                D.sqrt_()
+
+    _over_rows(n, chunk, work, X.device)
     return out
 
 
@@ -153,6 +279,11 @@ def _kmeans_plusplus(X: torch.Tensor, n_clusters: int, gen: torch.Generator,
     centers[0] = X[first]
     closest = (x_sq - 2 * X @ X[first] + x_sq[first]).clamp_(min=0)
     last = torch.tensor(m - 1, device=device)
+    # Candidates times X^T (trials x m) is the fast GEMM orientation, computed in place.
+    # Doubling is exact, so every distance rounds as ``x_sq - 2 x.c + c_sq`` always did; the
+    # per-candidate sums run on an (m, trials) copy, the layout whose summation order (and so
+    # whose picks) earlier versions had.
+    Xt = X.t().contiguous()
     for c in range(1, n_clusters):
         cdf = torch.cumsum(closest if w is None else closest * w, 0, dtype=torch.float64)
         total = cdf[-1]
@@ -160,10 +291,11 @@ def _kmeans_plusplus(X: torch.Tensor, n_clusters: int, gen: torch.Generator,
         uniform = (u[c] * m).long()
         cand = torch.where(total > 0, by_potential, uniform).clamp_(max=last)
         Xc = X[cand]
-        dist = (x_sq[:, None] - 2 * X @ Xc.t() + x_sq[cand][None, :]).clamp_(min=0)
-        dist = torch.minimum(dist, closest[:, None])
-        best = torch.argmin(dist.sum(0) if w is None else (w[:, None] * dist).sum(0))
-        closest = dist[:, best]
+        dist = torch.mm(Xc, Xt).mul_(-2).add_(x_sq).add_(x_sq[cand][:, None]).clamp_(min=0)
+        torch.minimum(dist, closest, out=dist)
+        by_row = dist.t().contiguous()
+        best = torch.argmin(by_row.sum(0) if w is None else (w[:, None] * by_row).sum(0))
+        closest = dist[best]
         centers[c] = Xc[best]
     return centers
 
@@ -206,7 +338,8 @@ class LloydResult(NamedTuple):
     """What :func:`_lloyd` returns (tensors on the device)."""
 
     centers: torch.Tensor
-    labels: torch.Tensor      # nearest centre of every sample, consistent with ``centers``
+    labels: torch.Tensor | None   # nearest centre of every sample, consistent with ``centers``;
+                                  # None when the final pass was skipped
     inertia: float            # (weighted) sum of squared distances, float64 accumulation
     n_iter: int
     n_steps: int              # centre updates; equals n_iter for Lloyd
@@ -226,7 +359,7 @@ class MiniBatchResult(NamedTuple):
 
 
 def _lloyd(X, centers, *, max_iter, tol, reassignment_ratio, gen, chunk, verbose=0,
-           sample_weight=None) -> LloydResult:
+           sample_weight=None, final_pass=True) -> LloydResult:
     """Full-batch Lloyd, with low-count clusters moved to random points.
 
     Centres whose count is below ``reassignment_ratio * max count`` (empty ones included) move
@@ -238,7 +371,10 @@ def _lloyd(X, centers, *, max_iter, tol, reassignment_ratio, gen, chunk, verbose
 
     Stops when the labels no longer change, when the summed squared centre shift is at most
     ``tol`` (absolute), or after ``max_iter`` iterations. Returns the centres with labels,
-    inertia and counts that are consistent with them (one final E-step if needed).
+    inertia and counts that are consistent with them (one final E-step if needed). With
+    ``final_pass=False`` that E-step is skipped: labels are None, and inertia and counts are
+    those of the last assignment (an upper bound on the final centres' inertia, since the means
+    of fixed labels only lower it and the last iteration moves empty centres only).
     """
     prev = None
     n_iter = 0
@@ -282,7 +418,9 @@ def _lloyd(X, centers, *, max_iter, tol, reassignment_ratio, gen, chunk, verbose
         if shift <= tol:
             reason = "centre shift within tol"
             break
-    if consistent is None:
+    if consistent is None and not final_pass:
+        labels = None
+    elif consistent is None:
         labels, mind, _, counts = nearest_centroid(X, centers, chunk=chunk, accumulate=True,
                                                    sample_weight=sample_weight)
     else:
@@ -400,7 +538,7 @@ def _minibatch(X, centers, *, batch_size, max_iter, tol, max_no_improvement, rea
             if pos + b > n:
                 perm, pos = torch.randperm(n, generator=gen).to(X.device), 0
             idx = perm[pos:pos + b]
-            Xb = X[idx]
+            Xb = torch.index_select(X, 0, idx)   # several times faster than X[idx] on the CPU
             wb = None if sample_weight is None else sample_weight[idx]
             pos += b
             centers, batch_inertia, shift = _minibatch_step(

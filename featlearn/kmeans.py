@@ -20,9 +20,10 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
-from featlearn._kmeans_solvers import (_inertia, _init_centers, _lloyd, _minibatch, _minibatch_step,
-                                       _MiniBatchState, _rows_per_chunk, nearest_centroid,
-                                       pairwise_distances)
+from featlearn._kmeans_solvers import (MiniBatchResult, _inertia, _init_centers, _lloyd,
+                                       _minibatch, _minibatch_step, _MiniBatchState,
+                                       _rows_per_chunk, _tolerance, cpu_workers,
+                                       nearest_centroid, pairwise_distances)
 from featlearn._torch import make_generator, resolve_device, to_numpy
 
 # --------------------------------------------------------------------------------------------
@@ -147,17 +148,17 @@ class _BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixi
                           RuntimeWarning, stacklevel=3)
             n_init = 1
         gen = make_generator(self.random_state)
-        # scikit-learn's relative tolerance: tol times the mean per-feature variance.
-        tol = float(X.var(0).mean()) * self.tol if n > 1 else 0.0
         chunk = _rows_per_chunk(self.n_clusters, d, X.device)
         init_size = self._init_size()
         best = None
-        for _ in range(n_init):
-            centers = _init_centers(X, self.n_clusters, init, gen, init_size, w)
-            res = self._solve(X, centers, gen=gen, tol=tol, chunk=chunk, sample_weight=w,
-                              need_labels=need_labels or n_init > 1)
-            if best is None or res.inertia < best.inertia:
-                best = res
+        with cpu_workers(X.device):
+            tol = _tolerance(X, self.tol)
+            for _ in range(n_init):
+                centers = _init_centers(X, self.n_clusters, init, gen, init_size, w)
+                res = self._solve(X, centers, gen=gen, tol=tol, chunk=chunk, sample_weight=w,
+                                  need_labels=need_labels or n_init > 1)
+                if best is None or res.inertia < best.inertia:
+                    best = res
         self.cluster_centers_ = to_numpy(best.centers).astype(np.float32, copy=True)
         if need_labels:
             self.labels_ = to_numpy(best.labels).astype(np.int64, copy=False)
@@ -206,7 +207,8 @@ class _BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixi
         """
         check_is_fitted(self)
         X = self._to_tensor(X, reset=False)
-        labels, _ = nearest_centroid(X, self._centers_like(X))
+        with cpu_workers(X.device):
+            labels, _ = nearest_centroid(X, self._centers_like(X))
         return to_numpy(labels).astype(np.int64, copy=False)
 
     def transform(self, X):
@@ -223,7 +225,8 @@ class _BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixi
         """
         check_is_fitted(self)
         X = self._to_tensor(X, reset=False)
-        return to_numpy(pairwise_distances(X, self._centers_like(X)))
+        with cpu_workers(X.device):
+            return to_numpy(pairwise_distances(X, self._centers_like(X)))
 
     def score(self, X, y=None, sample_weight=None):
         """Minus the inertia of ``X`` (weighted sum of squared distances to the nearest centre).
@@ -241,7 +244,8 @@ class _BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixi
         check_is_fitted(self)
         X = self._to_tensor(X, reset=False)
         w = self._check_weight(sample_weight, X)
-        _, mind = nearest_centroid(X, self._centers_like(X))
+        with cpu_workers(X.device):
+            _, mind = nearest_centroid(X, self._centers_like(X))
         return -_inertia(mind, w)
 
     @property
@@ -287,7 +291,11 @@ _NOTES = """\
     are not finite after that cast are a ValueError); :meth:`predict`/:meth:`transform`/
     :meth:`score` compute in float64 for float64 input. Distances are computed chunk by chunk
     (chunks sized from free memory), so memory beyond the data is ``O(chunk * k + k * d)``.
-    Fitted state is numpy, so a CUDA-fitted model pickles and loads without CUDA.
+    Fitted state is numpy, so a CUDA-fitted model pickles and loads without CUDA. On the CPU,
+    ``fit``/``predict``/``transform``/``score`` split each pass over the rows between
+    ``torch.get_num_threads()`` worker threads and meanwhile run torch with one intra-op thread
+    (a process-wide setting, restored afterwards): per-op thread barriers stall on a loaded
+    machine, one split per pass does not.
 """
 
 
@@ -418,8 +426,15 @@ class MiniBatchKMeans(_BaseKMeans):
     compute_labels : bool, default=True
         After fitting, compute ``labels_`` and ``inertia_`` in one full pass over ``X`` (for
         :meth:`partial_fit`: over the batch). False skips the pass: no ``labels_``, and
-        ``inertia_`` is the EWA batch inertia times the summed weights (with ``n_init > 1``
-        the pass still runs, to compare the runs).
+        ``inertia_`` is the EWA batch inertia times the summed weights, or with ``lloyd_iter``
+        the inertia of the last Lloyd assignment, an upper bound on the final centres' (with
+        ``n_init > 1`` the pass still runs, to compare the runs).
+    lloyd_iter : int, default=0
+        Full-batch Lloyd iterations (as :class:`KMeans` runs them, with the same ``tol`` and
+        ``reassignment_ratio``) started from the mini-batch centres, in :meth:`fit` only.
+        Mini-batch epochs make Lloyd's early, large moves at a fraction of their cost; the
+        Lloyd iterations then refine exactly, as :class:`KMeans` would. 0 is scikit-learn's
+        ``MiniBatchKMeans``.
 {_SHARED_TAIL}
     Attributes
     ----------
@@ -430,11 +445,12 @@ class MiniBatchKMeans(_BaseKMeans):
     inertia_ : float
         (Weighted) sum of squared distances of those samples to their nearest centre.
     n_iter_ : int
-        Epochs started (:meth:`partial_fit`: calls).
+        Epochs started (:meth:`partial_fit`: calls), plus the Lloyd iterations run.
     n_steps_ : int
-        Centre updates (batches) performed.
+        Centre updates performed: batches, plus the Lloyd iterations run.
     counts_ : ndarray of shape (n_clusters,), float64
-        Running (weighted) sample counts per centre, the denominators of the learning rate.
+        Running (weighted) sample counts per centre, the denominators of the learning rate;
+        after Lloyd iterations, the (weighted) samples per centre in the last assignment.
     n_features_in_ : int
     feature_names_in_ : ndarray of str
         Only when ``X`` had string column names.
@@ -459,12 +475,14 @@ class MiniBatchKMeans(_BaseKMeans):
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
         "max_no_improvement": [Interval(numbers.Integral, 0, None, closed="left"), None],
         "compute_labels": ["boolean"],
+        "lloyd_iter": [Interval(numbers.Integral, 0, None, closed="left")],
     }
     _init_oversampling = _MINIBATCH_INIT_OVERSAMPLING
 
     def __init__(self, n_clusters=1600, *, init="k-means++", batch_size=1024, init_size=None,
                  max_iter=50, tol=1e-4, max_no_improvement=10, reassignment_ratio=0.01,
-                 compute_labels=True, n_init=1, device="auto", random_state=None, verbose=0):
+                 compute_labels=True, lloyd_iter=0, n_init=1, device="auto", random_state=None,
+                 verbose=0):
         self.n_clusters = n_clusters
         self.init = init
         self.batch_size = batch_size
@@ -474,17 +492,26 @@ class MiniBatchKMeans(_BaseKMeans):
         self.max_no_improvement = max_no_improvement
         self.reassignment_ratio = reassignment_ratio
         self.compute_labels = compute_labels
+        self.lloyd_iter = lloyd_iter
         self.n_init = n_init
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
 
     def _solve(self, X, centers, *, gen, tol, chunk, sample_weight, need_labels):
-        return _minibatch(X, centers, batch_size=self.batch_size, max_iter=self.max_iter,
-                          tol=tol, max_no_improvement=self.max_no_improvement,
-                          reassignment_ratio=self.reassignment_ratio, gen=gen, chunk=chunk,
-                          verbose=self.verbose, sample_weight=sample_weight,
-                          compute_labels=need_labels)
+        res = _minibatch(X, centers, batch_size=self.batch_size, max_iter=self.max_iter,
+                         tol=tol, max_no_improvement=self.max_no_improvement,
+                         reassignment_ratio=self.reassignment_ratio, gen=gen, chunk=chunk,
+                         verbose=self.verbose, sample_weight=sample_weight,
+                         compute_labels=need_labels and not self.lloyd_iter)
+        if not self.lloyd_iter:
+            return res
+        lloyd = _lloyd(X, res.centers, max_iter=self.lloyd_iter, tol=tol,
+                       reassignment_ratio=self.reassignment_ratio, gen=gen, chunk=chunk,
+                       verbose=self.verbose, sample_weight=sample_weight, final_pass=need_labels)
+        return MiniBatchResult(lloyd.centers, lloyd.labels, lloyd.inertia,
+                               res.n_iter + lloyd.n_iter, res.n_steps + lloyd.n_steps,
+                               lloyd.counts, res.ewa_inertia)
 
     def fit(self, X, y=None, sample_weight=None):
         """Compute the centres of ``X`` by mini-batch updates.
@@ -533,31 +560,32 @@ class MiniBatchKMeans(_BaseKMeans):
         w = self._check_weight(sample_weight, X)
         n, d = X.shape
         k = self.n_clusters
-        if first:
-            self._check_n_samples(n)
-            self._seed = int(check_random_state(self.random_state).randint(0, 2**31 - 1))
-            gen = torch.Generator().manual_seed(self._seed)
-            centers = _init_centers(X, k, self._check_init(d), gen, self._init_size(), w)
-            state = _MiniBatchState(torch.zeros(k, dtype=torch.float64, device=X.device))
-            self.n_steps_ = 0
-        else:
-            gen = torch.Generator().manual_seed(self._seed + self.n_steps_ + 1)
-            centers = torch.from_numpy(self.cluster_centers_).to(X.device)
-            state = _MiniBatchState(torch.from_numpy(self.counts_.astype(np.float64)).to(X.device),
-                                    self._since_reassign)
-        chunk = _rows_per_chunk(k, d, X.device)
-        centers, batch_inertia, _ = _minibatch_step(X, centers, state,
-                                                    reassignment_ratio=self.reassignment_ratio,
-                                                    gen=gen, chunk=chunk, sample_weight=w)
-        self.cluster_centers_ = to_numpy(centers).astype(np.float32, copy=True)
-        self.counts_ = to_numpy(state.counts).astype(np.float64, copy=True)
-        self._since_reassign = state.since_reassign
-        if self.compute_labels:
-            labels, mind = nearest_centroid(X, centers, chunk=chunk)
-            self.labels_ = to_numpy(labels).astype(np.int64, copy=False)
-            self.inertia_ = _inertia(mind, w)
-        else:
-            self.inertia_ = float(batch_inertia) * n
+        with cpu_workers(X.device):
+            if first:
+                self._check_n_samples(n)
+                self._seed = int(check_random_state(self.random_state).randint(0, 2**31 - 1))
+                gen = torch.Generator().manual_seed(self._seed)
+                centers = _init_centers(X, k, self._check_init(d), gen, self._init_size(), w)
+                state = _MiniBatchState(torch.zeros(k, dtype=torch.float64, device=X.device))
+                self.n_steps_ = 0
+            else:
+                gen = torch.Generator().manual_seed(self._seed + self.n_steps_ + 1)
+                centers = torch.from_numpy(self.cluster_centers_).to(X.device)
+                counts = torch.from_numpy(self.counts_.astype(np.float64)).to(X.device)
+                state = _MiniBatchState(counts, self._since_reassign)
+            chunk = _rows_per_chunk(k, d, X.device)
+            centers, batch_inertia, _ = _minibatch_step(X, centers, state,
+                                                        reassignment_ratio=self.reassignment_ratio,
+                                                        gen=gen, chunk=chunk, sample_weight=w)
+            self.cluster_centers_ = to_numpy(centers).astype(np.float32, copy=True)
+            self.counts_ = to_numpy(state.counts).astype(np.float64, copy=True)
+            self._since_reassign = state.since_reassign
+            if self.compute_labels:
+                labels, mind = nearest_centroid(X, centers, chunk=chunk)
+                self.labels_ = to_numpy(labels).astype(np.int64, copy=False)
+                self.inertia_ = _inertia(mind, w)
+            else:
+                self.inertia_ = float(batch_inertia) * n
         self.n_steps_ += 1
         self.n_iter_ = self.n_steps_
         return self

@@ -584,13 +584,16 @@ def test_benchmark_smoke(tmp_path, monkeypatch):
     out = tmp_path / "kmeans.md"
     rows = bench.main(["--quick", "--n-patches", "2000", "--data-home", str(tmp_path / "data"),
                        "--data", str(SHARED_ARCHIVE), "--md5", SHARED_MD5, "--out", str(out)])
-    assert [r[0] for r in rows] == ["fl-kmeans", "fl-mbk", "sk-mbk", "sk-mbk-tuned", "sk-kmeans"]
-    assert all(np.isfinite(r[3]) and r[3] > 0 for r in rows)
+    assert [r["key"] for r in rows] == bench.KEYS[:-1] + ["fl-mbk-lloyd2"]  # baseline: from git
+    assert all(np.isfinite(r["inertia"]) and r["inertia"] > 0 for r in rows)
+    by = {r["key"]: r for r in rows}
+    # The baseline revision's Lloyd and today's give the same centres.
+    assert by["fl-kmeans-base"]["inertia"] == by["fl-kmeans"]["inertia"]
     text = out.read_text()
     assert text.startswith("# k-means benchmark (QUICK")
     assert "python benchmarks/bench_kmeans.py --quick" in text and "GFLOP/s" in text
-    assert "| featlearn KMeans" in text
-    assert "| featlearn MiniBatchKMeans" in text
+    assert "| featlearn KMeans" in text and "lloyd_iter=" in text
+    assert "Dictionary stage at n=2,000" in text
 
 
 def test_pipelines_and_configurations_use_kmeans():

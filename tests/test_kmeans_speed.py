@@ -1,0 +1,248 @@
+"""Tests for the fast k-means paths: mini-batch epochs followed by Lloyd iterations
+(``MiniBatchKMeans(lloyd_iter=...)``), fits that make no pass over all points when
+``compute_labels=False``, the cache-sized CPU chunks, and a k-means++ that picks exactly what the
+straightforward version picks."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+import featlearn._kmeans_solvers as solvers
+from featlearn import KMeans, MiniBatchKMeans
+from featlearn._kmeans_solvers import _kmeans_plusplus, _rows_per_chunk, _tolerance
+
+_WEIGHT_XFAIL = {
+    "check_sample_weight_equivalence_on_dense_data":
+        "random initialisation draws rows, so weights differ from repetition (fixed init: equal)",
+    "check_sample_weight_equivalence_on_sparse_data": "sparse input is not supported",
+}
+
+
+@parametrize_with_checks([MiniBatchKMeans(n_clusters=3, batch_size=16, max_iter=3, lloyd_iter=2,
+                                          random_state=0)],
+                         expected_failed_checks=lambda est: _WEIGHT_XFAIL)
+def test_sklearn_compatible_with_lloyd_iter(estimator, check):
+    check(estimator)
+
+
+@pytest.fixture(scope="module")
+def heavy():
+    """Heavy-tailed data (like whitened patches), where centres end up on outliers."""
+    rng = np.random.default_rng(0)
+    return rng.standard_t(3, size=(4000, 12)).astype(np.float32)
+
+
+def _reference_kmeans_plusplus(X, n_clusters, gen, sample_weight=None):
+    """The k-means++ of featlearn 24b0e72, written the plain way (the fast one must match it)."""
+    m, d = X.shape
+    n_local_trials = 2 + int(math.log(n_clusters))
+    w = sample_weight
+    if w is None:
+        first = int(torch.randint(m, (1,), generator=gen))
+    else:
+        first = int(torch.multinomial(w.double(), 1, generator=gen))
+    u = torch.rand((n_clusters, n_local_trials), generator=gen, dtype=torch.float64)
+    x_sq = (X * X).sum(1)
+    centers = torch.empty((n_clusters, d), dtype=X.dtype)
+    centers[0] = X[first]
+    closest = (x_sq - 2 * X @ X[first] + x_sq[first]).clamp_(min=0)
+    for c in range(1, n_clusters):
+        cdf = torch.cumsum(closest if w is None else closest * w, 0, dtype=torch.float64)
+        total = cdf[-1]
+        by_potential = torch.searchsorted(cdf, u[c] * total, right=True)
+        uniform = (u[c] * m).long()
+        cand = torch.where(total > 0, by_potential, uniform).clamp_(max=m - 1)
+        Xc = X[cand]
+        dist = (x_sq[:, None] - 2 * X @ Xc.t() + x_sq[cand][None, :]).clamp_(min=0)
+        dist = torch.minimum(dist, closest[:, None])
+        best = torch.argmin(dist.sum(0) if w is None else (w[:, None] * dist).sum(0))
+        closest = dist[:, best]
+        centers[c] = Xc[best]
+    return centers
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_kmeans_plusplus_picks_what_the_plain_version_picks(heavy, weighted):
+    # Same draws, same rounding (doubling is exact; the candidate sums run in the old layout):
+    # the shipped dictionaries do not change.
+    X = torch.from_numpy(heavy[:2500])
+    w = torch.rand(len(X), generator=torch.Generator().manual_seed(1)) if weighted else None
+    fast = _kmeans_plusplus(X, 120, torch.Generator().manual_seed(3), sample_weight=w)
+    plain = _reference_kmeans_plusplus(X, 120, torch.Generator().manual_seed(3), sample_weight=w)
+    assert torch.equal(fast, plain)
+
+
+def test_cpu_chunks_keep_the_distance_block_cache_sized():
+    cpu = torch.device("cpu")
+    for k in (20, 400, 1600, 4000, 100_000):
+        rows = _rows_per_chunk(k, 108, cpu)
+        assert solvers._CPU_MIN_CHUNK <= rows <= solvers._CPU_MAX_CHUNK
+        assert rows * k * 4 <= solvers._CPU_BLOCK_BYTES or rows == solvers._CPU_MIN_CHUNK
+    assert _rows_per_chunk(1600, 108, cpu) < _rows_per_chunk(400, 108, cpu)
+
+
+def test_tolerance():
+    X = torch.from_numpy(np.random.default_rng(0).normal(size=(500, 4)).astype(np.float32) * 3)
+    assert _tolerance(X, 0.0) == 0.0
+    assert _tolerance(X[:1], 1e-4) == 0.0
+    assert _tolerance(X, 1e-4) == pytest.approx(float(X.double().var(0).mean()) * 1e-4, rel=1e-6)
+    # Chunked: the same from any chunk size; a large mean costs no accuracy.
+    assert _tolerance(X, 1.0, chunk=7) == pytest.approx(_tolerance(X, 1.0), rel=1e-6)
+    assert _tolerance(X + 1e4, 1.0) == pytest.approx(float(X.double().var(0).mean()), rel=1e-5)
+
+
+@pytest.fixture
+def passes(monkeypatch):
+    """Row counts of every nearest-centroid pass the solvers make."""
+    seen = []
+    real = solvers.nearest_centroid
+
+    def spy(X, C, **kw):
+        seen.append(X.shape[0])
+        return real(X, C, **kw)
+
+    monkeypatch.setattr(solvers, "nearest_centroid", spy)
+    return seen
+
+
+@pytest.mark.parametrize("lloyd_iter", [0, 3])
+def test_compute_labels_false_makes_no_extra_pass_over_all_points(heavy, passes, lloyd_iter):
+    n = len(heavy)
+    kw = dict(n_clusters=10, batch_size=500, max_iter=2, tol=0, max_no_improvement=None,
+              lloyd_iter=lloyd_iter, device="cpu", random_state=0)
+    MiniBatchKMeans(compute_labels=False, **kw).fit(heavy)
+    full = [p for p in passes if p == n]
+    # Only the Lloyd iterations see all points; the batches never do.
+    assert len(full) == lloyd_iter and len(passes) == 16 + lloyd_iter
+    passes.clear()
+    MiniBatchKMeans(**kw).fit(heavy)
+    assert len([p for p in passes if p == n]) == lloyd_iter + 1   # + labels_ / inertia_
+
+
+def test_lloyd_iter_continues_the_minibatch_centres_with_lloyd(heavy):
+    # Without reassignment draws, the result is exactly KMeans started from the mini-batch
+    # centres.
+    kw = dict(n_clusters=15, batch_size=256, max_iter=2, reassignment_ratio=0, device="cpu",
+              random_state=0)
+    mb = MiniBatchKMeans(**kw).fit(heavy)
+    both = MiniBatchKMeans(lloyd_iter=4, **kw).fit(heavy)
+    km = KMeans(15, init=mb.cluster_centers_, max_iter=4, reassignment_ratio=0,
+                device="cpu").fit(heavy)
+    np.testing.assert_array_equal(both.cluster_centers_, km.cluster_centers_)
+    np.testing.assert_array_equal(both.labels_, km.labels_)
+    np.testing.assert_array_equal(both.counts_, km.counts_)
+    assert both.inertia_ == km.inertia_ < mb.inertia_
+    assert both.n_iter_ == mb.n_iter_ + km.n_iter_
+    assert both.n_steps_ == mb.n_steps_ + km.n_steps_
+
+
+def test_lloyd_iter_without_labels(heavy):
+    kw = dict(n_clusters=15, batch_size=256, max_iter=1, lloyd_iter=3, tol=0, device="cpu",
+              random_state=0)
+    quick = MiniBatchKMeans(compute_labels=False, **kw).fit(heavy)
+    full = MiniBatchKMeans(**kw).fit(heavy)
+    np.testing.assert_array_equal(quick.cluster_centers_, full.cluster_centers_)
+    assert not hasattr(quick, "labels_")
+    # The last assignment's inertia: an upper bound on the final centres' own.
+    assert full.inertia_ == pytest.approx(-full.score(heavy), rel=1e-5)
+    assert quick.inertia_ >= full.inertia_ * (1 - 1e-6)
+    assert quick.inertia_ <= full.inertia_ * 1.05
+    assert quick.counts_.sum() == len(heavy)
+
+
+def test_lloyd_iter_is_deterministic_and_weighted(heavy):
+    w = np.random.default_rng(0).integers(0, 3, size=len(heavy)).astype(np.float64)
+    kw = dict(n_clusters=12, batch_size=300, max_iter=1, lloyd_iter=3, device="cpu")
+    a = MiniBatchKMeans(random_state=5, **kw).fit(heavy, sample_weight=w)
+    b = MiniBatchKMeans(random_state=5, **kw).fit(heavy, sample_weight=w)
+    np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
+    assert a.counts_.sum() == pytest.approx(w.sum())      # weighted counts of the assignment
+    assert a.inertia_ == pytest.approx(-a.score(heavy, sample_weight=w), rel=1e-5)
+    c = MiniBatchKMeans(random_state=6, **kw).fit(heavy, sample_weight=w)
+    assert not np.array_equal(a.cluster_centers_, c.cluster_centers_)
+
+
+def test_lloyd_iter_two_inits_compare_true_inertias(heavy):
+    km = MiniBatchKMeans(n_clusters=10, batch_size=256, max_iter=1, lloyd_iter=2, n_init=2,
+                         compute_labels=False, device="cpu", random_state=0).fit(heavy)
+    assert km.inertia_ == pytest.approx(-km.score(heavy), rel=1e-5)
+
+
+def test_lloyd_iter_round_trips_through_the_safe_format(heavy, tmp_path):
+    from featlearn.persistence import load_model, save_model
+
+    km = MiniBatchKMeans(n_clusters=6, batch_size=256, max_iter=1, lloyd_iter=2,
+                         compute_labels=False, device="cpu", random_state=0).fit(heavy)
+    save_model(km, tmp_path / "km.fl")
+    back = load_model(tmp_path / "km.fl")
+    assert back.get_params() == km.get_params()
+    np.testing.assert_array_equal(back.predict(heavy), km.predict(heavy))
+
+
+def test_bad_lloyd_iter(heavy):
+    with pytest.raises(ValueError, match="lloyd_iter"):
+        MiniBatchKMeans(n_clusters=3, lloyd_iter=-1).fit(heavy)
+
+
+# ---- CPU worker threads ----------------------------------------------------------------------
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_cpu_workers_set_and_restore_the_thread_count(two_threads):
+    cpu = torch.device("cpu")
+    with solvers.cpu_workers(cpu):
+        assert torch.get_num_threads() == 1 and solvers._WORKERS.n == 2
+        with solvers.cpu_workers(cpu):          # nested: unchanged
+            assert torch.get_num_threads() == 1 and solvers._WORKERS.n == 2
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2 and solvers._WORKERS.n == 1
+    with pytest.raises(RuntimeError, match="boom"):
+        with solvers.cpu_workers(cpu):
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == 2 and solvers._WORKERS.n == 1
+
+
+def test_rows_are_split_into_chunk_aligned_ranges(two_threads):
+    seen = []
+    with solvers.cpu_workers(torch.device("cpu")):
+        solvers._over_rows(1000, 64, lambda a, b: seen.append((a, b)), torch.device("cpu"))
+        assert sorted(seen) == [(0, 512), (512, 1000)]
+        seen.clear()
+        solvers._over_rows(50, 64, lambda a, b: seen.append((a, b)), torch.device("cpu"))
+        assert seen == [(0, 50)]                  # a single chunk: no split
+    seen.clear()
+    solvers._over_rows(1000, 64, lambda a, b: seen.append((a, b)), torch.device("cpu"))
+    assert seen == [(0, 1000)]                    # outside cpu_workers: one range
+
+
+def test_workers_give_the_same_results(heavy, two_threads):
+    X = torch.from_numpy(heavy)
+    C = X[:37].clone()
+    w = torch.rand(len(X), generator=torch.Generator().manual_seed(0))
+    for kw in ({}, {"sample_weight": w}):
+        plain = solvers.nearest_centroid(X, C, chunk=100, accumulate=True, **kw)
+        with solvers.cpu_workers(X.device):
+            split = solvers.nearest_centroid(X, C, chunk=100, accumulate=True, **kw)
+            D = solvers.pairwise_distances(X, C, chunk=100)
+        for a, b in zip(plain, split):
+            assert torch.equal(a, b)
+        assert torch.equal(D, solvers.pairwise_distances(X, C, chunk=100))
+    # An estimator's fit leaves the thread count as it found it.
+    KMeans(5, max_iter=3, random_state=0, device="cpu").fit(heavy)
+    assert torch.get_num_threads() == 2
+
+
+def test_the_pool_is_made_anew_after_a_fork(monkeypatch):
+    first = solvers._executor(2)
+    assert solvers._executor(2) is first
+    monkeypatch.setitem(solvers._POOL, "pid", -1)   # as in a forked child
+    assert solvers._executor(2) is not first
