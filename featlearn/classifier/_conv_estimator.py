@@ -14,9 +14,8 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .._logging import log
-from .._torch import make_generator, resolve_device
 from ..patches import check_finite_float32
-from . import _conv, _network, _stochastic
+from . import _conv
 from ._data import row_weights
 from ._losses import predict_index
 from ._state import PrivateStateMixin
@@ -236,52 +235,24 @@ class TorchConvClassifier(PrivateStateMixin, ClassifierMixin, BaseEstimator):
 
     def _train(self, source, yt, wt, codes):
         dev = self._model_device()
-        rows, val, stopper = torch.arange(source.n_rows), None, None
-        if self.early_stopping:
-            rows, val = _stochastic.validation_split(codes, self.n_views,
-                                                     self.validation_fraction, self._generator())
-            stopper = _stochastic.EarlyStopping(self.tol, self.n_iter_no_change)
-        optimizer = self._optimizer()
-        schedule = _stochastic.make_schedule(
-            optimizer, self.lr_schedule, _stochastic.n_batches(len(rows), self.batch_size),
-            self.max_iter)
-        for epoch in range(self.max_iter):
-            t0 = time.perf_counter()
-            loss = _conv.run_epoch(
+
+        def epoch(optimizer, rows, schedule):
+            return _conv.run_epoch(
                 self.model_, optimizer, source, yt, wt, rows, batch_size=self.batch_size,
                 loss=self.loss, alpha=self._alpha, generator=self._generator(),
                 dropout_generator=self._dropout_generator(), device=dev,
                 precision=self.precision_, scheduler=schedule)
-            self.loss_curve_.append(loss)
-            self.n_iter_, self.best_epoch_ = epoch + 1, epoch
-            stop, msg = False, ""
-            if stopper is not None:
-                val_rows = val.numpy()
-                pred = predict_index(_conv.scores(self.model_, source, val_rows, dev))
-                score = float(np.mean(pred == codes[val_rows]))
-                self.validation_scores_.append(score)
-                stop = stopper.update(score, epoch, self.model_)
-                self.best_epoch_ = stopper.best_epoch
-                msg = f", validation accuracy {score:.4f}"
-            log(self.verbose, "epoch %d: loss %.5f%s (%.1f s)", epoch + 1, loss, msg,
-                time.perf_counter() - t0, level=2)
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"the training loss diverged at epoch {epoch + 1}; "
-                                         "lower learning_rate_init")
-            if stop:
-                log(self.verbose, "early stopping: best epoch %d", self.best_epoch_ + 1, level=2)
-                break
-        if stopper is not None:
-            stopper.restore(self.model_)
+
+        def score(val):
+            val_rows = val.numpy()
+            pred = predict_index(_conv.scores(self.model_, source, val_rows, dev))
+            return float(np.mean(pred == codes[val_rows]))
+
+        self._train_epochs(codes, self.max_iter, epoch, score)
 
     def _initialize_head(self, source):
         """Fresh network, generators and history (the MLP's ``_initialize`` for maps)."""
-        dev = resolve_device(self.device)
-        self.device_ = str(dev)
-        self.precision_ = self.precision
-        if self.precision == "auto":
-            self.precision_ = "bfloat16" if _network.has_fast_bfloat16(dev) else "float32"
-        self._rng = make_generator(self.random_state)
+        dev = self._start_fit()
         n_out = 1 if len(self.classes_) == 2 else len(self.classes_)
         C, h, w = source.shape
         model, self.kernel_size_ = _conv.build_conv_head(
@@ -289,10 +260,7 @@ class TorchConvClassifier(PrivateStateMixin, ClassifierMixin, BaseEstimator):
             hidden_kernel_size=self.hidden_kernel_size, kernel_size=self.kernel_size,
             dropout=self.dropout, generator=self._rng)
         self.model_ = model.to(dev)
-        self._optim = self._optim_state = self._rng_state = None
-        self._dropout_gen = None
-        self.loss_curve_, self.validation_scores_ = [], []
-        self.best_epoch_, self.n_iter_ = 0, 0
+        self._reset_history()
 
     # ------------------------------------------------------------------ inference
 

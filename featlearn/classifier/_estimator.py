@@ -167,37 +167,10 @@ class TorchMLPClassifier(PrivateStateMixin, ClassifierMixin, BaseEstimator):
         return self
 
     def _fit_stochastic(self, Xt, yt, wt, codes):
-        rows, val, stopper = torch.arange(len(codes)), None, None
-        if self.early_stopping:
-            rows, val = _stochastic.validation_split(codes, self.n_views,
-                                                     self.validation_fraction, self._generator())
-            stopper = _stochastic.EarlyStopping(self.tol, self.n_iter_no_change)
-        optimizer = self._optimizer()
-        schedule = _stochastic.make_schedule(
-            optimizer, self.lr_schedule, _stochastic.n_batches(len(rows), self.batch_size),
-            self._max_iter)
-        for epoch in range(self._max_iter):
-            t0 = time.perf_counter()
-            loss = self._epoch(optimizer, Xt, yt, wt, rows, schedule)
-            self.loss_curve_.append(loss)
-            self.n_iter_, self.best_epoch_ = epoch + 1, epoch
-            stop, msg = False, ""
-            if stopper is not None:
-                score = _stochastic.accuracy(self.model_, Xt, yt, val, self._standardizer())
-                self.validation_scores_.append(score)
-                stop = stopper.update(score, epoch, self.model_)
-                self.best_epoch_ = stopper.best_epoch
-                msg = f", validation accuracy {score:.4f}"
-            log(self.verbose, "epoch %d: loss %.5f%s (%.1f s)", epoch + 1, loss, msg,
-                time.perf_counter() - t0, level=2)
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"the training loss diverged at epoch {epoch + 1}; "
-                                         "lower learning_rate_init")
-            if stop:
-                log(self.verbose, "early stopping: best epoch %d", self.best_epoch_ + 1, level=2)
-                break
-        if stopper is not None:
-            stopper.restore(self.model_)
+        self._train_epochs(
+            codes, self._max_iter,
+            lambda optimizer, rows, schedule: self._epoch(optimizer, Xt, yt, wt, rows, schedule),
+            lambda val: _stochastic.accuracy(self.model_, Xt, yt, val, self._standardizer()))
 
     def _epoch(self, optimizer, Xt, yt, wt, rows, schedule):
         return _stochastic.run_epoch(

@@ -8,10 +8,12 @@ optimizer states), so a model restored from plain data still predicts and trains
 from __future__ import annotations
 
 import copy
+import time
 
 import numpy as np
 import torch
 
+from .._logging import log
 from .._torch import make_generator, resolve_device, state_to_cpu
 from . import _network, _stochastic
 from ._standardize import Standardizer, feature_stats
@@ -22,12 +24,7 @@ class PrivateStateMixin:
 
     def _initialize(self, X, weight=None):
         """Fresh statistics, network, generators and history."""
-        dev = resolve_device(self.device)
-        self.device_ = str(dev)
-        self.precision_ = self.precision
-        if self.precision == "auto":
-            self.precision_ = "bfloat16" if _network.has_fast_bfloat16(dev) else "float32"
-        self._rng = make_generator(self.random_state)
+        dev = self._start_fit()
         if self.standardize:
             self.mean_, self.scale_ = feature_stats(X, weight)
         else:
@@ -39,10 +36,64 @@ class PrivateStateMixin:
             X.shape[1], tuple(self.hidden_layer_sizes), n_out, activation=self.activation,
             dropout=self.dropout, input_dropout=self.input_dropout, batch_norm=self.batch_norm,
             generator=self._rng).to(dev)
+        self._reset_history()
+
+    def _start_fit(self):
+        """Resolve the device and precision and seed the private generator; returns the device."""
+        dev = resolve_device(self.device)
+        self.device_ = str(dev)
+        self.precision_ = self.precision
+        if self.precision == "auto":
+            self.precision_ = "bfloat16" if _network.has_fast_bfloat16(dev) else "float32"
+        self._rng = make_generator(self.random_state)
+        return dev
+
+    def _reset_history(self):
+        """No optimizer state, no dropout generator, an empty history (a fresh network's)."""
         self._optim = self._optim_state = self._rng_state = None
         self._dropout_gen = None
         self.loss_curve_, self.validation_scores_ = [], []
         self.best_epoch_, self.n_iter_ = 0, 0
+
+    def _train_epochs(self, codes, max_iter, epoch, score):
+        """The stochastic training loop of every torch classifier here.
+
+        ``codes``: class codes of the training rows (views repeated), for the validation split.
+        ``epoch(optimizer, rows, schedule) -> mean loss`` runs one epoch over ``rows``;
+        ``score(val_rows) -> accuracy`` scores the held-out rows. Early stopping restores the
+        best epoch's weights.
+        """
+        rows, val, stopper = torch.arange(len(codes)), None, None
+        if self.early_stopping:
+            rows, val = _stochastic.validation_split(codes, self.n_views,
+                                                     self.validation_fraction, self._generator())
+            stopper = _stochastic.EarlyStopping(self.tol, self.n_iter_no_change)
+        optimizer = self._optimizer()
+        schedule = _stochastic.make_schedule(
+            optimizer, self.lr_schedule, _stochastic.n_batches(len(rows), self.batch_size),
+            max_iter)
+        for i in range(max_iter):
+            t0 = time.perf_counter()
+            loss = epoch(optimizer, rows, schedule)
+            self.loss_curve_.append(loss)
+            self.n_iter_, self.best_epoch_ = i + 1, i
+            stop, msg = False, ""
+            if stopper is not None:
+                value = score(val)
+                self.validation_scores_.append(value)
+                stop = stopper.update(value, i, self.model_)
+                self.best_epoch_ = stopper.best_epoch
+                msg = f", validation accuracy {value:.4f}"
+            log(self.verbose, "epoch %d: loss %.5f%s (%.1f s)", i + 1, loss, msg,
+                time.perf_counter() - t0, level=2)
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"the training loss diverged at epoch {i + 1}; "
+                                         "lower learning_rate_init")
+            if stop:
+                log(self.verbose, "early stopping: best epoch %d", self.best_epoch_ + 1, level=2)
+                break
+        if stopper is not None:
+            stopper.restore(self.model_)
 
     def _model_device(self):
         return next(self.model_.parameters()).device
