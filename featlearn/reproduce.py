@@ -106,7 +106,7 @@ def distance_flops(encoder, n_train, n_test) -> dict:
     ``d`` is the whitened patch width.
     """
     km = encoder.kmeans_
-    K, d = encoder.n_clusters_, int(_centers_width(km))
+    K, d = encoder.n_clusters_, int(np.shape(km.cluster_centers_)[1])
     n = encoder.n_patches
     if hasattr(km, "batch_size") and hasattr(km, "n_steps_"):  # mini-batch
         rows = km.n_steps_ * min(km.batch_size, n) + (n if getattr(km, "compute_labels", True)
@@ -117,10 +117,6 @@ def distance_flops(encoder, n_train, n_test) -> dict:
     views = 2 if encoder.flip else 1
     return {"k-means": 2.0 * rows * d * K,
             "encoding": 2.0 * (n_train + n_test) * views * Ph * Pw * d * K}
-
-
-def _centers_width(km):
-    return np.shape(km.cluster_centers_)[1]
 
 
 def efficiency(flops: dict, seconds: dict, rate_gflops: float) -> dict:

@@ -107,3 +107,14 @@ def encoder(images):
 @pytest.fixture(scope="module")
 def expected(encoder, images):
     return _np.concatenate([encoder.transform(images[i:i + 7]) for i in range(0, len(images), 7)])
+
+
+def naive_whitened_patches(enc, img):
+    """Every patch of one image through ``enc``'s fitted normalizer and whitener, in float64:
+    the straightforward reference the encoding tests compare the kernel with."""
+    p, s = enc.patch_size, enc.stride
+    Ph, Pw = enc.map_shape_
+    P = _np.stack([img[i * s:i * s + p, j * s:j * s + p].reshape(-1)
+                   for i in range(Ph) for j in range(Pw)])
+    Y = enc.whitener_.transform(enc.normalizer_.transform(P.astype(_np.float32)))
+    return Y.astype(_np.float64)

@@ -13,6 +13,8 @@ from sklearn.pipeline import Pipeline
 import featlearn.activations as activations
 from featlearn import PatchEncoder, RandomPatchDictionary, TorchConvClassifier
 from featlearn.activations import activate_and_pool, window_bounds
+
+from conftest import naive_whitened_patches
 from featlearn.persistence import load_model, save_model
 
 needs_compiler = pytest.mark.skipif(
@@ -47,17 +49,13 @@ def _sample_threshold(E, k):
 def _naive(enc, X):
     """Every patch through the fitted stages (float64), the activation from its definition
     (Euclidean distances to y and -y, cosines), then each cell pooled by slicing."""
-    p, s = enc.patch_size, enc.stride
     Ph, Pw = enc.map_shape_
     C = np.asarray(enc.kmeans_.cluster_centers_, np.float64)
     K = C.shape[0]
     rows, cols = enc._cell_bounds((Ph, Pw))
     out, margins = [], []
     for img in X.astype(np.float64):
-        P = np.stack([img[i * s:i * s + p, j * s:j * s + p].reshape(-1)
-                      for i in range(Ph) for j in range(Pw)])
-        Y = enc.whitener_.transform(enc.normalizer_.transform(P.astype(np.float32)))
-        Y = Y.astype(np.float64)
+        Y = naive_whitened_patches(enc, img)
         if enc.activation == "nearest_fraction":
             k = int(enc.neighbor_fraction * K)
             blocks = []

@@ -14,6 +14,8 @@ from featlearn.activations import ACTIVATIONS, activate_and_pool
 from featlearn.encoding import PatchEncoder
 from featlearn.kmeans import MiniBatchKMeans
 
+from conftest import naive_whitened_patches
+
 needs_compiler = pytest.mark.skipif(
     shutil.which("cc") is None and shutil.which("gcc") is None and shutil.which("g++") is None,
     reason="inductor's CPU backend needs a C++ compiler")
@@ -39,17 +41,13 @@ def _fit(images, activation, K=12):
 
 def _naive(enc, X):
     """Every patch through the fitted stages in numpy, then the activation, then pooling."""
-    p, s = enc.patch_size, enc.stride
     Ph, Pw = enc.map_shape_
     C = np.asarray(enc.kmeans_.cluster_centers_, np.float64)
     rows = encoding.pooling_bounds(Ph, enc._grid()[0])
     cols = encoding.pooling_bounds(Pw, enc._grid()[1])
     out = []
     for img in X.astype(np.float64):
-        P = np.stack([img[i * s:i * s + p, j * s:j * s + p].reshape(-1)
-                      for i in range(Ph) for j in range(Pw)])
-        Y = enc.whitener_.transform(enc.normalizer_.transform(P.astype(np.float32)))
-        Y = Y.astype(np.float64)
+        Y = naive_whitened_patches(enc, img)
         if enc.activation == "soft_threshold":
             dot = Y @ C.T
             A = np.concatenate([np.maximum(dot - enc.alpha, 0), np.maximum(-dot - enc.alpha, 0)], 1)

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from .._torch import chunk_size, to_numpy
-from ._losses import mean_loss, penalty
-from ._network import forward
+from ._losses import penalty
+from ._stochastic import train_step
 
 
 def build_conv_head(channels, map_hw, n_out, *, width, hidden, hidden_kernel_size, kernel_size,
@@ -142,15 +142,9 @@ def run_epoch(model, optimizer, source, y, weight, rows, *, batch_size, loss, al
         if len(idx) * cells > 1:  # batch norm needs more than one value per channel
             xb = source.batch(idx, device)
             idx_t = torch.from_numpy(idx).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16,
-                                enabled=precision == "bfloat16"):
-                scores = forward(model, xb, dropout_generator)
-            wb = None if weight is None else weight.index_select(0, idx_t)
-            batch_loss = mean_loss(scores.float(), y.index_select(0, idx_t), loss, wb)
-            optimizer.zero_grad(set_to_none=True)
-            batch_loss.backward()
-            optimizer.step()
-            total += batch_loss.detach() * len(idx)
+            total += train_step(model, optimizer, xb, y, weight, idx_t, loss=loss,
+                                dropout_generator=dropout_generator,
+                                precision=precision) * len(idx)
             n_done += len(idx)
         if scheduler is not None:
             scheduler.step()

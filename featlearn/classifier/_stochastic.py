@@ -109,18 +109,28 @@ def run_epoch(model, optimizer, X, y, weight, rows, *, batch_size, loss, alpha, 
         idx = perm[b * batch_size:(b + 1) * batch_size]
         if not (len(idx) == 1 and has_bn):  # batch norm cannot train on a single sample
             xb = standardizer.apply_(X.index_select(0, idx))
-            with torch.autocast(device.type, dtype=torch.bfloat16,
-                                enabled=precision == "bfloat16"):
-                scores = forward(model, xb, dropout_generator)
-            wb = None if weight is None else weight.index_select(0, idx)
-            batch_loss = mean_loss(scores.float(), y.index_select(0, idx), loss, wb)
-            optimizer.zero_grad(set_to_none=True)
-            batch_loss.backward()
-            optimizer.step()
-            total += batch_loss.detach() * len(idx)
+            total += train_step(model, optimizer, xb, y, weight, idx, loss=loss,
+                                dropout_generator=dropout_generator,
+                                precision=precision) * len(idx)
         if scheduler is not None:
             scheduler.step()
     return float(total) / len(perm) + penalty(model, alpha)
+
+
+def train_step(model, optimizer, xb, y, weight, idx, *, loss, dropout_generator, precision):
+    """One optimizer step on the batch ``xb`` of rows ``idx``; returns its (detached) mean loss.
+
+    The forward pass runs under bfloat16 autocast when ``precision`` asks for it; the loss is
+    computed in float32 either way.
+    """
+    with torch.autocast(xb.device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+        scores = forward(model, xb, dropout_generator)
+    wb = None if weight is None else weight.index_select(0, idx)
+    batch_loss = mean_loss(scores.float(), y.index_select(0, idx), loss, wb)
+    optimizer.zero_grad(set_to_none=True)
+    batch_loss.backward()
+    optimizer.step()
+    return batch_loss.detach()
 
 
 def accuracy(model, X, y, rows, standardizer):
