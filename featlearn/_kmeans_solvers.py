@@ -24,11 +24,11 @@ import torch
 from featlearn._logging import log, progress
 from featlearn._torch import chunk_size
 
-#: On the CPU a chunk's ``chunk x k`` distance block is sized to stay in a core's L2 cache, so
-#: the argmin that reads it back right after the GEMM is cheap; a block of several MiB spills
-#: to memory and costs the pass as much again (benchmarks/bench_kmeans.py, k=1600 and 4000).
-#: Row counts outside these bounds gain nothing (the GEMM's own blocking needs some rows).
-#: Chunking never changes a result: rows are independent and summed in order.
+#: On the CPU a chunk's ``chunk x k`` distance block is sized to stay near a core's L2 cache,
+#: so the argmin that reads it back right after the GEMM finds it there, and a pass has chunks
+#: enough to split between the worker threads. Row counts outside these bounds gain nothing
+#: (the GEMM's own blocking needs some rows). Chunking never changes a result: rows are
+#: independent and summed in order.
 _CPU_BLOCK_BYTES = 2 * 2**20
 _CPU_MIN_CHUNK = 64
 _CPU_MAX_CHUNK = 4096
