@@ -26,12 +26,17 @@ import torch.nn.functional as F
 SELECTION_SAMPLE = 256
 
 
-def triangle(D: torch.Tensor, alpha: float, **_) -> torch.Tensor:
+def triangle(D: torch.Tensor, alpha: float, *, inplace: bool = False, **_) -> torch.Tensor:
     """``max(0, mean_j z_j - z_k)`` with ``z = sqrt(max(D, 0))``; ``D`` squared distances.
 
     The clamp absorbs rounding: a squared distance from the GEMM expansion can come out
-    slightly negative.
+    slightly negative. ``inplace`` overwrites ``D`` (the eager kernel's scratch buffer): a
+    chunk's four temporaries of ``D``'s size would each be a fresh allocation, page-faulted in.
     """
+    if inplace:
+        z = D.clamp_min_(0.0).sqrt_()
+        mean = z.mean(1, keepdim=True)
+        return z.sub_(mean).neg_().clamp_min_(0.0)
     z = D.clamp_min(0.0).sqrt()
     return (z.mean(1, keepdim=True) - z).clamp_min(0.0)
 
@@ -179,15 +184,16 @@ def activate_and_pool(D: torch.Tensor, row_sq: torch.Tensor | None = None,
                       col_sq: torch.Tensor | None = None, *, n_images: int, map_shape,
                       row_bounds, col_bounds, activation: str, alpha: float, pool_op: str,
                       fraction: float = 0.4, selection: str = "exact",
-                      window=None) -> torch.Tensor:
+                      window=None, inplace: bool = False) -> torch.Tensor:
     """``(n_images * rows * cols, K)`` products -> ``(n_images, n_cells, width * K)`` features.
 
     Rows of ``D`` are image-major, then map rows, then map columns (the encoder's im2col order).
     ``row_sq`` / ``col_sq`` are the norms the activation declares (:attr:`Activation.norms`);
     ``fraction`` and ``selection`` are the nearest-fraction encoding's, ``window`` the pooling
-    windows' sizes and strides (:func:`pool`).
+    windows' sizes and strides (:func:`pool`). ``inplace`` lets an activation overwrite ``D``
+    (eager only: a compiled graph wants no mutation).
     """
     A = ACTIVATIONS[activation].fn(D, alpha, row_sq=row_sq, col_sq=col_sq, fraction=fraction,
-                                   selection=selection)
+                                   selection=selection, inplace=inplace)
     return pool(A.view(n_images, map_shape[0], map_shape[1], A.shape[1]), row_bounds,
                 col_bounds, pool_op, window)

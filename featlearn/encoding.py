@@ -426,15 +426,7 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         self._validate_params()
         if is_torch_data(X):
             return _as_output(self, _transform_stream(self, X))
-        X = check_images(X, patch_size=self.patch_size, allow_nan=True, channels=self.channels)
-        if X.shape[1:] != tuple(self.image_shape_):
-            H, W, C = self.image_shape_
-            raise ValueError(
-                f"images have size {X.shape[1]}x{X.shape[2]} with {X.shape[3]} channel(s); the "
-                f"encoder was fitted on {H}x{W} images with {C} channel(s)")
-        _check_finite(X)
-        self._check_scale(X)
-        self._check_neighbors()
+        X = self._check_transform_input(X)
         plan = self._plan()
         device = resolve_device(self.device)
         n = X.shape[0]
@@ -447,6 +439,19 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
             else:
                 self._transform_parallel(plan, X, out, batch, bar)
         return _as_output(self, out)
+
+    def _check_transform_input(self, X):
+        """Images as ``(n, H, W, C)``, checked against the fitted shape, finite, on scale."""
+        X = check_images(X, patch_size=self.patch_size, allow_nan=True, channels=self.channels)
+        if X.shape[1:] != tuple(self.image_shape_):
+            H, W, C = self.image_shape_
+            raise ValueError(
+                f"images have size {X.shape[1]}x{X.shape[2]} with {X.shape[3]} channel(s); the "
+                f"encoder was fitted on {H}x{W} images with {C} channel(s)")
+        _check_finite(X)
+        self._check_scale(X)
+        self._check_neighbors()
+        return X
 
     def _transform_parallel(self, plan, X, out, batch, progress):
         from joblib import Parallel, delayed
@@ -502,7 +507,7 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         warnings.warn(
             f"images passed to transform have a value scale of {scale:.3g} (99th percentile of "
             f"|x|) but the encoder was fitted on images of scale {fitted:.3g}; {fix}, or refit "
-            "the encoder on data of this scale", ScaleWarning, stacklevel=4)
+            "the encoder on data of this scale", ScaleWarning, stacklevel=5)
 
     def _use_compile(self, plan, device, n_images):
         """Whether this transform runs the compiled activation + pooling (see ``compile``)."""
@@ -733,7 +738,7 @@ class _Kernel:
         torch.mm(y_aug, self.centers_aug, out=D)
         if self.compiled is not None:
             return self.compiled(self.dist, *self._norms(self.y_aug))[:b]
-        return activate_and_pool(D, *self._norms(y_aug), n_images=b, **self.static)
+        return activate_and_pool(D, *self._norms(y_aug), n_images=b, inplace=True, **self.static)
 
     def _norms(self, y_aug):
         """The norms the activation declares, as ``activate_and_pool``'s positional tensors:

@@ -54,8 +54,8 @@ MLP_PARAMS = dict(hidden_layer_sizes=(512,), loss="cross_entropy", dropout=0.5, 
                   batch_size=256, max_iter=50, lr_schedule="cosine")
 
 
-def make_coates_pipeline(n_centroids=1600, *, classifier="mlp", augment=None, memory=None,
-                         device="auto", random_state=0, verbose=0, **stage_params):
+def make_coates_pipeline(n_centroids=1600, *, classifier="mlp", augment=None, power=None,
+                         memory=None, device="auto", random_state=0, verbose=0, **stage_params):
     """Build the Coates-Ng pipeline: ``PatchEncoder`` -> classifier, as a plain ``Pipeline``.
 
     Parameters
@@ -68,6 +68,10 @@ def make_coates_pipeline(n_centroids=1600, *, classifier="mlp", augment=None, me
     augment : None or "flip", default=None
         "flip": train on images and their horizontal mirrors and average both views'
         predictions at test time (see the module docstring for how).
+    power : float or None, default=None
+        Adds a ``("power", PowerNormalizer(power))`` step between the encoder and the
+        classifier: signed power normalization of the pooled features (0.5: signed square
+        root).
     memory : str, joblib.Memory or None
         ``Pipeline(memory=)``: caches the fitted encoder and the training features, so refitting
         with only classifier parameters changed skips the encoding.
@@ -83,8 +87,8 @@ def make_coates_pipeline(n_centroids=1600, *, classifier="mlp", augment=None, me
 
     Returns
     -------
-    sklearn.pipeline.Pipeline with steps ``("encoder", PatchEncoder)`` and
-    ``("classifier", ...)``; ``clone``, ``GridSearchCV`` and pickle accept it.
+    sklearn.pipeline.Pipeline with steps ``("encoder", PatchEncoder)``, ``("power",
+    PowerNormalizer)`` when ``power`` is set, and ``("classifier", ...)``; ``clone``, ``GridSearchCV`` and pickle accept it.
 
     Notes
     -----
@@ -130,7 +134,12 @@ def make_coates_pipeline(n_centroids=1600, *, classifier="mlp", augment=None, me
                 raise ValueError("augment='flip' needs a classifier with an n_views parameter "
                                  "(e.g. TorchMLPClassifier)")
             clf.set_params(n_views=n_views)
-    pipe = Pipeline([("encoder", encoder), ("classifier", clf)], memory=memory)
+    steps = [("encoder", encoder), ("classifier", clf)]
+    if power is not None:
+        from featlearn.preprocessing import PowerNormalizer
+
+        steps.insert(1, ("power", PowerNormalizer(power, copy=False)))
+    pipe = Pipeline(steps, memory=memory)
     if stage_params:
         pipe.set_params(**stage_params)
     return pipe
@@ -340,6 +349,7 @@ def build_pipeline(config, **overrides):
 def _check_top_types(top):
     checks = {
         "n_centroids": (int,), "classifier": (str,), "augment": (str, type(None)),
+        "power": (int, float, type(None)),
         "memory": (str, type(None)), "device": (str, type(None)),
         "random_state": (int, type(None)), "verbose": (int,),
     }
@@ -347,10 +357,11 @@ def _check_top_types(top):
         types = checks.get(key)
         if types is None or (key == "classifier" and hasattr(value, "get_params")):
             continue  # an estimator built from an allowed {"class": ...} object
-        bad_bool = isinstance(value, bool) and key in ("n_centroids", "random_state")
+        bad_bool = isinstance(value, bool) and key in ("n_centroids", "random_state", "power")
         if bad_bool or not isinstance(value, types):
-            names = " or ".join({int: "an integer", str: "a string",
-                                 type(None): "null"}[t] for t in types)
+            words = {int: "a number" if float in types else "an integer", float: "a number",
+                     str: "a string", type(None): "null"}
+            names = " or ".join(dict.fromkeys(words[t] for t in types))
             raise ValueError(f"configuration key {key!r} must be {names}, got {value!r}")
 
 

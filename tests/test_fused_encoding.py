@@ -10,7 +10,7 @@ import torch
 import featlearn.encoding as encoding
 from featlearn._compile import CompiledKernel
 from featlearn._logging import logger
-from featlearn.activations import ACTIVATIONS, activate_and_pool
+from featlearn.activations import ACTIVATIONS, activate_and_pool, triangle
 from featlearn.encoding import PatchEncoder
 from featlearn.kmeans import MiniBatchKMeans
 
@@ -171,3 +171,10 @@ def test_activation_table_widths():
         assert out.shape == (6, act.width * 4), name
         assert act.products in {"sqdist", "dot", "unit_dot"}
         assert set(act.norms) <= {"row_sq", "col_sq"}
+
+
+def test_eager_triangle_in_place_equals_out_of_place():
+    D = torch.rand(50, 40, generator=torch.Generator().manual_seed(0)) - 0.01  # a few < 0
+    want = triangle(D, 0.0)
+    scratch = D.clone()
+    np.testing.assert_array_equal(triangle(scratch, 0.0, inplace=True).numpy(), want.numpy())

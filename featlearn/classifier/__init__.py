@@ -15,10 +15,13 @@ overridable step with explicit arguments (tests call them directly):
 ``_data``         views, label codes, sample weights, zero-copy tensors
 ``_conv_estimator`` the convolutional head's estimator
 ``_conv``         its network, its maps decoded per batch, its epoch and chunked scores
+``_streaming``    the head trained on images encoded per batch with random crop + flip
 """
 
 from ._conv_estimator import TorchConvClassifier
 from ._estimator import TorchMLPClassifier
+from ._streaming import StreamingConvClassifier
 from ._standardize import STANDARDIZE_EPS
 
-__all__ = ["TorchMLPClassifier", "TorchConvClassifier", "STANDARDIZE_EPS"]
+__all__ = ["TorchMLPClassifier", "TorchConvClassifier", "StreamingConvClassifier",
+           "STANDARDIZE_EPS"]

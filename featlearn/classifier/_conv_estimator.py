@@ -219,21 +219,28 @@ class TorchConvClassifier(PrivateStateMixin, ClassifierMixin, BaseEstimator):
                 f"TorchConvClassifier needs samples of at least 2 classes in the data, but the "
                 f"data contains only one class: {classes[0]!r}")
         weight = row_weights(sample_weight, self.class_weight, X, codes, classes)
-        source = self._source(X)
-        self.classes_, self.solver_ = classes, self.solver
+        self.classes_ = classes
+        return self._fit_source(self._source(X), codes, weight)
+
+    def _fit_source(self, source, codes, weight, eval_source=None):
+        """Train a fresh head on the maps ``source`` yields (``classes_`` set, ``codes`` its
+        samples' class codes). ``eval_source`` (default ``source``) serves the validation
+        scores: :class:`StreamingConvClassifier` trains on augmented maps and validates on
+        plain ones."""
+        self.solver_ = self.solver
         self.input_shape_ = tuple(int(v) for v in source.shape)
         self._initialize_head(source)
         t0 = time.perf_counter()
-        V = self.n_views
+        V = source.n_views
         dev = self._model_device()
         yt = torch.from_numpy(np.repeat(codes, V).astype(np.int64)).to(dev)
         wt = None if weight is None else torch.from_numpy(np.repeat(weight, V)).to(dev)
-        self._train(source, yt, wt, np.repeat(codes, V))
+        self._train(source, eval_source or source, yt, wt, np.repeat(codes, V))
         log(self.verbose, "TorchConvClassifier: %s, %d epochs, objective %.6g (%.1f s)",
             self.solver_, self.n_iter_, self.loss_curve_[-1], time.perf_counter() - t0)
         return self
 
-    def _train(self, source, yt, wt, codes):
+    def _train(self, source, eval_source, yt, wt, codes):
         dev = self._model_device()
 
         def epoch(optimizer, rows, schedule):
@@ -245,7 +252,7 @@ class TorchConvClassifier(PrivateStateMixin, ClassifierMixin, BaseEstimator):
 
         def score(val):
             val_rows = val.numpy()
-            pred = predict_index(_conv.scores(self.model_, source, val_rows, dev))
+            pred = predict_index(_conv.scores(self.model_, eval_source, val_rows, dev))
             return float(np.mean(pred == codes[val_rows]))
 
         self._train_epochs(codes, self.max_iter, epoch, score)
