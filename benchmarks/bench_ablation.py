@@ -99,7 +99,10 @@ def main(argv=None):
     dictionaries, features = {}, {}
     base_acc = base_time = None
     for i, (name, what, overrides) in enumerate(rows):
-        params = dict(PAPER, **overrides, **(QUICK if args.quick else {}))
+        params = dict(PAPER, **(QUICK if args.quick else {}))
+        params.update(overrides)
+        if "encoder__kmeans" in overrides:  # a dictionary of its own: no Lloyd iterations
+            params.pop("encoder__kmeans__max_iter")
         pipe = build_pipeline({"name": "ablation", "params": params})
         steps = pipe.steps
         encoder, clf = steps[0][1], steps[-1][1]
