@@ -342,8 +342,35 @@ def build_pipeline(config, **overrides):
         value = _from_json(key, nested[key],
                            takes_estimator=key.rsplit("__", 1)[1] in ESTIMATOR_PARAMS)
         pipe.set_params(**{key: value})
+        if isinstance(nested[key], dict):
+            _inherit(pipe, key, nested[key], top)
+    if isinstance(params.get("classifier"), dict):
+        _inherit(pipe, "classifier", params["classifier"], top)
     _validate_estimators(pipe, params)
     return pipe
+
+
+#: Parameters of make_coates_pipeline that reach an estimator given as ``{"class": ...}`` where
+#: its ``params`` leave them out, named as the estimator names them.
+_INHERITED = {"device": "device", "random_state": "random_state", "verbose": "verbose",
+              "n_centroids": "n_clusters"}
+
+
+def _inherit(pipe, key, spec, top):
+    """Give the estimator at ``key`` (built from ``spec``) the pipeline-wide settings its spec
+    leaves out, so ``--device``, ``random_state`` and ``n_centroids`` reach a configured
+    dictionary or classifier as they reach the defaults (a MiniBatchKMeans left to its own
+    ``random_state=None`` would make the configuration non-deterministic)."""
+    est = pipe.get_params()[key]
+    own = est.get_params(deep=False)
+    given = spec.get("params", {})
+    defaults = inspect.signature(make_coates_pipeline).parameters
+    for top_name, name in _INHERITED.items():
+        if name in own and name not in given:
+            if name == "n_clusters" and key == "classifier":
+                continue
+            value = top.get(top_name, defaults[top_name].default)
+            est.set_params(**{name: value})
 
 
 def _check_top_types(top):

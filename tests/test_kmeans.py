@@ -597,7 +597,9 @@ def test_benchmark_smoke(tmp_path, monkeypatch):
 
 
 def test_pipelines_and_configurations_use_kmeans():
-    # The paper's full-batch Lloyd is KMeans; every shipped configuration builds it.
+    # The paper's full-batch Lloyd is KMeans; every shipped configuration builds it, except
+    # coates2011-1600-svm: a mini-batch epoch then 15 Lloyd iterations (measured within 0.3
+    # points of 50 Lloyd iterations), seeded and placed like the default.
     from featlearn.pipeline import available_configs, build_pipeline, load_config
     from featlearn import make_coates_pipeline
 
@@ -606,7 +608,14 @@ def test_pipelines_and_configurations_use_kmeans():
     assert names
     for name in names:
         km = build_pipeline(load_config(name)).named_steps["encoder"].kmeans
-        assert type(km) is KMeans and km.max_iter == 50, name
+        if name == "coates2011-1600-svm":
+            assert type(km) is MiniBatchKMeans and km.lloyd_iter == 15 and km.max_iter == 1
+            assert km.random_state == 0 and km.n_clusters == 1600
+            moved = build_pipeline(load_config(name), random_state=5, device="cpu",
+                                   n_centroids=400).named_steps["encoder"].kmeans
+            assert (moved.random_state, moved.device, moved.n_clusters) == (5, "cpu", 400)
+        else:
+            assert type(km) is KMeans and km.max_iter == 50, name
 
 
 #: The last commit whose MiniBatchKMeans ran full-batch Lloyd for ``batch_size=None``.

@@ -94,3 +94,17 @@ def test_in_a_pipeline_and_round_trip(tmp_path):
     back = load_model(path)
     np.testing.assert_array_equal(back.transform(X), pipe.transform(X))
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(pipe)).transform(X), pipe.transform(X))
+
+
+def test_pipeline_power_step_from_python_and_configuration():
+    from featlearn import make_coates_pipeline
+    from featlearn.pipeline import build_pipeline
+
+    pipe = make_coates_pipeline(8, power=0.5)
+    assert [name for name, _ in pipe.steps] == ["encoder", "power", "classifier"]
+    assert pipe.named_steps["power"].power == 0.5
+    assert "power" not in make_coates_pipeline(8).named_steps
+    built = build_pipeline({"name": "p", "params": {"power": 0.25, "n_centroids": 8}})
+    assert built.named_steps["power"].power == 0.25
+    with pytest.raises(ValueError, match="'power' must be a number or null"):
+        build_pipeline({"name": "p", "params": {"power": "half"}})

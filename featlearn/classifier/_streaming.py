@@ -223,7 +223,8 @@ class StreamingConvClassifier(ClassifierMixin, BaseEstimator):
 
     def predict(self, X):
         """The class with the highest score."""
-        return self.classes_[predict_index(self._scores(X))]
+        scores = self._scores(X)  # checks fitted first
+        return self.classes_[predict_index(scores)]
 
     @available_if(lambda self: self.head is None or self.head.loss == "cross_entropy")
     def predict_proba(self, X):
