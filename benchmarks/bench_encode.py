@@ -182,16 +182,22 @@ def main(argv=None):
 
     cold, warm = measure_compile(enc)
     print(f"compilation: {cold:.1f} s with an empty inductor cache, {warm:.1f} s warm")
+    import torch
+
+    from featlearn._torch import has_fast_bfloat16
+
     rows = {}
-    for mode in (False, True):
-        enc.set_params(compile=mode)
-        enc.transform(X[:20])  # warm-up (and, compiled, the compilation itself)
-        seconds = _timed(lambda: enc.transform(X))
-        rows[mode] = (seconds, product_flops(len(X), enc) / seconds / 1e9)
-        print(f"featlearn compile={mode}: {len(X)} images in {seconds:.2f} s = "
-              f"{rows[mode][1]:.1f} GFLOP/s")
-    t_fl, rate_fl = rows[True]
-    enc.set_params(compile="auto")
+    precisions = ["float32"] + (["bfloat16"] if has_fast_bfloat16(torch.device("cpu")) else [])
+    for precision in precisions:
+        for mode in (False, True):
+            enc.set_params(compile=mode, precision=precision)
+            enc.transform(X[:20])  # warm-up (and, compiled, the compilation itself)
+            seconds = _timed(lambda: enc.transform(X))
+            rows[precision, mode] = (seconds, product_flops(len(X), enc) / seconds / 1e9)
+            print(f"featlearn precision={precision} compile={mode}: {len(X)} images in "
+                  f"{seconds:.2f} s = {rows[precision, mode][1]:.1f} GFLOP/s")
+    t_fl, rate_fl = rows["float32", True]
+    enc.set_params(compile="auto", precision="float32")
 
     Xn = X[: args.numpy_images]
     numpy_encode(enc, Xn[:10])
@@ -218,17 +224,19 @@ def main(argv=None):
         "| what | images | seconds | GFLOP/s | % of GEMM |",
         "|---|---:|---:|---:|---:|",
         f"| fp32 GEMM, torch.mm 4096^3 | | | {peak:.1f} | 100% |",
-        f"| featlearn PatchEncoder, eager (CPU, batch_size={batch}, compile=False) | {len(X)} | "
-        f"{rows[False][0]:.2f} | {rows[False][1]:.1f} | {100 * rows[False][1] / peak:.0f}% |",
-        f"| featlearn PatchEncoder, fused (CPU, batch_size={batch}, compile=True) | {len(X)} | "
-        f"{t_fl:.2f} | {rate_fl:.1f} | {100 * rate_fl / peak:.0f}% |",
+        *[f"| featlearn PatchEncoder, {'fused' if mode else 'eager'} (CPU, batch_size={batch}, "
+          f"compile={mode}, precision={precision}) | {len(X)} | {sec:.2f} | {rate:.1f} | "
+          f"{100 * rate / peak:.0f}% |" for (precision, mode), (sec, rate) in rows.items()],
         f"| numpy (sliding_window_view + matmul, 50-image batches) | {len(Xn)} | {t_np:.2f} | "
         f"{rate_np:.1f} | {100 * rate_np / peak:.0f}% |",
         "",
         f"featlearn / numpy: **{rate_fl / rate_np:.1f}x**; featlearn / GEMM: "
         f"**{100 * rate_fl / peak:.0f}%** (targets: >= 4x and >= 70%). Max relative difference "
         f"of the two outputs on 20 images: {err:.1e}. Fused / eager: "
-        f"**{rows[False][0] / t_fl:.2f}x**. Compiling the fused kernel took {cold:.1f} s with an "
+        f"**{rows['float32', False][0] / t_fl:.2f}x**"
+        + (f"; fused bfloat16 / fused float32: **{t_fl / rows['bfloat16', True][0]:.2f}x**"
+           if ("bfloat16", True) in rows else " (no native bfloat16 here: no bfloat16 rows)")
+        + f". Compiling the fused kernel took {cold:.1f} s with an "
         f"empty inductor cache and {warm:.1f} s with a warm one (fresh processes, 8 images, "
         "minus their encoding time).",
         "",

@@ -261,3 +261,17 @@ def iter_image_batches(data, batch_size=DATASET_BATCH):
         return
     for batch in data:
         yield _sample_images(batch)
+
+
+def has_fast_bfloat16(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products are native (hence faster than float32) on ``device``.
+
+    CUDA GPUs and CPUs with AVX512-BF16 or AMX run them in hardware; elsewhere (e.g. AVX2-only
+    CPUs) torch emulates them, several times slower than float32.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu" or not hasattr(torch.cpu, "get_capabilities"):
+        return False
+    caps = torch.cpu.get_capabilities()
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))

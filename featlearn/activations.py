@@ -193,6 +193,7 @@ def activate_and_pool(D: torch.Tensor, row_sq: torch.Tensor | None = None,
     windows' sizes and strides (:func:`pool`). ``inplace`` lets an activation overwrite ``D``
     (eager only: a compiled graph wants no mutation).
     """
+    D = D.float()  # bfloat16 products are read as float32 (a no-op for float32)
     A = ACTIVATIONS[activation].fn(D, alpha, row_sq=row_sq, col_sq=col_sq, fraction=fraction,
                                    selection=selection, inplace=inplace)
     return pool(A.view(n_images, map_shape[0], map_shape[1], A.shape[1]), row_bounds,

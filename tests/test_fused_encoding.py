@@ -178,3 +178,28 @@ def test_eager_triangle_in_place_equals_out_of_place():
     want = triangle(D, 0.0)
     scratch = D.clone()
     np.testing.assert_array_equal(triangle(scratch, 0.0, inplace=True).numpy(), want.numpy())
+
+
+@pytest.mark.parametrize("activation", ["triangle", "soft_threshold"])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=needs_compiler)])
+def test_bfloat16_products_stay_close_to_float32(images, activation, compiled):
+    enc = PatchEncoder(n_patches=3000, kmeans=MiniBatchKMeans(24, max_iter=3, random_state=0),
+                       activation=activation, device="cpu", compile=compiled,
+                       random_state=0).fit(images)
+    want = enc.transform(images)
+    got = enc.set_params(precision="bfloat16").transform(images)
+    assert got.dtype == np.float32 and not np.array_equal(got, want)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.01
+
+
+def test_auto_precision_follows_the_hardware(images, monkeypatch):
+    enc = PatchEncoder(n_patches=3000, kmeans=MiniBatchKMeans(24, max_iter=3, random_state=0),
+                       device="cpu", compile=False, random_state=0).fit(images)
+    results = {}
+    for native in (False, True):
+        monkeypatch.setattr(encoding, "has_fast_bfloat16", lambda device, n=native: n)
+        results[native] = enc.set_params(precision="auto").transform(images)
+    np.testing.assert_array_equal(results[False],
+                                  enc.set_params(precision="float32").transform(images))
+    np.testing.assert_array_equal(results[True],
+                                  enc.set_params(precision="bfloat16").transform(images))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .._torch import chunk_size, to_numpy
+from .._torch import chunk_size, has_fast_bfloat16, to_numpy  # noqa: F401 (re-exported)
 
 #: Negative slope of ``activation="leaky_relu"``.
 LEAKY_SLOPE = 0.01
@@ -107,20 +107,6 @@ def split_decay(model):
 
 def _is_weight(name, p):
     return name.endswith("weight") and p.ndim >= 2  # Linear matrices and Conv2d kernels
-
-
-def has_fast_bfloat16(device: torch.device) -> bool:
-    """Whether bfloat16 matrix products are native (hence faster than float32) on ``device``.
-
-    CUDA GPUs and CPUs with AVX512-BF16 or AMX run them in hardware; elsewhere (e.g. AVX2-only
-    CPUs) torch emulates them, several times slower than float32.
-    """
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu" or not hasattr(torch.cpu, "get_capabilities"):
-        return False
-    caps = torch.cpu.get_capabilities()
-    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
 def _linear(n_in, n_out, bias=True):
