@@ -86,7 +86,7 @@ def main(argv=None):
     from sklearn.svm import LinearSVC
 
     from featlearn import TorchMLPClassifier
-    from featlearn.classifier._network import has_fast_bfloat16
+    from featlearn._torch import has_fast_bfloat16
 
     gemm = None
     if writes(args.out):  # measured before the timings, in the same run as them

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .._torch import chunk_size, has_fast_bfloat16, to_numpy  # noqa: F401 (re-exported)
+from .._torch import chunk_size, to_numpy
 
 #: Negative slope of ``activation="leaky_relu"``.
 LEAKY_SLOPE = 0.01
