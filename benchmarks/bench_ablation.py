@@ -29,7 +29,7 @@ RANDOM_1600 = {"class": "RandomPatchDictionary", "params": {"n_clusters": 1600,
 THIRY_WHITENING = {"class": "ZCAWhitening", "params": {"eps": 1e-3, "eps_scale": "mean"}}
 MAP_9x9 = dict(encoder__pool_size=5, encoder__pool_stride=3, encoder__pool_op="mean")
 CONV_HEAD = {"class": "TorchConvClassifier", "params": {
-    "width": 128, "kernel_size": 6, "max_iter": 30, "batch_size": 128,
+    "width": 128, "kernel_size": 6, "max_iter": 15, "batch_size": 128,
     "learning_rate_init": 0.01, "alpha": 1e-4, "random_state": 0}}
 MLP = dict(classifier="mlp", classifier__max_iter=20, classifier__dropout=0.5)
 
@@ -52,7 +52,8 @@ ROWS = [
     ("dictionary k-means 4000", "2.5x the centroids", dict(n_centroids=4000)),
     ("pooling 4x4 grid", "16 cells instead of 4 (25,600 features)",
      dict(encoder__pooling=[4, 4])),
-    ("pooling 9x9 map + conv head", "5x5 mean windows at stride 3, BN + 1x1 conv to 128 + 6x6 conv",
+    ("pooling 9x9 map + conv head", "5x5 mean windows at stride 3, BN + 1x1 conv to 128 + 6x6 "
+     "conv, 15 epochs of SGD",
      dict(MAP_9x9, encoder__layout="map", classifier=CONV_HEAD)),
     ("flip views", "train on image and mirror, average both at test", dict(augment="flip")),
     ("power normalization", "signed square root of the pooled features", dict(power=0.5)),
@@ -103,6 +104,8 @@ def main(argv=None):
         params.update(overrides)
         if "encoder__kmeans" in overrides:  # a dictionary of its own: no Lloyd iterations
             params.pop("encoder__kmeans__max_iter")
+        if isinstance(overrides.get("classifier"), dict):  # its own epochs, not the SVM's
+            params.pop("classifier__max_iter", None)
         pipe = build_pipeline({"name": "ablation", "params": params})
         steps = pipe.steps
         encoder, clf = steps[0][1], steps[-1][1]
