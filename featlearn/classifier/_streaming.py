@@ -70,7 +70,7 @@ class ImageStream(MapSource):
             for s in range(0, len(rows), k.batch):
                 cells = k.encode(images[s:s + k.batch])  # (b, h*w, C): the kernel's buffers
                 out[s:s + cells.shape[0]].copy_(
-                    cells.view(-1, h, w, C).permute(0, 3, 1, 2).to(device))
+                    cells.reshape(-1, h, w, C).permute(0, 3, 1, 2).to(device))
         return out
 
     def _crop(self, images):
