@@ -49,7 +49,8 @@ from ._logging import log, progress
 from ._torch import (chunk_size, has_fast_bfloat16, is_torch_data, iter_image_batches, resolve_device, stream_length,
                      to_numpy)
 from .activations import ACTIVATIONS, POOL_OPS, activate_and_pool, n_nearest, window_bounds
-from .patches import RandomPatchExtractor, check_finite_float32, check_images, flatten_patches
+from .patches import (RandomPatchExtractor, check_finite_float32, check_images, flatten_patches,
+                      image_input_tags)
 from .preprocessing import PatchNormalizer, ZCAWhitening
 
 #: Working-set target of one CPU chunk: a few CIFAR images at K=1600, where the GEMM measured
@@ -592,11 +593,7 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         return chunk_size(plan.bytes_per_image(), device, maximum=_MAX_GPU_CHUNK)
 
     def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.two_d_array = False
-        tags.input_tags.three_d_array = True
-        tags.non_deterministic = self.random_state is None
-        return tags
+        return image_input_tags(super().__sklearn_tags__(), self.random_state)
 
 
 # ---------------------------------------------------------------------------------- internals

@@ -220,8 +220,16 @@ class RandomPatchExtractor(TransformerMixin, BaseEstimator):
         return out
 
     def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
+        tags = image_input_tags(super().__sklearn_tags__())
         tags.requires_fit = False
-        tags.input_tags.two_d_array = False
-        tags.input_tags.three_d_array = True
         return tags
+
+
+def image_input_tags(tags, random_state="unset"):
+    """scikit-learn tags of an estimator that takes images (3-D and 4-D arrays, not 2-D), and
+    is non-deterministic when its ``random_state`` is None."""
+    tags.input_tags.two_d_array = False
+    tags.input_tags.three_d_array = True
+    if random_state != "unset":
+        tags.non_deterministic = random_state is None
+    return tags

@@ -16,7 +16,7 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d
 
 from .._logging import log
 from .._torch import make_generator, resolve_device
-from ..patches import check_images
+from ..patches import check_images, image_input_tags
 from ._conv import MapSource, scores
 from ._conv_estimator import TorchConvClassifier
 from ._losses import predict_index
@@ -245,8 +245,4 @@ class StreamingConvClassifier(ClassifierMixin, BaseEstimator):
         return out.reshape(X.shape[0], V, -1).mean(axis=1)
 
     def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.two_d_array = False
-        tags.input_tags.three_d_array = True
-        tags.non_deterministic = self.random_state is None
-        return tags
+        return image_input_tags(super().__sklearn_tags__(), self.random_state)
