@@ -692,7 +692,6 @@ class _Kernel:
         self.patches = torch.empty((batch, Ph, Pw, p, p, C), **f32)
         # Whitened rows, augmented with [1, ||y||^2] so one GEMM yields squared distances.
         self.y_aug = torch.empty((batch * L, dp + 2), **f32)
-        self.dist = torch.zeros((batch * L, K), **f32)
         c = torch.from_numpy(plan.centers).to(**f32)  # (K, d')
         act = ACTIVATIONS[plan.activation]
         self.col_sq = (c.double() ** 2).sum(1).float()
@@ -710,13 +709,17 @@ class _Kernel:
         self.centers_aug = aug
         self.bf16 = plan.precision == "bfloat16" or (plan.precision == "auto"
                                                       and has_fast_bfloat16(device))
+        # The GEMM's operands and products: float32, or bfloat16 that the activation reads
+        # back as float32 (the compiled graph converts as it reads; the eager path copies into
+        # a float32 scratch buffer, ``dist``, which its in-place activation may overwrite).
         if self.bf16:
-            # bfloat16 operands and products; the activation reads them back as float32 (the
-            # compiled graph converts as it reads, the eager path into one float32 buffer).
             bf16 = dict(device=device, dtype=torch.bfloat16)
-            self.centers_bf = aug.to(torch.bfloat16)
-            self.y_bf = torch.empty((batch * L, dp + 2), **bf16)
-            self.dist_bf = torch.zeros((batch * L, K), **bf16)
+            self.lhs, self.rhs = torch.empty((batch * L, dp + 2), **bf16), aug.to(torch.bfloat16)
+            self.products = torch.zeros((batch * L, K), **bf16)
+            self.dist = None if compiled else torch.empty((batch * L, K), **f32)
+        else:
+            self.lhs, self.rhs = self.y_aug, aug
+            self.products = self.dist = torch.zeros((batch * L, K), **f32)
         if plan.white_mat is not None:
             # Two zero columns so the whitening GEMM writes straight into the augmented buffer.
             wm = torch.zeros((d, dp + 2), **f32)
@@ -752,18 +755,15 @@ class _Kernel:
         y = y_aug[:, :dp]
         y_aug[:, dp + 1] = (y * y).sum(1)  # (zeroed out of a dot-product dictionary)
         y_aug[:, dp].fill_(1.0)
+        lhs, products = self.lhs[: b * L], self.products[: b * L]
+        if self.bf16:
+            lhs.copy_(y_aug)
+        torch.mm(lhs, self.rhs, out=products)
+        if self.compiled is not None:
+            return self.compiled(self.products, *self._norms(self.y_aug))[:b]
         D = self.dist[: b * L]
         if self.bf16:
-            y_bf = self.y_bf[: b * L]
-            y_bf.copy_(y_aug)
-            torch.mm(y_bf, self.centers_bf, out=self.dist_bf[: b * L])
-            if self.compiled is not None:
-                return self.compiled(self.dist_bf, *self._norms(self.y_aug))[:b]
-            D.copy_(self.dist_bf[: b * L])
-        else:
-            torch.mm(y_aug, self.centers_aug, out=D)
-        if self.compiled is not None:
-            return self.compiled(self.dist, *self._norms(self.y_aug))[:b]
+            D.copy_(products)
         return activate_and_pool(D, *self._norms(y_aug), n_images=b, inplace=True, **self.static)
 
     def _norms(self, y_aug):

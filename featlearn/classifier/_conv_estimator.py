@@ -10,14 +10,13 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.metaestimators import available_if
-from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .._logging import log
 from ..patches import check_finite_float32
 from . import _conv
-from ._data import row_weights
-from ._losses import predict_index
+from ._data import class_codes, row_weights
+from ._losses import predict_index, probabilities
 from ._state import PrivateStateMixin
 
 
@@ -212,12 +211,7 @@ class TorchConvClassifier(PrivateStateMixin, ClassifierMixin, BaseEstimator):
         """
         self._validate_params()
         X, y = self._check_X(X, y, reset=True)
-        check_classification_targets(y)
-        classes, codes = np.unique(y, return_inverse=True)
-        if len(classes) < 2:
-            raise ValueError(
-                f"TorchConvClassifier needs samples of at least 2 classes in the data, but the "
-                f"data contains only one class: {classes[0]!r}")
+        classes, codes = class_codes(y, "TorchConvClassifier")
         weight = row_weights(sample_weight, self.class_weight, X, codes, classes)
         self.classes_ = classes
         return self._fit_source(self._source(X), codes, weight)
@@ -300,11 +294,7 @@ class TorchConvClassifier(PrivateStateMixin, ClassifierMixin, BaseEstimator):
         -------
         ndarray of shape (n_samples, n_classes)
         """
-        scores = torch.from_numpy(self._forward_numpy(X).astype(np.float64))
-        if scores.shape[1] == 1:
-            p1 = torch.sigmoid(scores[:, 0])
-            return torch.stack([1 - p1, p1], 1).numpy()
-        return torch.softmax(scores, 1).numpy()
+        return probabilities(self._forward_numpy(X))
 
     @available_if(lambda self: self.loss == "cross_entropy")
     def predict_log_proba(self, X):

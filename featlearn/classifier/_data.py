@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import torch
 from sklearn.utils.class_weight import compute_class_weight
+from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight
 
 
@@ -26,6 +27,18 @@ def split_views(X, n_views, *per_sample):
         raise ValueError(f"X has {X.shape[1]} features, not divisible by n_views={n_views}")
     X = np.ascontiguousarray(X).reshape(len(X) * n_views, X.shape[1] // n_views)
     return (X, *(None if a is None else np.repeat(a, n_views) for a in per_sample))
+
+
+def class_codes(y, owner):
+    """Checked classification targets -> ``(classes, codes)``: the sorted labels and each
+    sample's index into them; fewer than two classes is an error naming ``owner``."""
+    check_classification_targets(y)
+    classes, codes = np.unique(y, return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError(
+            f"{owner} needs samples of at least 2 classes in the data, but the data contains "
+            f"only one class: {classes[0]!r}")
+    return classes, codes
 
 
 def encode_labels(y, classes):

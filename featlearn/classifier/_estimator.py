@@ -14,9 +14,9 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .._logging import log
 from . import _lbfgs, _network, _stochastic
-from ._data import encode_labels, row_weights, split_views, tensor_view
+from ._data import class_codes, encode_labels, row_weights, split_views, tensor_view
 from ._contract import CLASS_DOC, PARAMETER_CONSTRAINTS
-from ._losses import predict_index
+from ._losses import predict_index, probabilities
 from ._state import PrivateStateMixin
 
 
@@ -84,12 +84,7 @@ class TorchMLPClassifier(PrivateStateMixin, ClassifierMixin, BaseEstimator):
         """
         self._validate_params()
         X, y = validate_data(self, X, y, dtype=np.float32, reset=True)
-        check_classification_targets(y)
-        classes, codes = np.unique(y, return_inverse=True)
-        if len(classes) < 2:
-            raise ValueError(
-                f"TorchMLPClassifier needs samples of at least 2 classes in the data, but the "
-                f"data contains only one class: {classes[0]!r}")
+        classes, codes = class_codes(y, "TorchMLPClassifier")
         weight = row_weights(sample_weight, self.class_weight, X, codes, classes)
         self._check_hyper()
         self.classes_, self.solver_ = classes, self._resolve_solver()
@@ -248,11 +243,7 @@ class TorchMLPClassifier(PrivateStateMixin, ClassifierMixin, BaseEstimator):
         -------
         ndarray of shape (n_samples, n_classes)
         """
-        scores = torch.from_numpy(self._forward_numpy(X).astype(np.float64))
-        if scores.shape[1] == 1:
-            p1 = torch.sigmoid(scores[:, 0])
-            return torch.stack([1 - p1, p1], 1).numpy()
-        return torch.softmax(scores, 1).numpy()
+        return probabilities(self._forward_numpy(X))
 
     @available_if(lambda self: self.loss == "cross_entropy")
     def predict_log_proba(self, X):

@@ -1,11 +1,12 @@
 """Losses: signed targets, the mean loss (for autograd), the summed loss with an explicit
-gradient (for the linear L-BFGS objective), the penalty and the predict rule.
+gradient (for the linear L-BFGS objective), the penalty, the predict rule and the probabilities.
 
 A model has one output for two classes (``t = +-1``) and one output per class otherwise.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -73,6 +74,16 @@ def penalty(model, alpha):
     with torch.no_grad():
         sq = sum(float(p.square().sum()) for p in weight_parameters(model))
     return 0.5 * alpha * sq
+
+
+def probabilities(scores):
+    """Class probabilities from a numpy score matrix, in float64: the softmax, or for one
+    output column the sigmoid of the positive class beside its complement."""
+    s = torch.from_numpy(np.asarray(scores, dtype=np.float64))
+    if s.shape[1] == 1:
+        p1 = torch.sigmoid(s[:, 0])
+        return torch.stack([1 - p1, p1], 1).numpy()
+    return torch.softmax(s, 1).numpy()
 
 
 def predict_index(scores):

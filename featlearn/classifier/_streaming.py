@@ -11,7 +11,6 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.utils._param_validation import HasMethods, Interval
 from sklearn.utils.metaestimators import available_if
-from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 
 from .._logging import log
@@ -19,7 +18,8 @@ from .._torch import make_generator, resolve_device
 from ..patches import check_images, image_input_tags
 from ._conv import MapSource, scores
 from ._conv_estimator import TorchConvClassifier
-from ._losses import predict_index
+from ._data import class_codes
+from ._losses import predict_index, probabilities
 
 
 class ImageStream(MapSource):
@@ -175,16 +175,11 @@ class StreamingConvClassifier(ClassifierMixin, BaseEstimator):
         X = check_images(X, patch_size=encoder.patch_size, allow_nan=True,
                          channels=encoder.channels)
         y = column_or_1d(y, warn=True)
-        check_classification_targets(y)
+        classes, codes = class_codes(y, "StreamingConvClassifier")
         n = len(y)
         if X.shape[0] != n:
             raise ValueError(f"X holds {X.shape[0]} images but y has {n} labels")
-        self.encoder_ = encoder.fit(X)
-        X = self.encoder_._check_transform_input(X)
-        classes, codes = np.unique(y, return_inverse=True)
-        if len(classes) < 2:
-            raise ValueError(f"StreamingConvClassifier needs samples of at least 2 classes, "
-                             f"but the data contains only one class: {classes[0]!r}")
+        self.encoder_ = encoder.fit(X)  # checks the images' values; X is already (n, H, W, C)
         self.classes_, self.n_features_in_ = classes, int(np.prod(X.shape[1:]))
         device = resolve_device(head.device)
         t0 = time.perf_counter()
@@ -229,11 +224,7 @@ class StreamingConvClassifier(ClassifierMixin, BaseEstimator):
     @available_if(lambda self: self.head is None or self.head.loss == "cross_entropy")
     def predict_proba(self, X):
         """Class probabilities (softmax; sigmoid for 2 classes) of the averaged scores."""
-        s = torch.from_numpy(self._scores(X).astype(np.float64))
-        if s.shape[1] == 1:
-            p1 = torch.sigmoid(s[:, 0])
-            return torch.stack([1 - p1, p1], 1).numpy()
-        return torch.softmax(s, 1).numpy()
+        return probabilities(self._scores(X))
 
     def _scores(self, X):
         check_is_fitted(self)
