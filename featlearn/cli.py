@@ -412,6 +412,9 @@ def _add_extract(sub, parent):
     p.add_argument("--batch-size", type=_batch_size, default="auto",
                    help="images per chunk, the unit of resumption (default auto)")
     p.add_argument("--device", default=None, help="torch device (default: the model's)")
+    p.add_argument("--dtype", choices=("float32", "float16"), default=None,
+                   help="stored features' dtype (default: the model's, float32); float16 halves "
+                        "the file")
     p.add_argument("--no-resume", action="store_true", help="recompute even a finished job")
 
 
@@ -420,14 +423,20 @@ def _run_extract(args):
     from featlearn.persistence import encoder_of, load_model
 
     encoder = encoder_of(load_model(args.model, allow_pickle=args.allow_pickle))
-    if args.device is not None and "device" in getattr(encoder, "get_params", dict)():
+    params = getattr(encoder, "get_params", dict)()
+    if args.device is not None and "device" in params:
         encoder.set_params(device=args.device)
+    if args.dtype is not None:
+        if "dtype" not in params:
+            raise ValueError(f"--dtype: the model's encoder ({type(encoder).__name__}) has no "
+                             "dtype parameter; leave --dtype out")
+        encoder.set_params(dtype=args.dtype)
     features = extract_features(encoder, load_images(args), args.out, batch_size=args.batch_size,
                                 n_jobs=args.n_jobs, resume=not args.no_resume, mirror=args.mirror,
                                 overwrite=args.force, inputs=(args.data, args.model),
                                 verbose=args.verbose)
     if not args.verbose:
-        print(f"{args.out}: {features.shape[0]} x {features.shape[1]} float32")
+        print(f"{args.out}: {' x '.join(map(str, features.shape))} {features.dtype.name}")
     return 0
 
 

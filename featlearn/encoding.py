@@ -221,8 +221,8 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         given in the default layout that look channels-first (``(n, 3, 32, 32)``) are a
         ValueError naming both layouts, never 3x32 images with 32 channels.
     output : {"numpy", "torch"}, default="numpy"
-        What :meth:`transform` returns: a numpy array, or a float32 tensor on the encoder's
-        resolved ``device`` (for a torch model downstream that keeps features on the GPU).
+        What :meth:`transform` returns: a numpy array, or a tensor on the encoder's resolved
+        ``device`` (for a torch model downstream that keeps features on the GPU).
     precision : {"float32", "bfloat16", "auto"}, default="float32"
         The distance GEMM's precision. ``"bfloat16"`` rounds the whitened patches, the
         centroids and the products to bfloat16 (8 significant bits; the activation and
@@ -230,6 +230,13 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         several times faster; elsewhere torch emulates it, slower than float32. ``"auto"``
         is bfloat16 where it is native. Pooled features differ from float32 by about 0.3%
         (relative L2); benchmarks/results/encode.md measures the accuracy it costs.
+    dtype : {"float32", "float16"}, default="float32"
+        The output's dtype (the kernel computes in float32 and rounds once when it stores a
+        chunk). ``"float16"`` halves the features' memory: sum-pooled counts of the binary
+        encodings ("nearest_fraction", "heaviside", "hard") are exact in it up to 2048 patches
+        per cell, other features keep 11 significant bits. :class:`featlearn.TorchMLPClassifier`
+        and :class:`featlearn.TorchConvClassifier` train on float16 features without a float32
+        copy of them.
 
     Notes
     -----
@@ -323,6 +330,7 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         "channels": [StrOptions({"last", "first"})],
         "output": [StrOptions({"numpy", "torch"})],
         "precision": [StrOptions({"float32", "bfloat16", "auto"})],
+        "dtype": [StrOptions({"float32", "float16"})],
     }
 
     def __init__(self, patch_size=6, n_patches=400_000, normalizer=None, whitener=None,
@@ -330,7 +338,8 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
                  pool_op="sum", batch_size="auto", device="auto", n_jobs=None,
                  random_state=None, verbose=0, flip=False, compile="auto",
                  neighbor_fraction=0.4, selection="sampled", pool_size=None, pool_stride=None,
-                 layout="flat", channels="last", output="numpy", precision="float32"):
+                 layout="flat", channels="last", output="numpy", precision="float32",
+                 dtype="float32"):
         self.patch_size = patch_size
         self.n_patches = n_patches
         self.normalizer = normalizer
@@ -356,13 +365,15 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         self.channels = channels
         self.output = output
         self.precision = precision
+        self.dtype = dtype
 
     def __setstate__(self, state):
         # Models saved before these parameters existed get their defaults (the behaviour they
         # were fitted with): channels-last in, numpy out, eager-or-auto, grid pooling, flat.
         defaults = {"channels": "last", "output": "numpy", "compile": "auto",
                     "neighbor_fraction": 0.4, "selection": "sampled", "pool_size": None,
-                    "pool_stride": None, "layout": "flat", "precision": "float32"}
+                    "pool_stride": None, "layout": "flat", "precision": "float32",
+                    "dtype": "float32"}
         super().__setstate__({**defaults, **state})
 
     # ------------------------------------------------------------------ fit
@@ -427,7 +438,7 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
 
     # ------------------------------------------------------------ transform
     def transform(self, X):
-        """Encode and pool every image: ``(n_images, n_features_out_)`` float32.
+        """Encode and pool every image: ``(n_images, n_features_out_)`` of ``dtype``.
 
         ``X``: images as in :meth:`fit`, or a torch ``Dataset``/``DataLoader`` (streamed; see
         Notes). Returns a numpy array, or a tensor on ``device`` with ``output="torch"``.
@@ -441,13 +452,16 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         device = resolve_device(self.device)
         n = X.shape[0]
         batch = self._batch_size(plan, device)
-        out = np.empty(_out_shape(plan, n), dtype=np.float32)
+        out = np.empty(_out_shape(plan, n), dtype=self.dtype)
         with progress(n, desc="encode", verbose=self.verbose) as bar:
             if self.n_jobs is None:
                 _encode_into(plan, X, out, device, batch, bar,
                              compiled=self._use_compile(plan, device, n))
             else:
                 self._transform_parallel(plan, X, out, batch, bar)
+        if out.dtype == np.float16 and not np.isfinite(out).all():
+            raise ValueError("the features exceed float16's range (65504): use dtype='float32', "
+                             "or pool_op='mean'")
         return _as_output(self, out)
 
     def _check_transform_input(self, X):
@@ -843,7 +857,7 @@ def _cells_view(out_t, plan):
 
 # ------------------------------------------------------------------------- inputs and outputs
 def _as_output(encoder, out: np.ndarray):
-    """``out`` as the encoder's ``output`` asks: the array, or a float32 tensor on its device."""
+    """``out`` as the encoder's ``output`` asks: the array, or a tensor on its device."""
     if encoder.output == "torch":
         return torch.from_numpy(out).to(resolve_device(encoder.device))
     return out
@@ -860,7 +874,7 @@ def _transform_stream(encoder, data) -> np.ndarray:
     n = stream_length(data)
     worker = copy.copy(encoder).set_params(verbose=0, output="numpy")
     row_shape = _out_shape(encoder._plan(), 0)[1:]  # flat rows or (channels, h, w) maps
-    out = np.empty((n, *row_shape), dtype=np.float32) if n is not None else None
+    out = np.empty((n, *row_shape), dtype=encoder.dtype) if n is not None else None
     parts, done = [], 0
     with progress(n, desc="encode", verbose=encoder.verbose) as bar:
         for X in iter_image_batches(data):

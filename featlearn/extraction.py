@@ -78,7 +78,9 @@ AUTO_MAX_BYTES = 64 * 2**20
 #: ``batch_size="auto"`` aims for at least this many chunks, so a killed job loses little work
 #: and a parallel job has chunks to spread.
 AUTO_MIN_CHUNKS = 8
-_OUTPUT_DTYPE = np.dtype("<f4")
+#: How features are stored: float16 when the encoder returns float16 (half the disk and memory,
+#: e.g. ``PatchEncoder(dtype="float16")``), else float32.
+_FLOAT32, _FLOAT16 = np.dtype("<f4"), np.dtype("<f2")
 
 
 class ExtractionError(OSError):
@@ -98,7 +100,11 @@ def extract_features(encoder, images, out, *, batch_size="auto", n_jobs=None, re
     ----------
     encoder : fitted transformer
         Any object whose ``transform`` maps a chunk of images to a 2-D array with one row per
-        image (e.g. a fitted :class:`featlearn.PatchEncoder`). Features are stored as float32.
+        image (e.g. a fitted :class:`featlearn.PatchEncoder`). Features are stored as float16
+        when the encoder returns float16 (``PatchEncoder(dtype="float16")``), else as float32,
+        in the shape of its output: ``(n, n_features)``, or ``(n, channels, h, w)`` maps from
+        ``PatchEncoder(layout="map")``, which :class:`featlearn.TorchConvClassifier` trains on
+        from the memory-mapped file one mini-batch at a time.
     images : ndarray or tensor of shape (n, H, W[, C]), or a torch Dataset or DataLoader
         The images, in the layout the encoder reads (``PatchEncoder(channels="first")`` takes
         ``(n, C, H, W)``). A memory-mapped ``.npy`` (``np.load(path, mmap_mode="r")``) is read
@@ -138,7 +144,8 @@ def extract_features(encoder, images, out, *, batch_size="auto", n_jobs=None, re
 
     Returns
     -------
-    features : numpy.memmap of shape (n, n_features), float32, read-only
+    features : numpy.memmap of shape (n, ...) as the encoder's rows, float32 or float16,
+        read-only
 
     Raises
     ------
@@ -193,21 +200,21 @@ def extract_features(encoder, images, out, *, batch_size="auto", n_jobs=None, re
 
     with _exclusive_lock(paths.lock):
         manifest = _read_manifest(paths.manifest, say) if resume else None
-        width = None
+        layout = None
         if manifest is None or manifest["key"] != key:
-            # One image through the encoder: the output width, and a clear error for images
-            # the model cannot encode (wrong size or layout), before anything on disk changes.
-            # (A result of this very model and these images is trusted as it is.)
-            width = _output_width(encoder, source.first, mirror)
+            # One image through the encoder: the output's row shape and dtype, and a clear
+            # error for images the model cannot encode (wrong size or layout), before anything
+            # on disk changes. (A result of this very model and these images is trusted.)
+            layout = _output_layout(encoder, source.first, mirror)
         state = _reuse(manifest, key, batch_size, paths, say) if manifest is not None else None
         if state is not None and state["complete"]:
-            say.info(f"{out} is up to date ({n} images x {state['n_features']} features); "
+            say.info(f"{out} is up to date ({n} images x {_row_text(state)} features); "
                      "nothing to do")
             return np.load(out, mmap_mode="r")
         if state is None:
-            if width is None:
-                width = _output_width(encoder, source.first, mirror)
-            state = _start(width, key, batch_size, paths)
+            if layout is None:
+                layout = _output_layout(encoder, source.first, mirror)
+            state = _start(*layout, key, batch_size, paths)
         _run_chunks(encoder, source, state, mirror, n_jobs, paths, say, t_start)
         _finish(state, paths)
     say.summary(state, out, time.perf_counter() - t_start, _flops_per_image(encoder, source))
@@ -394,22 +401,22 @@ def _features(Z):
     return np.asarray(Z)
 
 
-def _auto_chunk(n: int, n_features: int) -> int:
-    by_bytes = max(1, AUTO_MAX_BYTES // max(1, n_features * _OUTPUT_DTYPE.itemsize))
+def _auto_chunk(n: int, row_bytes: int) -> int:
+    by_bytes = max(1, AUTO_MAX_BYTES // max(1, row_bytes))
     return int(max(1, min(AUTO_MAX_IMAGES, by_bytes, math.ceil(n / AUTO_MIN_CHUNKS))))
 
 
-def _encode_chunk(encoder, chunk, mirror, index, parent=None):
+def _encode_chunk(encoder, chunk, mirror, index, dtype=_FLOAT32, parent=None):
     """Worker side: encode one chunk and return it; never touches the output file."""
     _watch_parent(parent)
     chunk = np.asarray(chunk)
     if mirror:
         chunk = _mirror(chunk, encoder)
     Z = _features(encoder.transform(chunk))
-    if Z.ndim != 2 or Z.shape[0] != chunk.shape[0]:
+    if Z.ndim < 2 or Z.shape[0] != chunk.shape[0]:
         raise ValueError(f"encoder.transform returned shape {Z.shape} for {chunk.shape[0]} images; "
                          "expected (n_images, n_features)")
-    return index, np.ascontiguousarray(Z, dtype=_OUTPUT_DTYPE)
+    return index, np.ascontiguousarray(Z, dtype=dtype)
 
 
 _watchdog = None
@@ -437,14 +444,24 @@ def _watch_parent(parent):
     _watchdog.start()
 
 
-def _output_width(encoder, first, mirror) -> int:
-    """Features per image, measured by encoding the first image (which also validates it)."""
+def _output_layout(encoder, first, mirror):
+    """``(row_shape, dtype)`` of the stored features, measured by encoding the first image
+    (which also validates it)."""
     one = np.asarray(first)
     Z = _features(encoder.transform(_mirror(one, encoder) if mirror else one))
-    if Z.ndim != 2 or Z.shape[0] != 1:
+    if Z.ndim < 2 or Z.shape[0] != 1:
         raise ValueError(f"encoder.transform returned shape {Z.shape} for one image; "
                          "expected (1, n_features)")
-    return int(Z.shape[1])
+    return tuple(int(s) for s in Z.shape[1:]), (_FLOAT16 if Z.dtype == np.float16 else _FLOAT32)
+
+
+def _row_shape(state) -> tuple:
+    """The stored rows' shape (manifests before maps were stored hold only ``n_features``)."""
+    return tuple(state.get("row_shape") or (state["n_features"],))
+
+
+def _row_text(state) -> str:
+    return " x ".join(str(s) for s in _row_shape(state))
 
 
 def _reuse(manifest, key, batch_size, paths, say):
@@ -477,7 +494,7 @@ def _reuse(manifest, key, batch_size, paths, say):
             if state["chunks"]:
                 say.info(f"{paths.partial} is missing; recomputing")
             return None
-    problem = _check_npy(target, (key["n_images"], state["n_features"]))
+    problem = _check_npy(target, (key["n_images"], *_row_shape(state)), np.dtype(state["dtype"]))
     if problem:
         say.info(f"{target} is corrupt or truncated ({problem}); recomputing")
         return None
@@ -497,16 +514,18 @@ def _reuse(manifest, key, batch_size, paths, say):
     return state
 
 
-def _start(d, key, batch_size, paths):
+def _start(row_shape, dtype, key, batch_size, paths):
     """Begin a fresh job: manifest first (no chunk done), then the preallocated ``.partial``.
 
     An existing finished ``out`` is left in place: the new result replaces it only when
     complete (:func:`_finish`), so a job that fails or is killed never costs the old one.
     """
     n = key["n_images"]
-    chunk = _auto_chunk(n, d) if batch_size == "auto" else int(batch_size)
+    d = int(np.prod(row_shape))
+    chunk = _auto_chunk(n, d * dtype.itemsize) if batch_size == "auto" else int(batch_size)
     state = {
-        "format": MANIFEST_FORMAT, "key": key, "n_features": int(d), "dtype": _OUTPUT_DTYPE.str,
+        "format": MANIFEST_FORMAT, "key": key, "n_features": d, "row_shape": list(row_shape),
+        "dtype": dtype.str,
         "chunk_size": int(chunk), "n_chunks": int(math.ceil(n / chunk)), "chunks": {},
         "complete": False, "output": paths.out.name, "featlearn": __version__,
     }
@@ -514,10 +533,11 @@ def _start(d, key, batch_size, paths):
         paths.partial.unlink()
     _write_manifest(paths.manifest, state)
     try:
-        mm = np.lib.format.open_memmap(paths.partial, mode="w+", dtype=_OUTPUT_DTYPE, shape=(n, d))
+        mm = np.lib.format.open_memmap(paths.partial, mode="w+", dtype=dtype,
+                                       shape=(n, *row_shape))
         offset = mm.offset
         del mm
-        size = offset + n * d * _OUTPUT_DTYPE.itemsize
+        size = offset + n * d * dtype.itemsize
         fd = os.open(paths.partial, os.O_RDWR)
         try:
             if hasattr(os, "posix_fallocate"):
@@ -528,8 +548,9 @@ def _start(d, key, batch_size, paths):
     except OSError as exc:
         with contextlib.suppress(OSError):
             paths.partial.unlink()
-        raise ExtractionError(exc.errno, f"cannot create {paths.partial} ({n} x {d} float32, "
-                                         f"{_human(n * d * 4)}): {exc.strerror or exc}") from exc
+        raise ExtractionError(exc.errno, f"cannot create {paths.partial} ({n} x {d} {dtype.name}, "
+                                         f"{_human(n * d * dtype.itemsize)}): "
+                                         f"{exc.strerror or exc}") from exc
     _fsync_dir(paths.out.parent)
     return state
 
@@ -555,15 +576,16 @@ def _run_chunks(encoder, source, state, mirror, n_jobs, paths, say, t_start):
     bar = say.bar(n, done_images)
     try:
         parent = os.getpid()
-        tasks = (joblib.delayed(_encode_chunk)(encoder, chunk, mirror, i, parent)
+        dtype, row_shape = np.dtype(state["dtype"]), _row_shape(state)
+        tasks = (joblib.delayed(_encode_chunk)(encoder, chunk, mirror, i, dtype, parent)
                  for i, chunk in source.chunks(c, todo))
         results = joblib.Parallel(n_jobs=n_jobs, return_as="generator_unordered")(tasks)
         for i, Z in results:
             a, b = i * c, min(n, (i + 1) * c)
-            if Z.shape != (b - a, state["n_features"]):
+            if Z.shape != (b - a, *row_shape):
                 raise ValueError(f"chunk {i}: encoder returned {Z.shape}, expected "
-                                 f"{(b - a, state['n_features'])} (the model's output width is "
-                                 "not what its get_feature_names_out announced)")
+                                 f"{(b - a, *row_shape)} (the model's output shape is not what "
+                                 "it gave for the first image)")
             try:
                 _write_chunk(mm, fd, a, Z)
                 state["chunks"][str(i)] = _crc(Z)
@@ -609,22 +631,24 @@ def _verify_chunks(path, state) -> list[int]:
         del mm
 
 
-def _check_npy(path, shape):
-    """'' when ``path`` is a C-order float32 ``.npy`` of ``shape`` and the right size, else why not."""
+def _check_npy(path, shape, dtype):
+    """'' when ``path`` is a C-order ``.npy`` of ``shape`` and ``dtype`` and the right size,
+    else why not."""
     try:
         with open(path, "rb") as fh:
             version = np.lib.format.read_magic(fh)
             if version == (1, 0):
-                got_shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+                got_shape, fortran, got_dtype = np.lib.format.read_array_header_1_0(fh)
             else:
-                got_shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+                got_shape, fortran, got_dtype = np.lib.format.read_array_header_2_0(fh)
             offset = fh.tell()
         size = path.stat().st_size
     except (OSError, ValueError) as exc:
         return f"unreadable header: {exc}"
-    if tuple(got_shape) != tuple(shape) or fortran or np.dtype(dtype) != _OUTPUT_DTYPE:
-        return f"header says {got_shape} {np.dtype(dtype)}, expected {tuple(shape)} float32"
-    expected = offset + int(np.prod(shape)) * _OUTPUT_DTYPE.itemsize
+    if tuple(got_shape) != tuple(shape) or fortran or np.dtype(got_dtype) != dtype:
+        return (f"header says {got_shape} {np.dtype(got_dtype)}, expected {tuple(shape)} "
+                f"{dtype.name}")
+    expected = offset + int(np.prod(shape)) * dtype.itemsize
     if size != expected:
         return f"{size} bytes, expected {expected}"
     return ""
@@ -657,6 +681,8 @@ def _read_manifest(path: Path, say):
         if ok:
             n, c = state["key"]["n_images"], state["chunk_size"]
             ok = (c >= 1 and state["n_chunks"] == math.ceil(n / c) and state["n_features"] >= 1
+                  and state["dtype"] in (_FLOAT32.str, _FLOAT16.str)
+                  and math.prod(_row_shape(state)) == state["n_features"]
                   and all(0 <= int(i) < state["n_chunks"] for i in state["chunks"]))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         say.info(f"{path} is corrupt ({type(exc).__name__}: {exc}); recomputing")
@@ -766,7 +792,8 @@ class _Reporter:
         reused = f" ({total - n} reused)" if n < total else ""
         size = out.stat().st_size if out.exists() else 0
         self.info(f"encoded {n} of {total} images{reused} in {seconds:.1f} s ({rate}{gf}) -> "
-                  f"{out} ({total} x {state['n_features']} float32, {_human(size)})")
+                  f"{out} ({total} x {_row_text(state)} {np.dtype(state['dtype']).name}, "
+                  f"{_human(size)})")
 
 
 class _CountingBar:

@@ -42,6 +42,11 @@ CLASS_DOC = """Multi-layer perceptron or one-vs-all L2-SVM, trained with torch o
     ``mean_`` / ``scale_`` and applied at predict time. It is applied per mini-batch, so the
     training data is never copied for it; the linear L-BFGS objective folds it into the weights.
 
+    **Features as float16.** float32 and float16 inputs are used as given (anything else is
+    converted to float32); Adam/SGD and prediction decode float16 one mini-batch at a time, so
+    half-size stored features (``PatchEncoder(dtype="float16")``) are never copied to float32
+    whole. L-BFGS, being full-batch, converts them.
+
     **Randomness.** All randomness (initialization, shuffling, the validation split, dropout
     masks, the preconditioner's rows) comes from private ``torch.Generator`` objects seeded from
     ``random_state``; the global torch/numpy seeds are never read or changed. The same

@@ -14,7 +14,8 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .._logging import log
 from . import _lbfgs, _network, _stochastic
-from ._data import class_codes, encode_labels, row_weights, split_views, tensor_view
+from ._data import (FEATURE_DTYPES, class_codes, encode_labels, row_weights, split_views,
+                    tensor_view)
 from ._contract import CLASS_DOC, PARAMETER_CONSTRAINTS
 from ._losses import predict_index, probabilities
 from ._state import PrivateStateMixin
@@ -83,11 +84,13 @@ class TorchMLPClassifier(PrivateStateMixin, ClassifierMixin, BaseEstimator):
         self
         """
         self._validate_params()
-        X, y = validate_data(self, X, y, dtype=np.float32, reset=True)
+        X, y = validate_data(self, X, y, dtype=FEATURE_DTYPES, reset=True)
         classes, codes = class_codes(y, "TorchMLPClassifier")
         weight = row_weights(sample_weight, self.class_weight, X, codes, classes)
         self._check_hyper()
         self.classes_, self.solver_ = classes, self._resolve_solver()
+        if self.solver_ == "lbfgs":  # full-batch products over X need it as float32
+            X = X.astype(np.float32, copy=False)
         X, codes, weight = split_views(X, self.n_views, codes, weight)
         self._initialize(X, weight)
         t0 = time.perf_counter()
@@ -138,7 +141,7 @@ class TorchMLPClassifier(PrivateStateMixin, ClassifierMixin, BaseEstimator):
         if self.class_weight == "balanced":
             raise ValueError("class_weight='balanced' needs the whole training set: pass a dict "
                              "of class weights to partial_fit, or use fit")
-        X, y = validate_data(self, X, y, dtype=np.float32, reset=first)
+        X, y = validate_data(self, X, y, dtype=FEATURE_DTYPES, reset=first)
         check_classification_targets(y)
         codes = encode_labels(y, classes if first else self.classes_)
         weight = row_weights(sample_weight, self.class_weight, X, codes,
@@ -263,7 +266,7 @@ class TorchMLPClassifier(PrivateStateMixin, ClassifierMixin, BaseEstimator):
     def _forward_numpy(self, X):
         """Scores ``(n_samples, n_outputs)``, in memory-bounded chunks, views averaged."""
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=np.float32, reset=False)
+        X = validate_data(self, X, dtype=FEATURE_DTYPES, reset=False)
         n = len(X)
         (X,) = split_views(X, self.n_views)
         scores = _network.scores(self.model_, tensor_view(X), self._standardizer())

@@ -54,7 +54,9 @@ class Standardizer:
         self.inv_scale = torch.from_numpy(1.0 / np.asarray(scale, np.float32)).to(device)
 
     def apply_(self, xb):
-        """Standardize a batch in place (callers pass a fresh gathered copy) and return it."""
+        """Standardize a batch in place (callers pass a fresh gathered copy) and return it,
+        as float32 (a float16 batch is decoded first)."""
+        xb = xb.float()
         if self.enabled:
             xb.sub_(self.mean).mul_(self.inv_scale)
         return xb
