@@ -361,7 +361,7 @@ def _run_fit(args):
     import featlearn
     from featlearn._io import check_output
     from featlearn.persistence import check_saveable, is_model_file, save_model
-    from featlearn.pipeline import build_pipeline, load_config
+    from featlearn.pipeline import build_pipeline, image_encoder, load_config
 
     config = load_config(args.config)
     inputs = [args.data, args.labels]
@@ -369,7 +369,7 @@ def _run_fit(args):
     check_output(args.out, inputs=inputs, is_ours=is_model_file, overwrite=args.force,
                  what="model file")
     pipe = build_pipeline(config, device=args.device, verbose=args.verbose)
-    model = pipe if args.with_classifier else pipe.named_steps["encoder"]
+    model = pipe if args.with_classifier else image_encoder(pipe)
     check_saveable(model, format=args.format)
     if args.with_classifier:
         X, y = load_images(args, labels=True, shuffle=True)

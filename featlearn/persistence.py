@@ -267,11 +267,13 @@ def is_model_file(path) -> bool:
 
 
 def encoder_of(model):
-    """The feature-producing part of a saved model: a Pipeline's ``encoder`` step, else the model."""
+    """The feature-producing part of a saved model: a Pipeline's ``encoder`` step, the fitted
+    encoder of a streaming classifier (alone or as a Pipeline's step), else the model."""
     steps = getattr(model, "named_steps", None)
     if steps is not None and "encoder" in steps:
         return steps["encoder"]
-    return model
+    inner = steps.get("classifier", model) if steps is not None else model
+    return getattr(inner, "encoder_", model)
 
 
 # -- the safe format -----------------------------------------------------------------------------

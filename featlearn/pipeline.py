@@ -62,9 +62,15 @@ def make_coates_pipeline(n_centroids=1600, *, classifier="mlp", augment=None, po
     ----------
     n_centroids : int, default=1600
         Dictionary size K (``encoder__kmeans__n_clusters``).
-    classifier : {"mlp", "svm"} or estimator, default="mlp"
+    classifier : {"mlp", "svm", "stream"} or estimator, default="mlp"
         "svm" is the paper's one-vs-all L2-SVM (C=100 in the paper's units, REFERENCE.md);
         "mlp" the two-layer network (512 ReLU units, dropout 0.5). An estimator is used as is.
+        "stream" (or a :class:`featlearn.StreamingConvClassifier`) trains a convolutional head
+        on maps encoded from randomly cropped and flipped images every mini-batch, as Thiry et
+        al. do: the pipeline is then the one step ``("classifier",
+        StreamingConvClassifier(encoder, head))``, which takes the encoder built here (pooling
+        5x5 windows at stride 3 by their mean, the streaming default), so its parameters are
+        ``classifier__encoder__...`` and ``classifier__head__...``.
     augment : None or "flip", default=None
         "flip": train on images and their horizontal mirrors and average both views'
         predictions at test time (see the module docstring for how).
@@ -88,7 +94,8 @@ def make_coates_pipeline(n_centroids=1600, *, classifier="mlp", augment=None, po
     Returns
     -------
     sklearn.pipeline.Pipeline with steps ``("encoder", PatchEncoder)``, ``("power",
-    PowerNormalizer)`` when ``power`` is set, and ``("classifier", ...)``; ``clone``, ``GridSearchCV`` and pickle accept it.
+    PowerNormalizer)`` when ``power`` is set, and ``("classifier", ...)`` (only the last for
+    ``"stream"``); ``clone``, ``GridSearchCV`` and pickle accept it.
 
     Notes
     -----
@@ -110,7 +117,7 @@ def make_coates_pipeline(n_centroids=1600, *, classifier="mlp", augment=None, po
     >>> [w.category.__name__ for w in caught]
     ['ScaleWarning']
     """
-    from featlearn.classifier import TorchMLPClassifier
+    from featlearn.classifier import StreamingConvClassifier, TorchMLPClassifier
     from featlearn.encoding import PatchEncoder
     from featlearn.kmeans import KMeans
 
@@ -121,10 +128,15 @@ def make_coates_pipeline(n_centroids=1600, *, classifier="mlp", augment=None, po
         kmeans=KMeans(n_clusters=n_centroids, device=device, random_state=random_state,
                       verbose=verbose),
         flip=augment == "flip", device=device, random_state=random_state, verbose=verbose)
+    if classifier == "stream" or isinstance(classifier, StreamingConvClassifier):
+        return _streaming_pipeline(classifier, encoder, augment=augment, power=power,
+                                   memory=memory, device=device, random_state=random_state,
+                                   verbose=verbose, stage_params=stage_params)
     if isinstance(classifier, str):
         presets = {"svm": SVM_PARAMS, "mlp": MLP_PARAMS}
         if classifier not in presets:
-            raise ValueError(f"classifier must be 'mlp', 'svm' or an estimator, got {classifier!r}")
+            raise ValueError(f"classifier must be 'mlp', 'svm', 'stream' or an estimator, got "
+                             f"{classifier!r}")
         clf = TorchMLPClassifier(**presets[classifier], n_views=n_views, device=device,
                                  random_state=random_state, verbose=verbose)
     else:
@@ -143,6 +155,39 @@ def make_coates_pipeline(n_centroids=1600, *, classifier="mlp", augment=None, po
     if stage_params:
         pipe.set_params(**stage_params)
     return pipe
+
+
+def _streaming_pipeline(classifier, encoder, *, augment, power, memory, device, random_state,
+                        verbose, stage_params):
+    """``Pipeline([("classifier", StreamingConvClassifier(encoder, head))])``: images in."""
+    from featlearn.classifier import StreamingConvClassifier, TorchConvClassifier
+
+    if augment is not None:
+        raise ValueError("augment='flip' does not apply to classifier='stream', which flips "
+                         "every training batch itself (classifier__flip, classifier__test_flip)")
+    if power is not None:
+        raise ValueError("power does not apply to classifier='stream': its head trains on the "
+                         "encoder's maps directly")
+    clf = (StreamingConvClassifier(random_state=random_state, verbose=verbose)
+           if classifier == "stream" else classifier)
+    if clf.encoder is None:
+        clf.set_params(encoder=encoder.set_params(pool_size=5, pool_stride=3, pool_op="mean"))
+    if clf.head is None:
+        clf.set_params(head=TorchConvClassifier(device=device, random_state=random_state,
+                                                verbose=verbose))
+    pipe = Pipeline([("classifier", clf)], memory=memory)
+    if stage_params:
+        pipe.set_params(**stage_params)
+    return pipe
+
+
+def image_encoder(pipe):
+    """The pipeline's fitted-or-not :class:`PatchEncoder`: its ``encoder`` step, or the encoder
+    inside a streaming classifier (``encoder_`` once fitted)."""
+    if "encoder" in pipe.named_steps:
+        return pipe.named_steps["encoder"]
+    clf = pipe.named_steps["classifier"]
+    return getattr(clf, "encoder_", None) or clf.encoder
 
 
 def available_configs():
@@ -475,7 +520,8 @@ def _validate_estimators(pipe, params):
             if alias is not None and alias in params and key not in params:
                 key = alias
             raise ValueError(f"configuration key {key!r}: {_one_line(exc)}") from exc
-    encoder = pipe.named_steps.get("encoder")
+    encoder = image_encoder(pipe)
+    prefix = "encoder" if "encoder" in pipe.named_steps else "classifier__encoder"
     if encoder is not None and hasattr(encoder, "_grid"):
         for name in ("pooling", "pool_size", "pool_stride"):
             if getattr(encoder, name, None) is None:
@@ -483,7 +529,7 @@ def _validate_estimators(pipe, params):
             try:
                 encoder._pair(name) if name != "pooling" else encoder._grid()
             except ValueError as exc:
-                raise ValueError(f"configuration key 'encoder__{name}': "
+                raise ValueError(f"configuration key '{prefix}__{name}': "
                                  f"{_one_line(exc)}") from exc
 
 

@@ -97,12 +97,14 @@ def encode_cached(encoder, X_train, X_test, cache=None, verbose=0):
     return (*func(encoder, X_train, X_test, key), hit)
 
 
-def distance_flops(encoder, n_train, n_test) -> dict:
+def distance_flops(encoder, n_train, n_test, encoded=None) -> dict:
     """FLOPs of the run's distance products, the work a GEMM must do whatever else runs.
 
     k-means: ``2 * rows * d * K`` per pass over the patches (every Lloyd iteration; each
     mini-batch step's batch, plus the final pass for ``labels_`` when ``compute_labels``);
-    k-means++ seeding is left out. Encoding: ``2 * images * views * positions * d * K``.
+    k-means++ seeding is left out (a dictionary of random patches has no passes). Encoding:
+    ``2 * images * views * positions * d * K``, or ``2 * encoded * positions * d * K`` when
+    the number of encoded images is given (a streaming run encodes every epoch's batches).
     ``d`` is the whitened patch width.
     """
     km = encoder.kmeans_
@@ -114,9 +116,9 @@ def distance_flops(encoder, n_train, n_test) -> dict:
     else:
         rows = getattr(km, "n_iter_", 0) * n
     Ph, Pw = encoder.map_shape_
-    views = 2 if encoder.flip else 1
-    return {"k-means": 2.0 * rows * d * K,
-            "encoding": 2.0 * (n_train + n_test) * views * Ph * Pw * d * K}
+    if encoded is None:
+        encoded = (n_train + n_test) * (2 if encoder.flip else 1)
+    return {"k-means": 2.0 * rows * d * K, "encoding": 2.0 * encoded * Ph * Pw * d * K}
 
 
 def efficiency(flops: dict, seconds: dict, rate_gflops: float) -> dict:
@@ -143,7 +145,7 @@ def run(config, data, *, out=None, cache=None, device=None, n_train=None, n_test
 
     import featlearn
     from featlearn._torch import gemm_rate, resolve_device
-    from featlearn.pipeline import build_pipeline
+    from featlearn.pipeline import build_pipeline, image_encoder
 
     for name, n in (("n_train", n_train), ("n_test", n_test)):
         if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
@@ -157,43 +159,49 @@ def run(config, data, *, out=None, cache=None, device=None, n_train=None, n_test
     if random_state is not None:
         overrides["random_state"] = random_state
     pipe = build_pipeline(config, verbose=verbose, **overrides)
-    encoder, clf = pipe.named_steps["encoder"], pipe.named_steps["classifier"]
+    encoder, clf = image_encoder(pipe), pipe.named_steps["classifier"]
+    streaming = "encoder" not in pipe.named_steps  # the classifier takes images
+    # A streaming classifier encodes on its head's device.
+    device = resolve_device(clf.head.device if streaming else encoder.device)
 
     X_train, y_train = data["X_train"][:n_train], data["y_train"][:n_train]
     X_test, y_test = data["X_test"][:n_test], data["y_test"][:n_test]
     name = config.get("name", "?")
     log(verbose, f"[{name}] {len(X_train)} training and {len(X_test)} test images, "
-                 f"K={encoder.kmeans.n_clusters}, device {resolve_device(encoder.device)}", level=2)
+                 f"K={encoder.kmeans.n_clusters}, device {device}", level=2)
 
     # The yardstick for the efficiency figures, measured beside the run (a second or two).
-    rate = gemm_rate(n=3072, repeats=2, device=resolve_device(encoder.device))
+    rate = gemm_rate(n=3072, repeats=2, device=device)
     log(verbose, f"[{name}] float32 GEMM rate of this machine: {rate:.0f} GFLOP/s", level=2)
+    if streaming:
+        if cache is not None:
+            logger.warning("%s trains on images encoded per batch and stores no features: "
+                           "the cache is not used", name)
+        t0 = time.perf_counter()
+        clf.fit(X_train, y_train)
+        times = {"fit (dictionary, streamed training)": time.perf_counter() - t0}
+        encoder, cached, load_s = clf.encoder_, False, 0.0
+        inputs_train, inputs_test = X_train, X_test
+        views = 2 if clf.test_flip else 1
+        encoded = len(X_train) * clf.head_.n_iter_ + (len(X_train) + len(X_test)) * views
+    else:
+        encoder, inputs_train, inputs_test, times, cached, load_s = _features(
+            pipe, encoder, X_train, X_test, cache, name, verbose)
+        encoded = None
+        t0 = time.perf_counter()
+        clf.fit(inputs_train, y_train)
+        times["classifier fit"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    encoder, F_train, F_test, times, cached = encode_cached(encoder, X_train, X_test, cache,
-                                                            verbose)
-    load_s = time.perf_counter() - t0
-    pipe.steps[0] = ("encoder", encoder)
-    log(verbose, f"[{name}] features {F_train.shape}" + (" (from cache)" if cached else ""),
-        level=2)
-    if cached:  # the stage times are those of the run that computed the features
-        computed = sum(times.values())
-        log(verbose, f"[{name}] cache: features loaded in {load_s:.1f} s instead of "
-                     f"{computed:.0f} s of fitting and encoding ({computed / max(load_s, 1e-9):.0f}x)",
-            level=2)
-    t0 = time.perf_counter()
-    clf.fit(F_train, y_train)
-    times["classifier fit"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    pred_test = np.asarray(clf.predict(F_test))
+    pred_test = np.asarray(clf.predict(inputs_test))
     test_acc = float(np.mean(pred_test == y_test))
-    train_acc = float(np.mean(clf.predict(F_train) == y_train))
+    train_acc = float(np.mean(clf.predict(inputs_train) == y_train))
     times["predict"] = time.perf_counter() - t0
     names = [str(n) for n in data.get("target_names") or []]
     n_classes = max(len(names), int(max(np.max(y_train), np.max(y_test))) + 1)
     names += [str(k) for k in range(len(names), n_classes)]
     confusion = confusion_counts(y_test, pred_test, n_classes)
     total = time.perf_counter() - t_start
-    flops = distance_flops(encoder, len(X_train), len(X_test))
+    flops = distance_flops(encoder, len(X_train), len(X_test), encoded)
 
     results = {
         "config": name,
@@ -201,8 +209,8 @@ def run(config, data, *, out=None, cache=None, device=None, n_train=None, n_test
         "train_accuracy": train_acc,
         "n_train": int(len(X_train)),
         "n_test": int(len(X_test)),
-        "n_centroids": int(encoder.kmeans.n_clusters),
-        "n_features": int(F_train.shape[1]),
+        "n_centroids": int(encoder.n_clusters_),
+        "n_features": int(encoder.n_features_out_),
         "published_accuracy": config.get("published"),
         # Per class: the fraction of that class's test images predicted as it (its recall).
         "per_class_accuracy": {name: (round(float(confusion[k, k] / confusion[k].sum()), 4)
@@ -219,7 +227,7 @@ def run(config, data, *, out=None, cache=None, device=None, n_train=None, n_test
         "gemm_gflops": round(rate, 1),
         "distance_tflop": {k: float(f"{v / 1e12:.4g}") for k, v in flops.items()},
         "efficiency": efficiency(flops, times, rate),
-        "device": str(resolve_device(encoder.device)),
+        "device": str(device),
         "cpu_threads": torch.get_num_threads(),
         "archive": data.get("archive"),
         "versions": {"featlearn": featlearn.__version__, "torch": torch.__version__,
@@ -232,6 +240,28 @@ def run(config, data, *, out=None, cache=None, device=None, n_train=None, n_test
     if out is not None:
         write_results(results, pipe, Path(out))
     return results, pipe
+
+
+def _features(pipe, encoder, X_train, X_test, cache, name, verbose):
+    """Fit the encoder and encode both splits (through the cache when given); the fitted
+    encoder replaces the pipeline's, and the features go through the steps between it and the
+    classifier (power normalization)."""
+    t0 = time.perf_counter()
+    encoder, F_train, F_test, times, cached = encode_cached(encoder, X_train, X_test, cache,
+                                                            verbose)
+    load_s = time.perf_counter() - t0
+    pipe.steps[0] = ("encoder", encoder)
+    log(verbose, f"[{name}] features {F_train.shape}" + (" (from cache)" if cached else ""),
+        level=2)
+    if cached:  # the stage times are those of the run that computed the features
+        computed = sum(times.values())
+        log(verbose, f"[{name}] cache: features loaded in {load_s:.1f} s instead of "
+                     f"{computed:.0f} s of fitting and encoding ({computed / max(load_s, 1e-9):.0f}x)",
+            level=2)
+    middle = pipe[1:-1]
+    if middle.steps:
+        F_train, F_test = middle.fit_transform(F_train), middle.transform(F_test)
+    return encoder, F_train, F_test, times, cached, load_s
 
 
 def confusion_counts(y_true, y_pred, n_classes) -> np.ndarray:
@@ -347,6 +377,8 @@ def write_results(results: dict, pipe, out: Path):
     leaves the previous file or the new one, never half of one. ``out`` must exist
     (:func:`prepare_results_dir`).
     """
+    from featlearn.pipeline import image_encoder
+
     out = Path(out)
     with atomic_path(out / "results.md") as tmp:
         Path(tmp).write_text(results_markdown(results))
@@ -358,9 +390,10 @@ def write_results(results: dict, pipe, out: Path):
     else:
         matplotlib.use("Agg")
         with atomic_path(out / "centroids.png") as tmp:
-            plot_centroids(pipe.named_steps["encoder"], tmp)
+            plot_centroids(image_encoder(pipe), tmp)
         with atomic_path(out / "learning_curve.png") as tmp:
-            plot_learning_curve(pipe.named_steps["classifier"], tmp, title=results["config"])
+            clf = pipe.named_steps["classifier"]
+            plot_learning_curve(getattr(clf, "head_", clf), tmp, title=results["config"])
         if results.get("confusion_matrix") is not None:
             with atomic_path(out / "confusion.png") as tmp:
                 plot_confusion(np.asarray(results["confusion_matrix"]), results["target_names"],
