@@ -3,7 +3,6 @@ configuration files, ``featlearn reproduce``, ``fit`` and ``extract``; and repro
 configuration's power normalization."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
