@@ -46,7 +46,7 @@ def main(argv=None):
 
     from featlearn import PatchEncoder, RandomPatchDictionary
     from featlearn.activations import SELECTION_SAMPLE, activate_and_pool, n_nearest
-    from featlearn.encoding import _Kernel
+    from featlearn._encoding_kernel import Kernel
 
     if args.quick:
         args.n_clusters, args.n_images, args.n_agree, args.repeats = 512, 16, 16, 1
@@ -61,7 +61,7 @@ def main(argv=None):
     plan = enc._plan()
     cpu = torch.device("cpu")
     B = args.chunk_images
-    kernel = _Kernel(plan, cpu, B)
+    kernel = Kernel(plan, cpu, B)
     static = dict(kernel.static, n_images=B)
 
     def products(chunk):

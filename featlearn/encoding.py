@@ -4,31 +4,8 @@
 applies them to *every* patch of every image, chunk by chunk, so that no patch matrix larger than
 one cache-sized chunk ever exists.
 
-How the work is laid out
-------------------------
-Per chunk of ``B`` images with ``L`` patch positions each:
-
-1. im2col in the library's HWC layout (:func:`featlearn.patches.flatten_patches`): ``(B*L, d)``.
-2. Contrast normalization on those rows (mean subtracted *before* squaring: no cancellation on
-   0..255 pixels) and whitening ``(u - M) W`` as one small ``(B*L, d) @ (d, d')`` GEMM.
-   The whitened rows are written into an *augmented* buffer ``[y, 1, ||y||^2]``.
-3. One GEMM against the augmented dictionary ``[-2 C^T; ||c||^2; 1]`` gives the squared distances
-   ``||y||^2 + ||c||^2 - 2 y.c`` directly in a preallocated buffer: no broadcast passes.
-4. Activation and pooling (:mod:`featlearn.activations`): eagerly one pass per operation (clamp,
-   sqrt, mean over K, ``max(0, mu - z)``, pooled rows first, then columns), or, with
-   ``compile``, one inductor-generated graph that reads the buffer once for the row means and
-   once for the pooled features. The dot-product activations get the norms they need as
-   tensors (``||y||^2`` is the augmented buffer's last column, ``||c||^2`` computed once), so
-   the squared-distance GEMM of the triangle path is unchanged.
-
-Why not fold normalization and whitening into the centroids (filters ``F = W c``, per-position
-corrections from box filters): it saves no products (``||y||^2`` still needs the ``d x d'``
-whitening products, and ``y . c`` then costs what ``x . F`` would), it has worse float32
-conditioning (``x.F - m * sum(F)`` cancels on raw pixels), and it needs a rescaling pass over the
-``K`` columns. Why a GEMM and not ``conv2d``: on the CPUs measured, ``torch.mm`` on
-``(L*B, d) x (d, K)`` outran ``conv2d`` with the ``K`` filters (benchmarks/results/encode.md),
-and a convolution's output would still need the per-row corrections. Chunks are a few images on
-the CPU, so the elementwise passes run from cache; on a GPU the chunk is sized from free memory.
+The chunk kernel (:mod:`featlearn._encoding_kernel`) does the work; its docstring says how it is
+laid out and why.
 """
 
 from __future__ import annotations
@@ -44,13 +21,13 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._compile import COMPILE_DEVICES, CompiledKernel
+from ._compile import COMPILE_DEVICES
 from ._logging import log, progress
-from ._torch import (chunk_size, has_fast_bfloat16, is_torch_data, iter_image_batches, resolve_device, stream_length,
-                     to_numpy)
-from .activations import ACTIVATIONS, POOL_OPS, activate_and_pool, n_nearest, window_bounds
-from .patches import (RandomPatchExtractor, check_finite_float32, check_images, flatten_patches,
-                      image_input_tags)
+from ._torch import (chunk_size, is_torch_data, iter_image_batches, resolve_device,
+                     stream_length, to_numpy)
+from ._encoding_kernel import Plan, encode_block, encode_into, out_shape
+from .activations import ACTIVATIONS, POOL_OPS, n_nearest, window_bounds
+from .patches import RandomPatchExtractor, check_finite_float32, check_images, image_input_tags
 from .preprocessing import PatchNormalizer, ZCAWhitening
 
 #: Working-set target of one CPU chunk: a few CIFAR images at K=1600, where the GEMM measured
@@ -452,10 +429,10 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         device = resolve_device(self.device)
         n = X.shape[0]
         batch = self._batch_size(plan, device)
-        out = np.empty(_out_shape(plan, n), dtype=self.dtype)
+        out = np.empty(out_shape(plan, n), dtype=self.dtype)
         with progress(n, desc="encode", verbose=self.verbose) as bar:
             if self.n_jobs is None:
-                _encode_into(plan, X, out, device, batch, bar,
+                encode_into(plan, X, out, device, batch, bar,
                              compiled=self._use_compile(plan, device, n))
             else:
                 self._transform_parallel(plan, X, out, batch, bar)
@@ -482,7 +459,7 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
 
         task = max(batch, (_TASK_IMAGES // batch) * batch)
         starts = range(0, X.shape[0], task)
-        jobs = (delayed(_encode_block)(plan, X[s:s + task], self.device, batch) for s in starts)
+        jobs = (delayed(encode_block)(plan, X[s:s + task], self.device, batch) for s in starts)
         parallel = Parallel(n_jobs=self.n_jobs, return_as="generator")
         for s, block in zip(starts, parallel(jobs)):
             out[s:s + block.shape[0]] = block
@@ -590,7 +567,7 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         H, W, C = self.image_shape_
         Ph, Pw = self._map_shape(H, W)
         rows, cols = self._cell_bounds((Ph, Pw))
-        return _Plan(
+        return Plan(
             patch_size=self.patch_size, stride=self.stride, image_shape=(H, W, C),
             map_shape=(Ph, Pw), row_bounds=rows, col_bounds=cols, normalizer=self.normalizer_,
             whitener=self.whitener_, centers=_centers(self.kmeans_),
@@ -630,231 +607,6 @@ def _check_finite(X):
     check_finite_float32(X, "images")
 
 
-class _Plan:
-    """The fitted numbers of one encoder, ready for a chunk kernel on any device or worker."""
-
-    def __init__(self, *, patch_size, stride, image_shape, map_shape, row_bounds, col_bounds,
-                 normalizer, whitener, centers, activation, alpha, pool_op, flip,
-                 fraction=0.4, selection="exact", layout="flat", window=None,
-                 precision="float32"):
-        self.patch_size, self.stride = patch_size, stride
-        self.image_shape, self.map_shape = image_shape, map_shape
-        self.row_bounds, self.col_bounds = row_bounds, col_bounds
-        self.activation, self.alpha, self.pool_op = activation, alpha, pool_op
-        self.fraction, self.selection, self.layout = fraction, selection, layout
-        self.window = window  # (size_h, size_w, stride_h, stride_w) of pool_size windows
-        self.precision = precision  # "auto" is resolved by each kernel for its device
-        self.centers = centers
-        self.flip = flip
-        self.d = patch_size * patch_size * image_shape[2]
-        self.K = centers.shape[0]
-        self.d_out = centers.shape[1]
-        # Normalization: the torch kernel for PatchNormalizer, else the estimator's transform.
-        self.norm = None
-        self.norm_est = None
-        if isinstance(normalizer, PatchNormalizer):
-            self.norm = (float(normalizer.eps), int(normalizer.ddof))
-            if self.d <= self.norm[1]:
-                raise ValueError(f"patches of {self.d} values are too small for ddof={self.norm[1]}")
-        elif normalizer != "passthrough":
-            self.norm_est = normalizer
-        # Whitening: (u - mean_) @ whitening_ in the kernel for ZCAWhitening, else transform.
-        self.white_mean = self.white_mat = self.white_est = None
-        if isinstance(whitener, ZCAWhitening):
-            self.white_mean = np.asarray(whitener.mean_, dtype=np.float32)
-            self.white_mat = np.asarray(whitener.whitening_, dtype=np.float32)
-        elif whitener != "passthrough":
-            self.white_est = whitener
-
-    @property
-    def n_cells(self):
-        return len(self.row_bounds) * len(self.col_bounds)
-
-    @property
-    def per_cell(self):
-        return ACTIVATIONS[self.activation].width * self.K
-
-    @property
-    def pooled_shape(self):
-        """``(rows, cols)`` of the pooled map: the grid, or the number of windows."""
-        return (len(self.row_bounds), len(self.col_bounds))
-
-    def bytes_per_image(self):
-        L = self.map_shape[0] * self.map_shape[1]
-        n_big = ACTIVATIONS[self.activation].width
-        floats = L * (n_big * self.K + 2 * self.d + 2 * (self.d_out + 2)) + np.prod(self.image_shape)
-        return int(floats * 4)
-
-
-class _Kernel:
-    """Device tensors and preallocated buffers for encoding chunks of up to ``batch`` images.
-
-    With ``compiled``, the activation and pooling run through one compiled graph specialised
-    on the full chunk shape: a short last chunk is padded (its extra rows hold the previous
-    chunk's products and are dropped), so every image passes through the same code.
-    """
-
-    def __init__(self, plan: _Plan, device: torch.device, batch: int, compiled: bool = False):
-        self.plan, self.device, self.batch = plan, device, batch
-        f32 = dict(device=device, dtype=torch.float32)
-        H, W, C = plan.image_shape
-        Ph, Pw = plan.map_shape
-        L, d, dp, K = Ph * Pw, plan.d, plan.d_out, plan.K
-        p = plan.patch_size
-        self.L = L
-        self.images = torch.empty((batch, H, W, C), **f32)
-        self.patches = torch.empty((batch, Ph, Pw, p, p, C), **f32)
-        # Whitened rows, augmented with [1, ||y||^2] so one GEMM yields squared distances.
-        self.y_aug = torch.empty((batch * L, dp + 2), **f32)
-        c = torch.from_numpy(plan.centers).to(**f32)  # (K, d')
-        act = ACTIVATIONS[plan.activation]
-        self.col_sq = (c.double() ** 2).sum(1).float()
-        if act.products == "unit_dot":  # unit-norm centroids; a zero one stays zero
-            c = c * torch.where(self.col_sq > 0, self.col_sq, 1.0).rsqrt().view(-1, 1)
-        if act.products != "sqdist":
-            # Only the dot products: the two augmented rows are zero.
-            aug = torch.zeros((dp + 2, K), **f32)
-            aug[:dp] = c.T
-        else:
-            aug = torch.empty((dp + 2, K), **f32)
-            aug[:dp] = -2.0 * c.T
-            aug[dp] = self.col_sq
-            aug[dp + 1] = 1.0
-        self.centers_aug = aug
-        self.bf16 = plan.precision == "bfloat16" or (plan.precision == "auto"
-                                                      and has_fast_bfloat16(device))
-        # The GEMM's operands and products: float32, or bfloat16 that the activation reads
-        # back as float32 (the compiled graph converts as it reads; the eager path copies into
-        # a float32 scratch buffer, ``dist``, which its in-place activation may overwrite).
-        if self.bf16:
-            bf16 = dict(device=device, dtype=torch.bfloat16)
-            self.lhs, self.rhs = torch.empty((batch * L, dp + 2), **bf16), aug.to(torch.bfloat16)
-            self.products = torch.zeros((batch * L, K), **bf16)
-            self.dist = None if compiled else torch.empty((batch * L, K), **f32)
-        else:
-            self.lhs, self.rhs = self.y_aug, aug
-            self.products = self.dist = torch.zeros((batch * L, K), **f32)
-        if plan.white_mat is not None:
-            # Two zero columns so the whitening GEMM writes straight into the augmented buffer.
-            wm = torch.zeros((d, dp + 2), **f32)
-            wm[:, :dp] = torch.from_numpy(plan.white_mat)
-            self.white_aug = wm
-            self.white_mean = torch.from_numpy(plan.white_mean).to(**f32)
-        self.norms = act.norms
-        self.static = dict(map_shape=plan.map_shape, row_bounds=tuple(plan.row_bounds),
-                           col_bounds=tuple(plan.col_bounds), activation=plan.activation,
-                           alpha=plan.alpha, pool_op=plan.pool_op, fraction=plan.fraction,
-                           selection=plan.selection, window=plan.window)
-        self.compiled = (CompiledKernel(activate_and_pool, name="encoding", n_images=batch,
-                                        **self.static) if compiled else None)
-
-    def encode(self, chunk: np.ndarray) -> torch.Tensor:
-        """``(b, H, W, C)`` images -> ``(b, n_cells, per_cell)`` pooled features on the device."""
-        plan, b, L = self.plan, chunk.shape[0], self.L
-        x = self.images[:b]
-        arr = np.ascontiguousarray(chunk)
-        if not arr.flags.writeable:  # a read-only memmap: torch wants a writable buffer
-            arr = arr.copy()
-        x.copy_(torch.from_numpy(arr))
-        p, s = plan.patch_size, plan.stride
-        # im2col in the library's HWC patch layout: (b, Ph, Pw, p, p, C) -> (b*L, d).
-        windows = x.unfold(1, p, s).unfold(2, p, s).permute(0, 1, 2, 4, 5, 3)
-        pt = self.patches[:b]
-        pt.copy_(windows)
-        P = flatten_patches(pt).reshape(b * L, plan.d)
-        P = self._normalize(P)
-        y_aug = self.y_aug[: b * L]
-        dp = plan.d_out
-        self._whiten(P, y_aug)
-        y = y_aug[:, :dp]
-        y_aug[:, dp + 1] = (y * y).sum(1)  # (zeroed out of a dot-product dictionary)
-        y_aug[:, dp].fill_(1.0)
-        lhs, products = self.lhs[: b * L], self.products[: b * L]
-        if self.bf16:
-            lhs.copy_(y_aug)
-        torch.mm(lhs, self.rhs, out=products)
-        if self.compiled is not None:
-            return self.compiled(self.products, *self._norms(self.y_aug))[:b]
-        D = self.dist[: b * L]
-        if self.bf16:
-            D.copy_(products)
-        return activate_and_pool(D, *self._norms(y_aug), n_images=b, inplace=True, **self.static)
-
-    def _norms(self, y_aug):
-        """The norms the activation declares, as ``activate_and_pool``'s positional tensors:
-        ``||y||^2`` is the augmented buffer's last column, already computed."""
-        if not self.norms:
-            return ()
-        row_sq = y_aug[:, self.plan.d_out + 1] if "row_sq" in self.norms else None
-        col_sq = self.col_sq if "col_sq" in self.norms else None
-        return (row_sq, col_sq)
-
-    def _normalize(self, P):
-        plan = self.plan
-        if plan.norm is not None:
-            eps, ddof = plan.norm
-            P -= P.mean(1, keepdim=True)  # centre first: no cancellation on 0..255 pixels
-            var = (P * P).sum(1, keepdim=True) / (plan.d - ddof)
-            P *= torch.rsqrt(var + eps)
-        elif plan.norm_est is not None:
-            P = self._via_numpy(plan.norm_est, P)
-        return P
-
-    def _whiten(self, P, y_aug):
-        plan = self.plan
-        if plan.white_mat is not None:
-            P -= self.white_mean
-            torch.mm(P, self.white_aug, out=y_aug)
-        elif plan.white_est is not None:
-            y_aug[:, : plan.d_out].copy_(self._via_numpy(plan.white_est, P))
-        else:
-            y_aug[:, : plan.d_out].copy_(P)
-
-    def _via_numpy(self, est, P):
-        res = est.transform(to_numpy(P).astype(np.float32, copy=False))
-        return torch.from_numpy(np.ascontiguousarray(res, dtype=np.float32)).to(self.device)
-
-
-def _encode_into(plan, X, out, device, batch, progress=None, compiled=False):
-    """Encode ``X`` chunk by chunk straight into the preallocated ``out`` rows."""
-    device = resolve_device(device)
-    kernel = _Kernel(plan, device, min(batch, X.shape[0]), compiled=compiled)
-    out_t = _cells_view(torch.from_numpy(out), plan)
-    with torch.inference_mode():
-        for s in range(0, X.shape[0], kernel.batch):
-            chunk = X[s:s + kernel.batch]
-            out_t[s:s + chunk.shape[0], 0].copy_(kernel.encode(chunk))
-            if plan.flip:
-                out_t[s:s + chunk.shape[0], 1].copy_(kernel.encode(chunk[:, :, ::-1]))
-            if progress is not None:
-                progress.update(chunk.shape[0])
-    return out
-
-
-def _encode_block(plan, X, device, batch):
-    """One joblib task: a block of images -> its rows of the output (runs on any worker)."""
-    out = np.empty(_out_shape(plan, X.shape[0]), dtype=np.float32)
-    return _encode_into(plan, X, out, device, batch)
-
-
-def _out_shape(plan, n):
-    """The transform's output shape: ``(n, V*cells*F)`` flat, ``(n, V*F, h, w)`` as maps."""
-    n_views = 2 if plan.flip else 1
-    if plan.layout == "map":
-        return (n, n_views * plan.per_cell) + plan.pooled_shape
-    return (n, n_views * plan.n_cells * plan.per_cell)
-
-
-def _cells_view(out_t, plan):
-    """The output tensor seen as ``(n, views, cells, F)`` (a strided view for maps), the shape
-    the kernel's pooled chunks are copied into."""
-    n_views = 2 if plan.flip else 1
-    n = out_t.shape[0]
-    if plan.layout == "map":
-        return out_t.view(n, n_views, plan.per_cell, plan.n_cells).transpose(2, 3)
-    return out_t.view(n, n_views, plan.n_cells, plan.per_cell)
-
-
 # ------------------------------------------------------------------------- inputs and outputs
 def _as_output(encoder, out: np.ndarray):
     """``out`` as the encoder's ``output`` asks: the array, or a tensor on its device."""
@@ -873,7 +625,7 @@ def _transform_stream(encoder, data) -> np.ndarray:
     """
     n = stream_length(data)
     worker = copy.copy(encoder).set_params(verbose=0, output="numpy")
-    row_shape = _out_shape(encoder._plan(), 0)[1:]  # flat rows or (channels, h, w) maps
+    row_shape = out_shape(encoder._plan(), 0)[1:]  # flat rows or (channels, h, w) maps
     out = np.empty((n, *row_shape), dtype=encoder.dtype) if n is not None else None
     parts, done = [], 0
     with progress(n, desc="encode", verbose=encoder.verbose) as bar:

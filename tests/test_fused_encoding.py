@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import featlearn._encoding_kernel as encoding_kernel
 import featlearn.encoding as encoding
 from featlearn._compile import CompiledKernel
 from featlearn._logging import logger
@@ -197,7 +198,7 @@ def test_auto_precision_follows_the_hardware(images, monkeypatch):
                        device="cpu", compile=False, random_state=0).fit(images)
     results = {}
     for native in (False, True):
-        monkeypatch.setattr(encoding, "has_fast_bfloat16", lambda device, n=native: n)
+        monkeypatch.setattr(encoding_kernel, "has_fast_bfloat16", lambda device, n=native: n)
         results[native] = enc.set_params(precision="auto").transform(images)
     np.testing.assert_array_equal(results[False],
                                   enc.set_params(precision="float32").transform(images))
