@@ -187,7 +187,8 @@ def image_encoder(pipe):
     if "encoder" in pipe.named_steps:
         return pipe.named_steps["encoder"]
     clf = pipe.named_steps["classifier"]
-    return getattr(clf, "encoder_", None) or clf.encoder
+    fitted = getattr(clf, "encoder_", None)
+    return fitted if fitted is not None else getattr(clf, "encoder", None)
 
 
 def available_configs():

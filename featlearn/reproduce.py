@@ -162,16 +162,16 @@ def run(config, data, *, out=None, cache=None, device=None, n_train=None, n_test
     encoder, clf = image_encoder(pipe), pipe.named_steps["classifier"]
     streaming = "encoder" not in pipe.named_steps  # the classifier takes images
     # A streaming classifier encodes on its head's device.
-    device = resolve_device(clf.head.device if streaming else encoder.device)
+    run_device = resolve_device(clf.head.device if streaming else encoder.device)
 
     X_train, y_train = data["X_train"][:n_train], data["y_train"][:n_train]
     X_test, y_test = data["X_test"][:n_test], data["y_test"][:n_test]
     name = config.get("name", "?")
     log(verbose, f"[{name}] {len(X_train)} training and {len(X_test)} test images, "
-                 f"K={encoder.kmeans.n_clusters}, device {device}", level=2)
+                 f"K={encoder.kmeans.n_clusters}, device {run_device}", level=2)
 
     # The yardstick for the efficiency figures, measured beside the run (a second or two).
-    rate = gemm_rate(n=3072, repeats=2, device=device)
+    rate = gemm_rate(n=3072, repeats=2, device=run_device)
     log(verbose, f"[{name}] float32 GEMM rate of this machine: {rate:.0f} GFLOP/s", level=2)
     if streaming:
         if cache is not None:
@@ -227,7 +227,7 @@ def run(config, data, *, out=None, cache=None, device=None, n_train=None, n_test
         "gemm_gflops": round(rate, 1),
         "distance_tflop": {k: float(f"{v / 1e12:.4g}") for k, v in flops.items()},
         "efficiency": efficiency(flops, times, rate),
-        "device": str(device),
+        "device": str(run_device),
         "cpu_threads": torch.get_num_threads(),
         "archive": data.get("archive"),
         "versions": {"featlearn": featlearn.__version__, "torch": torch.__version__,
