@@ -159,3 +159,21 @@ def test_cli_extract_dtype_float16(images, tmp_path, capsys):
                  "--dtype", "float16", "-q"]) == 0
     assert f"{len(images)} x {enc.n_features_out_} float16" in capsys.readouterr().out
     np.testing.assert_array_equal(np.load(out), enc.set_params(dtype="float16").transform(images))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_feature_statistics_are_chunked_by_bytes_and_exact(monkeypatch, dtype, weighted):
+    from featlearn.classifier import _standardize
+
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(37, 50)) * 3 + 1).astype(dtype)
+    w = rng.uniform(0.5, 2, 37) if weighted else None
+    # 3 rows of 50 float64 per chunk: many chunks and a short last one, whatever the width.
+    monkeypatch.setattr(_standardize, "_STATS_BYTES", 3 * 50 * 8)
+    mean, scale = _standardize.feature_stats(X, w)
+    X64 = X.astype(np.float64)
+    want_mean = np.average(X64, axis=0, weights=w)
+    want_var = np.average((X64 - want_mean) ** 2, axis=0, weights=w)
+    np.testing.assert_allclose(mean, want_mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(scale, np.sqrt(want_var + _standardize.STANDARDIZE_EPS), rtol=1e-6)

@@ -10,16 +10,17 @@ from ._data import tensor_view
 
 #: Added to the per-feature variance before the square root (the demo's feature standardization).
 STANDARDIZE_EPS = 0.01
-#: Rows per chunk of the statistics pass.
-_STATS_ROWS = 8192
+#: Bytes of one float64 chunk of the statistics pass (rows per chunk follow from the width, so
+#: 64,000 features take 128 rows, not a 4 GB block).
+_STATS_BYTES = 64 * 2**20
 
 
 def feature_stats(X: np.ndarray, weight=None):
-    """Per-feature mean and ``sqrt(var + 0.01)`` as float32 (float64 accumulation, row chunks),
-    weighted by ``weight`` (one per row) when given."""
+    """Per-feature mean and ``sqrt(var + 0.01)`` as float32 (float64 accumulation, row chunks
+    of at most ``_STATS_BYTES``), weighted by ``weight`` (one per row) when given."""
     Xt = tensor_view(X)
     n = len(Xt)
-    step = _STATS_ROWS
+    step = max(1, _STATS_BYTES // (8 * max(1, X.shape[1])))
     w = None if weight is None else torch.as_tensor(weight, dtype=torch.float64)
     total = n if w is None else float(w.sum())
     mean = torch.zeros(X.shape[1], dtype=torch.float64)
