@@ -45,6 +45,8 @@ _SCALE_TOLERANCE = 10.0
 #: Images per joblib task when ``n_jobs`` is set (rounded to whole chunks): big enough to
 #: amortize shipping the plan, small enough to balance and to report progress.
 _TASK_IMAGES = 512
+#: Bytes of the boolean mask of one block of the float16 overflow check.
+_RANGE_CHECK_BYTES = 16 * 2**20
 #: ``compile="auto"`` compiles the activation and pooling only for a transform that computes at
 #: least this many activation entries (images x views x positions x features per position):
 #: about 8,600 32x32 images at K=1600, enough that a first (cold-cache) compilation repays itself.
@@ -436,9 +438,8 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
                              compiled=self._use_compile(plan, device, n))
             else:
                 self._transform_parallel(plan, X, out, batch, bar)
-        if out.dtype == np.float16 and not np.isfinite(out).all():
-            raise ValueError("the features exceed float16's range (65504): use dtype='float32', "
-                             "or pool_op='mean'")
+        if out.dtype == np.float16:
+            _check_float16_range(out)
         return _as_output(self, out)
 
     def _check_transform_input(self, X):
@@ -600,6 +601,16 @@ def _centers(kmeans):
     if isinstance(centers, torch.Tensor):
         centers = to_numpy(centers)
     return np.asarray(centers, dtype=np.float32)
+
+
+def _check_float16_range(out):
+    """A ValueError when a float16 output overflowed; checked in row blocks whose mask takes
+    at most ``_RANGE_CHECK_BYTES``, never one the size of the output."""
+    rows = max(1, _RANGE_CHECK_BYTES // max(1, out[:1].size))
+    for s in range(0, len(out), rows):
+        if not np.isfinite(out[s:s + rows]).all():
+            raise ValueError("the features exceed float16's range (65504): use "
+                             "dtype='float32', or pool_op='mean'")
 
 
 def _check_finite(X):

@@ -177,3 +177,19 @@ def test_feature_statistics_are_chunked_by_bytes_and_exact(monkeypatch, dtype, w
     want_var = np.average((X64 - want_mean) ** 2, axis=0, weights=w)
     np.testing.assert_allclose(mean, want_mean, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(scale, np.sqrt(want_var + _standardize.STANDARDIZE_EPS), rtol=1e-6)
+
+
+def test_float16_range_check_never_builds_a_full_size_mask(images, monkeypatch):
+    import featlearn.encoding as encoding
+
+    monkeypatch.setattr(encoding, "_RANGE_CHECK_BYTES", 2**16)  # many blocks on this input
+    enc = _encoder(images, "nearest_fraction", flip=True, pooling=(6, 6), dtype="float16")
+    X = np.concatenate([images] * 100)  # 8 MB of float16 features
+    tracemalloc.start()
+    try:
+        out = enc.transform(X)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # A mask of the whole output would add half its bytes.
+    assert peak < out.nbytes * 1.1, (peak, out.nbytes)
