@@ -599,16 +599,20 @@ def test_benchmark_smoke(tmp_path, monkeypatch):
 def test_pipelines_and_configurations_use_kmeans():
     # The paper's full-batch Lloyd is KMeans; every shipped configuration builds it, except
     # coates2011-1600-svm: a mini-batch epoch then 15 Lloyd iterations (measured within 0.3
-    # points of 50 Lloyd iterations), seeded and placed like the default.
-    from featlearn.pipeline import available_configs, build_pipeline, load_config
-    from featlearn import make_coates_pipeline
+    # points of 50 Lloyd iterations), seeded and placed like the default; and Thiry et al.'s
+    # recipe, whose dictionary is random patches.
+    from featlearn.pipeline import available_configs, build_pipeline, image_encoder, load_config
+    from featlearn import RandomPatchDictionary, make_coates_pipeline
 
     assert type(make_coates_pipeline().named_steps["encoder"].kmeans) is KMeans
     names = available_configs()
     assert names
     for name in names:
-        km = build_pipeline(load_config(name)).named_steps["encoder"].kmeans
-        if name == "coates2011-1600-svm":
+        km = image_encoder(build_pipeline(load_config(name))).kmeans
+        if name == "thiry2021-2048-linear":
+            assert type(km) is RandomPatchDictionary
+            assert (km.n_clusters, km.random_state) == (2048, 0)
+        elif name == "coates2011-1600-svm":
             assert type(km) is MiniBatchKMeans and km.lloyd_iter == 15 and km.max_iter == 1
             assert km.random_state == 0 and km.n_clusters == 1600
             moved = build_pipeline(load_config(name), random_state=5, device="cpu",
