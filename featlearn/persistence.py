@@ -269,11 +269,10 @@ def is_model_file(path) -> bool:
 def encoder_of(model):
     """The feature-producing part of a saved model: a Pipeline's ``encoder`` step, the fitted
     encoder of a streaming classifier (alone or as a Pipeline's step), else the model."""
-    steps = getattr(model, "named_steps", None)
-    if steps is not None and "encoder" in steps:
-        return steps["encoder"]
-    inner = steps.get("classifier", model) if steps is not None else model
-    return getattr(inner, "encoder_", model)
+    from .pipeline import image_encoder
+
+    encoder = image_encoder(model)
+    return model if encoder is None else encoder
 
 
 # -- the safe format -----------------------------------------------------------------------------

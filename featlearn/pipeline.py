@@ -181,14 +181,17 @@ def _streaming_pipeline(classifier, encoder, *, augment, power, memory, device, 
     return pipe
 
 
-def image_encoder(pipe):
-    """The pipeline's fitted-or-not :class:`PatchEncoder`: its ``encoder`` step, or the encoder
-    inside a streaming classifier (``encoder_`` once fitted)."""
-    if "encoder" in pipe.named_steps:
-        return pipe.named_steps["encoder"]
-    clf = pipe.named_steps["classifier"]
-    fitted = getattr(clf, "encoder_", None)
-    return fitted if fitted is not None else getattr(clf, "encoder", None)
+def image_encoder(model):
+    """The :class:`PatchEncoder` of a pipeline or a streaming classifier, fitted or not: a
+    Pipeline's ``encoder`` step, else the encoder inside its ``classifier`` step (or inside
+    ``model`` itself), ``encoder_`` once fitted; None when there is none."""
+    steps = getattr(model, "named_steps", None)
+    if steps is not None:
+        if "encoder" in steps:
+            return steps["encoder"]
+        model = steps.get("classifier")
+    fitted = getattr(model, "encoder_", None)
+    return fitted if fitted is not None else getattr(model, "encoder", None)
 
 
 def available_configs():
