@@ -183,15 +183,18 @@ def _streaming_pipeline(classifier, encoder, *, augment, power, memory, device, 
 
 def image_encoder(model):
     """The :class:`PatchEncoder` of a pipeline or a streaming classifier, fitted or not: a
-    Pipeline's ``encoder`` step, else the encoder inside its ``classifier`` step (or inside
-    ``model`` itself), ``encoder_`` once fitted; None when there is none."""
+    Pipeline's ``encoder`` step, else the encoder of a :class:`StreamingConvClassifier` (its
+    ``classifier`` step, or ``model`` itself), ``encoder_`` once fitted; None otherwise."""
+    from featlearn.classifier import StreamingConvClassifier
+
     steps = getattr(model, "named_steps", None)
     if steps is not None:
         if "encoder" in steps:
             return steps["encoder"]
         model = steps.get("classifier")
-    fitted = getattr(model, "encoder_", None)
-    return fitted if fitted is not None else getattr(model, "encoder", None)
+    if not isinstance(model, StreamingConvClassifier):
+        return None
+    return model.encoder_ if hasattr(model, "encoder_") else model.encoder
 
 
 def available_configs():
