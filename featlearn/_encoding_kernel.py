@@ -35,7 +35,8 @@ import torch
 
 from ._compile import CompiledKernel
 from ._torch import has_fast_bfloat16, resolve_device, to_numpy
-from .activations import ACTIVATIONS, activate_and_pool
+from .activations import (ACTIVATIONS, BRACKET_ITERS, activate_and_pool, bracket_thresholds,
+                          fix_thresholds, n_nearest, selection_columns, selection_rank)
 from .patches import flatten_patches
 from .preprocessing import PatchNormalizer, ZCAWhitening
 
@@ -89,9 +90,11 @@ class Plan:
         """``(rows, cols)`` of the pooled map: the grid, or the number of windows."""
         return (len(self.row_bounds), len(self.col_bounds))
 
-    def bytes_per_image(self):
+    def bytes_per_image(self, compiled=False):
+        """Working-set bytes per image of a chunk: the products, and eagerly also the
+        activation map (a compiled graph reduces it as it reads the products)."""
         L = self.map_shape[0] * self.map_shape[1]
-        n_big = ACTIVATIONS[self.activation].width
+        n_big = 1 if compiled else ACTIVATIONS[self.activation].width
         floats = L * (n_big * self.K + 2 * self.d + 2 * (self.d_out + 2)) + np.prod(self.image_shape)
         return int(floats * 4)
 
@@ -130,6 +133,20 @@ class Kernel:
             aug[:dp] = -2.0 * c.T
             aug[dp] = self.col_sq
             aug[dp + 1] = 1.0
+        self.select = None
+        if compiled and plan.activation == "nearest_fraction":
+            # The selection's columns first, so that the bracket reads a contiguous block of
+            # each row; the pooled features are put back in centroid order.
+            cols = selection_columns(K, plan.selection)
+            order = np.concatenate([cols, np.setdiff1d(np.arange(K), cols)])
+            order_t = torch.from_numpy(order).to(device)
+            aug, self.col_sq = aug[:, order_t], self.col_sq[order_t]
+            inverse = torch.from_numpy(np.argsort(order)).to(device)
+            self.unorder = torch.cat([inverse, inverse + K])
+            rank = selection_rank(K, n_nearest(plan.fraction, K), len(cols))
+            self.select = (len(cols), rank, CompiledKernel(
+                bracket_thresholds, name="nearest-fraction threshold", rank=rank,
+                iters=BRACKET_ITERS))
         self.centers_aug = aug
         self.bf16 = plan.precision == "bfloat16" or (plan.precision == "auto"
                                                       and has_fast_bfloat16(device))
@@ -183,12 +200,24 @@ class Kernel:
         if self.bf16:
             lhs.copy_(y_aug)
         torch.mm(lhs, self.rhs, out=products)
+        if self.select is not None:
+            return self._nearest_fraction()[:b]
         if self.compiled is not None:
             return self.compiled(self.products, *self._norms(self.y_aug))[:b]
         D = self.dist[: b * L]
         if self.bf16:
             D.copy_(products)
         return activate_and_pool(D, *self._norms(y_aug), n_images=b, inplace=True, **self.static)
+
+    def _nearest_fraction(self):
+        """The compiled nearest-fraction path: thresholds by bisection over the selection's
+        block (the few undecided rows by the order statistic), then one compare-and-pool
+        graph; same numbers as the eager path."""
+        m, rank, bracket = self.select
+        S, cs = self.products[:, :m], self.col_sq[:m]
+        t = fix_thresholds(*bracket(S, cs), S, cs, rank)
+        pooled = self.compiled(self.products, None, self.col_sq, t)
+        return pooled.index_select(2, self.unorder)
 
     def _norms(self, y_aug):
         """The norms the activation declares, as ``activate_and_pool``'s positional tensors:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +25,9 @@ import torch.nn.functional as F
 #: Entries per row (and per sign) from which ``selection="sampled"`` estimates the
 #: nearest-fraction threshold: evenly strided columns, so no generator is involved.
 SELECTION_SAMPLE = 256
+#: Halvings of :func:`bracket_thresholds`: a row is left undecided (and passed to the exact
+#: order statistic) only when two of its entries lie within ``2**-16`` of its range.
+BRACKET_ITERS = 16
 
 
 def triangle(D: torch.Tensor, alpha: float, *, inplace: bool = False, **_) -> torch.Tensor:
@@ -52,9 +56,9 @@ def hard(D: torch.Tensor, alpha: float, **_) -> torch.Tensor:
     return (ids == nearest).to(D.dtype)
 
 
-def soft_threshold(D: torch.Tensor, alpha: float, **_) -> torch.Tensor:
-    """``[max(0, c.y - alpha), max(0, -c.y - alpha)]``; ``D`` dot products ``c.y``."""
-    return torch.cat([(D - alpha).clamp_min(0.0), (-D - alpha).clamp_min(0.0)], 1)
+def soft_threshold_blocks(D: torch.Tensor, alpha: float, **_):
+    """``max(0, c.y - alpha)`` and ``max(0, -c.y - alpha)``; ``D`` dot products ``c.y``."""
+    return (D - alpha).clamp_min(0.0), (-D - alpha).clamp_min(0.0)
 
 
 def n_nearest(fraction: float, K: int) -> int:
@@ -62,43 +66,119 @@ def n_nearest(fraction: float, K: int) -> int:
     return int(fraction * K)
 
 
-def _lowest_k(E: torch.Tensor, k: int, selection: str) -> torch.Tensor:
-    """``1[E < t]`` per row, ``t`` the ``(k+1)``-th smallest entry of the row (Thiry et al.'s
-    rule: exactly ``k`` ones without ties, fewer on a tie at the boundary), or, with
-    ``"sampled"``, the matching order statistic of :data:`SELECTION_SAMPLE` evenly strided
-    entries of the row."""
-    K = E.shape[1]
+def selection_columns(K: int, selection: str) -> np.ndarray:
+    """The columns whose entries decide each row's nearest-fraction threshold: every
+    ``K // SELECTION_SAMPLE``-th one with ``"sampled"`` (all of them when that step is 1, or
+    with ``"exact"``)."""
     step = K // SELECTION_SAMPLE
-    if selection == "sampled" and step > 1:
-        sample = E[:, ::step]
-        s = sample.shape[1]
-        rank = min(max(round((k + 0.5) * s / K), 1), s)
-        t = sample.kthvalue(rank, 1, keepdim=True).values
-    else:
-        t = E.kthvalue(k + 1, 1, keepdim=True).values
-    return (E < t).to(E.dtype)
+    return np.arange(0, K, step if selection == "sampled" and step > 1 else 1)
 
 
-def nearest_fraction(D: torch.Tensor, alpha: float, *, col_sq: torch.Tensor, fraction: float,
-                     selection: str, **_) -> torch.Tensor:
-    """``[1 for the int(fraction*K) centroids nearest y, same for -y]``; ``D`` dot products.
+def selection_rank(K: int, k: int, n_columns: int) -> int:
+    """The threshold's rank (1-based) among ``n_columns`` entries of a row: ``k + 1`` over the
+    whole row, the matching rank of the sample otherwise (the ``(k+1)``-th smallest of ``K``
+    is at about ``(k + 1/2) / K`` of the way up the sorted row)."""
+    if n_columns == K:
+        return k + 1
+    return min(max(round((k + 0.5) * n_columns / K), 1), n_columns)
+
+
+def _signed(D: torch.Tensor, cc: torch.Tensor):
+    """``||c||^2 - 2 y.c`` and ``||c||^2 + 2 y.c``: the row-constant-free squared distances to
+    ``y`` and ``-y``. Every path (eager, compiled, the fix-up) forms them with this one rounding,
+    so thresholds and comparisons agree bit for bit."""
+    twice = D + D
+    return cc - twice, cc + twice
+
+
+def nearest_fraction_thresholds(D: torch.Tensor, col_sq: torch.Tensor, *, fraction: float,
+                                selection: str, **_) -> torch.Tensor:
+    """Each row's two thresholds, ``(n, 2)`` (for ``y``, then ``-y``): the
+    :func:`selection_rank`-th smallest of the row's :func:`selection_columns` entries
+    (``torch.kthvalue``). An entry is marked when its distance is strictly below its threshold
+    (Thiry et al.'s rule: exactly ``k`` ones without ties, fewer on a tie at the boundary)."""
+    K = D.shape[1]
+    cols = selection_columns(K, selection)
+    rank = selection_rank(K, n_nearest(fraction, K), len(cols))
+    if len(cols) < K:
+        D, col_sq = D[:, ::int(cols[1])], col_sq[::int(cols[1])]
+    return torch.stack([E.kthvalue(rank, 1).values for E in _signed(D, col_sq)], 1)
+
+
+def bracket_thresholds(S: torch.Tensor, col_sq: torch.Tensor, *, rank: int, iters: int):
+    """The thresholds of :func:`nearest_fraction_thresholds` by bisection, for a compiled graph:
+    ``S`` holds each row's selection entries (dot products), ``col_sq`` their centroids' norms.
+
+    ``iters`` halvings of ``[min, max]`` per row and sign, each one counting pass, with the
+    invariant ``count(E < lo) < rank <= count(E < hi)``; then the smallest entry ``>= lo`` is the
+    ``rank``-th smallest exactly when ``count(E < lo) == rank - 1``. Returns the ``(n, 2)``
+    thresholds and an ``(n, 2)`` mask of where that holds; the few other rows (two entries
+    closer than the last bracket) are left to :func:`nearest_fraction_thresholds`. No sort, no
+    data-dependent shape: the passes are elementwise and row reductions that inductor fuses.
+    """
+    E = torch.stack(_signed(S.float(), col_sq), 1)  # (n, 2, m)
+    lo, hi = E.amin(2, keepdim=True), E.amax(2, keepdim=True)
+    below_lo = torch.zeros_like(lo)
+    for _ in range(iters):
+        mid = (lo + hi) * 0.5
+        below = (E < mid).to(E.dtype).sum(2, keepdim=True)
+        up = below < rank
+        lo, below_lo = torch.where(up, mid, lo), torch.where(up, below, below_lo)
+        hi = torch.where(up, hi, mid)
+    t = torch.where(E >= lo, E, float("inf")).amin(2)
+    return t, (below_lo == rank - 1).squeeze(2)
+
+
+def fix_thresholds(t: torch.Tensor, ok: torch.Tensor, S: torch.Tensor, col_sq: torch.Tensor,
+                   rank: int) -> torch.Tensor:
+    """``t`` with the rows :func:`bracket_thresholds` left undecided (``~ok``) replaced by the
+    order statistic itself: the same numbers as :func:`nearest_fraction_thresholds`."""
+    bad = (~ok).any(1).nonzero().squeeze(1)
+    if bad.numel():
+        Sb = S.index_select(0, bad).float()
+        t = t.clone()
+        t[bad] = torch.stack([E.kthvalue(rank, 1).values for E in _signed(Sb, col_sq)], 1)
+    return t
+
+
+def nearest_fraction_blocks(D: torch.Tensor, alpha: float, *, col_sq: torch.Tensor,
+                            fraction: float, selection: str,
+                            thresholds: torch.Tensor | None = None, **_):
+    """1 for the ``int(fraction*K)`` centroids nearest ``y``, and the same for ``-y``; ``D``
+    dot products.
 
     ``||y -+ c||^2 = ||y||^2 + ||c||^2 -+ 2 y.c``: the row's ``||y||^2`` does not change its
     ranking, so only the centroid norms ``col_sq`` enter (rounding aside, the same sets).
+    ``thresholds`` (``(n, 2)``, from :func:`nearest_fraction_thresholds` or a compiled kernel's
+    bracket) skips the order statistic.
     """
-    k = n_nearest(fraction, D.shape[1])
-    cc = col_sq.view(1, -1)
-    twice = D + D
-    return torch.cat([_lowest_k(cc - twice, k, selection),
-                      _lowest_k(cc + twice, k, selection)], 1)
+    if thresholds is None:
+        thresholds = nearest_fraction_thresholds(D, col_sq, fraction=fraction,
+                                                 selection=selection)
+    near, far = _signed(D, col_sq.view(1, -1))
+    return (near < thresholds[:, :1]).to(D.dtype), (far < thresholds[:, 1:]).to(D.dtype)
 
 
-def heaviside(D: torch.Tensor, alpha: float, *, row_sq: torch.Tensor, **_) -> torch.Tensor:
-    """``[1(cos(y, c) > alpha), 1(cos(-y, c) > alpha)]``; ``D`` dot products with unit-norm
+def heaviside_blocks(D: torch.Tensor, alpha: float, *, row_sq: torch.Tensor, **_):
+    """``1(cos(y, c) > alpha)`` and ``1(cos(-y, c) > alpha)``; ``D`` dot products with unit-norm
     centroids, ``row_sq`` the rows' ``||y||^2``. A zero patch has cosine 0 with every centroid."""
     inv = torch.where(row_sq > 0, row_sq, 1.0).rsqrt().view(-1, 1)
     cos = D * inv
-    return torch.cat([(cos > alpha).to(D.dtype), (-cos > alpha).to(D.dtype)], 1)
+    return (cos > alpha).to(D.dtype), (-cos > alpha).to(D.dtype)
+
+
+def _joined(blocks):
+    """The ``(n, 2K)`` activation of a two-block one: the ``y`` block, then the ``-y`` block."""
+    def fn(D, alpha, **kw):
+        return torch.cat(blocks(D, alpha, **kw), 1)
+    fn.__name__ = blocks.__name__.removesuffix("_blocks")
+    fn.__doc__ = blocks.__doc__
+    return fn
+
+
+soft_threshold = _joined(soft_threshold_blocks)
+nearest_fraction = _joined(nearest_fraction_blocks)
+heaviside = _joined(heaviside_blocks)
 
 
 @dataclass(frozen=True)
@@ -115,14 +195,18 @@ class Activation:
     #: Norms the kernel passes besides the products: ``"row_sq"`` (``||y||^2`` per row, shape
     #: ``(n,)``) and/or ``"col_sq"`` (``||c||^2`` per centroid, shape ``(K,)``).
     norms: tuple = ()
+    #: For a width-2 activation, ``fn`` as its two ``(n, K)`` blocks: pooled one by one, so
+    #: that a compiled graph never stores the concatenated ``(n, 2K)`` map.
+    blocks: Callable | None = None
 
 
 ACTIVATIONS = {
     "triangle": Activation("sqdist", 1, triangle),
     "hard": Activation("sqdist", 1, hard),
-    "soft_threshold": Activation("dot", 2, soft_threshold),
-    "nearest_fraction": Activation("dot", 2, nearest_fraction, ("col_sq",)),
-    "heaviside": Activation("unit_dot", 2, heaviside, ("row_sq",)),
+    "soft_threshold": Activation("dot", 2, soft_threshold, (), soft_threshold_blocks),
+    "nearest_fraction": Activation("dot", 2, nearest_fraction, ("col_sq",),
+                                   nearest_fraction_blocks),
+    "heaviside": Activation("unit_dot", 2, heaviside, ("row_sq",), heaviside_blocks),
 }
 
 #: Reductions of :func:`pool`.
@@ -181,20 +265,24 @@ def _pool_windows(A, op, window):
 
 
 def activate_and_pool(D: torch.Tensor, row_sq: torch.Tensor | None = None,
-                      col_sq: torch.Tensor | None = None, *, n_images: int, map_shape,
-                      row_bounds, col_bounds, activation: str, alpha: float, pool_op: str,
-                      fraction: float = 0.4, selection: str = "exact",
+                      col_sq: torch.Tensor | None = None, thresholds: torch.Tensor | None = None,
+                      *, n_images: int, map_shape, row_bounds, col_bounds, activation: str,
+                      alpha: float, pool_op: str, fraction: float = 0.4, selection: str = "exact",
                       window=None, inplace: bool = False) -> torch.Tensor:
     """``(n_images * rows * cols, K)`` products -> ``(n_images, n_cells, width * K)`` features.
 
     Rows of ``D`` are image-major, then map rows, then map columns (the encoder's im2col order).
     ``row_sq`` / ``col_sq`` are the norms the activation declares (:attr:`Activation.norms`);
-    ``fraction`` and ``selection`` are the nearest-fraction encoding's, ``window`` the pooling
-    windows' sizes and strides (:func:`pool`). ``inplace`` lets an activation overwrite ``D``
-    (eager only: a compiled graph wants no mutation).
+    ``fraction``, ``selection`` and (precomputed, optional) ``thresholds`` are the
+    nearest-fraction encoding's, ``window`` the pooling windows' sizes and strides
+    (:func:`pool`). ``inplace`` lets an activation overwrite ``D`` (eager only: a compiled graph
+    wants no mutation). A two-block activation is pooled block by block.
     """
     D = D.float()  # bfloat16 products are read as float32 (a no-op for float32)
-    A = ACTIVATIONS[activation].fn(D, alpha, row_sq=row_sq, col_sq=col_sq, fraction=fraction,
-                                   selection=selection, inplace=inplace)
-    return pool(A.view(n_images, map_shape[0], map_shape[1], A.shape[1]), row_bounds,
-                col_bounds, pool_op, window)
+    act = ACTIVATIONS[activation]
+    kw = dict(row_sq=row_sq, col_sq=col_sq, fraction=fraction, selection=selection,
+              thresholds=thresholds, inplace=inplace)
+    blocks = act.blocks(D, alpha, **kw) if act.blocks else (act.fn(D, alpha, **kw),)
+    pooled = [pool(A.view(n_images, map_shape[0], map_shape[1], A.shape[1]), row_bounds,
+                   col_bounds, pool_op, window) for A in blocks]
+    return pooled[0] if len(pooled) == 1 else torch.cat(pooled, 2)

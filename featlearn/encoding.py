@@ -430,12 +430,12 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         plan = self._plan()
         device = resolve_device(self.device)
         n = X.shape[0]
-        batch = self._batch_size(plan, device)
+        compiled = self.n_jobs is None and self._use_compile(plan, device, n)
+        batch = self._batch_size(plan, device, compiled)
         out = np.empty(out_shape(plan, n), dtype=self.dtype)
         with progress(n, desc="encode", verbose=self.verbose) as bar:
             if self.n_jobs is None:
-                encode_into(plan, X, out, device, batch, bar,
-                             compiled=self._use_compile(plan, device, n))
+                encode_into(plan, X, out, device, batch, bar, compiled=compiled)
             else:
                 self._transform_parallel(plan, X, out, batch, bar)
         if out.dtype == np.float16:
@@ -577,12 +577,13 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
             selection=self.selection, layout=self.layout, window=self._window(),
             precision=self.precision)
 
-    def _batch_size(self, plan, device):
+    def _batch_size(self, plan, device, compiled=False):
         if self.batch_size != "auto":
             return int(self.batch_size)
+        per_image = plan.bytes_per_image(compiled)
         if device.type == "cpu":
-            return chunk_size(plan.bytes_per_image(), device, budget=_CPU_CHUNK_BYTES)
-        return chunk_size(plan.bytes_per_image(), device, maximum=_MAX_GPU_CHUNK)
+            return chunk_size(per_image, device, budget=_CPU_CHUNK_BYTES)
+        return chunk_size(per_image, device, maximum=_MAX_GPU_CHUNK)
 
     def __sklearn_tags__(self):
         return image_input_tags(super().__sklearn_tags__(), self.random_state)

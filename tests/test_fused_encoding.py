@@ -105,6 +105,29 @@ def test_compiled_flip_views_and_row_independence(images, warnings_logged):
     assert warnings_logged == []
 
 
+@needs_compiler
+@pytest.mark.parametrize("selection,precision,pooling", [
+    ("sampled", "float32", dict(pooling=(2, 2), pool_op="sum")),
+    ("exact", "float32", dict(pool_size=3, pool_stride=2, pool_op="mean")),
+    ("sampled", "bfloat16", dict(pooling=(1, 2), pool_op="max")),
+])
+def test_compiled_nearest_fraction_equals_eager(selection, precision, pooling, warnings_logged):
+    """The compiled path (selection columns first, bisection, fix-up, one compare-and-pool
+    graph, features put back in centroid order) gives the eager code's numbers exactly."""
+    from featlearn import RandomPatchDictionary
+
+    rng = np.random.RandomState(2)
+    images = rng.randint(0, 256, size=(7, 12, 12, 3)).astype(np.uint8)
+    enc = PatchEncoder(patch_size=3, n_patches=2000, activation="nearest_fraction",
+                       kmeans=RandomPatchDictionary(600, random_state=0), selection=selection,
+                       precision=precision, flip=True, batch_size=3, device="cpu",
+                       random_state=0, **pooling).fit(images)  # K=600: every 2nd sampled
+    eager = enc.set_params(compile=False).transform(images)
+    fused = enc.set_params(compile=True).transform(images)  # 7 = 3 + 3 + 1: a padded chunk
+    assert warnings_logged == []
+    np.testing.assert_array_equal(fused, eager)
+
+
 def test_compile_failure_falls_back_with_one_warning(images, monkeypatch, warnings_logged):
     def broken_compile(fn, **kwargs):
         def run(*args):
