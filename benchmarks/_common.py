@@ -92,12 +92,40 @@ def machine() -> str:
     return line
 
 
-def gemm_rate(n=4096, repeats=3, device="cpu") -> float:
-    """Best-of-``repeats`` float32 ``torch.mm`` rate at ``n^3``, in GFLOP/s (the library's own
-    yardstick, :func:`featlearn._torch.gemm_rate`, which ``featlearn reproduce`` records too)."""
+def gemm_rate(n=4096, repeats=3, device="cpu", dtype="float32") -> float:
+    """Best-of-``repeats`` ``torch.mm`` rate at ``n^3`` in ``dtype``, in GFLOP/s (the library's
+    own yardstick, :func:`featlearn._torch.gemm_rate`, which ``featlearn reproduce`` records)."""
+    import torch
+
     from featlearn._torch import gemm_rate as rate
 
-    return rate(n, repeats, device)
+    return rate(n, repeats, device, getattr(torch, dtype))
+
+
+def gemm_rates(device="cpu") -> dict:
+    """``{"float32": GFLOP/s, "bfloat16": GFLOP/s}`` measured now, and whether bfloat16 is native
+    here (``"bfloat16_native"``): each encoder row is compared with the GEMM of its own
+    precision, since a bfloat16 kernel against a float32 GEMM flatters itself."""
+    import torch
+
+    from featlearn._torch import has_fast_bfloat16
+
+    native = has_fast_bfloat16(torch.device(device))
+    # Emulated bfloat16 runs at a few GFLOP/s: one 1024^3 product says so in seconds.
+    n, repeats = (4096, 3) if native else (1024, 1)
+    return {"float32": gemm_rate(device=device),
+            "bfloat16": gemm_rate(n, repeats, device=device, dtype="bfloat16"),
+            "bfloat16_n": n, "bfloat16_native": native}
+
+
+def gemm_lines(rates) -> list[str]:
+    """The two GEMM lines of a results header, from :func:`gemm_rates`."""
+    native = "native" if rates["bfloat16_native"] else "emulated by torch: not native here"
+    return [f"float32 GEMM rate measured in the same run (torch.mm 4096^3): "
+            f"{rates['float32']:.1f} GFLOP/s.",
+            f"bfloat16 GEMM rate measured in the same run (torch.mm {rates['bfloat16_n']}^3, "
+            f"{native}): "
+            f"{rates['bfloat16']:.1f} GFLOP/s."]
 
 
 def command(argv=None, script=None) -> str:
@@ -115,12 +143,15 @@ def command(argv=None, script=None) -> str:
     return shlex.join(["python", str(script), *map(str, args)])
 
 
-def header(title: str, *, argv=None, gemm: float | None = None, quick=False,
+def header(title: str, *, argv=None, gemm: float | dict | None = None, quick=False,
            script=None) -> list[str]:
-    """The first lines of every results table: title, command, machine and GEMM rate."""
+    """The first lines of every results table: title, command, machine and GEMM rate(s)
+    (a float: the float32 rate; a dict from :func:`gemm_rates`: both precisions)."""
     lines = [f"# {title}" + (" (QUICK smoke run: not the results)" if quick else ""), "",
              "```", command(argv, script), "```", "", f"Machine: {machine()}."]
-    if gemm is not None:
+    if isinstance(gemm, dict):
+        lines += gemm_lines(gemm)
+    elif gemm is not None:
         lines.append(f"float32 GEMM rate measured in the same run (torch.mm 4096^3): "
                      f"{gemm:.1f} GFLOP/s.")
     return lines + [""]

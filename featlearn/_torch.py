@@ -141,17 +141,18 @@ def state_to_cpu(obj):
     return obj
 
 
-def gemm_rate(n=4096, repeats=3, device="cpu") -> float:
-    """Best-of-``repeats`` float32 ``torch.mm`` rate at ``n^3`` on ``device``, in GFLOP/s.
+def gemm_rate(n=4096, repeats=3, device="cpu", dtype=torch.float32) -> float:
+    """Best-of-``repeats`` ``torch.mm`` rate at ``n^3`` on ``device`` in ``dtype``, in GFLOP/s.
 
     The yardstick for efficiency figures: the same machine can differ several-fold in raw speed
-    from one session to the next, so a run states its speed as a fraction of this rate.
+    from one session to the next, so a run states its speed as a fraction of this rate, measured
+    in the precision the measured code multiplies in.
     """
     import time
 
     device = torch.device(device)
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    out = torch.empty(n, n, device=device)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    out = torch.empty(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.mm(a, b, out=out)
     sync()

@@ -143,7 +143,9 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         ``featlearn.KMeans(1600)`` (full-batch Lloyd, 50 iterations), resolved at fit time.
     stride : int, default=1
         Step between patch positions in :meth:`transform`.
-    activation : {"triangle", "hard", "soft_threshold"}, default="triangle"
+    activation : {"triangle", "hard", "soft_threshold", "nearest_fraction", "heaviside"}, \
+            default="triangle"
+        See Activations above.
     alpha : float, default=0.25
         Threshold of the ``"soft_threshold"`` activation (on ``c.y``) and of ``"heaviside"``
         (on the cosine).
@@ -187,7 +189,9 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         statistic over all ``K`` distances (``torch.kthvalue``, Thiry et al.'s); ``"sampled"``
         estimates it from 256 evenly strided distances of the row (identical for
         ``K < 512``), cheaper for large ``K`` at the price of a few entries on the other side
-        of the threshold (benchmarks/results/encodings.md measures both).
+        of the threshold (benchmarks/results/encodings.md measures both). Compiled, either
+        threshold is found by bisection over those entries (with the order statistic for the
+        rare rows bisection leaves undecided), which gives the same numbers as eager.
     pool_size : int, (int, int) or None, default=None
         Pooling windows (rows, cols) that replace the ``pooling`` grid; None uses the grid.
     pool_stride : int, (int, int) or None, default=None
