@@ -372,8 +372,9 @@ class KMeans(_BaseKMeans):
     reassignment_ratio : float, default=0.01
         Centres whose (weighted) count is below this fraction of the largest count move to
         distinct random data points before every iteration but the last (empty ones also in
-        the last). 0: only empty clusters move, to the points farthest from their centres
-        (scikit-learn's ``KMeans``).
+        the last). 0: only empty clusters move, to the points farthest from their centres,
+        which leave their old clusters (scikit-learn's ``KMeans``). When every point already
+        sits on a centre, nothing moves.
     algorithm : {{"lloyd"}}, default="lloyd"
         Lloyd iterations, the only algorithm (scikit-learn's "elkan" is not implemented).
     copy_x : bool, default=True

@@ -6,7 +6,7 @@ every test and every parametrization (which captures the classes when the module
 uses featlearn's classes. It runs in a pytest subprocess with a small plugin (written next to
 it) that provides scikit-learn's ``global_random_seed``/``global_dtype`` fixtures, skips the
 tests of :data:`NOT_APPLICABLE` with their reason, marks those of :data:`KNOWN_FAILURES` as
-strict xfails and reports every outcome as JSON.
+(non-strict) xfails and reports every outcome as JSON.
 
 Run it alone, with the per-test outcomes printed::
 
