@@ -28,8 +28,8 @@ def variants(k, seed):
 
     from featlearn import KMeans, MiniBatchKMeans
 
-    fast = dict(batch_size=4096, init="random", max_iter=1, tol=0, compute_labels=False,
-                random_state=seed)
+    fast = dict(batch_size=4096, init="random", n_init=1, max_iter=1, tol=0,
+                compute_labels=False, random_state=seed)
     return {
         "featlearn KMeans, k-means++, reassignment_ratio=0 (farthest-point relocation)":
             KMeans(k, reassignment_ratio=0, random_state=seed),
@@ -41,7 +41,8 @@ def variants(k, seed):
             MiniBatchKMeans(k, lloyd_iter=30, **fast),
         "featlearn MiniBatchKMeans(batch_size=2048, init='random', max_no_improvement=5), "
         "mini-batch only":
-            MiniBatchKMeans(k, batch_size=2048, init="random", max_no_improvement=5, tol=0,
+            MiniBatchKMeans(k, batch_size=2048, init="random", n_init=1, max_no_improvement=5,
+                            tol=0,
                             compute_labels=False, random_state=seed),
         "scikit-learn MiniBatchKMeans(batch_size=4096)":
             SkMiniBatchKMeans(k, batch_size=4096, n_init=1, random_state=seed),

@@ -152,7 +152,8 @@ def contenders(args, n, k):
     from featlearn import KMeans, MiniBatchKMeans
 
     seed, dev, b, db = args.seed, args.device, args.batch_size, args.dict_batch_size
-    mb = dict(init=args.mb_init, tol=0, compute_labels=False, device=dev, random_state=seed)
+    mb = dict(init=args.mb_init, n_init=1, tol=0, compute_labels=False, device=dev,
+              random_state=seed)
     mni = args.mb_max_no_improvement
     rows = []
     if args.baseline and (n, k) == (max(args.n_patches), max(args.n_clusters)):

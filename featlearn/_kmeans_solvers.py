@@ -308,6 +308,21 @@ def _random_rows(n: int, m: int, gen: torch.Generator, sample_weight=None) -> to
     return pool[torch.randperm(pool.numel(), generator=gen)[:m]]
 
 
+def _leave_old_clusters(new, moved, pick, X, labels, sums, counts, sample_weight) -> None:
+    """Points that moved centres now sit on are taken out of their old clusters' means
+    (scikit-learn's relocation): the M-step then matches the assignment it implies. A cluster
+    that is itself moved, or that the points would leave empty, keeps its centre."""
+    donors = labels[pick]
+    w = (torch.ones(pick.numel(), dtype=torch.float64, device=X.device) if sample_weight is None
+         else sample_weight[pick].to(torch.float64))
+    lost = torch.zeros_like(counts).index_add_(0, donors, w)
+    lost_sums = torch.zeros_like(sums).index_add_(0, donors, X[pick] * w.to(X.dtype)[:, None])
+    left = counts - lost
+    update = (lost > 0) & (left > 0)
+    update[moved] = False
+    new[update] = (sums[update] - lost_sums[update]) / left[update].to(sums.dtype)[:, None]
+
+
 def _init_centers(X: torch.Tensor, n_clusters: int, init, gen: torch.Generator,
                   init_size: int, sample_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Initial centres: k-means++ on a subsample of ``init_size`` points, sampled points,
@@ -401,6 +416,12 @@ def _lloyd(X, centers, *, max_iter, tol, reassignment_ratio, gen, chunk, verbose
         else:
             low = counts == 0
         moved = torch.nonzero(low).flatten()
+        if moved.numel() and not bool(mind.max() > 0):
+            # Every point sits on its centre (more centres than distinct points): moving one
+            # is pointless, so empty centres stay where they are (scikit-learn's rule).
+            empty = counts == 0
+            new[empty] = centers[empty]
+            moved = moved[:0]
         if moved.numel():
             if reassignment_ratio > 0:
                 # Indices drawn on the CPU generator: the same points on every device.
@@ -409,6 +430,8 @@ def _lloyd(X, centers, *, max_iter, tol, reassignment_ratio, gen, chunk, verbose
                 pick = torch.topk(mind, min(moved.numel(), n)).indices
             moved = moved[:pick.numel()]
             new[moved] = X[pick]
+            if reassignment_ratio == 0:  # scikit-learn's relocation, all of it
+                _leave_old_clusters(new, moved, pick, X, labels, sums, counts, sample_weight)
         shift = float(((new - centers) ** 2).sum())
         log(verbose, "Lloyd iteration %d: inertia %.6g, centre shift %.3g, moved %d", n_iter,
             _inertia(mind, sample_weight), shift, moved.numel(), level=2)

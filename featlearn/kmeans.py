@@ -17,6 +17,7 @@ import torch
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, ClusterMixin
 from sklearn.base import TransformerMixin
 from sklearn.utils import check_random_state
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
@@ -42,12 +43,12 @@ class _BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixi
 
     _parameter_constraints = {
         "n_clusters": [Interval(numbers.Integral, 1, None, closed="left")],
-        "init": [StrOptions({"k-means++", "random", "randn"}), "array-like"],
+        "init": [StrOptions({"k-means++", "random", "randn"}), callable, "array-like"],
         "init_size": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
         "tol": [Interval(numbers.Real, 0, None, closed="left")],
         "reassignment_ratio": [Interval(numbers.Real, 0, 1, closed="both")],
-        "n_init": [Interval(numbers.Integral, 1, None, closed="left")],
+        "n_init": [StrOptions({"auto"}), Interval(numbers.Integral, 1, None, closed="left")],
         "device": [str, torch.device, None],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
@@ -55,6 +56,8 @@ class _BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixi
 
     #: k-means++ subsample per centre when ``init_size`` is None.
     _init_oversampling = _LLOYD_INIT_OVERSAMPLING
+    #: Runs of a random start under ``n_init="auto"`` (scikit-learn's values).
+    _default_n_init = 10
 
     # ---- validation ----------------------------------------------------------------------
 
@@ -107,6 +110,8 @@ class _BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixi
             raise ValueError("sample_weight contains values beyond float32's range.")
         if not w32.sum() > 0:
             raise ValueError("sample_weight must have a positive sum.")
+        if (w32 == 1).all():
+            return None  # unit weights are no weights: the same draws, the same result
         return torch.from_numpy(w32).to(X.device)
 
     def _check_n_samples(self, n):
@@ -114,20 +119,59 @@ class _BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixi
             raise ValueError(f"n_samples={n} should be >= n_clusters={self.n_clusters}.")
 
     def _check_init(self, d):
-        if isinstance(self.init, str):
+        if isinstance(self.init, str) or callable(self.init):
             return self.init
-        init = np.asarray(self.init, dtype=np.float32)
-        if init.shape != (self.n_clusters, d):
-            raise ValueError(f"init array has shape {init.shape}; expected "
-                             f"(n_clusters, n_features) = ({self.n_clusters}, {d})")
+        return self._check_centers(self.init, d)
+
+    def _check_centers(self, init, d):
+        """An explicit (or callable-made) initial array: scikit-learn's shape messages."""
+        init = np.asarray(init, dtype=np.float32)
+        if init.ndim != 2 or init.shape[0] != self.n_clusters:
+            raise ValueError(f"The shape of the initial centers {init.shape} does not match "
+                             f"the number of clusters {self.n_clusters}.")
+        if init.shape[1] != d:
+            raise ValueError(f"The shape of the initial centers {init.shape} does not match "
+                             f"the number of features of the data {d}.")
         if not np.isfinite(init).all():
             raise ValueError("init array contains NaN or infinity")
         return init
 
-    def _init_size(self):
-        if self.init_size is not None:
-            return self.init_size
-        return self._init_oversampling * self.n_clusters
+    def _resolve_init(self, init, X, gen):
+        """A callable init called as scikit-learn does, ``init(X, n_clusters, random_state)``
+        (numpy ``X``, a RandomState seeded from the private generator); else ``init``."""
+        if not callable(init):
+            return init
+        rs = np.random.RandomState(int(torch.randint(2**31 - 1, (1,), generator=gen)))
+        return self._check_centers(init(to_numpy(X), self.n_clusters, random_state=rs),
+                                   X.shape[1])
+
+    def _resolve_n_init(self, init):
+        """scikit-learn's ``n_init="auto"``: one run for k-means++ and explicit centres,
+        ``_default_n_init`` for random starts ("random", "randn", a callable); an explicit
+        array with ``n_init > 1`` warns and runs once. Sets ``_n_init``."""
+        n_init = self.n_init
+        if n_init == "auto":
+            n_init = 1 if isinstance(init, np.ndarray) or init == "k-means++" else None
+            n_init = self._default_n_init if n_init is None else n_init
+        if isinstance(init, np.ndarray) and n_init != 1:
+            warnings.warn("Explicit initial center position passed: performing only one init "
+                          f"in {type(self).__name__} instead of n_init={n_init}.",
+                          RuntimeWarning, stacklevel=4)
+            n_init = 1
+        self._n_init = n_init
+        return n_init
+
+    def _init_size(self, n=None):
+        if self.init_size is None:
+            return self._init_oversampling * self.n_clusters
+        if self.init_size < self.n_clusters:
+            size = self._init_oversampling * self.n_clusters
+            size = size if n is None else min(size, n)
+            warnings.warn(f"init_size={self.init_size} should be larger than n_clusters="
+                          f"{self.n_clusters}. Setting it to {size}.", RuntimeWarning,
+                          stacklevel=4)
+            return size
+        return self.init_size
 
     # ---- fitting -------------------------------------------------------------------------
 
@@ -142,19 +186,16 @@ class _BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixi
         n, d = X.shape
         self._check_n_samples(n)
         init = self._check_init(d)
-        n_init = self.n_init
-        if not isinstance(init, str) and n_init != 1:
-            warnings.warn("Explicit initial centres given: running a single init (n_init=1).",
-                          RuntimeWarning, stacklevel=3)
-            n_init = 1
+        n_init = self._resolve_n_init(init)
         gen = make_generator(self.random_state)
         chunk = _rows_per_chunk(self.n_clusters, d, X.device)
-        init_size = self._init_size()
+        init_size = self._init_size(n)
         best = None
         with cpu_workers(X.device):
             tol = _tolerance(X, self.tol)
             for _ in range(n_init):
-                centers = _init_centers(X, self.n_clusters, init, gen, init_size, w)
+                centers = _init_centers(X, self.n_clusters, self._resolve_init(init, X, gen),
+                                        gen, init_size, w)
                 res = self._solve(X, centers, gen=gen, tol=tol, chunk=chunk, sample_weight=w,
                                   need_labels=need_labels or n_init > 1)
                 if best is None or res.inertia < best.inertia:
@@ -162,6 +203,11 @@ class _BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixi
         self.cluster_centers_ = to_numpy(best.centers).astype(np.float32, copy=True)
         if need_labels:
             self.labels_ = to_numpy(best.labels).astype(np.int64, copy=False)
+            distinct = len(np.unique(self.labels_))
+            if distinct < self.n_clusters and isinstance(self, KMeans):
+                warnings.warn(f"Number of distinct clusters ({distinct}) found smaller than "
+                              f"n_clusters ({self.n_clusters}). Possibly due to duplicate "
+                              "points in X.", ConvergenceWarning, stacklevel=3)
         if best.inertia is not None:
             self.inertia_ = best.inertia
         else:  # the final pass was skipped: scikit-learn's estimate from the batch inertia
@@ -259,20 +305,25 @@ class _BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixi
 
 
 _COMMON_PARAMS = """\
-    n_clusters : int, default=1600
-        Number of centres; must not exceed the number of samples.
-    init : {"k-means++", "random", "randn"} or array of shape (n_clusters, n_features), \\
-            default="k-means++"
+    n_clusters : int, default=8
+        Number of centres (scikit-learn's default; the paper's dictionary is 1600); must not
+        exceed the number of samples.
+    init : {"k-means++", "random", "randn"}, callable or array of shape \\
+            (n_clusters, n_features), default="k-means++"
         "k-means++": greedy k-means++ (``2 + log(k)`` trials per centre) on a random subsample
         of ``init_size`` points. "random": distinct sampled data points. "randn":
         ``0.1 * randn``, the MATLAB demo's init (empty clusters are then reassigned). With
-        ``sample_weight``, points are drawn in proportion to their weights.
+        ``sample_weight``, points are drawn in proportion to their weights. A callable is
+        called as ``init(X, n_clusters, random_state)`` (numpy ``X``, a RandomState) and
+        returns the centres.
 """
 
 _SHARED_TAIL = """\
-    n_init : int, default=1
+    n_init : "auto" or int, default="auto"
         Independent initialisations, each run to the end; the run with the lowest inertia on
-        ``X`` is kept.
+        ``X`` is kept. "auto" (scikit-learn's rule): 1 run for "k-means++" and an array, else
+        (random starts: "random", "randn", a callable) 10 for :class:`KMeans` and 3 for
+        :class:`MiniBatchKMeans`. An explicit array with ``n_init > 1`` warns and runs once.
     device : str or torch.device, default="auto"
         "auto" uses CUDA when available, else the CPU.
     random_state : int, RandomState instance or None, default=None
@@ -321,8 +372,14 @@ class KMeans(_BaseKMeans):
     reassignment_ratio : float, default=0.01
         Centres whose (weighted) count is below this fraction of the largest count move to
         distinct random data points before every iteration but the last (empty ones also in
-        the last). 0: only empty clusters move, to the points farthest from their centres
-        (scikit-learn's ``KMeans``).
+        the last). 0: only empty clusters move, to the points farthest from their centres,
+        which leave their old clusters (scikit-learn's ``KMeans``). When every point already
+        sits on a centre, nothing moves.
+    algorithm : {{"lloyd"}}, default="lloyd"
+        Lloyd iterations, the only algorithm (scikit-learn's "elkan" is not implemented).
+    copy_x : bool, default=True
+        Accepted for scikit-learn compatibility: ``X`` is never modified (featlearn does not
+        centre the data in place).
 {_SHARED_TAIL}
     Attributes
     ----------
@@ -358,10 +415,18 @@ class KMeans(_BaseKMeans):
     array([ True])
     """
 
-    def __init__(self, n_clusters=1600, *, init="k-means++", init_size=None, max_iter=50,
-                 tol=1e-4, reassignment_ratio=0.01, n_init=1, device="auto", random_state=None,
-                 verbose=0):
+    _parameter_constraints = {
+        **_BaseKMeans._parameter_constraints,
+        "algorithm": [StrOptions({"lloyd"})],
+        "copy_x": ["boolean"],
+    }
+
+    def __init__(self, n_clusters=8, *, init="k-means++", init_size=None, max_iter=50,
+                 tol=1e-4, reassignment_ratio=0.01, n_init="auto", algorithm="lloyd",
+                 copy_x=True, device="auto", random_state=None, verbose=0):
         self.n_clusters = n_clusters
+        self.algorithm = algorithm
+        self.copy_x = copy_x
         self.init = init
         self.init_size = init_size
         self.max_iter = max_iter
@@ -478,10 +543,12 @@ class MiniBatchKMeans(_BaseKMeans):
         "lloyd_iter": [Interval(numbers.Integral, 0, None, closed="left")],
     }
     _init_oversampling = _MINIBATCH_INIT_OVERSAMPLING
+    _default_n_init = 3
 
-    def __init__(self, n_clusters=1600, *, init="k-means++", batch_size=1024, init_size=None,
+    def __init__(self, n_clusters=8, *, init="k-means++", batch_size=1024, init_size=None,
                  max_iter=50, tol=1e-4, max_no_improvement=10, reassignment_ratio=0.01,
-                 compute_labels=True, lloyd_iter=0, n_init=1, device="auto", random_state=None,
+                 compute_labels=True, lloyd_iter=0, n_init="auto", device="auto",
+                 random_state=None,
                  verbose=0):
         self.n_clusters = n_clusters
         self.init = init
@@ -565,7 +632,8 @@ class MiniBatchKMeans(_BaseKMeans):
                 self._check_n_samples(n)
                 self._seed = int(check_random_state(self.random_state).randint(0, 2**31 - 1))
                 gen = torch.Generator().manual_seed(self._seed)
-                centers = _init_centers(X, k, self._check_init(d), gen, self._init_size(), w)
+                init = self._resolve_init(self._check_init(d), X, gen)
+                centers = _init_centers(X, k, init, gen, self._init_size(n), w)
                 state = _MiniBatchState(torch.zeros(k, dtype=torch.float64, device=X.device))
                 self.n_steps_ = 0
             else:

@@ -17,6 +17,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
 
 #: Patches gathered per vectorised step; bounds the index arrays to a few tens of MB.
 _GATHER_CHUNK = 65536
@@ -197,7 +198,16 @@ class RandomPatchExtractor(TransformerMixin, BaseEstimator):
         self._validate_params()
         X = check_images(X, patch_size=self.patch_size, channels=self.channels)
         self.n_features_in_ = int(np.prod(X.shape[1:]))
+        self.n_channels_ = int(X.shape[3])
         return self
+
+    def get_feature_names_out(self, input_features=None):
+        """``r{row}_c{col}_ch{channel}``: the pixel of the patch each column holds, in the
+        library's HWC patch layout (see :func:`flatten_patches`)."""
+        check_is_fitted(self, "n_channels_")
+        p, C = self.patch_size, self.n_channels_
+        return np.asarray([f"r{r}_c{c}_ch{ch}" for r in range(p) for c in range(p)
+                           for ch in range(C)], dtype=object)
 
     def transform(self, X):
         """Return ``(n_patches, patch_size**2 * C)`` float32 patches sampled from ``X``."""
