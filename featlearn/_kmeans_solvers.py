@@ -32,6 +32,11 @@ from featlearn._torch import chunk_size
 _CPU_BLOCK_BYTES = 2 * 2**20
 _CPU_MIN_CHUNK = 64
 _CPU_MAX_CHUNK = 4096
+#: Columns per block of the CPU argmin (:func:`_row_argmin`). torch's ``min(dim)`` with indices
+#: is a scalar loop on the CPU, while ``amin`` over a block's contiguous columns is vectorised:
+#: so the minimum of the block minima comes first, then the first minimum inside the winning
+#: block. A multiple of the SIMD width; short blocks reduce no faster than ``min`` itself.
+_ARGMIN_BLOCK = 64
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,13 +157,13 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
         counts = torch.zeros(k, dtype=torch.float64, device=device)
 
     def work(start, stop):
-        buf = torch.empty((min(chunk, stop - start), k), dtype=X.dtype, device=device)
+        buf, blocks = _distance_buffer(min(chunk, stop - start), k, X.dtype, device)
         for s in range(start, stop, chunk):
             e = min(stop, s + chunk)
             Xc = X[s:e]
             D = buf[:e - s]
             torch.addmm(c_sq, Xc, Ct, beta=1, alpha=-2, out=D)
-            torch.min(D, dim=1, out=(mind[s:e], labels[s:e]))
+            _row_argmin(D, None if blocks is None else blocks[:e - s], mind[s:e], labels[s:e])
             mind[s:e] += _row_sq_norms(Xc)
             if onehot:  # one range only (never split between workers): sums in row order
                 D.zero_()
@@ -184,6 +189,31 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
     if accumulate:
         return labels, mind, sums, counts
     return labels, mind
+
+
+def _distance_buffer(rows: int, k: int, dtype, device: torch.device):
+    """A ``rows x k`` distance block, and (CPU, ``k`` of two blocks or more) its rows as
+    ``_ARGMIN_BLOCK``-column blocks for :func:`_row_argmin`: the block is the first ``k``
+    columns of a buffer padded to whole blocks with ``+inf`` (never a minimum), which the GEMM
+    writes in place through its row stride."""
+    if device.type != "cpu" or k < 2 * _ARGMIN_BLOCK:
+        return torch.empty((rows, k), dtype=dtype, device=device), None
+    padded = -(-k // _ARGMIN_BLOCK) * _ARGMIN_BLOCK
+    buf = torch.empty((rows, padded), dtype=dtype, device=device)
+    buf[:, k:] = math.inf
+    return buf[:, :k], buf.view(rows, padded // _ARGMIN_BLOCK, _ARGMIN_BLOCK)
+
+
+def _row_argmin(D: torch.Tensor, blocks: torch.Tensor | None, values: torch.Tensor,
+                labels: torch.Tensor) -> None:
+    """``torch.min(D, 1)`` into ``values`` and ``labels``: the same minima and the same (first)
+    indices, by block minima when ``blocks`` (:func:`_distance_buffer`) views ``D``'s rows."""
+    if blocks is None:
+        torch.min(D, dim=1, out=(values, labels))
+        return
+    torch.min(torch.amin(blocks, 2), dim=1, out=(values, labels))   # the first winning block
+    rows = torch.arange(D.shape[0], device=D.device)
+    labels.mul_(_ARGMIN_BLOCK).add_(blocks[rows, labels // _ARGMIN_BLOCK].argmin(1))
 
 
 def _row_sq_norms(X: torch.Tensor, block: int = 16384) -> torch.Tensor:
@@ -443,11 +473,13 @@ class _MiniBatchState:
         self.batch_inertia = None
 
 
-def _minibatch_step(Xb, centers, state, *, reassignment_ratio, gen, chunk, sample_weight=None):
+def _minibatch_step(Xb, centers, state, *, reassignment_ratio, gen, chunk, sample_weight=None,
+                    need_shift=True):
     """One mini-batch update with scikit-learn's per-centre learning rate ``1 / count``.
 
     Returns the new centres, the batch inertia (before the update, per sample) and the summed
-    squared centre shift. Centres with low counts (``< reassignment_ratio * max count``) are
+    squared centre shift (None unless ``need_shift``: only a ``tol`` needs it, and it is a
+    pass over the centres). Centres with low counts (``< reassignment_ratio * max count``) are
     moved to random batch points every ``10 * k`` samples, or as soon as a centre has count 0.
     With ``sample_weight`` (the batch's weights) counts and sums are weighted.
     """
@@ -485,7 +517,7 @@ def _minibatch_step(Xb, centers, state, *, reassignment_ratio, gen, chunk, sampl
             moved = torch.nonzero(low).flatten()[:pick.numel()]
             new[moved] = Xb[pick]
             counts[moved] = floor
-    shift = ((new - centers) ** 2).sum()
+    shift = ((new - centers) ** 2).sum() if need_shift else None
     return new, batch_inertia, shift
 
 
@@ -543,7 +575,7 @@ def _minibatch(X, centers, *, batch_size, max_iter, tol, max_no_improvement, rea
             pos += b
             centers, batch_inertia, shift = _minibatch_step(
                 Xb, centers, state, reassignment_ratio=reassignment_ratio, gen=gen, chunk=chunk,
-                sample_weight=wb)
+                sample_weight=wb, need_shift=tol > 0)
             steps_done = step + 1
             bar.update(1)
             stop = _minibatch_converged(
