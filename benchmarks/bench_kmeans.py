@@ -19,6 +19,12 @@ configurations ran before this benchmark's changes.
 
     python benchmarks/bench_kmeans.py                 # the full grid (about ten minutes)
     python benchmarks/bench_kmeans.py --quick         # seconds: 5,000 patches, 20 centres
+    python benchmarks/bench_kmeans.py --threads 1 --same-batch 1024 2048 --seeds 0 1 2
+
+``--same-batch`` times only featlearn's and scikit-learn's MiniBatchKMeans, at each of the
+given batch sizes on the same data (scikit-learn with its defaults otherwise, both with
+``compute_labels=False``), one row pair per seed, and writes its table as a new section on
+top of ``--out``.
 
 Run the full one under the shared lock so benchmarks do not run concurrently:
 ``flock /tmp/featlearn-bench.lock python benchmarks/bench_kmeans.py``.
@@ -85,6 +91,13 @@ def parse_args(argv=None):
                         "the fastest")
     p.add_argument("--device", default="cpu", help="device for the featlearn rows")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--same-batch", type=int, nargs="+", default=None, metavar="B",
+                   help="only featlearn vs scikit-learn MiniBatchKMeans, both at each batch size "
+                        "B (a new section on top of --out)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="with --same-batch: a row pair per seed (default: --seed)")
+    p.add_argument("--sk-init", default="k-means++",
+                   help="with --same-batch: scikit-learn's init (its default k-means++)")
     args = _parse(p, argv)
     if args.clock is None:
         args.clock = "cpu" if args.threads == 1 else "wall"
@@ -93,6 +106,10 @@ def parse_args(argv=None):
         args.n_clusters = [min(k, 20) for k in args.n_clusters][-1:]
         args.max_iter, args.mb_max_iter, args.dict_max_iter, args.dict_lloyd_iter = 5, 2, 1, [2]
         args.batch_size = args.dict_batch_size = 512
+        if args.same_batch:
+            args.same_batch = [min(b, 512) for b in args.same_batch][:1]
+    if args.seeds is None:
+        args.seeds = [args.seed]
     return args
 
 
@@ -145,7 +162,32 @@ def load_baseline_kmeans(rev):
     return sys.modules[f"_featlearn_{tag}_kmeans"].KMeans
 
 
+def same_batch_contenders(args, n, k):
+    """featlearn and scikit-learn MiniBatchKMeans at each ``--same-batch`` size and seed."""
+    from sklearn.cluster import MiniBatchKMeans as SkMBK
+
+    from featlearn import MiniBatchKMeans
+
+    mni = args.mb_max_no_improvement
+    rows = []
+    for b in args.same_batch:
+        for seed in args.seeds:
+            rows.append((f"fl-mbk-b{b}-s{seed}", f"featlearn MiniBatchKMeans (batch_size={b}, "
+                         f"init={args.mb_init!r}, max_no_improvement={mni}, tol=0, seed {seed})",
+                         lambda b=b, seed=seed: MiniBatchKMeans(
+                             k, batch_size=b, init=args.mb_init, max_iter=args.mb_max_iter,
+                             max_no_improvement=mni, tol=0, compute_labels=False,
+                             device=args.device, random_state=seed)))
+            rows.append((f"sk-mbk-b{b}-s{seed}", f"sklearn MiniBatchKMeans (batch_size={b}, "
+                         f"init={args.sk_init!r}, seed {seed})",
+                         lambda b=b, seed=seed: SkMBK(k, batch_size=b, init=args.sk_init,
+                                                      compute_labels=False, random_state=seed)))
+    return rows
+
+
 def contenders(args, n, k):
+    if args.same_batch:
+        return same_batch_contenders(args, n, k)
     from sklearn.cluster import KMeans as SkKMeans
     from sklearn.cluster import MiniBatchKMeans as SkMBK
 
@@ -238,14 +280,47 @@ def main(argv=None):
                 print(f"n={n} k={k} {row['label']}: inertia {row['inertia']:.6g}, "
                       f"{row['tiny']} tiny centres, n_iter_ {row['n_iter']}, n_steps_ "
                       f"{row['n_steps']}", flush=True)
-    table = format_table(rows)
-    summary = format_summary(rows, prep_s, max(args.n_patches), max(args.n_clusters))
-    print(table, summary, sep="\n\n")
     loads = (load_start, os.getloadavg()[0])
+    if args.same_batch:
+        table, summary = format_same_batch(rows, args.clock)
+    else:
+        table = format_table(rows)
+        summary = format_summary(rows, prep_s, max(args.n_patches), max(args.n_clusters))
+    print(table, summary, sep="\n\n")
     print(f"1-minute load average: {loads[0]:.2f} at start, {loads[1]:.2f} at end")
     if writes(args.out):
-        write(args.out, markdown(argv, gemm, table, summary, args, X_all.shape, prep_s, loads))
+        lines = markdown(argv, gemm, table, summary, args, X_all.shape, prep_s, loads)
+        if args.same_batch and Path(args.out).exists():  # a section on top of the last tables
+            lines += ["", Path(args.out).read_text().rstrip()]
+        write(args.out, lines)
     return rows
+
+
+def format_same_batch(rows, clock):
+    """The ``--same-batch`` table (a row per cell, batch size and seed) and its summary."""
+    head = ("| patches | k | batch_size | seed | featlearn (s) | sklearn (s) | sklearn / featlearn "
+            "| featlearn inertia | sklearn inertia | inertia featlearn / sklearn "
+            "| featlearn n_steps_ | sklearn n_steps_ | load |")
+    lines, out = [head, "|" + "---|" * 13], []
+    for (n, k), cell in _by_cell(rows).items():
+        per_batch = {}
+        for key, f in cell.items():
+            if not key.startswith("fl-mbk-b"):
+                continue
+            s = cell[key.replace("fl-", "sk-", 1)]
+            b, seed = (int(v) for v in key[len("fl-mbk-b"):].split("-s"))
+            speed, inert = s["time"] / f["time"], f["inertia"] / s["inertia"]
+            per_batch.setdefault(b, []).append((speed, inert))
+            lines.append(f"| {n:,} | {k} | {b} | {seed} | {f['time']:.2f} | {s['time']:.2f} | "
+                         f"{speed:.2f}x | {f['inertia']:.6g} | {s['inertia']:.6g} | {inert:.4f} | "
+                         f"{f['n_steps']} | {s['n_steps']} | {f['load']:.1f} |")
+        for b, pairs in per_batch.items():
+            speeds, inerts = sorted(p[0] for p in pairs), [p[1] for p in pairs]
+            out.append(f"- n={n:,}, k={k}, batch_size={b}: sklearn / featlearn {clock} time "
+                       f"{speeds[len(speeds) // 2]:.2f}x median over {len(pairs)} seed(s) "
+                       f"(range {speeds[0]:.2f}-{speeds[-1]:.2f}x; target 5x), inertia featlearn / "
+                       f"sklearn {min(inerts):.4f}-{max(inerts):.4f} (target within 1%).")
+    return "\n".join(lines), "\n".join(out)
 
 
 def _by_cell(rows):
@@ -311,19 +386,24 @@ def markdown(argv, gemm, table, summary, args, shape, prep_s, loads):
     threads = (f"{args.threads} thread(s) for torch and scikit-learn's OpenMP and BLAS"
                if args.threads else f"torch's {torch.get_num_threads()} threads")
     text = (f"Whitened {shape[1]}-dim CIFAR-10 patches (the first n of {shape[0]:,}; extraction, "
-            f"normalization and ZCA took {prep_s:.1f} s), seed {args.seed}; featlearn on "
+            f"normalization and ZCA took {prep_s:.1f} s), seed(s) "
+            f"{', '.join(map(str, args.seeds if args.same_batch else [args.seed]))}; featlearn on "
             f"`{args.device}`; scikit-learn {sklearn.__version__}; {threads}. Each fit's wall "
             f"time, process CPU time and the 1-minute load average when it started; the ratios "
             f"use {args.clock} time"
             + (f", the fastest of {args.repeat} round-robin fits" if args.repeat > 1 else "")
             + ". Inertia of the "
             f"fitted centres on all points of the cell, computed identically (float64) for every "
-            f"row. Lloyd rows run max_iter={args.max_iter} with tol=0 (the paper ran 50 Lloyd "
-            f"iterations). Run under the shared benchmark lock "
+            f"row. "
+            + ("" if args.same_batch else f"Lloyd rows run max_iter={args.max_iter} with tol=0 "
+               "(the paper ran 50 Lloyd iterations). ")
+            + "Run under the shared benchmark lock "
             f"(`flock /tmp/featlearn-bench.lock ...`); 1-minute load average {loads[0]:.2f} at "
             f"start and {loads[1]:.2f} at end (the machine is shared; a load above the core "
             f"count means the timings were disturbed).")
-    return header("k-means benchmark", argv=argv, gemm=gemm, quick=args.quick,
+    title = ("k-means benchmark: MiniBatchKMeans at equal batch sizes" if args.same_batch
+             else "k-means benchmark")
+    return header(title, argv=argv, gemm=gemm, quick=args.quick,
                   script=__file__) + [text, "", table, "", "Against the targets:", "", summary]
 
 

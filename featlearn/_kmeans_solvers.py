@@ -11,18 +11,15 @@ few Lloyd iterations.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from featlearn._logging import log, progress
-from featlearn._torch import chunk_size
+from featlearn._torch import _POOL, _WORKERS, _executor, chunk_size, cpu_workers  # noqa: F401
+from featlearn._torch import over_rows as _over_rows
 
 #: On the CPU a chunk's ``chunk x k`` distance block is sized to stay near a core's L2 cache,
 #: so the argmin that reads it back right after the GEMM finds it there, and a pass has chunks
@@ -32,72 +29,11 @@ from featlearn._torch import chunk_size
 _CPU_BLOCK_BYTES = 2 * 2**20
 _CPU_MIN_CHUNK = 64
 _CPU_MAX_CHUNK = 4096
-
-
-# --------------------------------------------------------------------------------------------
-# CPU parallelism: one worker thread per core over row ranges
-# --------------------------------------------------------------------------------------------
-#
-# torch parallelises every op inside it (an OpenMP region per op, with a barrier). A k-means
-# pass is thousands of small ops (a GEMM and an argmin per chunk, the centre updates), and on
-# a machine with more runnable threads than cores each barrier waits for a descheduled thread:
-# a 400,000 x 1600 pass measured 10-20x slower with 2 intra-op threads under such load than
-# with 1. So the solvers run with one intra-op thread (``cpu_workers``) and split each pass's
-# rows between worker threads themselves (torch releases the GIL inside ops), as scikit-learn
-# does with one OpenMP region per pass: each core keeps its own distance block in its own cache
-# and never waits for the other except once at the end of the pass.
-
-_WORKERS = threading.local()
-_POOL: dict = {"pid": None, "size": 0, "executor": None}
-_POOL_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def cpu_workers(device: torch.device):
-    """Run the enclosed k-means code on ``torch.get_num_threads()`` worker threads of one
-    intra-op thread each (CPU only; a no-op on CUDA, with one thread, or when nested).
-
-    ``torch.set_num_threads`` is process-wide: other threads' torch ops also run on one thread
-    until the block ends. The count is restored on exit, also after an error.
-    """
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads <= 1 or getattr(_WORKERS, "n", 1) > 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    _WORKERS.n = threads
-    try:
-        yield
-    finally:
-        _WORKERS.n = 1
-        torch.set_num_threads(threads)
-
-
-def _executor(workers: int) -> ThreadPoolExecutor:
-    """The shared pool of ``workers`` threads, made anew after a fork or a change of size."""
-    with _POOL_LOCK:
-        if _POOL["pid"] != os.getpid() or _POOL["size"] != workers:
-            old = _POOL["executor"] if _POOL["pid"] == os.getpid() else None
-            _POOL.update(pid=os.getpid(), size=workers,
-                         executor=ThreadPoolExecutor(workers, thread_name_prefix="featlearn"))
-            if old is not None:
-                old.shutdown(wait=False)
-        return _POOL["executor"]
-
-
-def _over_rows(n: int, chunk: int, work, device: torch.device) -> None:
-    """Call ``work(start, stop)`` over ``[0, n)`` split into chunk-aligned ranges: one per
-    worker inside :func:`cpu_workers` on the CPU (when there are chunks enough), else one."""
-    workers = getattr(_WORKERS, "n", 1) if device.type == "cpu" else 1
-    n_chunks = -(-n // chunk)
-    workers = min(workers, n_chunks)
-    if workers <= 1:
-        work(0, n)
-        return
-    bounds = [min(n, chunk * (n_chunks * i // workers)) for i in range(workers + 1)]
-    futures = [_executor(workers).submit(work, a, b) for a, b in zip(bounds, bounds[1:])]
-    for f in futures:
-        f.result()
+#: Columns per block of the CPU argmin (:func:`_row_argmin`). torch's ``min(dim)`` with indices
+#: is a scalar loop on the CPU, while ``amin`` over a block's contiguous columns is vectorised:
+#: so the minimum of the block minima comes first, then the first minimum inside the winning
+#: block. A multiple of the SIMD width; short blocks reduce no faster than ``min`` itself.
+_ARGMIN_BLOCK = 64
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,13 +88,13 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
         counts = torch.zeros(k, dtype=torch.float64, device=device)
 
     def work(start, stop):
-        buf = torch.empty((min(chunk, stop - start), k), dtype=X.dtype, device=device)
+        buf, blocks = _distance_buffer(min(chunk, stop - start), k, X.dtype, device)
         for s in range(start, stop, chunk):
             e = min(stop, s + chunk)
             Xc = X[s:e]
             D = buf[:e - s]
             torch.addmm(c_sq, Xc, Ct, beta=1, alpha=-2, out=D)
-            torch.min(D, dim=1, out=(mind[s:e], labels[s:e]))
+            _row_argmin(D, None if blocks is None else blocks[:e - s], mind[s:e], labels[s:e])
             mind[s:e] += _row_sq_norms(Xc)
             if onehot:  # one range only (never split between workers): sums in row order
                 D.zero_()
@@ -184,6 +120,31 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
     if accumulate:
         return labels, mind, sums, counts
     return labels, mind
+
+
+def _distance_buffer(rows: int, k: int, dtype, device: torch.device):
+    """A ``rows x k`` distance block, and (CPU, ``k`` of two blocks or more) its rows as
+    ``_ARGMIN_BLOCK``-column blocks for :func:`_row_argmin`: the block is the first ``k``
+    columns of a buffer padded to whole blocks with ``+inf`` (never a minimum), which the GEMM
+    writes in place through its row stride."""
+    if device.type != "cpu" or k < 2 * _ARGMIN_BLOCK:
+        return torch.empty((rows, k), dtype=dtype, device=device), None
+    padded = -(-k // _ARGMIN_BLOCK) * _ARGMIN_BLOCK
+    buf = torch.empty((rows, padded), dtype=dtype, device=device)
+    buf[:, k:] = math.inf
+    return buf[:, :k], buf.view(rows, padded // _ARGMIN_BLOCK, _ARGMIN_BLOCK)
+
+
+def _row_argmin(D: torch.Tensor, blocks: torch.Tensor | None, values: torch.Tensor,
+                labels: torch.Tensor) -> None:
+    """``torch.min(D, 1)`` into ``values`` and ``labels``: the same minima and the same (first)
+    indices, by block minima when ``blocks`` (:func:`_distance_buffer`) views ``D``'s rows."""
+    if blocks is None:
+        torch.min(D, dim=1, out=(values, labels))
+        return
+    torch.min(torch.amin(blocks, 2), dim=1, out=(values, labels))   # the first winning block
+    rows = torch.arange(D.shape[0], device=D.device)
+    labels.mul_(_ARGMIN_BLOCK).add_(blocks[rows, labels // _ARGMIN_BLOCK].argmin(1))
 
 
 def _row_sq_norms(X: torch.Tensor, block: int = 16384) -> torch.Tensor:
@@ -466,11 +427,13 @@ class _MiniBatchState:
         self.batch_inertia = None
 
 
-def _minibatch_step(Xb, centers, state, *, reassignment_ratio, gen, chunk, sample_weight=None):
+def _minibatch_step(Xb, centers, state, *, reassignment_ratio, gen, chunk, sample_weight=None,
+                    need_shift=True):
     """One mini-batch update with scikit-learn's per-centre learning rate ``1 / count``.
 
     Returns the new centres, the batch inertia (before the update, per sample) and the summed
-    squared centre shift. Centres with low counts (``< reassignment_ratio * max count``) are
+    squared centre shift (None unless ``need_shift``: only a ``tol`` needs it, and it is a
+    pass over the centres). Centres with low counts (``< reassignment_ratio * max count``) are
     moved to random batch points every ``10 * k`` samples, or as soon as a centre has count 0.
     With ``sample_weight`` (the batch's weights) counts and sums are weighted.
     """
@@ -508,7 +471,7 @@ def _minibatch_step(Xb, centers, state, *, reassignment_ratio, gen, chunk, sampl
             moved = torch.nonzero(low).flatten()[:pick.numel()]
             new[moved] = Xb[pick]
             counts[moved] = floor
-    shift = ((new - centers) ** 2).sum()
+    shift = ((new - centers) ** 2).sum() if need_shift else None
     return new, batch_inertia, shift
 
 
@@ -566,7 +529,7 @@ def _minibatch(X, centers, *, batch_size, max_iter, tol, max_no_improvement, rea
             pos += b
             centers, batch_inertia, shift = _minibatch_step(
                 Xb, centers, state, reassignment_ratio=reassignment_ratio, gen=gen, chunk=chunk,
-                sample_weight=wb)
+                sample_weight=wb, need_shift=tol > 0)
             steps_done = step + 1
             bar.update(1)
             stop = _minibatch_converged(
