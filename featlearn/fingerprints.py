@@ -66,7 +66,7 @@ def _canonical_state(obj, fitted, _depth=0):
         return ("tensor", str(obj.dtype), obj.detach().cpu().numpy())
     if hasattr(obj, "state_dict") and hasattr(obj, "named_modules"):
         # a torch module: its layers and weights (its pickle, like a tensor's, changes on reload)
-        return ("module", repr(obj), _canonical_state(dict(obj.state_dict()), _depth + 1))
+        return ("module", repr(obj), rec(dict(obj.state_dict())))
     if hasattr(obj, "get_params") and hasattr(obj, "set_params"):  # a scikit-learn estimator
         state = {k: v for k, v in vars(obj).items()
                  if fitted and k.endswith("_") and not k.startswith("__")}

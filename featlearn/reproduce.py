@@ -46,9 +46,10 @@ def _encode(encoder, X_train, X_test, key=None):
     return encoder, F_train, F_test, times
 
 
-#: The modules whose code decides the encoded features (the cache key fingerprints them).
+#: The modules whose code decides the encoded features (the cache key fingerprints them): the
+#: feature stages and every featlearn module they import, but the logger.
 _FEATURE_MODULES = ("patches", "preprocessing", "dictionary", "kmeans", "_kmeans_solvers",
-                    "activations", "encoding", "_torch")
+                    "activations", "encoding", "_encoding_kernel", "_compile", "_torch")
 
 
 def _code_fingerprint() -> str:

@@ -65,3 +65,53 @@ def test_data_fingerprint_sees_every_byte_and_the_layout(images):
     assert data_fingerprint(images.reshape(60, 8, 24)) != fp
     assert data_fingerprint(images, block_bytes=100) == fp
     assert data_fingerprint(np.ascontiguousarray(images)) == fp
+
+
+class _Holder:
+    """A torch module whose state_dict carries an extra state (an estimator or a nested list)."""
+
+    def __new__(cls, extra):
+        import torch
+
+        class Holder(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.extra = extra
+                self.register_buffer("w", torch.ones(2))
+
+            def get_extra_state(self):
+                return self.extra
+
+            def set_extra_state(self, state):
+                self.extra = state
+
+        return Holder()
+
+
+def test_a_module_inside_a_model_keeps_the_fitted_flag():
+    # params_fingerprint ignores fitted attributes, also of an estimator reached through a
+    # torch module's state_dict.
+    from sklearn.preprocessing import FunctionTransformer, StandardScaler
+
+    scaler = StandardScaler()
+    model = FunctionTransformer(kw_args={"net": _Holder(scaler)})
+    before = params_fingerprint(model)
+    scaler.fit(np.arange(6.0).reshape(3, 2))
+    assert params_fingerprint(model) == before
+    assert model_fingerprint(model) != model_fingerprint(
+        FunctionTransformer(kw_args={"net": _Holder(StandardScaler())}))
+
+
+def test_a_module_inside_a_model_keeps_the_depth():
+    # The depth bound counts through a torch module's state_dict, not from zero again.
+    import pytest
+    from sklearn.preprocessing import FunctionTransformer
+
+    deep = []
+    for _ in range(10):
+        deep = [deep]
+    nested = _Holder(deep)
+    for _ in range(45):
+        nested = [nested]
+    with pytest.raises(ValueError, match="nested too deeply"):
+        params_fingerprint(FunctionTransformer(kw_args={"net": nested}))

@@ -203,3 +203,27 @@ def test_distance_flops_counts_every_pass():
                      {"dictionary (patches, whitening, k-means)": 1.0, "encode train": 2.0,
                       "encode test": 1.0, "classifier fit": 4.0}, rate_gflops=4.0)
     assert eff == {"dictionary": 0.5, "encoding": 0.5, "end to end": 0.25}
+
+
+def test_the_feature_cache_key_covers_every_module_the_features_depend_on():
+    # A module the feature stages import (directly or not) but the key does not hash would
+    # answer a changed kernel with stale cached features. Only the logger is left out.
+    import ast
+    from pathlib import Path
+
+    from featlearn import reproduce
+
+    root = Path(reproduce.__file__).parent
+    seen, todo = set(), list(reproduce._FEATURE_MODULES)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse((root / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                todo.append(node.module.split(".")[0])
+            elif (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                  and node.module.startswith("featlearn.")):
+                todo.append(node.module.split(".")[1])
+    assert seen - {"_logging"} <= set(reproduce._FEATURE_MODULES)
