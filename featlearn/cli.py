@@ -246,7 +246,8 @@ def _run_reproduce(args):
     from pathlib import Path
 
     from featlearn.pipeline import load_config
-    from featlearn.reproduce import default_results_dir, prepare_results_dir, results_markdown, run
+    from featlearn.reproduce import run
+    from featlearn.results import default_results_dir, prepare_results_dir, results_markdown
 
     config = load_config(args.config)
     if args.overrides:

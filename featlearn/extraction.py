@@ -16,7 +16,7 @@ For ``out="features.npy"`` three files live side by side:
     result there stays whole until the new one replaces it.
 ``features.npy.manifest.json`` (:mod:`featlearn._manifest`)
     The cache key (a fingerprint of the model's fitted state, a hash of the input images, their
-    shape, the mirror flag), the chunk size and, for every finished chunk, the CRC-32 of its
+    shape, the mirror flag, a hash of featlearn's feature code), the chunk size and, for every finished chunk, the CRC-32 of its
     bytes. It is rewritten atomically (temporary file, ``fsync``, ``os.replace``, ``fsync`` of
     the directory) after a chunk's data has been flushed and ``fsync``-ed, so it never lists a
     chunk whose bytes might not be on disk. The manifest carries its own checksum.
@@ -65,7 +65,7 @@ from ._image_sources import image_source, mirror as _mirror
 from ._io import (OutputExistsError, check_output, exclusive_lock, fsync_dir, preallocate,
                   same_file)
 from ._logging import log, progress
-from .fingerprints import model_fingerprint
+from . import fingerprints
 
 #: ``batch_size="auto"`` caps: images per chunk, and bytes of output per chunk.
 AUTO_MAX_IMAGES = 1024
@@ -212,14 +212,16 @@ def _check_paths(paths, inputs, overwrite):
 
 
 def _cache_key(encoder, source, mirror) -> dict:
-    """What the features are a function of: the model's fitted state and the images."""
+    """What the features are a function of: the model's fitted state, the images and the code
+    (the feature-cache policy of :mod:`featlearn.fingerprints`)."""
     return {
-        "model": model_fingerprint(encoder),
+        "model": fingerprints.model_fingerprint(encoder),
         "data": source.fingerprint(),
         "n_images": int(source.shape[0]),
         "image_shape": [int(s) for s in source.shape[1:]],
         "image_dtype": source.dtype.str,
         "mirror": bool(mirror),
+        "code": fingerprints.code_fingerprint(),
     }
 
 

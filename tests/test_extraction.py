@@ -120,6 +120,20 @@ def test_stale_data_is_recomputed(encoder, images, tmp_path, capsys):
     np.testing.assert_allclose(F, encoder.transform(changed), rtol=1e-5, atol=1e-5)
 
 
+def test_changed_feature_code_is_recomputed(encoder, images, tmp_path, capsys, monkeypatch,
+                                            count_chunks):
+    # The same cache policy as featlearn reproduce: new feature code never reuses old features.
+    import featlearn.fingerprints
+
+    out = tmp_path / "f.npy"
+    extract_features(encoder, images, out, batch_size=7, verbose=0)
+    count_chunks.clear()
+    monkeypatch.setattr(featlearn.fingerprints, "code_fingerprint", lambda: "changed")
+    extract_features(encoder, images, out, batch_size=7)
+    assert "feature code differs" in capsys.readouterr().err
+    assert len(count_chunks) == read_manifest(out)["n_chunks"]
+
+
 def test_changed_batch_size_is_recomputed(encoder, images, tmp_path, capsys):
     out = tmp_path / "f.npy"
     extract_features(encoder, images, out, batch_size=7, verbose=0)

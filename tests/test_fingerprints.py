@@ -115,3 +115,27 @@ def test_a_module_inside_a_model_keeps_the_depth():
         nested = [nested]
     with pytest.raises(ValueError, match="nested too deeply"):
         params_fingerprint(FunctionTransformer(kw_args={"net": nested}))
+
+
+def test_the_feature_cache_key_covers_every_module_the_features_depend_on():
+    # A module the feature stages import (directly or not) but the key does not hash would
+    # answer a changed kernel with stale cached features. Only the logger is left out.
+    import ast
+    from pathlib import Path
+
+    from featlearn import fingerprints
+
+    root = Path(fingerprints.__file__).parent
+    seen, todo = set(), list(fingerprints.FEATURE_MODULES)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse((root / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                todo.append(node.module.split(".")[0])
+            elif (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                  and node.module.startswith("featlearn.")):
+                todo.append(node.module.split(".")[1])
+    assert seen - {"_logging"} <= set(fingerprints.FEATURE_MODULES)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from featlearn.cli import main
-from featlearn.reproduce import (RESULTS_MARKER, default_results_dir, is_results_dir,
-                                 prepare_results_dir, safe_folder_name)
+from featlearn.results import (RESULTS_MARKER, default_results_dir, is_results_dir,
+                               prepare_results_dir, safe_folder_name)
 
 from conftest import make_cifar_archive
 
@@ -127,7 +127,7 @@ def test_unwritable_folder_probe_is_used(tmp_path, monkeypatch):
 
 
 def test_failed_write_keeps_the_previous_results(tmp_path, archive, monkeypatch):
-    import featlearn.reproduce as rep
+    import featlearn.results as rep
 
     out = tmp_path / "out"
     assert reproduce(tiny_config(tmp_path), archive, "--out", out) == 0
@@ -204,26 +204,3 @@ def test_distance_flops_counts_every_pass():
                       "encode test": 1.0, "classifier fit": 4.0}, rate_gflops=4.0)
     assert eff == {"dictionary": 0.5, "encoding": 0.5, "end to end": 0.25}
 
-
-def test_the_feature_cache_key_covers_every_module_the_features_depend_on():
-    # A module the feature stages import (directly or not) but the key does not hash would
-    # answer a changed kernel with stale cached features. Only the logger is left out.
-    import ast
-    from pathlib import Path
-
-    from featlearn import reproduce
-
-    root = Path(reproduce.__file__).parent
-    seen, todo = set(), list(reproduce._FEATURE_MODULES)
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        for node in ast.walk(ast.parse((root / f"{name}.py").read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
-                todo.append(node.module.split(".")[0])
-            elif (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
-                  and node.module.startswith("featlearn.")):
-                todo.append(node.module.split(".")[1])
-    assert seen - {"_logging"} <= set(reproduce._FEATURE_MODULES)
