@@ -238,10 +238,7 @@ def _check_encoder(encoder):
     if device is not None:
         from ._torch import resolve_device
 
-        try:
-            resolve_device(device)
-        except RuntimeError as exc:  # torch's own "Expected one of cpu, cuda, ..." message
-            raise ValueError(f"invalid device={device!r}: {exc}") from exc
+        resolve_device(device)
 
 
 def _features(Z):
