@@ -86,8 +86,8 @@ def _canonical_state(obj, fitted, _depth=0):
 def data_fingerprint(images, *, block_bytes=32 * 2**20) -> str:
     """BLAKE2b of the images' shape, dtype and bytes, read in blocks (memmaps stay on disk).
 
-    Hashing every byte costs about a second per GB, which is small next to encoding it and,
-    unlike a file's size/mtime, also covers in-memory arrays.
+    Every byte is hashed: cheap next to encoding the images and, unlike a file's size/mtime,
+    it also covers in-memory arrays.
     """
     h = hashlib.blake2b(digest_size=16)
     h.update(repr((tuple(images.shape), images.dtype.str)).encode())

@@ -203,10 +203,6 @@ class RandomPatchExtractor(TransformerMixin, BaseEstimator):
         self.random_state = random_state
         self.channels = channels
 
-    def __setstate__(self, state):
-        # Models saved before ``channels`` existed read their images channels-last.
-        super().__setstate__({"channels": "last", **state})
-
     def fit(self, X, y=None):
         """Validate the images; nothing is learned."""
         self._validate_params()

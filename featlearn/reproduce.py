@@ -170,7 +170,7 @@ def run(config, data, *, out=None, cache=None, device=None, n_train=None, n_test
              "X_test": data["X_test"][:n_test], "y_test": data["y_test"][:n_test]}
     log(verbose, f"[{job.name}] {len(split['X_train'])} training and {len(split['X_test'])} "
                  f"test images, K={job.encoder.kmeans.n_clusters}, device {job.device}", level=2)
-    # The yardstick for the efficiency figures, measured beside the run (a second or two).
+    # The yardstick for the efficiency figures, measured beside the run.
     rate = gemm_rate(n=3072, repeats=2, device=job.device)
     log(verbose, f"[{job.name}] float32 GEMM rate of this machine: {rate:.0f} GFLOP/s", level=2)
 
