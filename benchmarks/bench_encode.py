@@ -10,8 +10,8 @@ and through the fused kernel (``compile=True``), whose compilation is timed sepa
 processes: once with an empty inductor cache (a new machine) and once with that cache warm (any
 later process).
 
-All rates are *effective* GFLOP/s of the distance products, ``2 * n * positions * d * K``
-(REFERENCE.md), whatever each implementation actually computes, so they compare directly with
+All rates are *effective* GFLOP/s of the distance products, ``2 * n * positions * d * K``,
+whatever each implementation actually computes, so they compare directly with
 the machine's fp32 GEMM rate. The centroids come from a MiniBatchKMeans run of a few iterations
 (fitting is not what is measured). The RSS part encodes 100,000 synthetic images in a fresh
 subprocess and reports its peak resident memory relative to the output array.

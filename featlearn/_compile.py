@@ -48,7 +48,7 @@ class CompiledKernel:
         except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
             self.failed = True
             first = (str(exc).strip().splitlines() or [""])[0][:200]
-            logger.warning("featlearn: could not compile the %s kernel (%s: %s); running it "
+            logger.warning("could not compile the %s kernel (%s: %s); running it "
                            "eagerly (same results, slower)", self.name, type(exc).__name__,
                            first)
             return self.eager(*args)

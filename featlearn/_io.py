@@ -1,5 +1,6 @@
-"""Private file plumbing shared by every stage that writes: atomic replacement, the user's umask,
-temporary files a kill leaves behind, and the rules for what featlearn may overwrite.
+"""Private file plumbing shared by every stage that writes: atomic replacement, durability
+(fsync, preallocation), advisory locks, the user's umask, temporary files a kill leaves behind,
+and the rules for what featlearn may overwrite.
 
 The rules (README, "Safety"): featlearn replaces an existing output only when it is a featlearn
 result of the same kind (the caller says how to recognise one) or the user passed ``--force`` /
@@ -141,3 +142,60 @@ def check_writable_dir(folder):
         raise OSError(exc.errno, f"folder {folder} is not writable ({exc.strerror})") from exc
     os.close(fd)
     os.unlink(probe)
+
+
+def fsync_dir(path):
+    """fsync a folder, so a rename or a new file in it survives a power cut (where supported)."""
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def preallocate(path, size):
+    """Reserve ``size`` bytes of the existing file ``path`` and fsync it.
+
+    A memory-mapped write into a sparse file on a full disk is a ``SIGBUS``; reserved up front,
+    the full disk is an ``OSError`` here instead. A filesystem without ``posix_fallocate``
+    keeps the sparse file.
+    """
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if hasattr(os, "posix_fallocate"):
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL,
+                                     getattr(errno, "ENOTSUP", -1)):
+                    raise
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path, *, busy, error=OSError):
+    """Hold an advisory lock on ``path`` (POSIX ``flock``; released by the OS even on kill -9).
+
+    Another holder is ``error(EBUSY, busy)``; a lock file that cannot be created is ``error``
+    too. Without ``fcntl`` (not POSIX) there is no cross-process guard.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask
+    except OSError as exc:
+        raise error(exc.errno, f"cannot create lock file {path}: {exc.strerror}") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise error(errno.EBUSY, busy) from exc
+        yield
+    finally:
+        os.close(fd)

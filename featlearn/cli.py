@@ -79,20 +79,10 @@ def _add_data_args(p, *, metavar="ARCHIVE_OR_DIR",
                         "reported) instead of stopping at the first")
 
 
-def _load_folder(args, path, *, shuffle=False):
-    """An image folder; with ``shuffle``, in a fixed pseudo-random order rather than class by
-    class, so that the first N images (``--n-train``, ``--n-test``) sample every class."""
-    import numpy as np
-
-    from featlearn.datasets import load_image_folder
-
-    data = load_image_folder(path, size=args.size, grayscale=args.grayscale,
-                             skip_bad=args.skip_bad, n_jobs=-1, data_home=args.data_home)
-    if shuffle:
-        order = np.random.default_rng(0).permutation(len(data.target))
-        data.images, data.target = data.images[order], data.target[order]
-        data.filenames = data.filenames[order]
-    return data
+def _folder_options(args) -> dict:
+    """The image-folder and cache options of ``--data`` (see :mod:`featlearn.data_paths`)."""
+    return dict(data_home=args.data_home, md5=args.md5, size=args.size,
+                grayscale=args.grayscale, skip_bad=args.skip_bad)
 
 
 #: Commands that need a test split: for them a single image folder (no train/ and test/) is an
@@ -101,38 +91,13 @@ _NEEDS_TEST = {"reproduce"}
 
 
 def load_data(args):
-    """The ``--data`` dataset as ``fetch_cifar10``'s Bunch: a CIFAR-10 archive or folder, or a
-    folder holding ``train/`` and ``test/`` image folders, each in a fixed shuffled order (like
-    CIFAR-10's, so ``--n-train``/``--n-test`` take every class). For ``info``, a single image
-    folder is the training split and ``X_test`` is None."""
-    from pathlib import Path
+    """The ``--data`` dataset as ``fetch_cifar10``'s Bunch (:func:`featlearn.data_paths.load_dataset`).
+    For ``info``, a single image folder is the training split and ``X_test`` is None."""
+    from featlearn.data_paths import load_dataset
 
-    from sklearn.utils import Bunch
-
-    from featlearn.datasets import fetch_cifar10, image_folder_splits, is_image_folder
-
-    path = Path(args.data).expanduser()
-    if not is_image_folder(path):
-        return fetch_cifar10(args.data_home, archive=args.data, md5=args.md5)
-    splits = image_folder_splits(path)
-    if splits is None:
-        if getattr(args, "command", None) in _NEEDS_TEST:
-            raise ValueError(f"{path} is not a CIFAR-10 archive, and as a folder of images it "
-                             f"has no train/ and test/ splits; 'featlearn {args.command}' "
-                             "needs both: give a folder holding train/ and test/, each with "
-                             "one sub-folder per class")
-        train, test = _load_folder(args, path, shuffle=True), None
-    else:
-        train = _load_folder(args, splits["train"], shuffle=True)
-        test = _load_folder(args, splits["test"], shuffle=True)
-        if test.target_names != train.target_names:
-            raise ValueError(f"{path}: train/ and test/ have different classes "
-                             f"({', '.join(train.target_names)} vs "
-                             f"{', '.join(test.target_names)})")
-    return Bunch(X_train=train.images, y_train=train.target,
-                 X_test=None if test is None else test.images,
-                 y_test=None if test is None else test.target,
-                 target_names=train.target_names, archive=str(path))
+    command = getattr(args, "command", None)
+    needs_test = f"'featlearn {command}'" if command in _NEEDS_TEST else None
+    return load_dataset(args.data, needs_test=needs_test, **_folder_options(args))
 
 
 # -- info ----------------------------------------------------------------------------------------
@@ -213,18 +178,6 @@ def _param_override(text):
         return key, value
 
 
-def _check_device(device):
-    """A ``--device`` typo is a one-line error before any work (torch raises RuntimeError)."""
-    if device is None:
-        return
-    from featlearn._torch import resolve_device
-
-    try:
-        resolve_device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"invalid --device {device!r}: {exc}") from exc
-
-
 def _configs_description():
     from featlearn.pipeline import available_configs
 
@@ -246,7 +199,9 @@ def _run_reproduce(args):
     from pathlib import Path
 
     from featlearn.pipeline import load_config
-    from featlearn.reproduce import default_results_dir, prepare_results_dir, results_markdown, run
+    from featlearn._torch import resolve_device
+    from featlearn.reproduce import run
+    from featlearn.results import default_results_dir, prepare_results_dir, results_markdown
 
     config = load_config(args.config)
     if args.overrides:
@@ -256,7 +211,8 @@ def _run_reproduce(args):
     else:
         Path("results").mkdir(exist_ok=True)
         out = default_results_dir(config["name"], "results")
-    _check_device(args.device)
+    if args.device is not None:  # a typo is a one-line error before any work
+        resolve_device(args.device)
     # Before loading data or fitting: a long run must not end in a refused or failed write.
     created = not out.exists()
     out = prepare_results_dir(out, overwrite=args.force)
@@ -291,34 +247,13 @@ def _add_images_args(p):
 
 
 def load_images(args, *, labels=False, shuffle=False):
-    """Images (and labels if asked) of ``--split`` from ``--data``: a CIFAR-10 archive, an image
-    folder (one sub-folder per class, or train/ and test/ such folders) or an .npy. An image
-    folder comes class by class in file order, or with ``shuffle`` in a fixed shuffled order
-    (for fitting: ``--n-train`` then samples every class)."""
-    from pathlib import Path
+    """Images (and labels if asked) of ``--split`` from ``--data``
+    (:func:`featlearn.data_paths.load_split`)."""
+    from featlearn.data_paths import load_split
 
-    import numpy as np
-
-    from featlearn.datasets import image_folder_splits, is_image_folder
-
-    path = Path(args.data).expanduser()
-    if path.suffix == ".npy":
-        X = np.load(path, mmap_mode="r")
-        if args.channels == "first" and X.ndim == 4:
-            X = X.transpose(0, 2, 3, 1)  # a view: the file stays memory-mapped
-        if not labels:
-            return X
-        if getattr(args, "labels", None) is None:
-            raise ValueError(f"{path} holds images only: pass --labels LABELS.npy to fit a classifier")
-        return X, np.load(args.labels)
-    if is_image_folder(path):
-        splits = image_folder_splits(path)
-        data = _load_folder(args, path if splits is None else splits[args.split],
-                            shuffle=shuffle)
-        return (data.images, data.target) if labels else data.images
-    data = load_data(args)
-    X = data[f"X_{args.split}"]
-    return (X, data[f"y_{args.split}"]) if labels else X
+    return load_split(args.data, args.split, labels=labels,
+                      labels_file=getattr(args, "labels", None), channels=args.channels,
+                      shuffle=shuffle, **_folder_options(args))
 
 
 def _add_fit(sub, parent):

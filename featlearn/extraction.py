@@ -14,9 +14,9 @@ For ``out="features.npy"`` three files live side by side:
     than a ``SIGBUS`` in the middle of a memory-mapped write). Only the finished job is renamed
     to ``features.npy``, so a half-written file is never mistaken for a result, and an earlier
     result there stays whole until the new one replaces it.
-``features.npy.manifest.json``
+``features.npy.manifest.json`` (:mod:`featlearn._manifest`)
     The cache key (a fingerprint of the model's fitted state, a hash of the input images, their
-    shape, the mirror flag), the chunk size and, for every finished chunk, the CRC-32 of its
+    shape, the mirror flag, a hash of featlearn's feature code), the chunk size and, for every finished chunk, the CRC-32 of its
     bytes. It is rewritten atomically (temporary file, ``fsync``, ``os.replace``, ``fsync`` of
     the directory) after a chunk's data has been flushed and ``fsync``-ed, so it never lists a
     chunk whose bytes might not be on disk. The manifest carries its own checksum.
@@ -51,45 +51,32 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
-import json
 import math
 import os
-import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import joblib
 import numpy as np
 
-from . import __version__
-from ._io import OutputExistsError, atomic_path, check_output, same_file
+from . import _manifest
+from ._image_sources import image_source, mirror as _mirror
+from ._io import (OutputExistsError, check_output, exclusive_lock, fsync_dir, preallocate,
+                  same_file)
 from ._logging import log, progress
-from .fingerprints import data_fingerprint, model_fingerprint
-from .patches import check_finite_float32
+from . import fingerprints
 
-#: Version of the manifest layout; a manifest with another version is treated as foreign.
-MANIFEST_FORMAT = 2
 #: ``batch_size="auto"`` caps: images per chunk, and bytes of output per chunk.
 AUTO_MAX_IMAGES = 1024
 AUTO_MAX_BYTES = 64 * 2**20
 #: ``batch_size="auto"`` aims for at least this many chunks, so a killed job loses little work
 #: and a parallel job has chunks to spread.
 AUTO_MIN_CHUNKS = 8
-#: How features are stored: float16 when the encoder returns float16 (half the disk and memory,
-#: e.g. ``PatchEncoder(dtype="float16")``), else float32.
-_FLOAT32, _FLOAT16 = np.dtype("<f4"), np.dtype("<f2")
 
 
 class ExtractionError(OSError):
     """An extraction job could not write its output (disk full, read-only path, locked)."""
-
-
-def _crc(block: np.ndarray) -> str:
-    return f"{zlib.crc32(np.ascontiguousarray(block).data) & 0xFFFFFFFF:08x}"
-
 
 
 def extract_features(encoder, images, out, *, batch_size="auto", n_jobs=None, resume=True,
@@ -160,46 +147,20 @@ def extract_features(encoder, images, out, *, batch_size="auto", n_jobs=None, re
         When the output cannot be written (read-only directory, disk full, another job holding
         the lock). Chunks already finished stay recorded; nothing unfinished is marked done.
     """
-    if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
-                                 or batch_size < 1):
+    if batch_size != "auto" and (isinstance(batch_size, bool)
+                                 or not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
-    if _is_torch_data(images):
-        source = _StreamedImages(images)  # the first pass: count, validate and hash
-    else:
-        source = _ArrayImages(_check_images(images))
-    n = source.shape[0]
-    out = Path(out).expanduser()
-    paths = _Paths(out)
-    say = _Reporter(verbose)
-    inputs = [*inputs, source.filename]
-    if not out.parent.is_dir():
-        raise ExtractionError(errno.ENOENT, f"output directory {out.parent} does not exist")
-    if out.is_dir():
-        raise ExtractionError(errno.EISDIR, f"output {out} is a folder; give a file name")
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise ExtractionError(errno.EACCES, f"output directory {out.parent} is not writable; "
-                                            "choose another --out")
-    for p in (paths.partial, paths.manifest, paths.lock):  # the files kept beside ``out``
-        for src in inputs:
-            if src is not None and same_file(p, src):
-                raise OutputExistsError(errno.EEXIST, f"{p} (kept beside output {out}) is also "
-                                                      f"an input ({src}); choose another --out")
-    check_output(out, inputs=inputs, overwrite=overwrite, what="output",
-                 is_ours=lambda p: _names_output(paths.manifest, p))
+    source = image_source(images)  # validated; a stream's first pass counts and hashes it
+    paths = _Paths(Path(out).expanduser())
+    _check_paths(paths, [*inputs, source.filename], overwrite)
     _check_encoder(encoder)
-
+    say = _Reporter(verbose)
     t_start = time.perf_counter()
-    key = {
-        "model": model_fingerprint(encoder),
-        "data": source.fingerprint(),
-        "n_images": int(n),
-        "image_shape": [int(s) for s in source.shape[1:]],
-        "image_dtype": source.dtype.str,
-        "mirror": bool(mirror),
-    }
+    key = _cache_key(encoder, source, mirror)
 
-    with _exclusive_lock(paths.lock):
-        manifest = _read_manifest(paths.manifest, say) if resume else None
+    with exclusive_lock(paths.lock, error=ExtractionError,
+                        busy=f"another extraction job is writing {paths.out}; wait for it"):
+        manifest = _manifest.read(paths.manifest, say.info) if resume else None
         layout = None
         if manifest is None or manifest["key"] != key:
             # One image through the encoder: the output's row shape and dtype, and a clear
@@ -208,32 +169,60 @@ def extract_features(encoder, images, out, *, batch_size="auto", n_jobs=None, re
             layout = _output_layout(encoder, source.first, mirror)
         state = _reuse(manifest, key, batch_size, paths, say) if manifest is not None else None
         if state is not None and state["complete"]:
-            say.info(f"{out} is up to date ({n} images x {_row_text(state)} features); "
-                     "nothing to do")
-            return np.load(out, mmap_mode="r")
+            say.info(f"{paths.out} is up to date ({key['n_images']} images x "
+                     f"{_manifest.row_text(state)} features); nothing to do")
+            return np.load(paths.out, mmap_mode="r")
         if state is None:
-            if layout is None:
-                layout = _output_layout(encoder, source.first, mirror)
+            layout = layout or _output_layout(encoder, source.first, mirror)
             state = _start(*layout, key, batch_size, paths)
-        _run_chunks(encoder, source, state, mirror, n_jobs, paths, say, t_start)
+        _run_chunks(encoder, source, state, mirror, n_jobs, paths, say)
         _finish(state, paths)
-    say.summary(state, out, time.perf_counter() - t_start, _flops_per_image(encoder, source))
-    return np.load(out, mmap_mode="r")
+    say.summary(state, paths.out, time.perf_counter() - t_start,
+                _flops_per_image(encoder, source))
+    return np.load(paths.out, mmap_mode="r")
 
 
-def _names_output(manifest: Path, out: Path) -> bool:
-    """Whether ``out`` is an extraction result: ``manifest`` beside it names it.
+class _Paths:
+    """The output and the files kept beside it (see the module docstring)."""
 
-    A manifest that exists but cannot be parsed counts too: it is ours, damaged (a torn disk
-    block, an edit), and the job detects and repairs it; a readable one for another file does not.
-    """
-    try:
-        state = json.loads(manifest.read_text())
-    except FileNotFoundError:
-        return False
-    except (OSError, ValueError):
-        return manifest.is_file()
-    return isinstance(state, dict) and state.get("output") == out.name
+    def __init__(self, out: Path):
+        self.out = out
+        self.partial = out.with_name(out.name + ".partial")
+        self.manifest = out.with_name(out.name + ".manifest.json")
+        self.lock = out.with_name(out.name + ".lock")
+
+
+def _check_paths(paths, inputs, overwrite):
+    """Refuse, before any work, an output that cannot or must not be written."""
+    out = paths.out
+    if not out.parent.is_dir():
+        raise ExtractionError(errno.ENOENT, f"output directory {out.parent} does not exist")
+    if out.is_dir():
+        raise ExtractionError(errno.EISDIR, f"output {out} is a folder; give a file name")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise ExtractionError(errno.EACCES, f"output directory {out.parent} is not writable; "
+                                            "choose another --out")
+    for p in (paths.partial, paths.manifest, paths.lock):
+        for src in inputs:
+            if src is not None and same_file(p, src):
+                raise OutputExistsError(errno.EEXIST, f"{p} (kept beside output {out}) is also "
+                                                      f"an input ({src}); choose another --out")
+    check_output(out, inputs=inputs, overwrite=overwrite, what="output",
+                 is_ours=lambda p: _manifest.names_output(paths.manifest, p))
+
+
+def _cache_key(encoder, source, mirror) -> dict:
+    """What the features are a function of: the model's fitted state, the images and the code
+    (the feature-cache policy of :mod:`featlearn.fingerprints`)."""
+    return {
+        "model": fingerprints.model_fingerprint(encoder),
+        "data": source.fingerprint(),
+        "n_images": int(source.shape[0]),
+        "image_shape": [int(s) for s in source.shape[1:]],
+        "image_dtype": source.dtype.str,
+        "mirror": bool(mirror),
+        "code": fingerprints.code_fingerprint(),
+    }
 
 
 def _check_encoder(encoder):
@@ -249,147 +238,7 @@ def _check_encoder(encoder):
     if device is not None:
         from ._torch import resolve_device
 
-        try:
-            resolve_device(device)
-        except RuntimeError as exc:  # torch's own "Expected one of cpu, cuda, ..." message
-            raise ValueError(f"invalid device={device!r}: {exc}") from exc
-
-
-class _Paths:
-    def __init__(self, out: Path):
-        self.out = out
-        self.partial = out.with_name(out.name + ".partial")
-        self.manifest = out.with_name(out.name + ".manifest.json")
-        self.lock = out.with_name(out.name + ".lock")
-
-
-def _is_torch_data(images) -> bool:
-    if "torch" not in sys.modules:  # nothing has imported torch: it cannot be a torch dataset
-        return False
-    from ._torch import is_torch_data
-
-    return is_torch_data(images)
-
-
-def _check_images(images, what="images"):
-    if not isinstance(images, np.ndarray):  # lists, torch tensors: memmaps stay memmaps
-        if hasattr(images, "detach"):  # a tensor on any device: to the host once
-            from ._torch import to_numpy
-
-            images = to_numpy(images)
-        images = np.asarray(images)
-    if images.ndim not in (3, 4):
-        raise ValueError(f"{what} must be a 3-D (n, H, W) or 4-D (n, H, W, C) or (n, C, H, W) "
-                         f"array, got shape {tuple(images.shape)}")
-    if images.shape[0] == 0:
-        raise ValueError("got an empty set of images")
-    if images.dtype == object or not (np.issubdtype(images.dtype, np.number)
-                                      or images.dtype == np.bool_):
-        raise ValueError(f"{what} must have a numeric dtype, got dtype {images.dtype}")
-    check_finite_float32(images, what)
-    return images
-
-
-class _ArrayImages:
-    """Images held as an array (or memmap): sliced into chunks, hashed in blocks."""
-
-    def __init__(self, images):
-        self.images = images
-        self.shape, self.dtype = images.shape, images.dtype
-        self.first = images[:1]
-        self.filename = getattr(images, "filename", None)
-
-    def fingerprint(self):
-        return data_fingerprint(self.images)
-
-    def chunks(self, size, todo):
-        """``(index, images)`` of the chunks in ``todo``, in order."""
-        for i in todo:
-            yield i, self.images[i * size:(i + 1) * size]
-
-
-class _StreamedImages:
-    """A torch ``Dataset``/``DataLoader`` read as consecutive chunks, one batch in memory.
-
-    The constructor is the first pass: it validates every batch (dimensions, dtype,
-    finiteness, one shape throughout), counts the images and hashes each batch, keeping the
-    first image for the width probe. :meth:`chunks` is the second pass: it regroups the batches
-    into chunks of the job's size and checks each batch against the first pass's hash *before*
-    any of it is encoded, so a dataset that yields other images on the second pass (random
-    transforms) is an error, never features of images other than those the cache key names.
-    """
-
-    def __init__(self, data):
-        from ._torch import iter_image_batches
-
-        self.data = data
-        self.filename = None
-        self.batch_hashes = []
-        n, shape, dtype, first = 0, None, None, None
-        for X in iter_image_batches(data):
-            X = _check_images(X, "the dataset's images") if len(X) else X
-            if shape is None and len(X):
-                shape, dtype, first = X.shape[1:], X.dtype, np.array(X[:1])
-            elif len(X) and (X.shape[1:] != shape or X.dtype != dtype):
-                raise ValueError(f"the dataset's batches differ: images {shape} {dtype}, then "
-                                 f"{X.shape[1:]} {X.dtype}; all images must have one size and "
-                                 "dtype")
-            self.batch_hashes.append(_batch_hash(X))
-            n += len(X)
-        if n == 0:
-            raise ValueError("got an empty set of images (the dataset yielded none)")
-        self.shape, self.dtype, self.first = (n, *shape), dtype, first
-
-    def fingerprint(self):
-        h = hashlib.blake2b(digest_size=16)
-        h.update(repr(("stream", self.shape, self.dtype.str)).encode())
-        for b in self.batch_hashes:
-            h.update(b.encode())
-        return h.hexdigest()
-
-    def chunks(self, size, todo):
-        """``(index, images)`` of the chunks in ``todo``, in order (every batch is read)."""
-        from ._torch import iter_image_batches
-
-        todo = set(todo)
-        pending, have, index, n_batches = [], 0, 0, 0
-        for X in iter_image_batches(self.data):
-            if (n_batches >= len(self.batch_hashes)
-                    or _batch_hash(X) != self.batch_hashes[n_batches]):
-                raise ValueError(
-                    f"the dataset yielded different images on a second pass (batch "
-                    f"{n_batches}): extract_features reads it twice (to key the cache, then to "
-                    "encode), so it must give the same images each time (no random transforms, "
-                    "no shuffling); for a one-off encoding call encoder.transform(dataset)")
-            n_batches += 1
-            pending.append(X)
-            have += len(X)
-            while have >= size:
-                block = np.concatenate(pending) if len(pending) > 1 else pending[0]
-                if index in todo:
-                    yield index, block[:size]
-                index += 1
-                rest = block[size:]
-                pending, have = ([rest], len(rest)) if len(rest) else ([], 0)
-        if n_batches != len(self.batch_hashes):
-            raise ValueError(f"the dataset yielded {n_batches} batches on a second pass, "
-                             f"{len(self.batch_hashes)} on the first; it must give the same "
-                             "images each time")
-        if have and index in todo:
-            yield index, np.concatenate(pending) if len(pending) > 1 else pending[0]
-
-
-def _batch_hash(X) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(repr((tuple(X.shape), X.dtype.str)).encode())
-    h.update(np.ascontiguousarray(X).data)
-    return h.hexdigest()
-
-
-def _mirror(images, encoder):
-    """Horizontal mirror in the layout the encoder reads (W is the last axis channels-first)."""
-    axis = images.ndim - 1 if getattr(encoder, "channels", "last") == "first" else 2
-    return np.flip(images, axis=axis)
+        resolve_device(device)
 
 
 def _features(Z):
@@ -406,7 +255,7 @@ def _auto_chunk(n: int, row_bytes: int) -> int:
     return int(max(1, min(AUTO_MAX_IMAGES, by_bytes, math.ceil(n / AUTO_MIN_CHUNKS))))
 
 
-def _encode_chunk(encoder, chunk, mirror, index, dtype=_FLOAT32, parent=None):
+def _encode_chunk(encoder, chunk, mirror, index, dtype=_manifest.FLOAT32, parent=None):
     """Worker side: encode one chunk and return it; never touches the output file."""
     _watch_parent(parent)
     chunk = np.asarray(chunk)
@@ -452,28 +301,13 @@ def _output_layout(encoder, first, mirror):
     if Z.ndim < 2 or Z.shape[0] != 1:
         raise ValueError(f"encoder.transform returned shape {Z.shape} for one image; "
                          "expected (1, n_features)")
-    return tuple(int(s) for s in Z.shape[1:]), (_FLOAT16 if Z.dtype == np.float16 else _FLOAT32)
-
-
-def _row_shape(state) -> tuple:
-    """The stored rows' shape (manifests before maps were stored hold only ``n_features``)."""
-    return tuple(state.get("row_shape") or (state["n_features"],))
-
-
-def _row_text(state) -> str:
-    return " x ".join(str(s) for s in _row_shape(state))
+    return tuple(int(s) for s in Z.shape[1:]), (_manifest.FLOAT16 if Z.dtype == np.float16 else _manifest.FLOAT32)
 
 
 def _reuse(manifest, key, batch_size, paths, say):
     """Validate an earlier run against this one; return its state to resume, or None."""
-    old = manifest["key"]
-    if old != key:
-        what = [w for k, w in (("model", "the model (its fitted state) differs"),
-                               ("data", "the input images differ"),
-                               ("mirror", "the mirror setting differs"),
-                               ("n_images", "the number of images differs"),
-                               ("image_shape", "the image shape differs"),
-                               ("image_dtype", "the image dtype differs")) if old.get(k) != key.get(k)]
+    if manifest["key"] != key:
+        what = _manifest.stale_reasons(manifest["key"], key)
         say.info(f"{paths.out}: existing features are stale ({'; '.join(what) or 'cache key differs'}); "
                  "recomputing")
         return None
@@ -494,11 +328,12 @@ def _reuse(manifest, key, batch_size, paths, say):
             if state["chunks"]:
                 say.info(f"{paths.partial} is missing; recomputing")
             return None
-    problem = _check_npy(target, (key["n_images"], *_row_shape(state)), np.dtype(state["dtype"]))
+    problem = _manifest.npy_problem(target, (key["n_images"], *_manifest.row_shape(state)),
+                                     np.dtype(state["dtype"]))
     if problem:
         say.info(f"{target} is corrupt or truncated ({problem}); recomputing")
         return None
-    bad = _verify_chunks(target, state)
+    bad = _manifest.bad_chunks(target, state)
     if bad:
         say.info(f"{target}: {len(bad)} finished chunk(s) fail their checksum "
                  f"({_ranges(bad)}); recomputing them")
@@ -507,10 +342,10 @@ def _reuse(manifest, key, batch_size, paths, say):
     complete = target == paths.out and len(state["chunks"]) == state["n_chunks"]
     if target == paths.out and not complete:
         os.replace(paths.out, paths.partial)  # back to work in progress
-        _fsync_dir(paths.out.parent)
+        fsync_dir(paths.out.parent)
     if complete != manifest["complete"] or bad:
         state["complete"] = complete
-        _write_manifest(paths.manifest, state)
+        _manifest.write(paths.manifest, state)
     return state
 
 
@@ -523,49 +358,27 @@ def _start(row_shape, dtype, key, batch_size, paths):
     n = key["n_images"]
     d = int(np.prod(row_shape))
     chunk = _auto_chunk(n, d * dtype.itemsize) if batch_size == "auto" else int(batch_size)
-    state = {
-        "format": MANIFEST_FORMAT, "key": key, "n_features": d, "row_shape": list(row_shape),
-        "dtype": dtype.str,
-        "chunk_size": int(chunk), "n_chunks": int(math.ceil(n / chunk)), "chunks": {},
-        "complete": False, "output": paths.out.name, "featlearn": __version__,
-    }
+    state = _manifest.new(key, row_shape, dtype, chunk, paths.out.name)
     with contextlib.suppress(FileNotFoundError):
         paths.partial.unlink()
-    _write_manifest(paths.manifest, state)
+    _manifest.write(paths.manifest, state)
     try:
         mm = np.lib.format.open_memmap(paths.partial, mode="w+", dtype=dtype,
                                        shape=(n, *row_shape))
         offset = mm.offset
         del mm
-        size = offset + n * d * dtype.itemsize
-        fd = os.open(paths.partial, os.O_RDWR)
-        try:
-            if hasattr(os, "posix_fallocate"):
-                _fallocate(fd, size)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        preallocate(paths.partial, offset + n * d * dtype.itemsize)
     except OSError as exc:
         with contextlib.suppress(OSError):
             paths.partial.unlink()
         raise ExtractionError(exc.errno, f"cannot create {paths.partial} ({n} x {d} {dtype.name}, "
                                          f"{_human(n * d * dtype.itemsize)}): "
                                          f"{exc.strerror or exc}") from exc
-    _fsync_dir(paths.out.parent)
+    fsync_dir(paths.out.parent)
     return state
 
 
-def _fallocate(fd, size):
-    """Reserve the whole output now: a full disk fails here, not as SIGBUS in a mapped write."""
-    try:
-        os.posix_fallocate(fd, 0, size)
-    except OSError as exc:
-        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", -1)):
-            return  # filesystem without fallocate: fall back to the sparse file
-        raise
-
-
-def _run_chunks(encoder, source, state, mirror, n_jobs, paths, say, t_start):
+def _run_chunks(encoder, source, state, mirror, n_jobs, paths, say):
     n, c = state["key"]["n_images"], state["chunk_size"]
     todo = [i for i in range(state["n_chunks"]) if str(i) not in state["chunks"]]
     if not todo:
@@ -576,7 +389,7 @@ def _run_chunks(encoder, source, state, mirror, n_jobs, paths, say, t_start):
     bar = say.bar(n, done_images)
     try:
         parent = os.getpid()
-        dtype, row_shape = np.dtype(state["dtype"]), _row_shape(state)
+        dtype, row_shape = np.dtype(state["dtype"]), _manifest.row_shape(state)
         tasks = (joblib.delayed(_encode_chunk)(encoder, chunk, mirror, i, dtype, parent)
                  for i, chunk in source.chunks(c, todo))
         results = joblib.Parallel(n_jobs=n_jobs, return_as="generator_unordered")(tasks)
@@ -588,8 +401,8 @@ def _run_chunks(encoder, source, state, mirror, n_jobs, paths, say, t_start):
                                  "it gave for the first image)")
             try:
                 _write_chunk(mm, fd, a, Z)
-                state["chunks"][str(i)] = _crc(Z)
-                _write_manifest(paths.manifest, state)
+                state["chunks"][str(i)] = _manifest.crc(Z)
+                _manifest.write(paths.manifest, state)
             except OSError as exc:
                 state["chunks"].pop(str(i), None)
                 raise ExtractionError(
@@ -616,114 +429,9 @@ def _finish(state, paths):
         raise RuntimeError("internal error: finishing a job with missing chunks")
     if paths.partial.exists():
         os.replace(paths.partial, paths.out)
-        _fsync_dir(paths.out.parent)
+        fsync_dir(paths.out.parent)
     state["complete"] = True
-    _write_manifest(paths.manifest, state)
-
-
-def _verify_chunks(path, state) -> list[int]:
-    n, c = state["key"]["n_images"], state["chunk_size"]
-    mm = np.load(path, mmap_mode="r")
-    try:
-        return sorted(int(i) for i, crc in state["chunks"].items()
-                      if _crc(mm[int(i) * c:min(n, (int(i) + 1) * c)]) != crc)
-    finally:
-        del mm
-
-
-def _check_npy(path, shape, dtype):
-    """'' when ``path`` is a C-order ``.npy`` of ``shape`` and ``dtype`` and the right size,
-    else why not."""
-    try:
-        with open(path, "rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            if version == (1, 0):
-                got_shape, fortran, got_dtype = np.lib.format.read_array_header_1_0(fh)
-            else:
-                got_shape, fortran, got_dtype = np.lib.format.read_array_header_2_0(fh)
-            offset = fh.tell()
-        size = path.stat().st_size
-    except (OSError, ValueError) as exc:
-        return f"unreadable header: {exc}"
-    if tuple(got_shape) != tuple(shape) or fortran or np.dtype(got_dtype) != dtype:
-        return (f"header says {got_shape} {np.dtype(got_dtype)}, expected {tuple(shape)} "
-                f"{dtype.name}")
-    expected = offset + int(np.prod(shape)) * dtype.itemsize
-    if size != expected:
-        return f"{size} bytes, expected {expected}"
-    return ""
-
-
-# -- manifest ------------------------------------------------------------------------------------
-
-def _manifest_checksum(state) -> str:
-    body = json.dumps({k: v for k, v in state.items() if k != "checksum"}, sort_keys=True)
-    return hashlib.blake2b(body.encode(), digest_size=16).hexdigest()
-
-
-def _write_manifest(path: Path, state):
-    """Atomically replace the manifest: temp file, fsync, rename, fsync of the directory."""
-    state = {k: v for k, v in state.items() if k != "checksum"}
-    state["checksum"] = _manifest_checksum(state)
-    with atomic_path(path) as tmp, open(tmp, "w") as fh:
-        json.dump(state, fh, sort_keys=True, indent=1)
-    _fsync_dir(path.parent)
-
-
-def _read_manifest(path: Path, say):
-    """The manifest as a dict, or None when absent, foreign or corrupt (the latter reported)."""
-    if not path.exists():
-        return None
-    try:
-        state = json.loads(path.read_text())
-        ok = (isinstance(state, dict) and state.get("format") == MANIFEST_FORMAT
-              and state.get("checksum") == _manifest_checksum(state))
-        if ok:
-            n, c = state["key"]["n_images"], state["chunk_size"]
-            ok = (c >= 1 and state["n_chunks"] == math.ceil(n / c) and state["n_features"] >= 1
-                  and state["dtype"] in (_FLOAT32.str, _FLOAT16.str)
-                  and math.prod(_row_shape(state)) == state["n_features"]
-                  and all(0 <= int(i) < state["n_chunks"] for i in state["chunks"]))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        say.info(f"{path} is corrupt ({type(exc).__name__}: {exc}); recomputing")
-        return None
-    if not ok:
-        say.info(f"{path} is corrupt or from another featlearn version (checksum/format "
-                 "mismatch); recomputing")
-        return None
-    return state
-
-
-def _fsync_dir(path: Path):
-    with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: Path):
-    """Hold an advisory lock on ``path`` (POSIX ``flock``; released by the OS even on kill -9)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX: no cross-process guard
-        yield
-        return
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask
-    except OSError as exc:
-        raise ExtractionError(exc.errno, f"cannot create lock file {path}: {exc.strerror}") from exc
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise ExtractionError(errno.EBUSY, f"another extraction job is writing "
-                                               f"{path.with_suffix('')}; wait for it") from exc
-        yield
-    finally:
-        os.close(fd)
+    _manifest.write(paths.manifest, state)
 
 
 # -- reporting -----------------------------------------------------------------------------------
@@ -792,7 +500,7 @@ class _Reporter:
         reused = f" ({total - n} reused)" if n < total else ""
         size = out.stat().st_size if out.exists() else 0
         self.info(f"encoded {n} of {total} images{reused} in {seconds:.1f} s ({rate}{gf}) -> "
-                  f"{out} ({total} x {_row_text(state)} {np.dtype(state['dtype']).name}, "
+                  f"{out} ({total} x {_manifest.row_text(state)} {np.dtype(state['dtype']).name}, "
                   f"{_human(size)})")
 
 

@@ -1,12 +1,16 @@
-"""Fingerprints: what a model computes and which images it sees, as hashes for cache keys.
+"""Fingerprints: what a model computes, which images it sees and which code computes the
+features, as hashes for cache keys.
 
-Extraction manifests and ``featlearn reproduce``'s feature cache both key on these, and both
-leave out the same execution-only parameters (:data:`EXECUTION_PARAMS`).
+The one feature-cache policy: extraction manifests and ``featlearn reproduce``'s feature cache
+both key on the model (leaving out the same execution-only parameters,
+:data:`EXECUTION_PARAMS`), the images and :func:`code_fingerprint`, so neither answers a changed
+model, changed images or changed feature code with stale features.
 """
 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import joblib
 import numpy as np
@@ -66,7 +70,7 @@ def _canonical_state(obj, fitted, _depth=0):
         return ("tensor", str(obj.dtype), obj.detach().cpu().numpy())
     if hasattr(obj, "state_dict") and hasattr(obj, "named_modules"):
         # a torch module: its layers and weights (its pickle, like a tensor's, changes on reload)
-        return ("module", repr(obj), _canonical_state(dict(obj.state_dict()), _depth + 1))
+        return ("module", repr(obj), rec(dict(obj.state_dict())))
     if hasattr(obj, "get_params") and hasattr(obj, "set_params"):  # a scikit-learn estimator
         state = {k: v for k, v in vars(obj).items()
                  if fitted and k.endswith("_") and not k.startswith("__")}
@@ -82,8 +86,8 @@ def _canonical_state(obj, fitted, _depth=0):
 def data_fingerprint(images, *, block_bytes=32 * 2**20) -> str:
     """BLAKE2b of the images' shape, dtype and bytes, read in blocks (memmaps stay on disk).
 
-    Hashing every byte costs about a second per GB, which is small next to encoding it and,
-    unlike a file's size/mtime, also covers in-memory arrays.
+    Every byte is hashed: cheap next to encoding the images and, unlike a file's size/mtime,
+    it also covers in-memory arrays.
     """
     h = hashlib.blake2b(digest_size=16)
     h.update(repr((tuple(images.shape), images.dtype.str)).encode())
@@ -98,3 +102,22 @@ def iter_blocks(images, *, block_bytes=32 * 2**20):
     step = max(1, block_bytes // row)
     for start in range(0, images.shape[0], step):
         yield images[start:start + step]
+
+
+#: The modules whose code decides the encoded features: the feature stages and every featlearn
+#: module they import, but the logger.
+FEATURE_MODULES = ("patches", "preprocessing", "dictionary", "kmeans", "_kmeans_solvers",
+                   "activations", "encoding", "_encoding_kernel", "_compile", "_torch")
+
+
+def code_fingerprint() -> str:
+    """sha256 of the source of :data:`FEATURE_MODULES`: new code never reuses features of the old.
+
+    A fix inside k-means keeps the parameters and the version number, so neither would tell
+    the features it changes from those of the old code (joblib.Memory only watches the cached
+    function's own code).
+    """
+    h = hashlib.sha256()
+    for name in FEATURE_MODULES:
+        h.update((Path(__file__).parent / f"{name}.py").read_bytes())
+    return h.hexdigest()[:16]

@@ -66,6 +66,37 @@ def unflatten_patches(vectors, patch_size: int, n_channels: int):
 CHANNELS = ("last", "first")
 
 
+def check_image_array(X, *, what: str = "images", layout: str = "(n, H, W, C)",
+                      allow_nan: bool = False) -> np.ndarray:
+    """The checks every set of images gets, in whatever layout it comes; returns it as numpy.
+
+    A torch tensor (on any device) is moved to the host once; a numpy array, memmaps included,
+    is returned as it is. Raises a ValueError naming the problem: a dtype that is not real and
+    numeric, not 3-D ``(n, H, W)`` or 4-D ``layout``, no images, an empty dimension, or (unless
+    ``allow_nan``) values that are NaN/inf or past float32's range.
+    """
+    if not isinstance(X, np.ndarray):
+        if hasattr(X, "detach"):  # torch tensor, on any device
+            from ._torch import to_numpy
+
+            X = to_numpy(X)
+        X = np.asarray(X)
+    if X.dtype == object or not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
+        raise ValueError(f"{what} must have a numeric dtype, got dtype {X.dtype}")
+    if np.issubdtype(X.dtype, np.complexfloating):
+        raise ValueError(f"{what} must be real-valued, got dtype {X.dtype}")
+    if X.ndim not in (3, 4):
+        raise ValueError(
+            f"{what} must be a 3-D (n, H, W) or 4-D {layout} array, got shape {tuple(X.shape)}")
+    if X.shape[0] == 0:
+        raise ValueError(f"got an empty batch of images (shape {tuple(X.shape)})")
+    if 0 in X.shape[1:]:
+        raise ValueError(f"{what} have an empty dimension (shape {tuple(X.shape)})")
+    if not allow_nan:
+        check_finite_float32(X, what)
+    return X
+
+
 def check_images(X, *, patch_size: int | None = None, allow_nan: bool = False,
                  channels: str = "last") -> np.ndarray:
     """Validate a batch of images and return it as ``(n, H, W, C)``.
@@ -73,33 +104,22 @@ def check_images(X, *, patch_size: int | None = None, allow_nan: bool = False,
     Accepts ``(n, H, W)`` (taken as one channel) or 4-D images in the ``channels`` layout:
     ``"last"`` ``(n, H, W, C)`` or ``"first"`` ``(n, C, H, W)`` (returned as a transposed view,
     not a copy), uint8/integer or float, as a numpy array or a torch tensor on any device (moved
-    to the host once). Raises a ValueError that names the problem: dimensionality, dtype,
-    emptiness, NaN/inf or values past float32's range (unless ``allow_nan``, for callers that
-    check later), images smaller than ``patch_size``, or channels-first images given as
-    channels-last (the message names both layouts and the fix).
+    to the host once). Raises a ValueError that names the problem: the checks of
+    :func:`check_image_array` (``allow_nan`` for callers that check values later), images
+    smaller than ``patch_size``, or channels-first images given as channels-last (the message
+    names both layouts and the fix).
     """
     if channels not in CHANNELS:
         raise ValueError(f"channels must be 'last' (n, H, W, C) or 'first' (n, C, H, W), got "
                          f"{channels!r}")
-    if _is_torch_data(X):
+    if is_torch_dataset(X):
         raise ValueError(f"got a torch {type(X).__name__}: stream it through "
                          "PatchEncoder.transform or featlearn.extract_features, or pass the "
                          "images as one array or tensor (fitting samples patches from all of them)")
-    if hasattr(X, "detach"):  # torch tensor, on any device
-        from ._torch import to_numpy
-
-        X = to_numpy(X)
-    X = np.asarray(X)
-    if X.dtype == object or not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
-        raise ValueError(f"images must have a numeric dtype, got dtype {X.dtype}")
-    if np.issubdtype(X.dtype, np.complexfloating):
-        raise ValueError(f"images must be real-valued, got dtype {X.dtype}")
+    layout = "(n, C, H, W)" if channels == "first" else "(n, H, W, C)"
+    X = np.asarray(check_image_array(X, layout=layout, allow_nan=allow_nan))
     if X.ndim == 3:
         X = X[..., None]
-    elif X.ndim != 4:
-        layout = "(n, C, H, W)" if channels == "first" else "(n, H, W, C)"
-        raise ValueError(
-            f"images must be a 3-D (n, H, W) or 4-D {layout} array, got shape {X.shape}")
     elif channels == "first":
         X = X.transpose(0, 2, 3, 1)
     elif _looks_channels_first(X.shape):
@@ -110,14 +130,8 @@ def check_images(X, *, patch_size: int | None = None, allow_nan: bool = False,
             f"by default, which would make them {C}x{H} images with {W} channels. Pass "
             "channels=\"first\" (command line: --channels first), or move the channels last "
             "(numpy: X.transpose(0, 2, 3, 1); torch: X.permute(0, 2, 3, 1))")
-    if X.shape[0] == 0:
-        raise ValueError(f"got an empty batch of images (shape {X.shape})")
-    if 0 in X.shape[1:]:
-        raise ValueError(f"images have an empty dimension (shape {X.shape})")
     if X.dtype == bool:
         X = X.astype(np.uint8)
-    if not allow_nan:
-        check_finite_float32(X)
     if patch_size is not None and (X.shape[1] < patch_size or X.shape[2] < patch_size):
         raise ValueError(
             f"images of size {X.shape[1]}x{X.shape[2]} are smaller than the "
@@ -131,8 +145,9 @@ def _looks_channels_first(shape) -> bool:
     return shape[1] in (1, 3, 4) and shape[2] > 4 and shape[3] > 4
 
 
-def _is_torch_data(X) -> bool:
-    """A torch Dataset/DataLoader (checked without importing torch if nothing else has)."""
+def is_torch_dataset(X) -> bool:
+    """Whether ``X`` is a torch Dataset/DataLoader, checked without importing torch if nothing
+    else has (then it cannot be one)."""
     if "torch" not in sys.modules:
         return False
     from ._torch import is_torch_data
@@ -188,10 +203,6 @@ class RandomPatchExtractor(TransformerMixin, BaseEstimator):
         self.n_patches = n_patches
         self.random_state = random_state
         self.channels = channels
-
-    def __setstate__(self, state):
-        # Models saved before ``channels`` existed read their images channels-last.
-        super().__setstate__({"channels": "last", **state})
 
     def fit(self, X, y=None):
         """Validate the images; nothing is learned."""

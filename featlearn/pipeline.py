@@ -44,8 +44,8 @@ def _config_dir() -> Path:
 #: ships inside the package).
 CONFIG_DIR = _config_dir()
 
-#: The paper's L2-SVM: one-vs-all squared hinge, C=100 on the mean loss, full-batch L-BFGS
-#: (REFERENCE.md).
+#: The paper's L2-SVM (Coates, Lee & Ng, AISTATS 2011): one-vs-all squared hinge, C=100 on the
+#: mean loss, full-batch L-BFGS.
 SVM_PARAMS = dict(hidden_layer_sizes=(), loss="squared_hinge", C=100.0, solver="lbfgs",
                   dropout=0.0, max_iter=1000)
 #: The seed talk's two-layer network, with the training settings chosen for 6,400-dimensional
@@ -63,7 +63,7 @@ def make_coates_pipeline(n_centroids=1600, *, classifier="mlp", augment=None, po
     n_centroids : int, default=1600
         Dictionary size K (``encoder__kmeans__n_clusters``).
     classifier : {"mlp", "svm", "stream"} or estimator, default="mlp"
-        "svm" is the paper's one-vs-all L2-SVM (C=100 in the paper's units, REFERENCE.md);
+        "svm" is the paper's one-vs-all L2-SVM (C=100 in the paper's units);
         "mlp" the two-layer network (512 ReLU units, dropout 0.5). An estimator is used as is.
         "stream" (or a :class:`featlearn.StreamingConvClassifier`) trains a convolutional head
         on maps encoded from randomly cropped and flipped images every mini-batch, as Thiry et

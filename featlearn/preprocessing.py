@@ -311,14 +311,6 @@ class ZCAWhitening(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         X = _float32(X, copy=False)
         return _rowwise_matmul(X, self._unwhitening) + self.mean_
 
-    def __setstate__(self, state):
-        """Models saved before ``eps_scale`` existed regularized absolutely: say so."""
-        state = dict(state)
-        state.setdefault("eps_scale", "absolute")
-        if "whitening_" in state and "eps_" not in state:
-            state["eps_"] = float(state["eps"])
-        super().__setstate__(state)
-
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.transformer_tags.preserves_dtype = ["float32"]

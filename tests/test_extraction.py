@@ -16,6 +16,7 @@ import joblib
 import numpy as np
 import pytest
 
+import featlearn._manifest as manifests
 import featlearn.extraction as jobs
 from featlearn._io import OutputExistsError
 from featlearn.extraction import ExtractionError, extract_features
@@ -119,6 +120,20 @@ def test_stale_data_is_recomputed(encoder, images, tmp_path, capsys):
     np.testing.assert_allclose(F, encoder.transform(changed), rtol=1e-5, atol=1e-5)
 
 
+def test_changed_feature_code_is_recomputed(encoder, images, tmp_path, capsys, monkeypatch,
+                                            count_chunks):
+    # The same cache policy as featlearn reproduce: new feature code never reuses old features.
+    import featlearn.fingerprints
+
+    out = tmp_path / "f.npy"
+    extract_features(encoder, images, out, batch_size=7, verbose=0)
+    count_chunks.clear()
+    monkeypatch.setattr(featlearn.fingerprints, "code_fingerprint", lambda: "changed")
+    extract_features(encoder, images, out, batch_size=7)
+    assert "feature code differs" in capsys.readouterr().err
+    assert len(count_chunks) == read_manifest(out)["n_chunks"]
+
+
 def test_changed_batch_size_is_recomputed(encoder, images, tmp_path, capsys):
     out = tmp_path / "f.npy"
     extract_features(encoder, images, out, batch_size=7, verbose=0)
@@ -176,7 +191,7 @@ def test_crash_between_write_and_mark_resumes(encoder, images, expected, tmp_pat
                                               count_chunks):
     """Dying after a chunk's bytes are written but before the manifest lists it loses that chunk only."""
     out = tmp_path / "f.npy"
-    original = jobs._write_manifest
+    original = manifests.write
     calls = []
 
     def dying(path, state):
@@ -185,10 +200,10 @@ def test_crash_between_write_and_mark_resumes(encoder, images, expected, tmp_pat
             raise KeyboardInterrupt  # stands in for kill -9 before the rename
         original(path, state)
 
-    monkeypatch.setattr(jobs, "_write_manifest", dying)
+    monkeypatch.setattr(manifests, "write", dying)
     with pytest.raises(KeyboardInterrupt):
         extract_features(encoder, images, out, batch_size=7, verbose=0)
-    monkeypatch.setattr(jobs, "_write_manifest", original)
+    monkeypatch.setattr(manifests, "write", original)
     m = read_manifest(out)
     assert len(m["chunks"]) == 3 and not m["complete"] and not out.exists()
     count_chunks.clear()
@@ -200,17 +215,17 @@ def test_crash_between_write_and_mark_resumes(encoder, images, expected, tmp_pat
 def test_crash_between_rename_and_completion(encoder, images, expected, tmp_path, monkeypatch,
                                              count_chunks):
     out = tmp_path / "f.npy"
-    original = jobs._write_manifest
+    original = manifests.write
 
     def dying(path, state):
         if state["complete"]:
             raise KeyboardInterrupt
         original(path, state)
 
-    monkeypatch.setattr(jobs, "_write_manifest", dying)
+    monkeypatch.setattr(manifests, "write", dying)
     with pytest.raises(KeyboardInterrupt):
         extract_features(encoder, images, out, batch_size=7, verbose=0)
-    monkeypatch.setattr(jobs, "_write_manifest", original)
+    monkeypatch.setattr(manifests, "write", original)
     assert out.exists() and not read_manifest(out)["complete"]
     count_chunks.clear()
     G = extract_features(encoder, images, out, batch_size=7, verbose=0)
@@ -456,18 +471,18 @@ def test_previous_result_survives_until_the_new_one_is_complete(encoder, images,
     extract_features(encoder, images, out, batch_size=7, verbose=0)
     before = out.read_bytes()
     other = tiny_encoder(images, seed=1)
-    original = jobs._write_manifest
+    original = manifests.write
 
     def dying(path, state):
         if len(state["chunks"]) == 3:
             raise KeyboardInterrupt  # stands in for a kill in the middle of the new job
         original(path, state)
 
-    monkeypatch.setattr(jobs, "_write_manifest", dying)
+    monkeypatch.setattr(manifests, "write", dying)
     with pytest.raises(KeyboardInterrupt):
         extract_features(other, images, out, batch_size=7, verbose=0)
     assert out.read_bytes() == before  # the old result is still there, whole
-    monkeypatch.setattr(jobs, "_write_manifest", original)
+    monkeypatch.setattr(manifests, "write", original)
     F = extract_features(other, images, out, batch_size=7, verbose=0)  # resumes the new job
     np.testing.assert_allclose(F, other.transform(images), rtol=1e-5, atol=1e-5)
     assert not Path(str(out) + ".partial").exists()
@@ -497,7 +512,7 @@ def test_kill_during_manifest_write_leaves_nothing_a_rerun_keeps(encoder, images
             "    if len(obj['chunks']) == 2:\n"
             "        fh.write('{\"half'); fh.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
             "    real(obj, fh, **kw)\n"
-            "ex.json.dump = dump\n"
+            "json.dump = dump\n"
             f"ex.extract_features(load_model({str(model)!r}), np.load({str(src)!r}), "
             f"{str(out)!r}, batch_size=7, verbose=0)\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT)]))

@@ -65,3 +65,77 @@ def test_data_fingerprint_sees_every_byte_and_the_layout(images):
     assert data_fingerprint(images.reshape(60, 8, 24)) != fp
     assert data_fingerprint(images, block_bytes=100) == fp
     assert data_fingerprint(np.ascontiguousarray(images)) == fp
+
+
+class _Holder:
+    """A torch module whose state_dict carries an extra state (an estimator or a nested list)."""
+
+    def __new__(cls, extra):
+        import torch
+
+        class Holder(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.extra = extra
+                self.register_buffer("w", torch.ones(2))
+
+            def get_extra_state(self):
+                return self.extra
+
+            def set_extra_state(self, state):
+                self.extra = state
+
+        return Holder()
+
+
+def test_a_module_inside_a_model_keeps_the_fitted_flag():
+    # params_fingerprint ignores fitted attributes, also of an estimator reached through a
+    # torch module's state_dict.
+    from sklearn.preprocessing import FunctionTransformer, StandardScaler
+
+    scaler = StandardScaler()
+    model = FunctionTransformer(kw_args={"net": _Holder(scaler)})
+    before = params_fingerprint(model)
+    scaler.fit(np.arange(6.0).reshape(3, 2))
+    assert params_fingerprint(model) == before
+    assert model_fingerprint(model) != model_fingerprint(
+        FunctionTransformer(kw_args={"net": _Holder(StandardScaler())}))
+
+
+def test_a_module_inside_a_model_keeps_the_depth():
+    # The depth bound counts through a torch module's state_dict, not from zero again.
+    import pytest
+    from sklearn.preprocessing import FunctionTransformer
+
+    deep = []
+    for _ in range(10):
+        deep = [deep]
+    nested = _Holder(deep)
+    for _ in range(45):
+        nested = [nested]
+    with pytest.raises(ValueError, match="nested too deeply"):
+        params_fingerprint(FunctionTransformer(kw_args={"net": nested}))
+
+
+def test_the_feature_cache_key_covers_every_module_the_features_depend_on():
+    # A module the feature stages import (directly or not) but the key does not hash would
+    # answer a changed kernel with stale cached features. Only the logger is left out.
+    import ast
+    from pathlib import Path
+
+    from featlearn import fingerprints
+
+    root = Path(fingerprints.__file__).parent
+    seen, todo = set(), list(fingerprints.FEATURE_MODULES)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse((root / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                todo.append(node.module.split(".")[0])
+            elif (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                  and node.module.startswith("featlearn.")):
+                todo.append(node.module.split(".")[1])
+    assert seen - {"_logging"} <= set(fingerprints.FEATURE_MODULES)

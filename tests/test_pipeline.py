@@ -202,7 +202,7 @@ def test_reproduce_cache_reuses_features_when_only_the_classifier_changes(
 def test_reproduce_cache_misses_when_the_feature_code_changes(tmp_path, tiny_archive,
                                                                monkeypatch):
     # Same parameters, same version, new k-means code: the old features must not come back.
-    from featlearn import reproduce
+    from featlearn import fingerprints, reproduce
     from featlearn.datasets import fetch_cifar10
 
     data = fetch_cifar10(tmp_path / "home", archive=tiny_archive, md5=None)
@@ -210,7 +210,7 @@ def test_reproduce_cache_misses_when_the_feature_code_changes(tmp_path, tiny_arc
     first, _ = reproduce.run(config, data, cache=tmp_path / "cache", verbose=0)
     again, _ = reproduce.run(config, data, cache=tmp_path / "cache", verbose=0)
     assert not first["features_from_cache"] and again["features_from_cache"]
-    monkeypatch.setattr(reproduce, "_code_fingerprint", lambda: "changed")
+    monkeypatch.setattr(fingerprints, "code_fingerprint", lambda: "changed")
     changed, _ = reproduce.run(config, data, cache=tmp_path / "cache", verbose=0)
     assert not changed["features_from_cache"]
 

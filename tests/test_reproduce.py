@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from featlearn.cli import main
-from featlearn.reproduce import (RESULTS_MARKER, default_results_dir, is_results_dir,
-                                 prepare_results_dir, safe_folder_name)
+from featlearn.results import (RESULTS_MARKER, default_results_dir, is_results_dir,
+                               prepare_results_dir, safe_folder_name)
 
 from conftest import make_cifar_archive
 
@@ -127,7 +127,7 @@ def test_unwritable_folder_probe_is_used(tmp_path, monkeypatch):
 
 
 def test_failed_write_keeps_the_previous_results(tmp_path, archive, monkeypatch):
-    import featlearn.reproduce as rep
+    import featlearn.results as rep
 
     out = tmp_path / "out"
     assert reproduce(tiny_config(tmp_path), archive, "--out", out) == 0
@@ -203,3 +203,4 @@ def test_distance_flops_counts_every_pass():
                      {"dictionary (patches, whitening, k-means)": 1.0, "encode train": 2.0,
                       "encode test": 1.0, "classifier fit": 4.0}, rate_gflops=4.0)
     assert eff == {"dictionary": 0.5, "encoding": 0.5, "end to end": 0.25}
+

@@ -1,5 +1,5 @@
 """ZCAWhitening's regularization relative to the spectrum (``eps_scale``): exact against a naive
-numpy reference, the absolute default unchanged, old saved models still usable."""
+numpy reference, the absolute default unchanged."""
 
 import pickle
 
@@ -99,17 +99,6 @@ def test_inverse_transform_uses_the_effective_eps():
 def test_bad_eps_scale_is_refused_with_its_name():
     with pytest.raises(ValueError, match="eps_scale"):
         ZCAWhitening(eps_scale="relative").fit(_correlated())
-
-
-def test_model_saved_before_eps_scale_still_works(tmp_path):
-    X = _correlated(seed=5)
-    est = ZCAWhitening(eps=0.2).fit(X)
-    state = est.__getstate__()
-    del state["eps_scale"], state["eps_"]  # what an older featlearn pickled
-    old = ZCAWhitening.__new__(ZCAWhitening)
-    old.__setstate__(state)
-    assert old.get_params()["eps_scale"] == "absolute" and old.eps_ == 0.2
-    np.testing.assert_array_equal(old.transform(X), est.transform(X))
 
 
 @pytest.mark.parametrize("fmt", ["safe", "pickle"])

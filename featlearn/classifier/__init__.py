@@ -6,14 +6,17 @@ model with a different depth and loss, so one estimator owns both; the convoluti
 (Thiry et al., ICLR 2021) shares its training contract and parts. The modules, each a small
 overridable step with explicit arguments (tests call them directly):
 
-``_estimator``    the scikit-learn estimator: parameters, fit dispatch, predictions, pickling
+``_base``         what both estimators share: parameters' constraints, predictions, tags
+``_state``        set-up, private state rebuilt on demand, CPU pickling
+``_estimator``    the MLP / L2-SVM estimator: its parameters and fit dispatch
+``_contract``     its docstring and own parameters' constraints
 ``_network``      the network (standard ``torch.nn`` layers) and its private-dropout forward
 ``_losses``       signed targets, mean / summed losses and gradients, penalty, predict rule
 ``_standardize``  feature statistics, in-place application, folding into a linear layer
 ``_stochastic``   adam/sgd: optimizer, schedule, early stopping, one epoch
 ``_lbfgs``        L-BFGS: the linear objective, the preconditioner, the minimizer
 ``_data``         views, label codes, sample weights, zero-copy tensors
-``_conv_estimator`` the convolutional head's estimator
+``_conv_estimator`` the convolutional head's estimator: its parameters, fit and input
 ``_conv``         its network, its maps decoded per batch, its epoch and chunked scores
 ``_streaming``    the head trained on images encoded per batch with random crop + flip
 """

@@ -1,9 +1,8 @@
-"""The estimator's contract: its docstring and its parameters' constraints (kept apart so the
+"""The MLP's contract: its docstring and its own parameters' constraints (kept apart so the
 estimator's module stays short)."""
 
 import numbers
 
-import torch
 from sklearn.utils._param_validation import Interval, StrOptions
 
 
@@ -178,32 +177,16 @@ CLASS_DOC = """Multi-layer perceptron or one-vs-all L2-SVM, trained with torch o
     ('lbfgs', True)
     """
 
+#: The MLP's own parameters' constraints (those it shares with the convolutional head are
+#: :class:`featlearn.classifier._base.BaseTorchClassifier`'s).
 PARAMETER_CONSTRAINTS = {
     "hidden_layer_sizes": [tuple, list],
     "activation": [StrOptions({"relu", "leaky_relu", "tanh"})],
-    "dropout": [Interval(numbers.Real, 0, 1, closed="left")],
     "input_dropout": [Interval(numbers.Real, 0, 1, closed="left")],
     "batch_norm": ["boolean"],
-    "loss": [StrOptions({"cross_entropy", "squared_hinge"})],
-    "alpha": [Interval(numbers.Real, 0, None, closed="left")],
     "C": [Interval(numbers.Real, 0, None, closed="neither"), None],
-    "class_weight": [dict, StrOptions({"balanced"}), None],
     "solver": [StrOptions({"auto", "lbfgs", "adam", "sgd"})],
-    "learning_rate_init": [Interval(numbers.Real, 0, None, closed="neither")],
-    "momentum": [Interval(numbers.Real, 0, 1, closed="both")],
-    "nesterov": ["boolean"],
-    "lr_schedule": [StrOptions({"constant", "step", "cosine"})],
-    "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
     "max_iter": [Interval(numbers.Integral, 1, None, closed="left"), None],
-    "early_stopping": ["boolean"],
-    "validation_fraction": [Interval(numbers.Real, 0, 1, closed="neither")],
-    "n_iter_no_change": [Interval(numbers.Integral, 1, None, closed="left")],
-    "tol": [Interval(numbers.Real, 0, None, closed="left")],
     "standardize": ["boolean"],
-    "n_views": [Interval(numbers.Integral, 1, None, closed="left")],
-    "precision": [StrOptions({"float32", "bfloat16", "auto"})],
     "precondition": ["boolean", StrOptions({"auto"})],
-    "device": [str, torch.device, None],
-    "random_state": ["random_state"],
-    "verbose": ["verbose"],
 }

@@ -1,4 +1,5 @@
-"""The convolutional head as a scikit-learn classifier: parameters, fit, predictions, pickling."""
+"""The convolutional head as a scikit-learn classifier: its parameters, fit and input; predictions
+and pickling are shared (``_base``, ``_state``)."""
 
 from __future__ import annotations
 
@@ -7,20 +8,18 @@ import time
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .._logging import log
 from ..patches import check_finite_float32
 from . import _conv
 from ._data import class_codes, row_weights
-from ._losses import predict_index, probabilities
-from ._state import PrivateStateMixin
+from ._base import BaseTorchClassifier
+from ._losses import predict_index
 
 
-class TorchConvClassifier(PrivateStateMixin, ClassifierMixin, BaseEstimator):
+class TorchConvClassifier(BaseTorchClassifier):
     """Convolutional head on pooled spatial maps, trained with torch on the CPU or a GPU.
 
     The head of Thiry et al. (ICLR 2021): ``BatchNorm2d -> 1x1 conv to width -> k x k conv to
@@ -133,31 +132,14 @@ class TorchConvClassifier(PrivateStateMixin, ClassifierMixin, BaseEstimator):
     """
 
     _parameter_constraints = {
+        **BaseTorchClassifier._parameter_constraints,
         "width": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "hidden": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "hidden_kernel_size": [Interval(numbers.Integral, 1, None, closed="left")],
         "kernel_size": [Interval(numbers.Integral, 1, None, closed="left"), None],
-        "dropout": [Interval(numbers.Real, 0, 1, closed="left")],
         "map_shape": [tuple, list, None],
-        "loss": [StrOptions({"cross_entropy", "squared_hinge"})],
-        "alpha": [Interval(numbers.Real, 0, None, closed="left")],
-        "class_weight": [dict, StrOptions({"balanced"}), None],
         "solver": [StrOptions({"sgd", "adam"})],
-        "learning_rate_init": [Interval(numbers.Real, 0, None, closed="neither")],
-        "momentum": [Interval(numbers.Real, 0, 1, closed="both")],
-        "nesterov": ["boolean"],
-        "lr_schedule": [StrOptions({"constant", "step", "cosine"})],
-        "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
         "max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
-        "early_stopping": ["boolean"],
-        "validation_fraction": [Interval(numbers.Real, 0, 1, closed="neither")],
-        "n_iter_no_change": [Interval(numbers.Integral, 1, None, closed="left")],
-        "tol": [Interval(numbers.Real, 0, None, closed="left")],
-        "precision": [StrOptions({"float32", "bfloat16", "auto"})],
-        "n_views": [Interval(numbers.Integral, 1, None, closed="left")],
-        "device": [str, torch.device, None],
-        "random_state": ["random_state"],
-        "verbose": ["verbose"],
     }
 
     def __init__(self, width=128, hidden=None, hidden_kernel_size=3, kernel_size=None,
@@ -265,43 +247,6 @@ class TorchConvClassifier(PrivateStateMixin, ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ inference
 
-    def decision_function(self, X):
-        """Raw scores (the views' average).
-
-        Returns
-        -------
-        ndarray of shape (n_samples,) for 2 classes (positive means ``classes_[1]``), else
-        (n_samples, n_classes)
-        """
-        scores = self._forward_numpy(X)
-        return scores.ravel() if scores.shape[1] == 1 else scores
-
-    def predict(self, X):
-        """The class with the highest score.
-
-        Returns
-        -------
-        ndarray of shape (n_samples,)
-        """
-        scores = self._forward_numpy(X)  # checks fitted first
-        return self.classes_[predict_index(scores)]
-
-    @available_if(lambda self: self.loss == "cross_entropy")
-    def predict_proba(self, X):
-        """Class probabilities (softmax; sigmoid for 2 classes) of the views' average score.
-
-        Returns
-        -------
-        ndarray of shape (n_samples, n_classes)
-        """
-        return probabilities(self._forward_numpy(X))
-
-    @available_if(lambda self: self.loss == "cross_entropy")
-    def predict_log_proba(self, X):
-        """Logarithm of :meth:`predict_proba`."""
-        with np.errstate(divide="ignore"):
-            return np.log(self.predict_proba(X))
-
     def _forward_numpy(self, X):
         check_is_fitted(self)
         X = self._check_X(X, reset=False)
@@ -344,8 +289,3 @@ class TorchConvClassifier(PrivateStateMixin, ClassifierMixin, BaseEstimator):
     @property
     def _alpha(self):
         return float(self.alpha)
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.non_deterministic = False
-        return tags

@@ -1,4 +1,5 @@
-"""The estimator: parameters, fit dispatch, predictions, views, labels and pickling."""
+"""The MLP / one-vs-all L2-SVM estimator: its parameters, fit dispatch (L-BFGS or adam/sgd),
+``partial_fit`` and set-up; predictions and pickling are shared (``_base``, ``_state``)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,17 @@ import time
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .._logging import log
 from . import _lbfgs, _network, _stochastic
+from ._base import BaseTorchClassifier
+from ._contract import CLASS_DOC, PARAMETER_CONSTRAINTS
 from ._data import (FEATURE_DTYPES, class_codes, encode_labels, row_weights, split_views,
                     tensor_view)
-from ._contract import CLASS_DOC, PARAMETER_CONSTRAINTS
-from ._losses import predict_index, probabilities
-from ._state import PrivateStateMixin
+from ._standardize import Standardizer, feature_stats
 
 
 #: ``max_iter=None``: L-BFGS stops on its own once converged, so its cap is only a safeguard (the
@@ -26,10 +26,11 @@ from ._state import PrivateStateMixin
 DEFAULT_MAX_ITER = {"lbfgs": 1000, "adam": 200, "sgd": 200}
 
 
-class TorchMLPClassifier(PrivateStateMixin, ClassifierMixin, BaseEstimator):
+class TorchMLPClassifier(BaseTorchClassifier):
     __doc__ = CLASS_DOC
 
-    _parameter_constraints = PARAMETER_CONSTRAINTS
+    _parameter_constraints = {**BaseTorchClassifier._parameter_constraints,
+                              **PARAMETER_CONSTRAINTS}
 
     def __init__(self, hidden_layer_sizes=(100,), activation="relu", dropout=0.0,
                  input_dropout=0.0, batch_norm=False, loss="cross_entropy", alpha=1e-4, C=None,
@@ -202,67 +203,6 @@ class TorchMLPClassifier(PrivateStateMixin, ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ inference
 
-    def decision_function(self, X):
-        """Raw scores (the views' average).
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-
-        Returns
-        -------
-        ndarray of shape (n_samples,) for 2 classes (positive means ``classes_[1]``), else
-        (n_samples, n_classes)
-        """
-        scores = self._forward_numpy(X)
-        return scores.ravel() if scores.shape[1] == 1 else scores
-
-    def predict(self, X):
-        """The class with the highest score.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-
-        Returns
-        -------
-        ndarray of shape (n_samples,)
-        """
-        scores = self._forward_numpy(X)  # checks fitted first
-        return self.classes_[predict_index(scores)]
-
-    @available_if(lambda self: self.loss == "cross_entropy")
-    def predict_proba(self, X):
-        """Class probabilities (softmax; sigmoid for 2 classes) of the views' average score.
-
-        Only for ``cross_entropy``: squared-hinge scores are not probabilities (calibrate them
-        with :class:`sklearn.calibration.CalibratedClassifierCV`).
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-
-        Returns
-        -------
-        ndarray of shape (n_samples, n_classes)
-        """
-        return probabilities(self._forward_numpy(X))
-
-    @available_if(lambda self: self.loss == "cross_entropy")
-    def predict_log_proba(self, X):
-        """Logarithm of :meth:`predict_proba`.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-
-        Returns
-        -------
-        ndarray of shape (n_samples, n_classes)
-        """
-        with np.errstate(divide="ignore"):
-            return np.log(self.predict_proba(X))
-
     def _forward_numpy(self, X):
         """Scores ``(n_samples, n_outputs)``, in memory-bounded chunks, views averaged."""
         check_is_fitted(self)
@@ -273,6 +213,22 @@ class TorchMLPClassifier(PrivateStateMixin, ClassifierMixin, BaseEstimator):
         return scores.reshape(n, self.n_views, -1).mean(axis=1)
 
     # ------------------------------------------------------------------ set-up
+
+    def _initialize(self, X, weight=None):
+        """Fresh statistics, network, generators and history."""
+        dev = self._start_fit()
+        if self.standardize:
+            self.mean_, self.scale_ = feature_stats(X, weight)
+        else:
+            self.mean_ = np.zeros(X.shape[1], np.float32)
+            self.scale_ = np.ones(X.shape[1], np.float32)
+        self._std = Standardizer(self.mean_, self.scale_, dev, self.standardize)
+        n_out = 1 if len(self.classes_) == 2 else len(self.classes_)
+        self.model_ = _network.build_network(
+            X.shape[1], tuple(self.hidden_layer_sizes), n_out, activation=self.activation,
+            dropout=self.dropout, input_dropout=self.input_dropout, batch_norm=self.batch_norm,
+            generator=self._rng).to(dev)
+        self._reset_history()
 
     @property
     def _alpha(self):
@@ -299,8 +255,3 @@ class TorchMLPClassifier(PrivateStateMixin, ClassifierMixin, BaseEstimator):
                 self.dropout > 0 and len(self.hidden_layer_sizes) > 0)):
             raise ValueError("solver='lbfgs' needs a deterministic objective: set dropout=0 "
                              "and input_dropout=0 (or use adam/sgd)")
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.non_deterministic = False
-        return tags

@@ -15,28 +15,12 @@ import torch
 
 from .._logging import log
 from .._torch import has_fast_bfloat16, make_generator, resolve_device, state_to_cpu
-from . import _network, _stochastic
-from ._standardize import Standardizer, feature_stats
+from . import _stochastic
+from ._standardize import Standardizer
 
 
 class PrivateStateMixin:
-    """Set-up, lazily built private state and CPU pickling for :class:`TorchMLPClassifier`."""
-
-    def _initialize(self, X, weight=None):
-        """Fresh statistics, network, generators and history."""
-        dev = self._start_fit()
-        if self.standardize:
-            self.mean_, self.scale_ = feature_stats(X, weight)
-        else:
-            self.mean_ = np.zeros(X.shape[1], np.float32)
-            self.scale_ = np.ones(X.shape[1], np.float32)
-        self._std = Standardizer(self.mean_, self.scale_, dev, self.standardize)
-        n_out = 1 if len(self.classes_) == 2 else len(self.classes_)
-        self.model_ = _network.build_network(
-            X.shape[1], tuple(self.hidden_layer_sizes), n_out, activation=self.activation,
-            dropout=self.dropout, input_dropout=self.input_dropout, batch_norm=self.batch_norm,
-            generator=self._rng).to(dev)
-        self._reset_history()
+    """Set-up, lazily built private state and CPU pickling of the torch classifiers."""
 
     def _start_fit(self):
         """Resolve the device and precision and seed the private generator; returns the device."""
