@@ -132,6 +132,9 @@ def main(argv=None):
                      "scattering rows were skipped.")
         print(notes[-1], flush=True)
     else:
+        from importlib.metadata import version
+
+        notes.append(f"kymatio {version('kymatio')}.")
         (Str, Ste), t_s = timed(lambda: (scatter(Xtr), scatter(Xte)))
         rows += fit_rows("kymatio Scattering2D J=2 (no log)", Str, ytr, Ste, yte, t_s, args)
         del Str, Ste
