@@ -70,6 +70,9 @@ KNOWN_FAILURES = {
         "featlearn moves empty clusters to random points by default (reassignment_ratio=0.01: "
         "farthest points park centres on outliers); the test expects scikit-learn's "
         "farthest point (reassignment_ratio=0 does that) and passes only on some unseeded draws",
+    "test_kmeans_relocated_clusters[lloyd-dense]":
+        "unseeded: whether the relocated centre matches scikit-learn's expected one depends on "
+        "featlearn's random relocation draw (it passes on most runs)",
 }
 
 #: The share of applicable tests that must pass.
