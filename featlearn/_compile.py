@@ -11,6 +11,7 @@ the full compilation is paid once per machine and a later process only re-traces
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 
@@ -21,28 +22,43 @@ COMPILE_DEVICES = frozenset({"cpu", "cuda"})
 #: Specialisations allowed per kernel before dynamo stops compiling it: every encoder
 #: configuration (grid, stride, activation, chunk shape) is one, and a grid search visits many.
 _RECOMPILE_LIMIT = 64
+#: Held for a kernel's first call (its compilation): dynamo compiles one graph at a time, and
+#: the encoder's worker threads each build a kernel of the same graph at the same moment.
+_FIRST_CALL = threading.Lock()
 
 
 class CompiledKernel:
     """Call ``fn(*args, **static)`` through ``torch.compile``, falling back to eager.
 
     ``static`` holds the Python constants the graph is specialised on (shapes, bounds, names);
-    the tensors go in ``args``. ``mode`` is passed to :func:`torch.compile`.
+    the tensors go in ``args``. ``mode`` and ``options`` are passed to :func:`torch.compile`.
     """
 
-    def __init__(self, fn, *, name: str, mode: str | None = None, **static):
+    def __init__(self, fn, *, name: str, mode: str | None = None, options: dict | None = None,
+                 **static):
         self.eager = functools.partial(fn, **static)
         self.name = name
         self.mode = mode
+        self.options = options
         self._compiled = None
+        self._warm = False
         self.failed = False
 
     def __call__(self, *args):
+        if not self._warm:
+            with _FIRST_CALL:  # later workers find the graph compiled and cached
+                result = self._call(*args)
+            self._warm = True
+            return result
+        return self._call(*args)
+
+    def _call(self, *args):
         if self.failed:
             return self.eager(*args)
         try:
             if self._compiled is None:
-                self._compiled = torch.compile(self.eager, dynamic=False, mode=self.mode)
+                extra = {"options": self.options} if self.options else {"mode": self.mode}
+                self._compiled = torch.compile(self.eager, dynamic=False, **extra)
             with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
                 return self._compiled(*args)
         except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly

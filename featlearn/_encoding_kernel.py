@@ -30,11 +30,13 @@ the CPU, so the elementwise passes run from cache; on a GPU the chunk is sized f
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
 from ._compile import CompiledKernel
-from ._torch import has_fast_bfloat16, resolve_device, to_numpy
+from ._torch import cpu_workers, has_fast_bfloat16, over_chunks, resolve_device, to_numpy
 from .activations import (ACTIVATIONS, BRACKET_ITERS, activate_and_pool, bracket_thresholds,
                           fix_thresholds, n_nearest, selection_columns, selection_rank)
 from .patches import flatten_patches
@@ -104,10 +106,13 @@ class Kernel:
 
     With ``compiled``, the activation and pooling run through one compiled graph specialised
     on the full chunk shape: a short last chunk is padded (its extra rows hold the previous
-    chunk's products and are dropped), so every image passes through the same code.
+    chunk's products and are dropped), so every image passes through the same code. The kernels
+    of one transform's worker threads share their compiled graphs (``graphs=first.graphs``):
+    one compilation, and one warning if it fails.
     """
 
-    def __init__(self, plan: Plan, device: torch.device, batch: int, compiled: bool = False):
+    def __init__(self, plan: Plan, device: torch.device, batch: int, compiled: bool = False,
+                 graphs=None):
         self.plan, self.device, self.batch = plan, device, batch
         f32 = dict(device=device, dtype=torch.float32)
         H, W, C = plan.image_shape
@@ -144,9 +149,7 @@ class Kernel:
             inverse = torch.from_numpy(np.argsort(order)).to(device)
             self.unorder = torch.cat([inverse, inverse + K])
             rank = selection_rank(K, n_nearest(plan.fraction, K), len(cols))
-            self.select = (len(cols), rank, CompiledKernel(
-                bracket_thresholds, name="nearest-fraction threshold", rank=rank,
-                iters=BRACKET_ITERS))
+            self.select = (len(cols), rank)
         self.centers_aug = aug
         self.bf16 = plan.precision == "bfloat16" or (plan.precision == "auto"
                                                       and has_fast_bfloat16(device))
@@ -172,8 +175,17 @@ class Kernel:
                            col_bounds=tuple(plan.col_bounds), activation=plan.activation,
                            alpha=plan.alpha, pool_op=plan.pool_op, fraction=plan.fraction,
                            selection=plan.selection, window=plan.window)
-        self.compiled = (CompiledKernel(activate_and_pool, name="encoding", n_images=batch,
-                                        **self.static) if compiled else None)
+        if compiled and graphs is None:
+            # On the CPU, inductor's C++ wrapper: its kernels release the GIL (the default
+            # Python wrapper holds it), so the worker threads' graphs run at the same time.
+            options = {"cpp_wrapper": True} if device.type == "cpu" else None
+            threshold = None if self.select is None else CompiledKernel(
+                bracket_thresholds, name="nearest-fraction threshold", options=options,
+                rank=self.select[1], iters=BRACKET_ITERS)
+            graphs = (CompiledKernel(activate_and_pool, name="encoding", options=options,
+                                     n_images=batch, **self.static), threshold)
+        self.graphs = graphs
+        self.compiled = graphs[0] if compiled else None
 
     def encode(self, chunk: np.ndarray) -> torch.Tensor:
         """``(b, H, W, C)`` images -> ``(b, n_cells, per_cell)`` pooled features on the device."""
@@ -213,7 +225,7 @@ class Kernel:
         """The compiled nearest-fraction path: thresholds by bisection over the selection's
         block (the few undecided rows by the order statistic), then one compare-and-pool
         graph; same numbers as the eager path."""
-        m, rank, bracket = self.select
+        (m, rank), bracket = self.select, self.graphs[1]
         S, cs = self.products[:, :m], self.col_sq[:m]
         t = fix_thresholds(*bracket(S, cs), S, cs, rank)
         pooled = self.compiled(self.products, None, self.col_sq, t)
@@ -255,18 +267,43 @@ class Kernel:
 
 
 def encode_into(plan, X, out, device, batch, progress=None, compiled=False):
-    """Encode ``X`` chunk by chunk straight into the preallocated ``out`` rows."""
+    """Encode ``X`` chunk by chunk straight into the preallocated ``out`` rows.
+
+    On a multi-core CPU the chunks go to worker threads of one intra-op thread each, every
+    worker with its own :class:`Kernel` (:func:`featlearn._torch.over_chunks`): an encoding
+    chunk is dozens of small ops, and torch's per-op OpenMP barriers make a busy machine wait
+    for a descheduled thread at every one of them; independent chunks never wait for each
+    other.
+    """
     device = resolve_device(device)
-    kernel = Kernel(plan, device, min(batch, X.shape[0]), compiled=compiled)
+    n = X.shape[0]
+    if n == 0:
+        return out
+    batch = min(batch, n)
     out_t = cells_view(torch.from_numpy(out), plan)
-    with torch.inference_mode():
-        for s in range(0, X.shape[0], kernel.batch):
-            chunk = X[s:s + kernel.batch]
-            out_t[s:s + chunk.shape[0], 0].copy_(kernel.encode(chunk))
-            if plan.flip:
-                out_t[s:s + chunk.shape[0], 1].copy_(kernel.encode(chunk[:, :, ::-1]))
+    lock = threading.Lock()
+
+    first = []  # the first worker's kernel, whose compiled graphs the others share
+
+    def make_work():
+        with lock:
+            kernel = Kernel(plan, device, batch, compiled=compiled,
+                            graphs=first[0].graphs if first else None)
+            first.append(kernel)
+
+        def work(s, e):
+            chunk = X[s:e]
+            with torch.inference_mode():  # thread-local: entered in the worker itself
+                out_t[s:e, 0].copy_(kernel.encode(chunk))
+                if plan.flip:
+                    out_t[s:e, 1].copy_(kernel.encode(chunk[:, :, ::-1]))
             if progress is not None:
-                progress.update(chunk.shape[0])
+                with lock:
+                    progress.update(e - s)
+        return work
+
+    with cpu_workers(device):
+        over_chunks(n, batch, make_work, device)
     return out
 
 

@@ -237,6 +237,51 @@ def over_rows(n: int, chunk: int, work, device: torch.device) -> None:
         f.result()
 
 
+
+def over_chunks(n: int, chunk: int, make_work, device: torch.device) -> None:
+    """Call ``work(start, stop)`` for every chunk ``[s, s + chunk)`` of ``[0, n)``, where each
+    worker of :func:`cpu_workers` builds its own ``work = make_work()`` once (its buffers) and
+    takes the next chunk from a shared counter; outside the workers, one ``work`` does them all.
+
+    Chunks are handed out as workers free up, not split in advance, so a worker that the
+    machine's other jobs slow down does fewer chunks instead of holding the pass back. An error
+    in one worker stops the others at their next chunk and is raised here.
+    """
+    workers = min(getattr(_WORKERS, "n", 1) if device.type == "cpu" else 1, -(-n // chunk))
+    if workers <= 1:
+        work = make_work()
+        for s in range(0, n, chunk):
+            work(s, min(n, s + chunk))
+        return
+    starts = iter(range(0, n, chunk))
+    lock, stop = threading.Lock(), threading.Event()
+
+    def worker():
+        try:
+            work = make_work()
+            while not stop.is_set():
+                with lock:
+                    s = next(starts, None)
+                if s is None:
+                    return
+                work(s, min(n, s + chunk))
+        except BaseException:
+            stop.set()  # the others stop at their next chunk, whoever waits on which future
+            raise
+
+    futures = [_executor(workers).submit(worker) for _ in range(workers)]
+    try:
+        for f in futures:
+            f.result()
+    finally:  # an error or an interrupt here: no worker goes on writing after we return
+        stop.set()
+        for f in futures:
+            try:
+                f.result()
+            except BaseException:  # noqa: BLE001 - the first error is already propagating
+                pass
+
+
 # -- torch datasets as streams of image batches --------------------------------------------------
 
 #: Images per batch when a ``Dataset`` (rather than a ``DataLoader``, which keeps its own batch

@@ -30,9 +30,10 @@ from .activations import ACTIVATIONS, POOL_OPS, n_nearest, window_bounds
 from .patches import RandomPatchExtractor, check_finite_float32, check_images, image_input_tags
 from .preprocessing import PatchNormalizer, ZCAWhitening
 
-#: Working-set target of one CPU chunk: a few CIFAR images at K=1600, where the GEMM measured
-#: fastest and the activation/pooling passes stay in the last-level cache.
-_CPU_CHUNK_BYTES = 12 * 2**20
+#: Working-set target of one CPU worker's chunk: a few CIFAR images at K=1600, enough rows for
+#: the GEMM to run at its rate, few enough that the activation/pooling passes read the products
+#: from the cache (benchmarks/results/contention.md compares chunk sizes).
+_CPU_CHUNK_BYTES = 24 * 2**20
 #: Upper bound on images per chunk on an accelerator (bounds index/one-hot temporaries).
 _MAX_GPU_CHUNK = 4096
 #: Sampled patches (fit) and images per call (transform) used to estimate the value scale:

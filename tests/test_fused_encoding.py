@@ -227,3 +227,21 @@ def test_auto_precision_follows_the_hardware(images, monkeypatch):
                                   enc.set_params(precision="float32").transform(images))
     np.testing.assert_array_equal(results[True],
                                   enc.set_params(precision="bfloat16").transform(images))
+
+
+@pytest.mark.parametrize("activation,compiled", [("triangle", False), ("triangle", True),
+                                                 ("nearest_fraction", True)])
+def test_worker_threads_give_the_single_thread_features(images, activation, compiled):
+    # Two worker threads with a kernel each (the CPU default with 2 torch threads) encode the
+    # same features as one thread doing every chunk, whichever worker takes which chunk.
+    enc = _fit(images, activation).set_params(batch_size=3, flip=True, compile=compiled)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = enc.transform(images)
+        torch.set_num_threads(2)
+        workers = enc.transform(images)
+        assert torch.get_num_threads() == 2  # restored after the workers
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_array_equal(workers, single)

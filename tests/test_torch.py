@@ -62,3 +62,58 @@ def test_check_device_name_does_not_need_the_device():
     assert check_device_name("mps").type == "mps"
     with pytest.raises(ValueError, match="valid devices"):
         check_device_name("gpu")
+
+
+# ---- chunks handed to worker threads ---------------------------------------------------------
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _record(made, seen):
+    def make_work():
+        made.append(1)
+        return lambda a, b: seen.append((a, b))
+    return make_work
+
+
+def test_over_chunks_visits_every_chunk_once_one_work_per_worker(two_threads):
+    from featlearn._torch import cpu_workers, over_chunks
+
+    cpu = torch.device("cpu")
+    made, seen = [], []
+    with cpu_workers(cpu):
+        over_chunks(1000, 64, _record(made, seen), cpu)
+    assert sorted(seen) == [(s, min(1000, s + 64)) for s in range(0, 1000, 64)]
+    assert len(made) == 2  # each worker builds its own state, once
+    made.clear(), seen.clear()
+    over_chunks(150, 64, _record(made, seen), cpu)  # outside cpu_workers: in order, here
+    assert seen == [(0, 64), (64, 128), (128, 150)] and len(made) == 1
+    made.clear(), seen.clear()
+    with cpu_workers(cpu):
+        over_chunks(50, 64, _record(made, seen), cpu)  # one chunk: one worker
+    assert seen == [(0, 50)] and len(made) == 1
+
+
+def test_over_chunks_error_stops_the_other_workers(two_threads):
+    from featlearn._torch import cpu_workers, over_chunks
+
+    cpu = torch.device("cpu")
+    seen = []
+
+    def make_work():
+        def work(a, b):
+            seen.append(a)
+            if a == 64:
+                raise RuntimeError("chunk 1 failed")
+        return work
+
+    with pytest.raises(RuntimeError, match="chunk 1 failed"):
+        with cpu_workers(cpu):
+            over_chunks(64 * 1000, 64, make_work, cpu)
+    assert len(seen) < 100  # the rest of the 1000 chunks were never started
+    assert torch.get_num_threads() == 2
