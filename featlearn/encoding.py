@@ -26,7 +26,9 @@ from ._logging import log, progress
 from ._torch import (chunk_size, is_torch_data, iter_image_batches, resolve_device,
                      stream_length, to_numpy)
 from ._encoding_kernel import Plan, encode_block, encode_into, out_shape
-from .activations import ACTIVATIONS, POOL_OPS, n_nearest, window_bounds
+from .activations import ACTIVATIONS, n_nearest
+from .pooling import POOL_OPS, cell_bounds, map_shape, pool_window
+from .pooling import pooling_bounds  # noqa: F401  (featlearn.encoding.pooling_bounds)
 from .patches import RandomPatchExtractor, check_finite_float32, check_images, image_input_tags
 from .preprocessing import PatchNormalizer, ZCAWhitening
 
@@ -67,19 +69,6 @@ def value_scale(values) -> float:
     """The robust value scale of pixels: the 99th percentile of ``|x|`` (float32 arithmetic)."""
     values = np.abs(np.asarray(values, dtype=np.float32)).ravel()
     return float(np.percentile(values, 99)) if values.size else 0.0
-
-
-def pooling_bounds(n: int, n_cells: int) -> list[tuple[int, int]]:
-    """Split ``n`` map positions into ``n_cells`` contiguous cells, boundaries rounded half up.
-
-    Boundary ``i`` is ``round_half_up(i * n / n_cells)``: for the demo's 27x27 map and 2 cells
-    that is ``[0, 14), [14, 27)``, and the same rule generalizes to any grid.
-    """
-    if n < n_cells:
-        raise ValueError(
-            f"the {n}-position feature map is smaller than the {n_cells}-cell pooling grid")
-    edges = [(2 * i * n + n_cells) // (2 * n_cells) for i in range(n_cells + 1)]
-    return list(zip(edges[:-1], edges[1:]))
 
 
 class PatchEncoder(TransformerMixin, BaseEstimator):
@@ -366,7 +355,7 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         X = check_images(X, patch_size=self.patch_size, allow_nan=True, channels=self.channels)
         _check_finite(X)
         n, H, W, C = X.shape
-        self._cell_bounds(self._map_shape(H, W))  # fail at fit, not at the first transform
+        self._cell_bounds(map_shape((H, W), self.patch_size, self.stride))  # fail now, not later
 
         rng = check_random_state(self.random_state)
         patch_seed = rng.randint(np.iinfo(np.int32).max)
@@ -405,7 +394,7 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
     # the fitted state, so these follow them: changing one after fit needs no refit.
     @property
     def map_shape_(self):
-        return self._map_shape(*self.image_shape_[:2])
+        return map_shape(self.image_shape_[:2], self.patch_size, self.stride)
 
     @property
     def n_features_out_(self):
@@ -528,33 +517,10 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
                 "(the first compilation on a machine takes tens of seconds; inductor caches it)")
         return use
 
-    def _grid(self):
-        return self._pair("pooling")
-
-    def _pair(self, name):
-        value = getattr(self, name)
-        if isinstance(value, numbers.Integral):
-            return (int(value), int(value))
-        value = tuple(value)
-        if len(value) != 2 or not all(isinstance(v, numbers.Integral) and v >= 1 for v in value):
-            raise ValueError(f"{name} must be a positive int or a (rows, cols) pair of positive "
-                             f"ints, got {getattr(self, name)!r}")
-        return (int(value[0]), int(value[1]))
-
-    def _cell_bounds(self, map_shape):
-        """Row and column bounds of the pooling cells: ``pool_size`` windows every
-        ``pool_stride`` when ``pool_size`` is set, else the ``pooling`` grid."""
-        window = self._window()
-        if window is None:
-            return tuple(pooling_bounds(n, c) for n, c in zip(map_shape, self._grid()))
-        return tuple(window_bounds(n, z, t) for n, z, t in zip(map_shape, window[:2], window[2:]))
-
-    def _window(self):
-        if self.pool_size is None:
-            return None
-        size = self._pair("pool_size")
-        stride = size if self.pool_stride is None else self._pair("pool_stride")
-        return size + stride
+    def _cell_bounds(self, shape):
+        """Row and column bounds of the pooling cells over a ``shape`` map: ``pool_size``
+        windows every ``pool_stride`` when ``pool_size`` is set, else the ``pooling`` grid."""
+        return cell_bounds(shape, self.pooling, pool_window(self.pool_size, self.pool_stride))
 
     def _check_neighbors(self):
         if self.activation == "nearest_fraction" and n_nearest(self.neighbor_fraction,
@@ -563,14 +529,10 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
                 f"neighbor_fraction={self.neighbor_fraction} of {self.n_clusters_} centroids "
                 "marks none of them; raise it to at least 1/K")
 
-    def _map_shape(self, H, W):
-        p, s = self.patch_size, self.stride
-        return ((H - p) // s + 1, (W - p) // s + 1)
-
     def _plan(self):
         """Everything a chunk worker needs, as numpy/picklable objects (no torch state)."""
         H, W, C = self.image_shape_
-        Ph, Pw = self._map_shape(H, W)
+        Ph, Pw = self.map_shape_
         rows, cols = self._cell_bounds((Ph, Pw))
         return Plan(
             patch_size=self.patch_size, stride=self.stride, image_shape=(H, W, C),
@@ -578,7 +540,8 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
             whitener=self.whitener_, centers=_centers(self.kmeans_),
             activation=self.activation, alpha=float(self.alpha), pool_op=self.pool_op,
             flip=bool(self.flip), fraction=float(self.neighbor_fraction),
-            selection=self.selection, layout=self.layout, window=self._window(),
+            selection=self.selection, layout=self.layout,
+            window=pool_window(self.pool_size, self.pool_stride),
             precision=self.precision)
 
     def _batch_size(self, plan, device, compiled=False):

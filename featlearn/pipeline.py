@@ -529,12 +529,14 @@ def _validate_estimators(pipe, params):
             raise ValueError(f"configuration key {key!r}: {_one_line(exc)}") from exc
     encoder = image_encoder(pipe)
     prefix = "encoder" if "encoder" in pipe.named_steps else "classifier__encoder"
-    if encoder is not None and hasattr(encoder, "_grid"):
+    if encoder is not None:
+        from featlearn.pooling import as_pair
+
         for name in ("pooling", "pool_size", "pool_stride"):
             if getattr(encoder, name, None) is None:
                 continue
             try:
-                encoder._pair(name) if name != "pooling" else encoder._grid()
+                as_pair(getattr(encoder, name), name)
             except ValueError as exc:
                 raise ValueError(f"configuration key '{prefix}__{name}': "
                                  f"{_one_line(exc)}") from exc

@@ -14,6 +14,7 @@ from featlearn._logging import logger
 from featlearn.activations import ACTIVATIONS, activate_and_pool, triangle
 from featlearn.encoding import PatchEncoder
 from featlearn.kmeans import MiniBatchKMeans
+from featlearn.pooling import as_pair
 
 from conftest import naive_whitened_patches
 
@@ -44,8 +45,9 @@ def _naive(enc, X):
     """Every patch through the fitted stages in numpy, then the activation, then pooling."""
     Ph, Pw = enc.map_shape_
     C = np.asarray(enc.kmeans_.cluster_centers_, np.float64)
-    rows = encoding.pooling_bounds(Ph, enc._grid()[0])
-    cols = encoding.pooling_bounds(Pw, enc._grid()[1])
+    grid = as_pair(enc.pooling, "pooling")
+    rows = encoding.pooling_bounds(Ph, grid[0])
+    cols = encoding.pooling_bounds(Pw, grid[1])
     out = []
     for img in X.astype(np.float64):
         Y = naive_whitened_patches(enc, img)
