@@ -1,5 +1,6 @@
 """The chunk kernel of :class:`featlearn.PatchEncoder`: a fitted encoder's numbers as a
-:class:`Plan`, and a :class:`Kernel` that encodes chunks of images with them on one device.
+:class:`Plan` (:meth:`featlearn.PatchEncoder.encoding_plan`), and a :class:`Kernel`
+(:meth:`Plan.kernel`) that encodes chunks of images with them on one device.
 
 How the work is laid out
 ------------------------
@@ -34,20 +35,32 @@ import numpy as np
 import torch
 
 from ._compile import CompiledKernel
-from ._torch import has_fast_bfloat16, resolve_device, to_numpy
+from ._torch import chunk_size, has_fast_bfloat16, resolve_device, to_numpy
 from .activations import (ACTIVATIONS, BRACKET_ITERS, activate_and_pool, bracket_thresholds,
                           fix_thresholds, n_nearest, selection_columns, selection_rank)
 from .patches import flatten_patches
 from .preprocessing import PatchNormalizer, ZCAWhitening
 
 
+#: Working-set target of one CPU chunk: a few CIFAR images at K=1600, so that the activation
+#: and pooling passes over a chunk's products read them from the last-level cache.
+_CPU_CHUNK_BYTES = 12 * 2**20
+#: Upper bound on images per chunk on an accelerator (bounds index/one-hot temporaries).
+_MAX_GPU_CHUNK = 4096
+
+
 class Plan:
-    """The fitted numbers of one encoder, ready for a chunk kernel on any device or worker."""
+    """The fitted numbers and encoding-time parameters of one encoder, as numpy and plain
+    Python objects: a plan pickles to ``n_jobs`` workers and runs on any device.
+
+    :meth:`featlearn.PatchEncoder.encoding_plan` builds it; :meth:`kernel` makes the
+    :class:`Kernel` that encodes chunks of images with it on a device.
+    """
 
     def __init__(self, *, patch_size, stride, image_shape, map_shape, row_bounds, col_bounds,
                  normalizer, whitener, centers, activation, alpha, pool_op, flip,
                  fraction=0.4, selection="exact", layout="flat", window=None,
-                 precision="float32"):
+                 precision="float32", batch_size="auto"):
         self.patch_size, self.stride = patch_size, stride
         self.image_shape, self.map_shape = image_shape, map_shape
         self.row_bounds, self.col_bounds = row_bounds, col_bounds
@@ -55,6 +68,7 @@ class Plan:
         self.fraction, self.selection, self.layout = fraction, selection, layout
         self.window = window  # (size_h, size_w, stride_h, stride_w) of pool_size windows
         self.precision = precision  # "auto" is resolved by each kernel for its device
+        self.batch_size = batch_size  # images per chunk, or "auto" (see chunk_images)
         self.centers = centers
         self.flip = flip
         self.d = patch_size * patch_size * image_shape[2]
@@ -97,6 +111,27 @@ class Plan:
         n_big = 1 if compiled else ACTIVATIONS[self.activation].width
         floats = L * (n_big * self.K + 2 * self.d + 2 * (self.d_out + 2)) + np.prod(self.image_shape)
         return int(floats * 4)
+
+    def chunk_images(self, device, compiled=False) -> int:
+        """Images per chunk on ``device``: the encoder's ``batch_size``, or for "auto" a CPU
+        chunk near the cache and an accelerator chunk sized from its free memory."""
+        if self.batch_size != "auto":
+            return int(self.batch_size)
+        device = resolve_device(device)
+        per_image = self.bytes_per_image(compiled)
+        if device.type == "cpu":
+            return chunk_size(per_image, device, budget=_CPU_CHUNK_BYTES)
+        return chunk_size(per_image, device, maximum=_MAX_GPU_CHUNK)
+
+    def kernel(self, device, n_images=None, *, batch=None, compiled=False) -> "Kernel":
+        """A :class:`Kernel` on ``device`` for chunks of ``batch`` images (default
+        :meth:`chunk_images`), no more than ``n_images`` when given: its buffers are allocated
+        once, and ``kernel.encode(chunk)`` returns the chunk's pooled features there."""
+        device = resolve_device(device)
+        batch = self.chunk_images(device, compiled) if batch is None else int(batch)
+        if n_images is not None:
+            batch = min(batch, max(1, int(n_images)))
+        return Kernel(self, device, batch, compiled=compiled)
 
 
 class Kernel:
@@ -256,8 +291,7 @@ class Kernel:
 
 def encode_into(plan, X, out, device, batch, progress=None, compiled=False):
     """Encode ``X`` chunk by chunk straight into the preallocated ``out`` rows."""
-    device = resolve_device(device)
-    kernel = Kernel(plan, device, min(batch, X.shape[0]), compiled=compiled)
+    kernel = plan.kernel(device, X.shape[0], batch=batch, compiled=compiled)
     out_t = cells_view(torch.from_numpy(out), plan)
     with torch.inference_mode():
         for s in range(0, X.shape[0], kernel.batch):

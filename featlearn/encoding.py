@@ -23,8 +23,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._compile import COMPILE_DEVICES
 from ._logging import log, progress
-from ._torch import (chunk_size, is_torch_data, iter_image_batches, resolve_device,
-                     stream_length, to_numpy)
+from ._torch import is_torch_data, iter_image_batches, resolve_device, stream_length, to_numpy
 from ._encoding_kernel import Plan, encode_block, encode_into, out_shape
 from .activations import ACTIVATIONS, n_nearest
 from .pooling import POOL_OPS, cell_bounds, map_shape, pool_window
@@ -32,11 +31,6 @@ from .pooling import pooling_bounds  # noqa: F401  (featlearn.encoding.pooling_b
 from .patches import RandomPatchExtractor, check_finite_float32, check_images, image_input_tags
 from .preprocessing import PatchNormalizer, ZCAWhitening
 
-#: Working-set target of one CPU chunk: a few CIFAR images at K=1600, where the GEMM measured
-#: fastest and the activation/pooling passes stay in the last-level cache.
-_CPU_CHUNK_BYTES = 12 * 2**20
-#: Upper bound on images per chunk on an accelerator (bounds index/one-hot temporaries).
-_MAX_GPU_CHUNK = 4096
 #: Sampled patches (fit) and images per call (transform) used to estimate the value scale:
 #: enough for a stable percentile, never a pass over the whole input.
 _SCALE_SAMPLE_PATCHES = 4096
@@ -420,11 +414,11 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         if is_torch_data(X):
             return _as_output(self, _transform_stream(self, X))
         X = self._check_transform_input(X)
-        plan = self._plan()
+        plan = self.encoding_plan()
         device = resolve_device(self.device)
         n = X.shape[0]
         compiled = self.n_jobs is None and self._use_compile(plan, device, n)
-        batch = self._batch_size(plan, device, compiled)
+        batch = plan.chunk_images(device, compiled)
         out = np.empty(out_shape(plan, n), dtype=self.dtype)
         with progress(n, desc="encode", verbose=self.verbose) as bar:
             if self.n_jobs is None:
@@ -529,8 +523,17 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
                 f"neighbor_fraction={self.neighbor_fraction} of {self.n_clusters_} centroids "
                 "marks none of them; raise it to at least 1/K")
 
-    def _plan(self):
-        """Everything a chunk worker needs, as numpy/picklable objects (no torch state)."""
+    def encoding_plan(self):
+        """The fitted encoder as a :class:`featlearn._encoding_kernel.Plan`: every number a
+        chunk of images needs (fitted stages, centroids, pooling cells, precision),
+        numpy-only and picklable, for the current encoding-time parameters.
+
+        ``plan.kernel(device)`` encodes chunks on a device (``kernel.encode(images)`` ->
+        ``(b, n_cells, per_cell)`` tensor); ``plan.chunk_images(device)`` is the chunk size
+        ``transform`` uses there. What :class:`featlearn.StreamingConvClassifier` encodes its
+        mini-batches with.
+        """
+        check_is_fitted(self)
         H, W, C = self.image_shape_
         Ph, Pw = self.map_shape_
         rows, cols = self._cell_bounds((Ph, Pw))
@@ -542,15 +545,8 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
             flip=bool(self.flip), fraction=float(self.neighbor_fraction),
             selection=self.selection, layout=self.layout,
             window=pool_window(self.pool_size, self.pool_stride),
-            precision=self.precision)
-
-    def _batch_size(self, plan, device, compiled=False):
-        if self.batch_size != "auto":
-            return int(self.batch_size)
-        per_image = plan.bytes_per_image(compiled)
-        if device.type == "cpu":
-            return chunk_size(per_image, device, budget=_CPU_CHUNK_BYTES)
-        return chunk_size(per_image, device, maximum=_MAX_GPU_CHUNK)
+            precision=self.precision,
+            batch_size=self.batch_size)
 
     def __sklearn_tags__(self):
         return image_input_tags(super().__sklearn_tags__(), self.random_state)
@@ -604,7 +600,7 @@ def _transform_stream(encoder, data) -> np.ndarray:
     """
     n = stream_length(data)
     worker = copy.copy(encoder).set_params(verbose=0, output="numpy")
-    row_shape = out_shape(encoder._plan(), 0)[1:]  # flat rows or (channels, h, w) maps
+    row_shape = out_shape(encoder.encoding_plan(), 0)[1:]  # flat rows or (channels, h, w) maps
     out = np.empty((n, *row_shape), dtype=encoder.dtype) if n is not None else None
     parts, done = [], 0
     with progress(n, desc="encode", verbose=encoder.verbose) as bar:

@@ -167,7 +167,7 @@ def test_compiled_kernel_reports_and_keeps_eager_after_failure(monkeypatch, warn
 
 def test_auto_compiles_only_large_transforms(images, monkeypatch):
     enc = _fit(images, "triangle")
-    plan = enc._plan()
+    plan = enc.encoding_plan()
     cpu = torch.device("cpu")
     per_image = enc.map_shape_[0] * enc.map_shape_[1] * plan.per_cell
     monkeypatch.setattr(encoding, "_COMPILE_MIN_ENTRIES", 100 * per_image)
@@ -175,7 +175,7 @@ def test_auto_compiles_only_large_transforms(images, monkeypatch):
     assert enc._use_compile(plan, cpu, 100)
     assert not enc._use_compile(plan, torch.device("mps"), 10**6)  # experimental backend
     enc.set_params(flip=True)
-    assert enc._use_compile(enc._plan(), cpu, 50)  # both views count
+    assert enc._use_compile(enc.encoding_plan(), cpu, 50)  # both views count
     assert not enc.set_params(compile=False)._use_compile(plan, cpu, 10**6)
     assert enc.set_params(compile=True)._use_compile(plan, cpu, 1)
 

@@ -35,11 +35,8 @@ class ImageStream(MapSource):
 
     def __init__(self, images, encoder, device, *, n_views=1, crop_padding=0,
                  random_flip=False, generator=None):
-        from .._encoding_kernel import Kernel  # the classifier package sits downstream of encoding
-
-        plan = encoder._plan()
-        batch = min(encoder._batch_size(plan, device), max(1, len(images)))
-        self.kernel = Kernel(plan, device, batch)
+        plan = encoder.encoding_plan()
+        self.kernel = plan.kernel(device, len(images))
         self.X, self.n_views = images, n_views
         self.shape = (plan.per_cell,) + tuple(plan.pooled_shape)
         self.layout = "stream"
