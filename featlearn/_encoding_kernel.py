@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ._compile import CompiledKernel
-from ._torch import chunk_size, has_fast_bfloat16, resolve_device, to_numpy
+from ._torch import chunk_size, resolve_device, to_numpy
 from .activations import (ACTIVATIONS, BRACKET_ITERS, activate_and_pool, bracket_thresholds,
                           fix_thresholds, n_nearest, selection_columns, selection_rank)
 from .patches import flatten_patches
@@ -54,20 +54,24 @@ class Plan:
     Python objects: a plan pickles to ``n_jobs`` workers and runs on any device.
 
     :meth:`featlearn.PatchEncoder.encoding_plan` builds it; :meth:`kernel` makes the
-    :class:`Kernel` that encodes chunks of images with it on a device.
+    :class:`Kernel` that encodes chunks of images with it on a device. ``precision`` is
+    resolved ("float32" or "bfloat16", never "auto"), so every worker computes the same numbers.
     """
 
     def __init__(self, *, patch_size, stride, image_shape, map_shape, row_bounds, col_bounds,
                  normalizer, whitener, centers, activation, alpha, pool_op, flip,
                  fraction=0.4, selection="exact", layout="flat", window=None,
                  precision="float32", batch_size="auto"):
+        if precision not in ("float32", "bfloat16"):
+            raise ValueError(f"a Plan's precision is 'float32' or 'bfloat16' (resolved), got "
+                             f"{precision!r}")
         self.patch_size, self.stride = patch_size, stride
         self.image_shape, self.map_shape = image_shape, map_shape
         self.row_bounds, self.col_bounds = row_bounds, col_bounds
         self.activation, self.alpha, self.pool_op = activation, alpha, pool_op
         self.fraction, self.selection, self.layout = fraction, selection, layout
         self.window = window  # (size_h, size_w, stride_h, stride_w) of pool_size windows
-        self.precision = precision  # "auto" is resolved by each kernel for its device
+        self.precision = precision
         self.batch_size = batch_size  # images per chunk, or "auto" (see chunk_images)
         self.centers = centers
         self.flip = flip
@@ -183,8 +187,7 @@ class Kernel:
                 bracket_thresholds, name="nearest-fraction threshold", rank=rank,
                 iters=BRACKET_ITERS))
         self.centers_aug = aug
-        self.bf16 = plan.precision == "bfloat16" or (plan.precision == "auto"
-                                                      and has_fast_bfloat16(device))
+        self.bf16 = plan.precision == "bfloat16"
         # The GEMM's operands and products: float32, or bfloat16 that the activation reads
         # back as float32 (the compiled graph converts as it reads; the eager path copies into
         # a float32 scratch buffer, ``dist``, which its in-place activation may overwrite).

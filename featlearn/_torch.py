@@ -348,3 +348,11 @@ def has_fast_bfloat16(device: torch.device) -> bool:
         return False
     caps = torch.cpu.get_capabilities()
     return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
+def resolve_precision(precision: str, device) -> str:
+    """``precision`` with ``"auto"`` resolved for ``device`` (a name or a device, resolved only
+    then): bfloat16 where its products are native (:func:`has_fast_bfloat16`), else float32."""
+    if precision != "auto":
+        return precision
+    return "bfloat16" if has_fast_bfloat16(resolve_device(device)) else "float32"

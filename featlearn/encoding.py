@@ -23,7 +23,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._compile import COMPILE_DEVICES
 from ._logging import log, progress
-from ._torch import is_torch_data, iter_image_batches, resolve_device, stream_length, to_numpy
+from ._torch import (is_torch_data, iter_image_batches, resolve_device, resolve_precision,
+                     stream_length, to_numpy)
 from ._encoding_kernel import Plan, encode_block, encode_into, out_shape
 from .activations import ACTIVATIONS, n_nearest
 from .pooling import POOL_OPS, cell_bounds, map_shape, pool_window
@@ -193,9 +194,10 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         The distance GEMM's precision. ``"bfloat16"`` rounds the whitened patches, the
         centroids and the products to bfloat16 (8 significant bits; the activation and
         pooling stay float32), which CUDA GPUs and CPUs with AMX or AVX512-BF16 multiply
-        several times faster; elsewhere torch emulates it, slower than float32. ``"auto"``
-        is bfloat16 where it is native. Pooled features differ from float32 by about 0.3%
-        (relative L2); benchmarks/results/encode.md measures the accuracy it costs.
+        natively, faster than float32; elsewhere torch emulates it, slower. ``"auto"`` is
+        bfloat16 where it is native, resolved once by :meth:`fit` (``precision_``).
+        benchmarks/results/encode.md measures how far the features move and what accuracy
+        that costs.
     dtype : {"float32", "float16"}, default="float32"
         The output's dtype (the kernel computes in float32 and rounds once when it stores a
         chunk). ``"float16"`` halves the features' memory: sum-pooled counts of the binary
@@ -239,6 +241,12 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         see Notes.
     n_features_in_ : int
         ``H * W * C``.
+    precision_ : {"float32", "bfloat16"}
+        ``precision`` with "auto" resolved in :meth:`fit` for the encoder's ``device`` then,
+        so that every chunk, every ``n_jobs`` worker and every later transform computes the
+        same numbers. ``transform`` runs in ``precision`` when that is "float32" or
+        "bfloat16" (set before or after fit), else in ``precision_``: refit to resolve "auto"
+        for another device.
     map_shape_ : tuple (rows, cols)
         Patch positions per image at ``stride``.
     pooled_shape_ : tuple (h, w)
@@ -381,6 +389,7 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         self.input_scale_ = input_scale
         self.n_features_in_ = H * W * C
         self.n_clusters_ = int(centers.shape[0])
+        self.precision_ = resolve_precision(self.precision, self.device)
         self._check_neighbors()
         return self
 
@@ -525,7 +534,7 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
 
     def encoding_plan(self):
         """The fitted encoder as a :class:`featlearn._encoding_kernel.Plan`: every number a
-        chunk of images needs (fitted stages, centroids, pooling cells, precision),
+        chunk of images needs (fitted stages, centroids, pooling cells, resolved precision),
         numpy-only and picklable, for the current encoding-time parameters.
 
         ``plan.kernel(device)`` encodes chunks on a device (``kernel.encode(images)`` ->
@@ -545,7 +554,7 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
             flip=bool(self.flip), fraction=float(self.neighbor_fraction),
             selection=self.selection, layout=self.layout,
             window=pool_window(self.pool_size, self.pool_stride),
-            precision=self.precision,
+            precision=self.precision_ if self.precision == "auto" else self.precision,
             batch_size=self.batch_size)
 
     def __sklearn_tags__(self):
