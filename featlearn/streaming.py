@@ -1,5 +1,11 @@
-"""The convolutional head trained on images, each mini-batch encoded on the fly with random crop
-+ flip: no feature matrix is ever materialized (the way Thiry et al. train, and the GPU path)."""
+"""Images in, classes out: a meta-estimator over a :class:`featlearn.PatchEncoder` and a
+:class:`featlearn.TorchConvClassifier` head, each mini-batch encoded on the fly with random crop
++ flip, so no feature matrix is ever materialized (the way Thiry et al. train, and the GPU path).
+
+It sits above both stages (datasets -> patches -> preprocessing -> kmeans -> encoding ->
+classifier -> streaming, pipeline): :class:`ImageStream` feeds the head's training loop with
+maps from the encoder's public :meth:`~featlearn.PatchEncoder.encoding_plan`.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +19,14 @@ from sklearn.utils._param_validation import HasMethods, Interval
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 
-from .._logging import log
-from .._torch import make_generator, resolve_device
-from ..patches import check_images, image_input_tags
-from ._conv import MapSource, scores
-from ._conv_estimator import TorchConvClassifier
-from ._data import class_codes
-from ._losses import predict_index, probabilities
+from ._logging import log
+from ._torch import make_generator, resolve_device
+from .classifier import TorchConvClassifier
+from .classifier._conv import MapSource, scores
+from .classifier._data import class_codes
+from .classifier._losses import predict_index, probabilities
+from .encoding import PatchEncoder
+from .patches import check_images, image_input_tags
 
 
 class ImageStream(MapSource):
@@ -192,8 +199,6 @@ class StreamingConvClassifier(ClassifierMixin, BaseEstimator):
         return self
 
     def _components(self):
-        from ..encoding import PatchEncoder
-
         encoder = (PatchEncoder(pool_size=5, pool_stride=3, pool_op="mean")
                    if self.encoder is None else clone(self.encoder))
         if not isinstance(encoder, PatchEncoder):
