@@ -341,15 +341,6 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         self.precision = precision
         self.dtype = dtype
 
-    def __setstate__(self, state):
-        # Models saved before these parameters existed get their defaults (the behaviour they
-        # were fitted with): channels-last in, numpy out, eager-or-auto, grid pooling, flat.
-        defaults = {"channels": "last", "output": "numpy", "compile": "auto",
-                    "neighbor_fraction": 0.4, "selection": "sampled", "pool_size": None,
-                    "pool_stride": None, "layout": "flat", "precision": "float32",
-                    "dtype": "float32"}
-        super().__setstate__({**defaults, **state})
-
     # ------------------------------------------------------------------ fit
     def fit(self, X, y=None):
         """Sample patches from ``X`` and fit normalizer, whitener and k-means on them."""
@@ -486,9 +477,9 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
     # -------------------------------------------------------------- helpers
     def _check_scale(self, X):
         """Warn (ScaleWarning) when ``X``'s value scale is not the fitted one (see Notes)."""
-        fitted = getattr(self, "input_scale_", None)  # absent from models saved before it
-        if not fitted:
-            return
+        fitted = self.input_scale_
+        if fitted == 0.0:
+            return  # fitted on black images: no scale to compare with
         idx = np.unique(np.linspace(0, X.shape[0] - 1, _SCALE_SAMPLE_IMAGES).astype(np.intp))
         scale = value_scale(X[idx])
         if scale == 0.0 or 1 / _SCALE_TOLERANCE <= scale / fitted <= _SCALE_TOLERANCE:
