@@ -23,10 +23,11 @@ Why not fold normalization and whitening into the centroids (filters ``F = W c``
 corrections from box filters): it saves no products (``||y||^2`` still needs the ``d x d'``
 whitening products, and ``y . c`` then costs what ``x . F`` would), it has worse float32
 conditioning (``x.F - m * sum(F)`` cancels on raw pixels), and it needs a rescaling pass over the
-``K`` columns. Why a GEMM and not ``conv2d``: on the CPUs measured, ``torch.mm`` on
-``(L*B, d) x (d, K)`` outran ``conv2d`` with the ``K`` filters (benchmarks/results/encode.md),
-and a convolution's output would still need the per-row corrections. Chunks are a few images on
-the CPU, so the elementwise passes run from cache; on a GPU the chunk is sized from free memory.
+``K`` columns. Why a GEMM and not ``conv2d``: a convolution with the ``K`` filters computes
+the same ``(L*B, d) x (d, K)`` products, in the layout its backend prefers rather than the one
+the activation reads, and its output would still need the per-row corrections
+(benchmarks/results/encode.md compares the two). Chunks are a few images on the CPU, so the
+elementwise passes run from cache; on a GPU the chunk is sized from free memory.
 """
 
 from __future__ import annotations

@@ -508,7 +508,7 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
             use = bool(self.compile)
         if use:
             log(self.verbose, "encoding through the compiled activation + pooling kernel "
-                "(the first compilation on a machine takes tens of seconds; inductor caches it)")
+                "(the first compilation on a machine is slow; inductor caches it)")
         return use
 
     def _cell_bounds(self, shape):
