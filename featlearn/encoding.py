@@ -4,15 +4,16 @@
 applies them to *every* patch of every image, chunk by chunk, so that no patch matrix larger than
 one cache-sized chunk ever exists.
 
-The chunk kernel (:mod:`featlearn._encoding_kernel`) does the work; its docstring says how it is
-laid out and why.
+The chunk kernel (:mod:`featlearn._encoding_kernel`) does the work, from the numbers
+:meth:`PatchEncoder.encoding_plan` gathers; its docstring says how it is laid out and why. Where
+the pooling cells lie is :mod:`featlearn.pooling`'s arithmetic, and the check that images come
+at the scale they were fitted at is :mod:`featlearn._scale`'s.
 """
 
 from __future__ import annotations
 
 import copy
 import numbers
-import warnings
 
 import numpy as np
 import torch
@@ -26,19 +27,14 @@ from ._logging import log, progress
 from ._torch import (is_torch_data, iter_image_batches, resolve_device, resolve_precision,
                      stream_length, to_numpy)
 from ._encoding_kernel import Plan, encode_block, encode_into, out_shape
+from ._scale import check_scale, patch_scale
+from ._scale import ScaleWarning, value_scale  # noqa: F401  (featlearn.encoding's public names)
 from .activations import ACTIVATIONS, n_nearest
 from .pooling import POOL_OPS, cell_bounds, map_shape, pool_window
 from .pooling import pooling_bounds  # noqa: F401  (featlearn.encoding.pooling_bounds)
 from .patches import RandomPatchExtractor, check_finite_float32, check_images, image_input_tags
 from .preprocessing import PatchNormalizer, ZCAWhitening
 
-#: Sampled patches (fit) and images per call (transform) used to estimate the value scale:
-#: enough for a stable percentile, never a pass over the whole input.
-_SCALE_SAMPLE_PATCHES = 4096
-_SCALE_SAMPLE_IMAGES = 64
-#: A transform input whose scale differs from the fitted one by more than this factor, either
-#: way, gets a ScaleWarning.
-_SCALE_TOLERANCE = 10.0
 #: Images per joblib task when ``n_jobs`` is set (rounded to whole chunks): big enough to
 #: amortize shipping the plan, small enough to balance and to report progress.
 _TASK_IMAGES = 512
@@ -48,22 +44,6 @@ _RANGE_CHECK_BYTES = 16 * 2**20
 #: least this many activation entries (images x views x positions x features per position):
 #: about 8,600 32x32 images at K=1600, enough that a first (cold-cache) compilation repays itself.
 _COMPILE_MIN_ENTRIES = 10**10
-
-
-class ScaleWarning(UserWarning):
-    """Data passed to ``transform`` has a different value scale from the data used to fit.
-
-    The fitted stages are not scale-invariant (contrast normalization's ``eps`` is in pixel
-    units, the centroids live where the fitted patches were), so 0..1 floats encoded by a model
-    fitted on 0..255 pixels, or the reverse, give quietly meaningless features. The message
-    names both scales and the fix.
-    """
-
-
-def value_scale(values) -> float:
-    """The robust value scale of pixels: the 99th percentile of ``|x|`` (float32 arithmetic)."""
-    values = np.abs(np.asarray(values, dtype=np.float32)).ravel()
-    return float(np.percentile(values, 99)) if values.size else 0.0
 
 
 class PatchEncoder(TransformerMixin, BaseEstimator):
@@ -355,7 +335,7 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         kmeans_seed = rng.randint(np.iinfo(np.int32).max)
         patches = RandomPatchExtractor(self.patch_size, self.n_patches,
                                        random_state=patch_seed).fit_transform(X)
-        input_scale = value_scale(patches[:_SCALE_SAMPLE_PATCHES])
+        input_scale = patch_scale(patches)
 
         self.normalizer_ = _fit_stage(self.normalizer, PatchNormalizer, patches)
         if self.normalizer_ != "passthrough":
@@ -424,7 +404,7 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
             if self.n_jobs is None:
                 encode_into(plan, X, out, device, batch, bar, compiled=compiled)
             else:
-                self._transform_parallel(plan, X, out, batch, bar)
+                _encode_parallel(plan, X, out, self.device, batch, self.n_jobs, bar)
         if out.dtype == np.float16:
             _check_float16_range(out)
         return _as_output(self, out)
@@ -438,20 +418,9 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
                 f"images have size {X.shape[1]}x{X.shape[2]} with {X.shape[3]} channel(s); the "
                 f"encoder was fitted on {H}x{W} images with {C} channel(s)")
         _check_finite(X)
-        self._check_scale(X)
+        check_scale(X, self.input_scale_)
         self._check_neighbors()
         return X
-
-    def _transform_parallel(self, plan, X, out, batch, progress):
-        from joblib import Parallel, delayed
-
-        task = max(batch, (_TASK_IMAGES // batch) * batch)
-        starts = range(0, X.shape[0], task)
-        jobs = (delayed(encode_block)(plan, X[s:s + task], self.device, batch) for s in starts)
-        parallel = Parallel(n_jobs=self.n_jobs, return_as="generator")
-        for s, block in zip(starts, parallel(jobs)):
-            out[s:s + block.shape[0]] = block
-            progress.update(block.shape[0])
 
     def get_feature_names_out(self, input_features=None):
         """``patchencoder_c{cell}_k{k}`` (width-2 activations: ``..._k{k}_pos`` then
@@ -459,45 +428,10 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         in the order of ``transform(X).reshape(len(X), -1)``'s columns: cell-major for
         ``layout="flat"``, channel-major (``c{cell}`` varying fastest) for ``"map"``."""
         check_is_fitted(self)
-        n_cells = int(np.prod(self.pooled_shape_))
-        K = self.n_clusters_
-        if ACTIVATIONS[self.activation].width == 2:
-            per_cell = [f"k{k}_pos" for k in range(K)] + [f"k{k}_neg" for k in range(K)]
-        else:
-            per_cell = [f"k{k}" for k in range(K)]
-        views = ["patchencoder_", "patchencoder_flip_"] if self.flip else ["patchencoder_"]
-        if self.layout == "map":
-            names = [f"{view}c{c}_{name}" for view in views for name in per_cell
-                     for c in range(n_cells)]
-        else:
-            names = [f"{view}c{c}_{name}" for view in views for c in range(n_cells)
-                     for name in per_cell]
-        return np.asarray(names, dtype=object)
+        return _feature_names(ACTIVATIONS[self.activation].width, self.n_clusters_,
+                              int(np.prod(self.pooled_shape_)), self.flip, self.layout)
 
     # -------------------------------------------------------------- helpers
-    def _check_scale(self, X):
-        """Warn (ScaleWarning) when ``X``'s value scale is not the fitted one (see Notes)."""
-        fitted = self.input_scale_
-        if fitted == 0.0:
-            return  # fitted on black images: no scale to compare with
-        idx = np.unique(np.linspace(0, X.shape[0] - 1, _SCALE_SAMPLE_IMAGES).astype(np.intp))
-        scale = value_scale(X[idx])
-        if scale == 0.0 or 1 / _SCALE_TOLERANCE <= scale / fitted <= _SCALE_TOLERANCE:
-            return  # all-black images carry no scale information
-        ratio = fitted / scale
-        if 100 <= ratio <= 650:
-            fix = ("if they are 0..1 floats and the encoder was fitted on 0..255 pixels, "
-                   "multiply them by 255")
-        elif 1 / 650 <= ratio <= 1 / 100:
-            fix = ("if they are 0..255 pixels and the encoder was fitted on 0..1 floats, "
-                   "divide them by 255")
-        else:
-            fix = f"multiply them by about {ratio:.3g}"
-        warnings.warn(
-            f"images passed to transform have a value scale of {scale:.3g} (99th percentile of "
-            f"|x|) but the encoder was fitted on images of scale {fitted:.3g}; {fix}, or refit "
-            "the encoder on data of this scale", ScaleWarning, stacklevel=5)
-
     def _use_compile(self, plan, device, n_images):
         """Whether this transform runs the compiled activation + pooling (see ``compile``)."""
         if self.compile == "auto":
@@ -565,6 +499,36 @@ def _centers(kmeans):
     if isinstance(centers, torch.Tensor):
         centers = to_numpy(centers)
     return np.asarray(centers, dtype=np.float32)
+
+
+def _encode_parallel(plan, X, out, device, batch, n_jobs, progress):
+    """``n_jobs``: blocks of ``_TASK_IMAGES`` (whole chunks) encoded by ``joblib.Parallel``
+    tasks, each block's rows copied into ``out`` as it arrives."""
+    from joblib import Parallel, delayed
+
+    task = max(batch, (_TASK_IMAGES // batch) * batch)
+    starts = range(0, X.shape[0], task)
+    jobs = (delayed(encode_block)(plan, X[s:s + task], device, batch) for s in starts)
+    parallel = Parallel(n_jobs=n_jobs, return_as="generator")
+    for s, block in zip(starts, parallel(jobs)):
+        out[s:s + block.shape[0]] = block
+        progress.update(block.shape[0])
+
+
+def _feature_names(width, K, n_cells, flip, layout):
+    """The names of :meth:`PatchEncoder.get_feature_names_out`, in the output's column order."""
+    if width == 2:
+        per_cell = [f"k{k}_pos" for k in range(K)] + [f"k{k}_neg" for k in range(K)]
+    else:
+        per_cell = [f"k{k}" for k in range(K)]
+    views = ["patchencoder_", "patchencoder_flip_"] if flip else ["patchencoder_"]
+    if layout == "map":
+        names = [f"{view}c{c}_{name}" for view in views for name in per_cell
+                 for c in range(n_cells)]
+    else:
+        names = [f"{view}c{c}_{name}" for view in views for c in range(n_cells)
+                 for name in per_cell]
+    return np.asarray(names, dtype=object)
 
 
 def _check_float16_range(out):
