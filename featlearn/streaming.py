@@ -132,13 +132,13 @@ class StreamingConvClassifier(ClassifierMixin, BaseEstimator):
     Examples
     --------
     >>> import numpy as np
-    >>> from featlearn import PatchEncoder, StreamingConvClassifier, TorchConvClassifier
+    >>> from featlearn import KMeans, PatchEncoder, StreamingConvClassifier, TorchConvClassifier
     >>> rng = np.random.default_rng(0)
     >>> y = np.arange(64) % 2
     >>> X = rng.integers(0, 100, (64, 12, 12, 3)).astype(np.uint8)
     >>> X[y == 1, :, :, 0] += 120  # class 1 is redder
-    >>> enc = PatchEncoder(patch_size=4, n_patches=2000, kmeans=16, pooling=2,
-    ...                    device="cpu", random_state=0)
+    >>> enc = PatchEncoder(patch_size=4, n_patches=2000, kmeans=KMeans(16, random_state=0),
+    ...                    pooling=2, device="cpu", random_state=0)
     >>> head = TorchConvClassifier(width=8, max_iter=10, learning_rate_init=0.05,
     ...                            device="cpu", random_state=0)
     >>> clf = StreamingConvClassifier(enc, head, crop_padding=1, random_state=0).fit(X, y)
