@@ -70,12 +70,8 @@ def previous_design(enc, X, compiled):
     """The encoder's chunks through one kernel whose every op torch parallelises itself."""
     import torch
 
-    from featlearn._encoding_kernel import Kernel
-
-    device = torch.device("cpu")
-    plan = enc._plan()
-    batch = min(enc._batch_size(plan, device, compiled), len(X))
-    kernel = Kernel(plan, device, batch, compiled=compiled)
+    kernel = enc.encoding_plan().kernel("cpu", len(X), compiled=compiled)
+    batch = kernel.batch
     with torch.inference_mode():
         for s in range(0, len(X), batch):
             kernel.encode(X[s:s + batch])
@@ -138,7 +134,7 @@ def main(argv=None):
     sizes = []
     for activation, compiled in configs:
         enc.set_params(activation=activation, compile=compiled)
-        auto = enc._batch_size(enc._plan(), torch.device("cpu"), compiled)
+        auto = enc.encoding_plan().chunk_images("cpu", compiled)
         for batch in ["auto"] + list(args.batch_sizes):
             enc.set_params(batch_size=batch)
             enc.transform(X[:20])

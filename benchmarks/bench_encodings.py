@@ -48,7 +48,6 @@ def main(argv=None):
     from featlearn.activations import (BRACKET_ITERS, SELECTION_SAMPLE, activate_and_pool,
                                        bracket_thresholds, fix_thresholds, n_nearest,
                                        selection_columns, selection_rank)
-    from featlearn._encoding_kernel import Kernel
     from featlearn._compile import CompiledKernel
 
     if args.quick:
@@ -61,10 +60,10 @@ def main(argv=None):
                        activation="nearest_fraction", neighbor_fraction=args.fraction,
                        pool_size=5, pool_stride=3, pool_op="mean", device="cpu",
                        random_state=0).fit(X)
-    plan = enc._plan()
+    plan = enc.encoding_plan()
     cpu = torch.device("cpu")
     B = args.chunk_images
-    kernel = Kernel(plan, cpu, B)
+    kernel = plan.kernel(cpu, batch=B)
     static = dict(kernel.static, n_images=B)
 
     def products(chunk):

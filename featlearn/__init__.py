@@ -16,8 +16,9 @@ module                     public names                     stage
 ``featlearn.encoding``     ``PatchEncoder``,                dense encoding and pooling
                            ``ScaleWarning``
 ``featlearn.classifier``   ``TorchMLPClassifier``,          MLP / L2-SVM, convolutional head
-                           ``TorchConvClassifier``,         on spatial maps, the head trained
-                           ``StreamingConvClassifier``      on images encoded per batch (torch)
+                           ``TorchConvClassifier``          on spatial maps (torch)
+``featlearn.streaming``    ``StreamingConvClassifier``      encoder + conv head trained on
+                                                            images encoded per batch
 ``featlearn.pipeline``     ``make_coates_pipeline``         composition
 ``featlearn.extraction``   ``extract_features``             cached, resumable extraction
 ``featlearn.persistence``  ``save_model``, ``load_model``   fitted models on disk
@@ -45,7 +46,7 @@ _LAZY = {
     "ScaleWarning": "encoding",
     "TorchMLPClassifier": "classifier",
     "TorchConvClassifier": "classifier",
-    "StreamingConvClassifier": "classifier",
+    "StreamingConvClassifier": "streaming",
     "make_coates_pipeline": "pipeline",
     "extract_features": "extraction",
     "save_model": "persistence",

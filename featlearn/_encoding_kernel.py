@@ -1,5 +1,6 @@
 """The chunk kernel of :class:`featlearn.PatchEncoder`: a fitted encoder's numbers as a
-:class:`Plan`, and a :class:`Kernel` that encodes chunks of images with them on one device.
+:class:`Plan` (:meth:`featlearn.PatchEncoder.encoding_plan`), and a :class:`Kernel`
+(:meth:`Plan.kernel`) that encodes chunks of images with them on one device.
 
 How the work is laid out
 ------------------------
@@ -22,10 +23,11 @@ Why not fold normalization and whitening into the centroids (filters ``F = W c``
 corrections from box filters): it saves no products (``||y||^2`` still needs the ``d x d'``
 whitening products, and ``y . c`` then costs what ``x . F`` would), it has worse float32
 conditioning (``x.F - m * sum(F)`` cancels on raw pixels), and it needs a rescaling pass over the
-``K`` columns. Why a GEMM and not ``conv2d``: on the CPUs measured, ``torch.mm`` on
-``(L*B, d) x (d, K)`` outran ``conv2d`` with the ``K`` filters (benchmarks/results/encode.md),
-and a convolution's output would still need the per-row corrections. Chunks are a few images on
-the CPU, so the elementwise passes run from cache; on a GPU the chunk is sized from free memory.
+``K`` columns. Why a GEMM and not ``conv2d``: a convolution with the ``K`` filters computes
+the same ``(L*B, d) x (d, K)`` products, in the layout its backend prefers rather than the one
+the activation reads, and its output would still need the per-row corrections
+(benchmarks/results/encode.md compares the two). Chunks are a few images on the CPU, so the
+elementwise passes run from cache; on a GPU the chunk is sized from free memory.
 """
 
 from __future__ import annotations
@@ -36,27 +38,45 @@ import numpy as np
 import torch
 
 from ._compile import CompiledKernel
-from ._torch import cpu_workers, has_fast_bfloat16, over_chunks, resolve_device, to_numpy
+from ._torch import chunk_size, cpu_workers, over_chunks, resolve_device, to_numpy
 from .activations import (ACTIVATIONS, BRACKET_ITERS, activate_and_pool, bracket_thresholds,
                           fix_thresholds, n_nearest, selection_columns, selection_rank)
 from .patches import flatten_patches
 from .preprocessing import PatchNormalizer, ZCAWhitening
 
 
+#: Working-set target of one CPU worker's chunk: a few CIFAR images at K=1600, enough rows for
+#: the GEMM to run at its rate, few enough that the activation/pooling passes read the products
+#: from the cache (benchmarks/results/contention.md compares chunk sizes).
+_CPU_CHUNK_BYTES = 24 * 2**20
+#: Upper bound on images per chunk on an accelerator (bounds index/one-hot temporaries).
+_MAX_GPU_CHUNK = 4096
+
+
 class Plan:
-    """The fitted numbers of one encoder, ready for a chunk kernel on any device or worker."""
+    """The fitted numbers and encoding-time parameters of one encoder, as numpy and plain
+    Python objects: a plan pickles to ``n_jobs`` workers and runs on any device.
+
+    :meth:`featlearn.PatchEncoder.encoding_plan` builds it; :meth:`kernel` makes the
+    :class:`Kernel` that encodes chunks of images with it on a device. ``precision`` is
+    resolved ("float32" or "bfloat16", never "auto"), so every worker computes the same numbers.
+    """
 
     def __init__(self, *, patch_size, stride, image_shape, map_shape, row_bounds, col_bounds,
                  normalizer, whitener, centers, activation, alpha, pool_op, flip,
                  fraction=0.4, selection="exact", layout="flat", window=None,
-                 precision="float32"):
+                 precision="float32", batch_size="auto"):
+        if precision not in ("float32", "bfloat16"):
+            raise ValueError(f"a Plan's precision is 'float32' or 'bfloat16' (resolved), got "
+                             f"{precision!r}")
         self.patch_size, self.stride = patch_size, stride
         self.image_shape, self.map_shape = image_shape, map_shape
         self.row_bounds, self.col_bounds = row_bounds, col_bounds
         self.activation, self.alpha, self.pool_op = activation, alpha, pool_op
         self.fraction, self.selection, self.layout = fraction, selection, layout
         self.window = window  # (size_h, size_w, stride_h, stride_w) of pool_size windows
-        self.precision = precision  # "auto" is resolved by each kernel for its device
+        self.precision = precision
+        self.batch_size = batch_size  # images per chunk, or "auto" (see chunk_images)
         self.centers = centers
         self.flip = flip
         self.d = patch_size * patch_size * image_shape[2]
@@ -99,6 +119,27 @@ class Plan:
         n_big = 1 if compiled else ACTIVATIONS[self.activation].width
         floats = L * (n_big * self.K + 2 * self.d + 2 * (self.d_out + 2)) + np.prod(self.image_shape)
         return int(floats * 4)
+
+    def chunk_images(self, device, compiled=False) -> int:
+        """Images per chunk on ``device``: the encoder's ``batch_size``, or for "auto" a CPU
+        chunk near the cache and an accelerator chunk sized from its free memory."""
+        if self.batch_size != "auto":
+            return int(self.batch_size)
+        device = resolve_device(device)
+        per_image = self.bytes_per_image(compiled)
+        if device.type == "cpu":
+            return chunk_size(per_image, device, budget=_CPU_CHUNK_BYTES)
+        return chunk_size(per_image, device, maximum=_MAX_GPU_CHUNK)
+
+    def kernel(self, device, n_images=None, *, batch=None, compiled=False) -> "Kernel":
+        """A :class:`Kernel` on ``device`` for chunks of ``batch`` images (default
+        :meth:`chunk_images`), no more than ``n_images`` when given: its buffers are allocated
+        once, and ``kernel.encode(chunk)`` returns the chunk's pooled features there."""
+        device = resolve_device(device)
+        batch = self.chunk_images(device, compiled) if batch is None else int(batch)
+        if n_images is not None:
+            batch = min(batch, max(1, int(n_images)))
+        return Kernel(self, device, batch, compiled=compiled)
 
 
 class Kernel:
@@ -151,8 +192,7 @@ class Kernel:
             rank = selection_rank(K, n_nearest(plan.fraction, K), len(cols))
             self.select = (len(cols), rank)
         self.centers_aug = aug
-        self.bf16 = plan.precision == "bfloat16" or (plan.precision == "auto"
-                                                      and has_fast_bfloat16(device))
+        self.bf16 = plan.precision == "bfloat16"
         # The GEMM's operands and products: float32, or bfloat16 that the activation reads
         # back as float32 (the compiled graph converts as it reads; the eager path copies into
         # a float32 scratch buffer, ``dist``, which its in-place activation may overwrite).

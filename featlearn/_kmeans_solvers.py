@@ -23,16 +23,16 @@ from featlearn._torch import over_rows as _over_rows
 
 #: On the CPU a chunk's ``chunk x k`` distance block is sized to stay near a core's L2 cache,
 #: so the argmin that reads it back right after the GEMM finds it there, and a pass has chunks
-#: enough to split between the worker threads. Row counts outside these bounds gain nothing
-#: (the GEMM's own blocking needs some rows). Chunking never changes a result: rows are
-#: independent and summed in order.
+#: enough to split between the worker threads. The bounds keep a chunk tall enough for the
+#: GEMM's own blocking and short enough to leave every thread chunks to do. Chunking never
+#: changes a result: rows are independent and summed in order.
 _CPU_BLOCK_BYTES = 2 * 2**20
 _CPU_MIN_CHUNK = 64
 _CPU_MAX_CHUNK = 4096
 #: Columns per block of the CPU argmin (:func:`_row_argmin`). torch's ``min(dim)`` with indices
 #: is a scalar loop on the CPU, while ``amin`` over a block's contiguous columns is vectorised:
 #: so the minimum of the block minima comes first, then the first minimum inside the winning
-#: block. A multiple of the SIMD width; short blocks reduce no faster than ``min`` itself.
+#: block. A multiple of the SIMD width, and long enough that a block's reduction is vector work.
 _ARGMIN_BLOCK = 64
 
 
@@ -167,9 +167,9 @@ def _tolerance(X: torch.Tensor, tol: float, chunk: int = 16384) -> float:
     """scikit-learn's relative tolerance: ``tol`` times the mean per-feature variance of ``X``.
 
     Two passes over row chunks (column sums, then the summed squared deviations as one dot
-    product per chunk, accumulated in float64): several times faster than ``X.var(0)``, whose
-    per-column reduction dominated a short mini-batch fit, and as accurate as a threshold
-    needs. ``tol=0`` (scikit-learn's default for mini-batches) skips both passes.
+    product per chunk, accumulated in float64): contiguous reads and one BLAS call per chunk
+    rather than ``X.var(0)``'s reduction per column, and as accurate as a threshold needs. ``tol=0`` (scikit-learn's default for mini-batches)
+    skips both passes.
     """
     n, d = X.shape
     if tol == 0 or n < 2:
@@ -524,7 +524,7 @@ def _minibatch(X, centers, *, batch_size, max_iter, tol, max_no_improvement, rea
             if pos + b > n:
                 perm, pos = torch.randperm(n, generator=gen).to(X.device), 0
             idx = perm[pos:pos + b]
-            Xb = torch.index_select(X, 0, idx)   # several times faster than X[idx] on the CPU
+            Xb = torch.index_select(X, 0, idx)   # whole-row copies, not X[idx]'s general indexing
             wb = None if sample_weight is None else sample_weight[idx]
             pos += b
             centers, batch_inertia, shift = _minibatch_step(

@@ -176,12 +176,12 @@ def gemm_rate(n=4096, repeats=3, device="cpu", dtype=torch.float32) -> float:
 #
 # torch parallelises every op inside it (an OpenMP region per op, with a barrier). A k-means
 # pass is thousands of small ops (a GEMM and an argmin per chunk, the centre updates), and on
-# a machine with more runnable threads than cores each barrier waits for a descheduled thread:
-# a 400,000 x 1600 pass measured 10-20x slower with 2 intra-op threads under such load than
-# with 1. So the solvers run with one intra-op thread (``cpu_workers``) and split each pass's
-# rows between worker threads themselves (torch releases the GIL inside ops), as scikit-learn
-# does with one OpenMP region per pass: each core keeps its own distance block in its own cache
-# and never waits for the other except once at the end of the pass.
+# a machine with more runnable threads than cores each barrier waits for a descheduled thread,
+# thousands of times per pass (benchmarks/results/kmeans.md has the slowdown). So the solvers
+# run with one intra-op thread (``cpu_workers``) and split each pass's rows between worker
+# threads themselves (torch releases the GIL inside ops), as scikit-learn does with one OpenMP
+# region per pass: each core keeps its own distance block in its own cache and never waits for
+# the other except once at the end of the pass.
 
 _WORKERS = threading.local()
 _POOL: dict = {"pid": None, "size": 0, "executor": None}
@@ -385,7 +385,7 @@ def has_fast_bfloat16(device: torch.device) -> bool:
     """Whether bfloat16 matrix products are native (hence faster than float32) on ``device``.
 
     CUDA GPUs and CPUs with AVX512-BF16 or AMX run them in hardware; elsewhere (e.g. AVX2-only
-    CPUs) torch emulates them, several times slower than float32.
+    CPUs) torch emulates them, slower than float32.
     """
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
@@ -393,3 +393,11 @@ def has_fast_bfloat16(device: torch.device) -> bool:
         return False
     caps = torch.cpu.get_capabilities()
     return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
+def resolve_precision(precision: str, device) -> str:
+    """``precision`` with ``"auto"`` resolved for ``device`` (a name or a device, resolved only
+    then): bfloat16 where its products are native (:func:`has_fast_bfloat16`), else float32."""
+    if precision != "auto":
+        return precision
+    return "bfloat16" if has_fast_bfloat16(resolve_device(device)) else "float32"

@@ -1,12 +1,12 @@
-"""Activations and pooling: what the encoder does with each chunk's distance products.
+"""Activations: what the encoder does with each chunk's distance products, before pooling.
 
 One small table (:data:`ACTIVATIONS`) maps an activation's name to the products its GEMM must
 produce (squared distances, dot products, or dot products with unit-norm centroids), its width
 (features per centroid), the norms it needs besides them and a function of those products;
-:func:`pool` reduces the resulting map over cells (a grid, or windows at a stride). The encoder
-composes the two in :func:`activate_and_pool`, the one function that runs eagerly (the
-reference and the fallback) or through :func:`torch.compile` (:mod:`featlearn._compile`), where
-inductor fuses the elementwise passes and the pooling reduction into one or two passes per chunk.
+:func:`featlearn.pooling.pool` reduces the resulting map over cells. :func:`activate_and_pool`
+composes the two: the one function that runs eagerly (the reference and the fallback) or
+through :func:`torch.compile` (:mod:`featlearn._compile`), where inductor fuses the elementwise
+passes and the pooling reduction into one or two passes per chunk.
 
 The functions are written out of place and without data-dependent shapes, so that the compiled
 graph has no mutation to write back and no graph break.
@@ -19,7 +19,8 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from .pooling import pool
 
 
 #: Entries per row (and per sign) from which ``selection="sampled"`` estimates the
@@ -209,61 +210,6 @@ ACTIVATIONS = {
     "heaviside": Activation("unit_dot", 2, heaviside, ("row_sq",), heaviside_blocks),
 }
 
-#: Reductions of :func:`pool`.
-POOL_OPS = ("sum", "max", "mean")
-
-
-def window_bounds(n: int, size: int, stride: int) -> list[tuple[int, int]]:
-    """Windows of ``size`` positions every ``stride`` over ``n``: ``torch.nn.functional.
-    avg_pool2d``'s ``ceil_mode=True`` arithmetic without padding (Thiry et al.'s), so a last
-    window may hang over the edge and is clipped to it: 27 positions, size 5, stride 3 ->
-    9 windows, the last one ``[24, 27)``."""
-    if n < size:
-        raise ValueError(f"the {n}-position feature map is smaller than the {size}-position "
-                         "pooling window")
-    count = -(-(n - size) // stride) + 1
-    if (count - 1) * stride >= n:
-        count -= 1
-    return [(i * stride, min(i * stride + size, n)) for i in range(count)]
-
-
-def pool(A: torch.Tensor, row_bounds, col_bounds, op: str, window=None) -> torch.Tensor:
-    """Pool a ``(b, rows, cols, F)`` map over cells -> ``(b, n_cells, F)``.
-
-    A cell is a ``[r0, r1) x [c0, c1)`` block. Cells are row-major (for a 2x2 grid: top-left,
-    top-right, bottom-left, bottom-right), which is the encoder's output layout. ``"mean"``
-    divides each cell's sum by its own size (a clipped edge window by its clipped size).
-
-    A grid (``window`` None) is reduced rows first, then columns, so the second reduction runs
-    on a smaller map. Windows (``window = (size_h, size_w, stride_h, stride_w)``, whose bounds
-    :func:`window_bounds` gave) overlap, and slicing them one by one costs a pass per window:
-    they go through torch's pooling kernels instead, on the channels-last view of the map
-    (``ceil_mode=True``: the same windows).
-    """
-    if window is not None:
-        return _pool_windows(A, op, window)
-    reduce = torch.amax if op == "max" else torch.sum
-    bands = torch.stack([reduce(A[:, r0:r1], 1) for r0, r1 in row_bounds], 1)
-    cells = torch.stack([reduce(bands[:, :, c0:c1], 2) for c0, c1 in col_bounds], 2)
-    if op == "mean":
-        sizes = torch.tensor([[1.0 / ((r1 - r0) * (c1 - c0)) for c0, c1 in col_bounds]
-                              for r0, r1 in row_bounds], dtype=A.dtype, device=A.device)
-        cells = cells * sizes.view(1, len(row_bounds), len(col_bounds), 1)
-    return cells.reshape(A.shape[0], len(row_bounds) * len(col_bounds), A.shape[-1])
-
-
-def _pool_windows(A, op, window):
-    b, F_ = A.shape[0], A.shape[-1]
-    x = A.permute(0, 3, 1, 2)  # (b, F, rows, cols), channels-last in memory
-    size, stride = window[:2], window[2:]
-    if op == "max":
-        out = F.max_pool2d(x, size, stride, ceil_mode=True)
-    else:
-        out = F.avg_pool2d(x, size, stride, ceil_mode=True,
-                           divisor_override=1 if op == "sum" else None)
-    return out.permute(0, 2, 3, 1).reshape(b, -1, F_)
-
-
 def activate_and_pool(D: torch.Tensor, row_sq: torch.Tensor | None = None,
                       col_sq: torch.Tensor | None = None, thresholds: torch.Tensor | None = None,
                       *, n_images: int, map_shape, row_bounds, col_bounds, activation: str,
@@ -275,8 +221,8 @@ def activate_and_pool(D: torch.Tensor, row_sq: torch.Tensor | None = None,
     ``row_sq`` / ``col_sq`` are the norms the activation declares (:attr:`Activation.norms`);
     ``fraction``, ``selection`` and (precomputed, optional) ``thresholds`` are the
     nearest-fraction encoding's, ``window`` the pooling windows' sizes and strides
-    (:func:`pool`). ``inplace`` lets an activation overwrite ``D`` (eager only: a compiled graph
-    wants no mutation). A two-block activation is pooled block by block.
+    (:func:`featlearn.pooling.pool`). ``inplace`` lets an activation overwrite ``D`` (eager
+    only: a compiled graph wants no mutation). A two-block activation is pooled block by block.
     """
     D = D.float()  # bfloat16 products are read as float32 (a no-op for float32)
     act = ACTIVATIONS[activation]

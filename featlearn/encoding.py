@@ -4,15 +4,16 @@
 applies them to *every* patch of every image, chunk by chunk, so that no patch matrix larger than
 one cache-sized chunk ever exists.
 
-The chunk kernel (:mod:`featlearn._encoding_kernel`) does the work; its docstring says how it is
-laid out and why.
+The chunk kernel (:mod:`featlearn._encoding_kernel`) does the work, from the numbers
+:meth:`PatchEncoder.encoding_plan` gathers; its docstring says how it is laid out and why. Where
+the pooling cells lie is :mod:`featlearn.pooling`'s arithmetic, and the check that images come
+at the scale they were fitted at is :mod:`featlearn._scale`'s.
 """
 
 from __future__ import annotations
 
 import copy
 import numbers
-import warnings
 
 import numpy as np
 import torch
@@ -23,26 +24,17 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._compile import COMPILE_DEVICES
 from ._logging import log, progress
-from ._torch import (chunk_size, is_torch_data, iter_image_batches, resolve_device,
+from ._torch import (is_torch_data, iter_image_batches, resolve_device, resolve_precision,
                      stream_length, to_numpy)
 from ._encoding_kernel import Plan, encode_block, encode_into, out_shape
-from .activations import ACTIVATIONS, POOL_OPS, n_nearest, window_bounds
+from ._scale import check_scale, patch_scale
+from ._scale import ScaleWarning, value_scale  # noqa: F401  (featlearn.encoding's public names)
+from .activations import ACTIVATIONS, n_nearest
+from .pooling import POOL_OPS, cell_bounds, map_shape, pool_window
+from .pooling import pooling_bounds  # noqa: F401  (featlearn.encoding.pooling_bounds)
 from .patches import RandomPatchExtractor, check_finite_float32, check_images, image_input_tags
 from .preprocessing import PatchNormalizer, ZCAWhitening
 
-#: Working-set target of one CPU worker's chunk: a few CIFAR images at K=1600, enough rows for
-#: the GEMM to run at its rate, few enough that the activation/pooling passes read the products
-#: from the cache (benchmarks/results/contention.md compares chunk sizes).
-_CPU_CHUNK_BYTES = 24 * 2**20
-#: Upper bound on images per chunk on an accelerator (bounds index/one-hot temporaries).
-_MAX_GPU_CHUNK = 4096
-#: Sampled patches (fit) and images per call (transform) used to estimate the value scale:
-#: enough for a stable percentile, never a pass over the whole input.
-_SCALE_SAMPLE_PATCHES = 4096
-_SCALE_SAMPLE_IMAGES = 64
-#: A transform input whose scale differs from the fitted one by more than this factor, either
-#: way, gets a ScaleWarning.
-_SCALE_TOLERANCE = 10.0
 #: Images per joblib task when ``n_jobs`` is set (rounded to whole chunks): big enough to
 #: amortize shipping the plan, small enough to balance and to report progress.
 _TASK_IMAGES = 512
@@ -52,35 +44,6 @@ _RANGE_CHECK_BYTES = 16 * 2**20
 #: least this many activation entries (images x views x positions x features per position):
 #: about 8,600 32x32 images at K=1600, enough that a first (cold-cache) compilation repays itself.
 _COMPILE_MIN_ENTRIES = 10**10
-
-
-class ScaleWarning(UserWarning):
-    """Data passed to ``transform`` has a different value scale from the data used to fit.
-
-    The fitted stages are not scale-invariant (contrast normalization's ``eps`` is in pixel
-    units, the centroids live where the fitted patches were), so 0..1 floats encoded by a model
-    fitted on 0..255 pixels, or the reverse, give quietly meaningless features. The message
-    names both scales and the fix.
-    """
-
-
-def value_scale(values) -> float:
-    """The robust value scale of pixels: the 99th percentile of ``|x|`` (float32 arithmetic)."""
-    values = np.abs(np.asarray(values, dtype=np.float32)).ravel()
-    return float(np.percentile(values, 99)) if values.size else 0.0
-
-
-def pooling_bounds(n: int, n_cells: int) -> list[tuple[int, int]]:
-    """Split ``n`` map positions into ``n_cells`` contiguous cells, boundaries rounded half up.
-
-    Boundary ``i`` is ``round_half_up(i * n / n_cells)``: for the demo's 27x27 map and 2 cells
-    that is ``[0, 14), [14, 27)``, and the same rule generalizes to any grid.
-    """
-    if n < n_cells:
-        raise ValueError(
-            f"the {n}-position feature map is smaller than the {n_cells}-cell pooling grid")
-    edges = [(2 * i * n + n_cells) // (2 * n_cells) for i in range(n_cells + 1)]
-    return list(zip(edges[:-1], edges[1:]))
 
 
 class PatchEncoder(TransformerMixin, BaseEstimator):
@@ -211,9 +174,10 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         The distance GEMM's precision. ``"bfloat16"`` rounds the whitened patches, the
         centroids and the products to bfloat16 (8 significant bits; the activation and
         pooling stay float32), which CUDA GPUs and CPUs with AMX or AVX512-BF16 multiply
-        several times faster; elsewhere torch emulates it, slower than float32. ``"auto"``
-        is bfloat16 where it is native. Pooled features differ from float32 by about 0.3%
-        (relative L2); benchmarks/results/encode.md measures the accuracy it costs.
+        natively, faster than float32; elsewhere torch emulates it, slower. ``"auto"`` is
+        bfloat16 where it is native, resolved once by :meth:`fit` (``precision_``).
+        benchmarks/results/encode.md measures how far the features move and what accuracy
+        that costs.
     dtype : {"float32", "float16"}, default="float32"
         The output's dtype (the kernel computes in float32 and rounds once when it stores a
         chunk). ``"float16"`` halves the features' memory: sum-pooled counts of the binary
@@ -257,6 +221,12 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         see Notes.
     n_features_in_ : int
         ``H * W * C``.
+    precision_ : {"float32", "bfloat16"}
+        ``precision`` with "auto" resolved in :meth:`fit` for the encoder's ``device`` then,
+        so that every chunk, every ``n_jobs`` worker and every later transform computes the
+        same numbers. ``transform`` runs in ``precision`` when that is "float32" or
+        "bfloat16" (set before or after fit), else in ``precision_``: refit to resolve "auto"
+        for another device.
     map_shape_ : tuple (rows, cols)
         Patch positions per image at ``stride``.
     pooled_shape_ : tuple (h, w)
@@ -351,15 +321,6 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         self.precision = precision
         self.dtype = dtype
 
-    def __setstate__(self, state):
-        # Models saved before these parameters existed get their defaults (the behaviour they
-        # were fitted with): channels-last in, numpy out, eager-or-auto, grid pooling, flat.
-        defaults = {"channels": "last", "output": "numpy", "compile": "auto",
-                    "neighbor_fraction": 0.4, "selection": "sampled", "pool_size": None,
-                    "pool_stride": None, "layout": "flat", "precision": "float32",
-                    "dtype": "float32"}
-        super().__setstate__({**defaults, **state})
-
     # ------------------------------------------------------------------ fit
     def fit(self, X, y=None):
         """Sample patches from ``X`` and fit normalizer, whitener and k-means on them."""
@@ -367,14 +328,14 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         X = check_images(X, patch_size=self.patch_size, allow_nan=True, channels=self.channels)
         _check_finite(X)
         n, H, W, C = X.shape
-        self._cell_bounds(self._map_shape(H, W))  # fail at fit, not at the first transform
+        self._cell_bounds(map_shape((H, W), self.patch_size, self.stride))  # fail now, not later
 
         rng = check_random_state(self.random_state)
         patch_seed = rng.randint(np.iinfo(np.int32).max)
         kmeans_seed = rng.randint(np.iinfo(np.int32).max)
         patches = RandomPatchExtractor(self.patch_size, self.n_patches,
                                        random_state=patch_seed).fit_transform(X)
-        input_scale = value_scale(patches[:_SCALE_SAMPLE_PATCHES])
+        input_scale = patch_scale(patches)
 
         self.normalizer_ = _fit_stage(self.normalizer, PatchNormalizer, patches)
         if self.normalizer_ != "passthrough":
@@ -399,6 +360,7 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         self.input_scale_ = input_scale
         self.n_features_in_ = H * W * C
         self.n_clusters_ = int(centers.shape[0])
+        self.precision_ = resolve_precision(self.precision, self.device)
         self._check_neighbors()
         return self
 
@@ -406,7 +368,7 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
     # the fitted state, so these follow them: changing one after fit needs no refit.
     @property
     def map_shape_(self):
-        return self._map_shape(*self.image_shape_[:2])
+        return map_shape(self.image_shape_[:2], self.patch_size, self.stride)
 
     @property
     def n_features_out_(self):
@@ -432,17 +394,17 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         if is_torch_data(X):
             return _as_output(self, _transform_stream(self, X))
         X = self._check_transform_input(X)
-        plan = self._plan()
+        plan = self.encoding_plan()
         device = resolve_device(self.device)
         n = X.shape[0]
         compiled = self.n_jobs is None and self._use_compile(plan, device, n)
-        batch = self._batch_size(plan, device, compiled)
+        batch = plan.chunk_images(device, compiled)
         out = np.empty(out_shape(plan, n), dtype=self.dtype)
         with progress(n, desc="encode", verbose=self.verbose) as bar:
             if self.n_jobs is None:
                 encode_into(plan, X, out, device, batch, bar, compiled=compiled)
             else:
-                self._transform_parallel(plan, X, out, batch, bar)
+                _encode_parallel(plan, X, out, self.device, batch, self.n_jobs, bar)
         if out.dtype == np.float16:
             _check_float16_range(out)
         return _as_output(self, out)
@@ -456,20 +418,9 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
                 f"images have size {X.shape[1]}x{X.shape[2]} with {X.shape[3]} channel(s); the "
                 f"encoder was fitted on {H}x{W} images with {C} channel(s)")
         _check_finite(X)
-        self._check_scale(X)
+        check_scale(X, self.input_scale_)
         self._check_neighbors()
         return X
-
-    def _transform_parallel(self, plan, X, out, batch, progress):
-        from joblib import Parallel, delayed
-
-        task = max(batch, (_TASK_IMAGES // batch) * batch)
-        starts = range(0, X.shape[0], task)
-        jobs = (delayed(encode_block)(plan, X[s:s + task], self.device, batch) for s in starts)
-        parallel = Parallel(n_jobs=self.n_jobs, return_as="generator")
-        for s, block in zip(starts, parallel(jobs)):
-            out[s:s + block.shape[0]] = block
-            progress.update(block.shape[0])
 
     def get_feature_names_out(self, input_features=None):
         """``patchencoder_c{cell}_k{k}`` (width-2 activations: ``..._k{k}_pos`` then
@@ -477,45 +428,10 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         in the order of ``transform(X).reshape(len(X), -1)``'s columns: cell-major for
         ``layout="flat"``, channel-major (``c{cell}`` varying fastest) for ``"map"``."""
         check_is_fitted(self)
-        n_cells = int(np.prod(self.pooled_shape_))
-        K = self.n_clusters_
-        if ACTIVATIONS[self.activation].width == 2:
-            per_cell = [f"k{k}_pos" for k in range(K)] + [f"k{k}_neg" for k in range(K)]
-        else:
-            per_cell = [f"k{k}" for k in range(K)]
-        views = ["patchencoder_", "patchencoder_flip_"] if self.flip else ["patchencoder_"]
-        if self.layout == "map":
-            names = [f"{view}c{c}_{name}" for view in views for name in per_cell
-                     for c in range(n_cells)]
-        else:
-            names = [f"{view}c{c}_{name}" for view in views for c in range(n_cells)
-                     for name in per_cell]
-        return np.asarray(names, dtype=object)
+        return _feature_names(ACTIVATIONS[self.activation].width, self.n_clusters_,
+                              int(np.prod(self.pooled_shape_)), self.flip, self.layout)
 
     # -------------------------------------------------------------- helpers
-    def _check_scale(self, X):
-        """Warn (ScaleWarning) when ``X``'s value scale is not the fitted one (see Notes)."""
-        fitted = getattr(self, "input_scale_", None)  # absent from models saved before it
-        if not fitted:
-            return
-        idx = np.unique(np.linspace(0, X.shape[0] - 1, _SCALE_SAMPLE_IMAGES).astype(np.intp))
-        scale = value_scale(X[idx])
-        if scale == 0.0 or 1 / _SCALE_TOLERANCE <= scale / fitted <= _SCALE_TOLERANCE:
-            return  # all-black images carry no scale information
-        ratio = fitted / scale
-        if 100 <= ratio <= 650:
-            fix = ("if they are 0..1 floats and the encoder was fitted on 0..255 pixels, "
-                   "multiply them by 255")
-        elif 1 / 650 <= ratio <= 1 / 100:
-            fix = ("if they are 0..255 pixels and the encoder was fitted on 0..1 floats, "
-                   "divide them by 255")
-        else:
-            fix = f"multiply them by about {ratio:.3g}"
-        warnings.warn(
-            f"images passed to transform have a value scale of {scale:.3g} (99th percentile of "
-            f"|x|) but the encoder was fitted on images of scale {fitted:.3g}; {fix}, or refit "
-            "the encoder on data of this scale", ScaleWarning, stacklevel=5)
-
     def _use_compile(self, plan, device, n_images):
         """Whether this transform runs the compiled activation + pooling (see ``compile``)."""
         if self.compile == "auto":
@@ -526,36 +442,13 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
             use = bool(self.compile)
         if use:
             log(self.verbose, "encoding through the compiled activation + pooling kernel "
-                "(the first compilation on a machine takes tens of seconds; inductor caches it)")
+                "(the first compilation on a machine is slow; inductor caches it)")
         return use
 
-    def _grid(self):
-        return self._pair("pooling")
-
-    def _pair(self, name):
-        value = getattr(self, name)
-        if isinstance(value, numbers.Integral):
-            return (int(value), int(value))
-        value = tuple(value)
-        if len(value) != 2 or not all(isinstance(v, numbers.Integral) and v >= 1 for v in value):
-            raise ValueError(f"{name} must be a positive int or a (rows, cols) pair of positive "
-                             f"ints, got {getattr(self, name)!r}")
-        return (int(value[0]), int(value[1]))
-
-    def _cell_bounds(self, map_shape):
-        """Row and column bounds of the pooling cells: ``pool_size`` windows every
-        ``pool_stride`` when ``pool_size`` is set, else the ``pooling`` grid."""
-        window = self._window()
-        if window is None:
-            return tuple(pooling_bounds(n, c) for n, c in zip(map_shape, self._grid()))
-        return tuple(window_bounds(n, z, t) for n, z, t in zip(map_shape, window[:2], window[2:]))
-
-    def _window(self):
-        if self.pool_size is None:
-            return None
-        size = self._pair("pool_size")
-        stride = size if self.pool_stride is None else self._pair("pool_stride")
-        return size + stride
+    def _cell_bounds(self, shape):
+        """Row and column bounds of the pooling cells over a ``shape`` map: ``pool_size``
+        windows every ``pool_stride`` when ``pool_size`` is set, else the ``pooling`` grid."""
+        return cell_bounds(shape, self.pooling, pool_window(self.pool_size, self.pool_stride))
 
     def _check_neighbors(self):
         if self.activation == "nearest_fraction" and n_nearest(self.neighbor_fraction,
@@ -564,14 +457,19 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
                 f"neighbor_fraction={self.neighbor_fraction} of {self.n_clusters_} centroids "
                 "marks none of them; raise it to at least 1/K")
 
-    def _map_shape(self, H, W):
-        p, s = self.patch_size, self.stride
-        return ((H - p) // s + 1, (W - p) // s + 1)
+    def encoding_plan(self):
+        """The fitted encoder as a :class:`featlearn._encoding_kernel.Plan`: every number a
+        chunk of images needs (fitted stages, centroids, pooling cells, resolved precision),
+        numpy-only and picklable, for the current encoding-time parameters.
 
-    def _plan(self):
-        """Everything a chunk worker needs, as numpy/picklable objects (no torch state)."""
+        ``plan.kernel(device)`` encodes chunks on a device (``kernel.encode(images)`` ->
+        ``(b, n_cells, per_cell)`` tensor); ``plan.chunk_images(device)`` is the chunk size
+        ``transform`` uses there. What :class:`featlearn.StreamingConvClassifier` encodes its
+        mini-batches with.
+        """
+        check_is_fitted(self)
         H, W, C = self.image_shape_
-        Ph, Pw = self._map_shape(H, W)
+        Ph, Pw = self.map_shape_
         rows, cols = self._cell_bounds((Ph, Pw))
         return Plan(
             patch_size=self.patch_size, stride=self.stride, image_shape=(H, W, C),
@@ -579,16 +477,10 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
             whitener=self.whitener_, centers=_centers(self.kmeans_),
             activation=self.activation, alpha=float(self.alpha), pool_op=self.pool_op,
             flip=bool(self.flip), fraction=float(self.neighbor_fraction),
-            selection=self.selection, layout=self.layout, window=self._window(),
-            precision=self.precision)
-
-    def _batch_size(self, plan, device, compiled=False):
-        if self.batch_size != "auto":
-            return int(self.batch_size)
-        per_image = plan.bytes_per_image(compiled)
-        if device.type == "cpu":
-            return chunk_size(per_image, device, budget=_CPU_CHUNK_BYTES)
-        return chunk_size(per_image, device, maximum=_MAX_GPU_CHUNK)
+            selection=self.selection, layout=self.layout,
+            window=pool_window(self.pool_size, self.pool_stride),
+            precision=self.precision_ if self.precision == "auto" else self.precision,
+            batch_size=self.batch_size)
 
     def __sklearn_tags__(self):
         return image_input_tags(super().__sklearn_tags__(), self.random_state)
@@ -607,6 +499,36 @@ def _centers(kmeans):
     if isinstance(centers, torch.Tensor):
         centers = to_numpy(centers)
     return np.asarray(centers, dtype=np.float32)
+
+
+def _encode_parallel(plan, X, out, device, batch, n_jobs, progress):
+    """``n_jobs``: blocks of ``_TASK_IMAGES`` (whole chunks) encoded by ``joblib.Parallel``
+    tasks, each block's rows copied into ``out`` as it arrives."""
+    from joblib import Parallel, delayed
+
+    task = max(batch, (_TASK_IMAGES // batch) * batch)
+    starts = range(0, X.shape[0], task)
+    jobs = (delayed(encode_block)(plan, X[s:s + task], device, batch) for s in starts)
+    parallel = Parallel(n_jobs=n_jobs, return_as="generator")
+    for s, block in zip(starts, parallel(jobs)):
+        out[s:s + block.shape[0]] = block
+        progress.update(block.shape[0])
+
+
+def _feature_names(width, K, n_cells, flip, layout):
+    """The names of :meth:`PatchEncoder.get_feature_names_out`, in the output's column order."""
+    if width == 2:
+        per_cell = [f"k{k}_pos" for k in range(K)] + [f"k{k}_neg" for k in range(K)]
+    else:
+        per_cell = [f"k{k}" for k in range(K)]
+    views = ["patchencoder_", "patchencoder_flip_"] if flip else ["patchencoder_"]
+    if layout == "map":
+        names = [f"{view}c{c}_{name}" for view in views for name in per_cell
+                 for c in range(n_cells)]
+    else:
+        names = [f"{view}c{c}_{name}" for view in views for c in range(n_cells)
+                 for name in per_cell]
+    return np.asarray(names, dtype=object)
 
 
 def _check_float16_range(out):
@@ -642,7 +564,7 @@ def _transform_stream(encoder, data) -> np.ndarray:
     """
     n = stream_length(data)
     worker = copy.copy(encoder).set_params(verbose=0, output="numpy")
-    row_shape = out_shape(encoder._plan(), 0)[1:]  # flat rows or (channels, h, w) maps
+    row_shape = out_shape(encoder.encoding_plan(), 0)[1:]  # flat rows or (channels, h, w) maps
     out = np.empty((n, *row_shape), dtype=encoder.dtype) if n is not None else None
     parts, done = [], 0
     with progress(n, desc="encode", verbose=encoder.verbose) as bar:

@@ -106,8 +106,9 @@ def iter_blocks(images, *, block_bytes=32 * 2**20):
 
 #: The modules whose code decides the encoded features: the feature stages and every featlearn
 #: module they import, but the logger.
-FEATURE_MODULES = ("patches", "preprocessing", "dictionary", "kmeans", "_kmeans_solvers",
-                   "activations", "encoding", "_encoding_kernel", "_compile", "_torch")
+FEATURE_MODULES = ("patches", "preprocessing", "dictionary", "kmeans", "_kmeans_input",
+                   "_kmeans_solvers", "activations", "pooling", "encoding", "_encoding_kernel",
+                   "_scale", "_compile", "_torch")
 
 
 def code_fingerprint() -> str:

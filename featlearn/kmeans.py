@@ -2,9 +2,9 @@
 :class:`MiniBatchKMeans` (scikit-learn's mini-batch rule), over one shared base class.
 
 One numeric code path serves the CPU and CUDA: the chunked distance kernels and the solvers live
-in :mod:`featlearn._kmeans_solvers`. All randomness comes from a private CPU
-:class:`torch.Generator`, so a seed picks the same samples on every device and the global torch
-seed is never touched.
+in :mod:`featlearn._kmeans_solvers`, the input checks in :mod:`featlearn._kmeans_input`. All
+randomness comes from a private CPU :class:`torch.Generator`, so a seed picks the same samples
+on every device and the global torch seed is never touched.
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ from sklearn.base import TransformerMixin
 from sklearn.utils import check_random_state
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 
+from featlearn._kmeans_input import as_tensor, check_centers, check_weight
 from featlearn._kmeans_solvers import (MiniBatchResult, _inertia, _init_centers, _lloyd,
                                        _minibatch, _minibatch_step, _MiniBatchState,
                                        _rows_per_chunk, _tolerance, cpu_workers,
                                        nearest_centroid, pairwise_distances)
-from featlearn._torch import make_generator, resolve_device, to_numpy
+from featlearn._torch import make_generator, to_numpy
 
 # --------------------------------------------------------------------------------------------
 # The estimators
@@ -59,60 +60,7 @@ class _BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixi
     #: Runs of a random start under ``n_init="auto"`` (scikit-learn's values).
     _default_n_init = 10
 
-    # ---- validation ----------------------------------------------------------------------
-
-    def _to_tensor(self, X, *, reset, fitting=False):
-        """Validate ``X`` (numpy-like or tensor) and return it as a tensor on the device.
-
-        Float64 input stays float64 (for predict/transform/score); fitting casts to float32.
-        Values that are not finite after that cast are an error.
-        """
-        device = resolve_device(self.device)
-        if isinstance(X, torch.Tensor):
-            validate_data(self, X, skip_check_array=True, reset=reset)
-            if X.ndim != 2:
-                raise ValueError(f"Expected a 2-D tensor, got shape {tuple(X.shape)}")
-            if X.shape[0] == 0:
-                raise ValueError(f"Found array with 0 sample(s) (shape={tuple(X.shape)}) while a "
-                                 "minimum of 1 is required.")
-            if X.is_complex():
-                raise ValueError("Complex data not supported")
-            if not X.is_floating_point():
-                X = X.to(torch.float32)
-            want = torch.float32 if (fitting or X.dtype != torch.float64) else torch.float64
-            X = X.to(device=device, dtype=want)
-            if not bool(torch.isfinite(X).all()):
-                raise ValueError("Input X contains NaN or infinity (after the cast to "
-                                 f"{str(want).replace('torch.', '')}).")
-            return X.contiguous()
-        X = validate_data(self, X, dtype=[np.float32, np.float64], reset=reset, order="C")
-        if fitting or X.dtype != np.float64:
-            with np.errstate(over="ignore"):
-                X32 = X.astype(np.float32, copy=False)
-            if X32 is not X and not np.isfinite(X32).all():
-                raise ValueError("Input X contains infinity after the cast to float32 (values "
-                                 "beyond float32's range).")
-            X = X32
-        if not X.flags.writeable:
-            X = X.copy()  # torch.from_numpy warns on read-only (e.g. memmapped) arrays
-        return torch.from_numpy(X).to(device)
-
-    def _check_weight(self, sample_weight, X: torch.Tensor):
-        """scikit-learn's sample-weight validation; None stays None (the unweighted path)."""
-        if sample_weight is None:
-            return None
-        if isinstance(sample_weight, torch.Tensor):
-            sample_weight = to_numpy(sample_weight)
-        w = _check_sample_weight(sample_weight, np.empty((X.shape[0], 0)), dtype=np.float64,
-                                 ensure_non_negative=True)
-        w32 = w.astype(np.float32)
-        if not np.isfinite(w32).all():
-            raise ValueError("sample_weight contains values beyond float32's range.")
-        if not w32.sum() > 0:
-            raise ValueError("sample_weight must have a positive sum.")
-        if (w32 == 1).all():
-            return None  # unit weights are no weights: the same draws, the same result
-        return torch.from_numpy(w32).to(X.device)
+    # ---- validation (the input checks: featlearn._kmeans_input) ---------------------------
 
     def _check_n_samples(self, n):
         if n < self.n_clusters:
@@ -121,20 +69,7 @@ class _BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixi
     def _check_init(self, d):
         if isinstance(self.init, str) or callable(self.init):
             return self.init
-        return self._check_centers(self.init, d)
-
-    def _check_centers(self, init, d):
-        """An explicit (or callable-made) initial array: scikit-learn's shape messages."""
-        init = np.asarray(init, dtype=np.float32)
-        if init.ndim != 2 or init.shape[0] != self.n_clusters:
-            raise ValueError(f"The shape of the initial centers {init.shape} does not match "
-                             f"the number of clusters {self.n_clusters}.")
-        if init.shape[1] != d:
-            raise ValueError(f"The shape of the initial centers {init.shape} does not match "
-                             f"the number of features of the data {d}.")
-        if not np.isfinite(init).all():
-            raise ValueError("init array contains NaN or infinity")
-        return init
+        return check_centers(self.init, self.n_clusters, d)
 
     def _resolve_init(self, init, X, gen):
         """A callable init called as scikit-learn does, ``init(X, n_clusters, random_state)``
@@ -142,8 +77,8 @@ class _BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixi
         if not callable(init):
             return init
         rs = np.random.RandomState(int(torch.randint(2**31 - 1, (1,), generator=gen)))
-        return self._check_centers(init(to_numpy(X), self.n_clusters, random_state=rs),
-                                   X.shape[1])
+        return check_centers(init(to_numpy(X), self.n_clusters, random_state=rs),
+                             self.n_clusters, X.shape[1])
 
     def _resolve_n_init(self, init):
         """scikit-learn's ``n_init="auto"``: one run for k-means++ and explicit centres,
@@ -181,8 +116,8 @@ class _BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixi
     def _fit(self, X, sample_weight, *, need_labels=True):
         """Validate, run ``n_init`` initialisations + solver runs, keep the lowest inertia."""
         self._validate_params()
-        X = self._to_tensor(X, reset=True, fitting=True)
-        w = self._check_weight(sample_weight, X)
+        X = as_tensor(self, X, reset=True, fitting=True)
+        w = check_weight(sample_weight, X)
         n, d = X.shape
         self._check_n_samples(n)
         init = self._check_init(d)
@@ -252,7 +187,7 @@ class _BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixi
         labels : ndarray of shape (n_samples,), int64
         """
         check_is_fitted(self)
-        X = self._to_tensor(X, reset=False)
+        X = as_tensor(self, X, reset=False)
         with cpu_workers(X.device):
             labels, _ = nearest_centroid(X, self._centers_like(X))
         return to_numpy(labels).astype(np.int64, copy=False)
@@ -270,7 +205,7 @@ class _BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixi
             float64 for float64 input, else float32.
         """
         check_is_fitted(self)
-        X = self._to_tensor(X, reset=False)
+        X = as_tensor(self, X, reset=False)
         with cpu_workers(X.device):
             return to_numpy(pairwise_distances(X, self._centers_like(X)))
 
@@ -288,8 +223,8 @@ class _BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixi
         score : float
         """
         check_is_fitted(self)
-        X = self._to_tensor(X, reset=False)
-        w = self._check_weight(sample_weight, X)
+        X = as_tensor(self, X, reset=False)
+        w = check_weight(sample_weight, X)
         with cpu_workers(X.device):
             _, mind = nearest_centroid(X, self._centers_like(X))
         return -_inertia(mind, w)
@@ -623,8 +558,8 @@ class MiniBatchKMeans(_BaseKMeans):
         first = not hasattr(self, "cluster_centers_")
         if first:
             self._validate_params()
-        X = self._to_tensor(X, reset=first, fitting=True)
-        w = self._check_weight(sample_weight, X)
+        X = as_tensor(self, X, reset=first, fitting=True)
+        w = check_weight(sample_weight, X)
         n, d = X.shape
         k = self.n_clusters
         with cpu_workers(X.device):

@@ -58,7 +58,7 @@ SAFE_CLASSES = (
     ("featlearn.PatchEncoder", "featlearn.encoding:PatchEncoder"),
     ("featlearn.TorchMLPClassifier", "featlearn.classifier:TorchMLPClassifier"),
     ("featlearn.TorchConvClassifier", "featlearn.classifier:TorchConvClassifier"),
-    ("featlearn.StreamingConvClassifier", "featlearn.classifier:StreamingConvClassifier"),
+    ("featlearn.StreamingConvClassifier", "featlearn.streaming:StreamingConvClassifier"),
     ("sklearn.pipeline.Pipeline", "sklearn.pipeline:Pipeline"),
     ("sklearn.preprocessing.StandardScaler", "sklearn.preprocessing:StandardScaler"),
     ("sklearn.decomposition.PCA", "sklearn.decomposition:PCA"),

@@ -117,7 +117,8 @@ def make_coates_pipeline(n_centroids=1600, *, classifier="mlp", augment=None, po
     >>> [w.category.__name__ for w in caught]
     ['ScaleWarning']
     """
-    from featlearn.classifier import StreamingConvClassifier, TorchMLPClassifier
+    from featlearn.classifier import TorchMLPClassifier
+    from featlearn.streaming import StreamingConvClassifier
     from featlearn.encoding import PatchEncoder
     from featlearn.kmeans import KMeans
 
@@ -160,7 +161,8 @@ def make_coates_pipeline(n_centroids=1600, *, classifier="mlp", augment=None, po
 def _streaming_pipeline(classifier, encoder, *, augment, power, memory, device, random_state,
                         verbose, stage_params):
     """``Pipeline([("classifier", StreamingConvClassifier(encoder, head))])``: images in."""
-    from featlearn.classifier import StreamingConvClassifier, TorchConvClassifier
+    from featlearn.classifier import TorchConvClassifier
+    from featlearn.streaming import StreamingConvClassifier
 
     if augment is not None:
         raise ValueError("augment='flip' does not apply to classifier='stream', which flips "
@@ -185,7 +187,7 @@ def image_encoder(model):
     """The :class:`PatchEncoder` of a pipeline or a streaming classifier, fitted or not: a
     Pipeline's ``encoder`` step, else the encoder of a :class:`StreamingConvClassifier` (its
     ``classifier`` step, or ``model`` itself), ``encoder_`` once fitted; None otherwise."""
-    from featlearn.classifier import StreamingConvClassifier
+    from featlearn.streaming import StreamingConvClassifier
 
     steps = getattr(model, "named_steps", None)
     if steps is not None:
@@ -529,12 +531,14 @@ def _validate_estimators(pipe, params):
             raise ValueError(f"configuration key {key!r}: {_one_line(exc)}") from exc
     encoder = image_encoder(pipe)
     prefix = "encoder" if "encoder" in pipe.named_steps else "classifier__encoder"
-    if encoder is not None and hasattr(encoder, "_grid"):
+    if encoder is not None:
+        from featlearn.pooling import as_pair
+
         for name in ("pooling", "pool_size", "pool_stride"):
             if getattr(encoder, name, None) is None:
                 continue
             try:
-                encoder._pair(name) if name != "pooling" else encoder._grid()
+                as_pair(getattr(encoder, name), name)
             except ValueError as exc:
                 raise ValueError(f"configuration key '{prefix}__{name}': "
                                  f"{_one_line(exc)}") from exc

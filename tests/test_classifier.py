@@ -63,7 +63,7 @@ def test_digits_other_configurations(digits, kw):
 @pytest.mark.parametrize("native", [False, True])
 def test_precision_auto_uses_bfloat16_only_where_native(digits, monkeypatch, native):
     # Emulated bfloat16 (AVX2-only CPUs) ran 7x slower than float32: "auto" must avoid it.
-    monkeypatch.setattr("featlearn.classifier._state.has_fast_bfloat16", lambda device: native)
+    monkeypatch.setattr("featlearn._torch.has_fast_bfloat16", lambda device: native)
     Xtr, Xte, ytr, yte = digits
     clf = TorchMLPClassifier(hidden_layer_sizes=(64,), max_iter=3, precision="auto",
                              random_state=0, device="cpu").fit(Xtr, ytr)

@@ -450,9 +450,7 @@ def test_scale_warning_through_the_pipeline_and_as_an_error():
             pipe.predict(X / 255.0)
 
 
-def test_scale_check_ignores_black_images_and_older_models():
+def test_scale_check_ignores_black_images():
     X = images(10, (12, 12), 3)
     enc = make_encoder(K=4).fit(X)
     assert _scale_warnings(lambda: enc.transform(np.zeros_like(X))) == []
-    del enc.input_scale_  # a model saved before the attribute existed
-    assert _scale_warnings(lambda: enc.transform(X / 255.0)) == []

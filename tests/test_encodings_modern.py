@@ -12,7 +12,8 @@ from sklearn.pipeline import Pipeline
 
 import featlearn.activations as activations
 from featlearn import PatchEncoder, RandomPatchDictionary, TorchConvClassifier
-from featlearn.activations import activate_and_pool, window_bounds
+from featlearn.activations import activate_and_pool
+from featlearn.pooling import window_bounds
 
 from conftest import naive_whitened_patches
 from featlearn.persistence import load_model, save_model

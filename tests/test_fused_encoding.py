@@ -1,6 +1,7 @@
 """The compiled (fused) activation + pooling path against the eager reference, and its fallback."""
 
 import logging
+import pickle
 import shutil
 
 import numpy as np
@@ -8,12 +9,14 @@ import pytest
 import torch
 
 import featlearn._encoding_kernel as encoding_kernel
+import featlearn._torch
 import featlearn.encoding as encoding
 from featlearn._compile import CompiledKernel
 from featlearn._logging import logger
 from featlearn.activations import ACTIVATIONS, activate_and_pool, triangle
 from featlearn.encoding import PatchEncoder
 from featlearn.kmeans import MiniBatchKMeans
+from featlearn.pooling import as_pair
 
 from conftest import naive_whitened_patches
 
@@ -44,8 +47,9 @@ def _naive(enc, X):
     """Every patch through the fitted stages in numpy, then the activation, then pooling."""
     Ph, Pw = enc.map_shape_
     C = np.asarray(enc.kmeans_.cluster_centers_, np.float64)
-    rows = encoding.pooling_bounds(Ph, enc._grid()[0])
-    cols = encoding.pooling_bounds(Pw, enc._grid()[1])
+    grid = as_pair(enc.pooling, "pooling")
+    rows = encoding.pooling_bounds(Ph, grid[0])
+    cols = encoding.pooling_bounds(Pw, grid[1])
     out = []
     for img in X.astype(np.float64):
         Y = naive_whitened_patches(enc, img)
@@ -165,7 +169,7 @@ def test_compiled_kernel_reports_and_keeps_eager_after_failure(monkeypatch, warn
 
 def test_auto_compiles_only_large_transforms(images, monkeypatch):
     enc = _fit(images, "triangle")
-    plan = enc._plan()
+    plan = enc.encoding_plan()
     cpu = torch.device("cpu")
     per_image = enc.map_shape_[0] * enc.map_shape_[1] * plan.per_cell
     monkeypatch.setattr(encoding, "_COMPILE_MIN_ENTRIES", 100 * per_image)
@@ -173,7 +177,7 @@ def test_auto_compiles_only_large_transforms(images, monkeypatch):
     assert enc._use_compile(plan, cpu, 100)
     assert not enc._use_compile(plan, torch.device("mps"), 10**6)  # experimental backend
     enc.set_params(flip=True)
-    assert enc._use_compile(enc._plan(), cpu, 50)  # both views count
+    assert enc._use_compile(enc.encoding_plan(), cpu, 50)  # both views count
     assert not enc.set_params(compile=False)._use_compile(plan, cpu, 10**6)
     assert enc.set_params(compile=True)._use_compile(plan, cpu, 1)
 
@@ -216,17 +220,32 @@ def test_bfloat16_products_stay_close_to_float32(images, activation, compiled):
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.01
 
 
-def test_auto_precision_follows_the_hardware(images, monkeypatch):
-    enc = PatchEncoder(n_patches=3000, kmeans=MiniBatchKMeans(24, max_iter=3, random_state=0),
-                       device="cpu", compile=False, random_state=0).fit(images)
+def test_auto_precision_is_resolved_at_fit(images, monkeypatch):
+    # "auto" is resolved once, by fit, into precision_: the plan every chunk and worker gets
+    # carries it, and transform does not ask the hardware again.
+    kw = dict(n_patches=3000, kmeans=MiniBatchKMeans(24, max_iter=3, random_state=0),
+              device="cpu", compile=False, random_state=0)
     results = {}
     for native in (False, True):
-        monkeypatch.setattr(encoding_kernel, "has_fast_bfloat16", lambda device, n=native: n)
-        results[native] = enc.set_params(precision="auto").transform(images)
+        monkeypatch.setattr(featlearn._torch, "has_fast_bfloat16", lambda device, n=native: n)
+        enc = PatchEncoder(precision="auto", **kw).fit(images)
+        assert enc.precision_ == ("bfloat16" if native else "float32")
+        assert pickle.loads(pickle.dumps(enc.encoding_plan())).precision == enc.precision_
+        results[native] = enc.transform(images)
+    monkeypatch.setattr(featlearn._torch, "has_fast_bfloat16", lambda device: False)
+    np.testing.assert_array_equal(enc.transform(images), results[True])
     np.testing.assert_array_equal(results[False],
                                   enc.set_params(precision="float32").transform(images))
     np.testing.assert_array_equal(results[True],
                                   enc.set_params(precision="bfloat16").transform(images))
+    assert enc.set_params(precision="auto").encoding_plan().precision == "bfloat16"
+    assert PatchEncoder(**kw).fit(images).precision_ == "float32"
+    with pytest.raises(ValueError, match="resolved"):
+        encoding_kernel.Plan(patch_size=3, stride=1, image_shape=(8, 8, 3), map_shape=(6, 6),
+                             row_bounds=[(0, 6)], col_bounds=[(0, 6)], normalizer="passthrough",
+                             whitener="passthrough", centers=np.zeros((4, 27), np.float32),
+                             activation="triangle", alpha=0.0, pool_op="sum", flip=False,
+                             precision="auto")
 
 
 @pytest.mark.parametrize("activation,compiled", [("triangle", False), ("triangle", True),

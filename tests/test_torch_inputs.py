@@ -3,7 +3,6 @@ and the device names."""
 
 import copy
 import json
-import pickle
 
 import numpy as np
 import pytest
@@ -269,19 +268,12 @@ def test_extract_features_checks_a_dataset_before_writing(enc, nhwc, tmp_path):
 
 # -- the new parameters persist ---------------------------------------------------------------
 
-def test_channels_and_output_round_trip_and_old_models_load(enc_first, nchw, ref, tmp_path):
+def test_channels_and_output_round_trip(enc_first, nchw, ref, tmp_path):
     model = copy.deepcopy(enc_first).set_params(output="torch")
     save_model(model, tmp_path / "m.npz")
     loaded = load_model(tmp_path / "m.npz")
     assert loaded.get_params()["channels"] == "first" and loaded.output == "torch"
     np.testing.assert_array_equal(loaded.transform(nchw).numpy(), ref)
-    # A model saved before these parameters existed reads channels-last and returns numpy.
-    state = enc_first.__getstate__()
-    del state["channels"], state["output"]
-    old = PatchEncoder.__new__(PatchEncoder)
-    old.__setstate__(pickle.loads(pickle.dumps(state)))
-    assert old.get_params()["channels"] == "last" and old.output == "numpy"
-    np.testing.assert_array_equal(old.transform(nchw.transpose(0, 2, 3, 1)), ref)
 
 
 # -- devices ---------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The last stage: a torch MLP classifier that is also the paper's one-vs-all L2-SVM, and a
-convolutional head for pooled spatial maps.
+convolutional head for pooled spatial maps (trained from images by
+:class:`featlearn.StreamingConvClassifier`, in :mod:`featlearn.streaming`).
 
 A two-layer network (the seed work's classifier) and the paper's linear L2-SVM are the same
 model with a different depth and loss, so one estimator owns both; the convolutional head
@@ -18,13 +19,10 @@ overridable step with explicit arguments (tests call them directly):
 ``_data``         views, label codes, sample weights, zero-copy tensors
 ``_conv_estimator`` the convolutional head's estimator: its parameters, fit and input
 ``_conv``         its network, its maps decoded per batch, its epoch and chunked scores
-``_streaming``    the head trained on images encoded per batch with random crop + flip
 """
 
 from ._conv_estimator import TorchConvClassifier
 from ._estimator import TorchMLPClassifier
-from ._streaming import StreamingConvClassifier
 from ._standardize import STANDARDIZE_EPS
 
-__all__ = ["TorchMLPClassifier", "TorchConvClassifier", "StreamingConvClassifier",
-           "STANDARDIZE_EPS"]
+__all__ = ["TorchMLPClassifier", "TorchConvClassifier", "STANDARDIZE_EPS"]

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .._logging import log
-from .._torch import has_fast_bfloat16, make_generator, resolve_device, state_to_cpu
+from .._torch import make_generator, resolve_device, resolve_precision, state_to_cpu
 from . import _stochastic
 from ._standardize import Standardizer
 
@@ -26,9 +26,7 @@ class PrivateStateMixin:
         """Resolve the device and precision and seed the private generator; returns the device."""
         dev = resolve_device(self.device)
         self.device_ = str(dev)
-        self.precision_ = self.precision
-        if self.precision == "auto":
-            self.precision_ = "bfloat16" if has_fast_bfloat16(dev) else "float32"
+        self.precision_ = resolve_precision(self.precision, dev)
         self._rng = make_generator(self.random_state)
         return dev
 

@@ -1,7 +1,7 @@
-"""Tests for the fast k-means paths: mini-batch epochs followed by Lloyd iterations
-(``MiniBatchKMeans(lloyd_iter=...)``), fits that make no pass over all points when
-``compute_labels=False``, the cache-sized CPU chunks, and a k-means++ that picks exactly what the
-straightforward version picks."""
+"""featlearn._kmeans_solvers, the fast k-means paths: mini-batch epochs followed by Lloyd
+iterations (``MiniBatchKMeans(lloyd_iter=...)``), fits that make no pass over all points when
+``compute_labels=False``, the cache-sized CPU chunks and their worker threads, and a k-means++
+that picks exactly what the straightforward version picks."""
 
 import math
 

@@ -1,5 +1,11 @@
-"""The convolutional head trained on images, each mini-batch encoded on the fly with random crop
-+ flip: no feature matrix is ever materialized (the way Thiry et al. train, and the GPU path)."""
+"""Images in, classes out: a meta-estimator over a :class:`featlearn.PatchEncoder` and a
+:class:`featlearn.TorchConvClassifier` head, each mini-batch encoded on the fly with random crop
++ flip, so no feature matrix is ever materialized (the way Thiry et al. train, and the GPU path).
+
+It sits above both stages (datasets -> patches -> preprocessing -> kmeans -> encoding ->
+classifier -> streaming, pipeline): :class:`ImageStream` feeds the head's training loop with
+maps from the encoder's public :meth:`~featlearn.PatchEncoder.encoding_plan`.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +19,14 @@ from sklearn.utils._param_validation import HasMethods, Interval
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 
-from .._logging import log
-from .._torch import make_generator, resolve_device
-from ..patches import check_images, image_input_tags
-from ._conv import MapSource, scores
-from ._conv_estimator import TorchConvClassifier
-from ._data import class_codes
-from ._losses import predict_index, probabilities
+from ._logging import log
+from ._torch import make_generator, resolve_device
+from .classifier import TorchConvClassifier
+from .classifier._conv import MapSource, scores
+from .classifier._data import class_codes
+from .classifier._losses import predict_index, probabilities
+from .encoding import PatchEncoder
+from .patches import check_images, image_input_tags
 
 
 class ImageStream(MapSource):
@@ -35,11 +42,8 @@ class ImageStream(MapSource):
 
     def __init__(self, images, encoder, device, *, n_views=1, crop_padding=0,
                  random_flip=False, generator=None):
-        from .._encoding_kernel import Kernel  # the classifier package sits downstream of encoding
-
-        plan = encoder._plan()
-        batch = min(encoder._batch_size(plan, device), max(1, len(images)))
-        self.kernel = Kernel(plan, device, batch)
+        plan = encoder.encoding_plan()
+        self.kernel = plan.kernel(device, len(images))
         self.X, self.n_views = images, n_views
         self.shape = (plan.per_cell,) + tuple(plan.pooled_shape)
         self.layout = "stream"
@@ -128,13 +132,13 @@ class StreamingConvClassifier(ClassifierMixin, BaseEstimator):
     Examples
     --------
     >>> import numpy as np
-    >>> from featlearn import PatchEncoder, StreamingConvClassifier, TorchConvClassifier
+    >>> from featlearn import KMeans, PatchEncoder, StreamingConvClassifier, TorchConvClassifier
     >>> rng = np.random.default_rng(0)
     >>> y = np.arange(64) % 2
     >>> X = rng.integers(0, 100, (64, 12, 12, 3)).astype(np.uint8)
     >>> X[y == 1, :, :, 0] += 120  # class 1 is redder
-    >>> enc = PatchEncoder(patch_size=4, n_patches=2000, kmeans=16, pooling=2,
-    ...                    device="cpu", random_state=0)
+    >>> enc = PatchEncoder(patch_size=4, n_patches=2000, kmeans=KMeans(16, random_state=0),
+    ...                    pooling=2, device="cpu", random_state=0)
     >>> head = TorchConvClassifier(width=8, max_iter=10, learning_rate_init=0.05,
     ...                            device="cpu", random_state=0)
     >>> clf = StreamingConvClassifier(enc, head, crop_padding=1, random_state=0).fit(X, y)
@@ -195,8 +199,6 @@ class StreamingConvClassifier(ClassifierMixin, BaseEstimator):
         return self
 
     def _components(self):
-        from ..encoding import PatchEncoder
-
         encoder = (PatchEncoder(pool_size=5, pool_stride=3, pool_op="mean")
                    if self.encoder is None else clone(self.encoder))
         if not isinstance(encoder, PatchEncoder):

@@ -8,7 +8,7 @@ import torch
 from sklearn.exceptions import NotFittedError
 
 from featlearn import PatchEncoder, StreamingConvClassifier, TorchConvClassifier
-from featlearn.classifier._streaming import ImageStream
+from featlearn.streaming import ImageStream
 from featlearn.kmeans import MiniBatchKMeans
 from featlearn.persistence import load_model, save_model
 
