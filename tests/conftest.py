@@ -93,6 +93,17 @@ def make_cifar_archive(path, n=4, seed=0):
     return write_cifar_archive(path, cifar_members(n, seed))
 
 
+@pytest.fixture
+def two_threads():
+    """torch at two intra-op threads for the test (the CPU worker-thread paths need > 1)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def images():
     rng = _np.random.RandomState(0)

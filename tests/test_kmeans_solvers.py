@@ -189,14 +189,6 @@ def test_bad_lloyd_iter(heavy):
 
 # ---- CPU worker threads ----------------------------------------------------------------------
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_cpu_workers_set_and_restore_the_thread_count(two_threads):
     cpu = torch.device("cpu")
     with solvers.cpu_workers(cpu):

@@ -66,14 +66,6 @@ def test_check_device_name_does_not_need_the_device():
 
 # ---- chunks handed to worker threads ---------------------------------------------------------
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def _record(made, seen):
     def make_work():
         made.append(1)
