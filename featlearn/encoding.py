@@ -126,7 +126,10 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
     n_jobs : int or None, default=None
         If set, blocks of images are encoded through ``joblib.Parallel(n_jobs)``, so
         ``with joblib.parallel_config(backend="dask"):`` spreads them over a dask cluster.
-        None encodes in this process (torch already uses every core for the GEMMs).
+        None encodes in this process: on the CPU, chunks go to ``torch.get_num_threads()``
+        worker threads of one intra-op thread each, a kernel each, so no op waits at a
+        barrier for a thread that other jobs on the machine have descheduled (torch runs
+        other threads' ops on one thread while a transform lasts).
     random_state : int, RandomState instance or None, default=None
         Seeds the patch sampling and the *default* k-means. A user-supplied ``kmeans`` keeps
         its own ``random_state`` (None stays None): the encoder never rewrites the parameters
