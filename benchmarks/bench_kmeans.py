@@ -175,13 +175,15 @@ def same_batch_contenders(args, n, k):
             rows.append((f"fl-mbk-b{b}-s{seed}", f"featlearn MiniBatchKMeans (batch_size={b}, "
                          f"init={args.mb_init!r}, max_no_improvement={mni}, tol=0, seed {seed})",
                          lambda b=b, seed=seed: MiniBatchKMeans(
-                             k, batch_size=b, init=args.mb_init, max_iter=args.mb_max_iter,
-                             max_no_improvement=mni, tol=0, compute_labels=False,
+                             k, batch_size=b, init=args.mb_init, n_init=1,
+                             max_iter=args.mb_max_iter, max_no_improvement=mni, tol=0,
+                             compute_labels=False,
                              device=args.device, random_state=seed)))
             rows.append((f"sk-mbk-b{b}-s{seed}", f"sklearn MiniBatchKMeans (batch_size={b}, "
                          f"init={args.sk_init!r}, seed {seed})",
                          lambda b=b, seed=seed: SkMBK(k, batch_size=b, init=args.sk_init,
-                                                      compute_labels=False, random_state=seed)))
+                                                      n_init=1, compute_labels=False,
+                                                      random_state=seed)))
     return rows
 
 

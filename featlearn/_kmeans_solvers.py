@@ -19,6 +19,7 @@ import torch
 
 from featlearn._logging import log, progress
 from featlearn._torch import _POOL, _WORKERS, _executor, chunk_size, cpu_workers  # noqa: F401
+from featlearn._torch import n_workers
 from featlearn._torch import over_rows as _over_rows
 
 #: On the CPU a chunk's ``chunk x k`` distance block is sized to stay near a core's L2 cache,
@@ -75,6 +76,8 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
     if chunk is None:
         chunk = _rows_per_chunk(k, d, device, X.element_size())
     chunk = max(1, min(chunk, n))
+    # Rows for every worker: a mini-batch smaller than two chunks is split, not left to one.
+    chunk = max(1, min(chunk, -(-n // n_workers(device))))
     c_sq = (C * C).sum(1)
     Ct = C.t()
     labels = torch.empty(n, dtype=torch.int64, device=device)

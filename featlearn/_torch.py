@@ -222,10 +222,16 @@ def _executor(workers: int) -> ThreadPoolExecutor:
         return _POOL["executor"]
 
 
+def n_workers(device: torch.device) -> int:
+    """Worker threads :func:`over_rows` and :func:`over_chunks` use here (1 outside
+    :func:`cpu_workers` or off the CPU)."""
+    return getattr(_WORKERS, "n", 1) if device.type == "cpu" else 1
+
+
 def over_rows(n: int, chunk: int, work, device: torch.device) -> None:
     """Call ``work(start, stop)`` over ``[0, n)`` split into chunk-aligned ranges: one per
     worker inside :func:`cpu_workers` on the CPU (when there are chunks enough), else one."""
-    workers = getattr(_WORKERS, "n", 1) if device.type == "cpu" else 1
+    workers = n_workers(device)
     n_chunks = -(-n // chunk)
     workers = min(workers, n_chunks)
     if workers <= 1:
@@ -247,7 +253,7 @@ def over_chunks(n: int, chunk: int, make_work, device: torch.device) -> None:
     machine's other jobs slow down does fewer chunks instead of holding the pass back. An error
     in one worker stops the others at their next chunk and is raised here.
     """
-    workers = min(getattr(_WORKERS, "n", 1) if device.type == "cpu" else 1, -(-n // chunk))
+    workers = min(n_workers(device), -(-n // chunk))
     if workers <= 1:
         work = make_work()
         for s in range(0, n, chunk):

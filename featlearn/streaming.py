@@ -10,6 +10,7 @@ maps from the encoder's public :meth:`~featlearn.PatchEncoder.encoding_plan`.
 from __future__ import annotations
 
 import numbers
+import threading
 import time
 
 import numpy as np
@@ -20,7 +21,7 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 
 from ._logging import log
-from ._torch import make_generator, resolve_device
+from ._torch import cpu_workers, make_generator, over_chunks, resolve_device
 from .classifier import TorchConvClassifier
 from .classifier._conv import MapSource, scores
 from .classifier._data import class_codes
@@ -37,13 +38,16 @@ class ImageStream(MapSource):
     image), as in :class:`MapSource`. With ``crop_padding=p`` each image is padded with ``p``
     zero pixels on every side and a random window of its own size cut from it; with
     ``random_flip`` it is mirrored with probability 1/2. Offsets and flips are drawn from
-    ``generator``, so a seeded run is repeatable.
+    ``generator``, so a seeded run is repeatable. On a multi-core CPU a batch's chunks are
+    encoded by worker threads of one intra-op thread each (as ``PatchEncoder.transform``
+    does), every worker with a kernel of its own, kept for the next batches.
     """
 
     def __init__(self, images, encoder, device, *, n_views=1, crop_padding=0,
                  random_flip=False, generator=None):
         plan = encoder.encoding_plan()
         self.kernel = plan.kernel(device, len(images))
+        self.kernels, self.lock = [self.kernel], threading.Lock()  # idle kernels, for workers
         self.X, self.n_views = images, n_views
         self.shape = (plan.per_cell,) + tuple(plan.pooled_shape)
         self.layout = "stream"
@@ -67,15 +71,29 @@ class ImageStream(MapSource):
         if mirror.any():
             images = images.copy()
             images[mirror] = images[mirror][:, :, ::-1]
-        C, h, w = self.shape
-        k = self.kernel
-        out = torch.empty((len(rows), C, h, w), dtype=torch.float32, device=device)
-        with torch.no_grad():
-            for s in range(0, len(rows), k.batch):
-                cells = k.encode(images[s:s + k.batch])  # (b, h*w, C): the kernel's buffers
-                out[s:s + cells.shape[0]].copy_(
-                    cells.reshape(-1, h, w, C).permute(0, 3, 1, 2).to(device))
+        out = torch.empty((len(rows),) + self.shape, dtype=torch.float32, device=device)
+        busy = []  # the kernels this batch's workers took from the idle list
+
+        def make_work():
+            with self.lock:
+                k = self.kernels.pop() if self.kernels else self.kernel.plan.kernel(
+                    self.kernel.device, batch=self.kernel.batch)
+                busy.append(k)
+            return lambda s, e: self._encode(k, images[s:e], out[s:e])
+
+        try:
+            with cpu_workers(self.kernel.device):
+                over_chunks(len(rows), self.kernel.batch, make_work, self.kernel.device)
+        finally:
+            with self.lock:
+                self.kernels.extend(busy)
         return out
+
+    def _encode(self, kernel, images, out):
+        C, h, w = self.shape
+        with torch.no_grad():  # thread-local: entered in the worker itself
+            cells = kernel.encode(images)  # (b, h*w, C): the kernel's buffers
+            out.copy_(cells.reshape(-1, h, w, C).permute(0, 3, 1, 2).to(out.device))
 
     def _crop(self, images):
         p = self.crop_padding

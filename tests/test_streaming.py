@@ -60,6 +60,21 @@ def test_stream_without_augmentation_is_the_encoders_map(data):
     assert stream.shape == maps.shape[1:] and stream.n_rows == 2 * len(X)
 
 
+def test_stream_worker_threads_encode_the_single_thread_maps(data, two_threads):
+    # Batches split between worker threads (a kernel each, kept for the next batch) give the
+    # maps one thread gives, whichever worker takes which chunk.
+    (X, _), _ = data
+    enc = encoder(layout="map", batch_size=3).fit(X)
+    stream = ImageStream(X, enc, torch.device("cpu"), n_views=2)
+    rows = np.arange(0, 2 * len(X), 3)
+    workers = [stream.batch(rows, torch.device("cpu")) for _ in range(2)]
+    assert len(stream.kernels) == 2  # one per worker, back in the idle list
+    torch.set_num_threads(1)
+    single = stream.batch(rows, torch.device("cpu"))
+    for got in workers:
+        assert torch.equal(got, single)
+
+
 def test_crop_cuts_a_window_of_the_zero_padded_image(data):
     (X, _), _ = data
     enc = encoder().fit(X)
