@@ -22,8 +22,8 @@ COMPILE_DEVICES = frozenset({"cpu", "cuda"})
 #: Specialisations allowed per kernel before dynamo stops compiling it: every encoder
 #: configuration (grid, stride, activation, chunk shape) is one, and a grid search visits many.
 _RECOMPILE_LIMIT = 64
-#: Held for a kernel's first call (its compilation): dynamo compiles one graph at a time, and
-#: the encoder's worker threads each build a kernel of the same graph at the same moment.
+#: Held for a kernel's first call (its compilation): the encoder's worker threads share one
+#: kernel and call it at the same moment; the first compiles, the others wait for its graph.
 _FIRST_CALL = threading.Lock()
 
 
@@ -46,7 +46,10 @@ class CompiledKernel:
 
     def __call__(self, *args):
         if not self._warm:
-            with _FIRST_CALL:  # later workers find the graph compiled and cached
+            # The recompile limit only matters when dynamo compiles, which a kernel's later
+            # calls (same shapes) do not: patching dynamo's global config there from several
+            # threads at once could leave it changed.
+            with _FIRST_CALL, torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
                 result = self._call(*args)
             self._warm = True
             return result
@@ -59,8 +62,7 @@ class CompiledKernel:
             if self._compiled is None:
                 extra = {"options": self.options} if self.options else {"mode": self.mode}
                 self._compiled = torch.compile(self.eager, dynamic=False, **extra)
-            with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-                return self._compiled(*args)
+            return self._compiled(*args)
         except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
             self.failed = True
             first = (str(exc).strip().splitlines() or [""])[0][:200]
