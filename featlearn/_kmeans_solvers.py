@@ -76,8 +76,10 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
     if chunk is None:
         chunk = _rows_per_chunk(k, d, device, X.element_size())
     chunk = max(1, min(chunk, n))
-    # Rows for every worker: a mini-batch smaller than two chunks is split, not left to one.
-    chunk = max(1, min(chunk, -(-n // n_workers(device))))
+    # Equal whole chunks for every worker: a mini-batch of a few chunks is split evenly, not
+    # left to one worker or split 2:1.
+    workers = n_workers(device)
+    chunk = max(1, -(-n // (workers * -(-n // (chunk * workers)))))
     c_sq = (C * C).sum(1)
     Ct = C.t()
     labels = torch.empty(n, dtype=torch.int64, device=device)
