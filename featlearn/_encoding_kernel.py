@@ -136,10 +136,18 @@ class Plan:
         :meth:`chunk_images`), no more than ``n_images`` when given: its buffers are allocated
         once, and ``kernel.encode(chunk)`` returns the chunk's pooled features there."""
         device = resolve_device(device)
+        return Kernel(self, device, self._batch(device, n_images, batch, compiled),
+                      compiled=compiled)
+
+    def kernel_pool(self, device, n_images=None, *, batch=None, compiled=False) -> "KernelPool":
+        """The kernels of :meth:`kernel` for worker threads, one per worker (:class:`KernelPool`)."""
+        device = resolve_device(device)
+        return KernelPool(self, device, self._batch(device, n_images, batch, compiled),
+                          compiled=compiled)
+
+    def _batch(self, device, n_images, batch, compiled):
         batch = self.chunk_images(device, compiled) if batch is None else int(batch)
-        if n_images is not None:
-            batch = min(batch, max(1, int(n_images)))
-        return Kernel(self, device, batch, compiled=compiled)
+        return batch if n_images is None else min(batch, max(1, int(n_images)))
 
 
 class Kernel:
@@ -148,8 +156,7 @@ class Kernel:
     With ``compiled``, the activation and pooling run through one compiled graph specialised
     on the full chunk shape: a short last chunk is padded (its extra rows hold the previous
     chunk's products and are dropped), so every image passes through the same code. The kernels
-    of one transform's worker threads share their compiled graphs (``graphs=first.graphs``):
-    one compilation, and one warning if it fails.
+    of a :class:`KernelPool` share their compiled graphs (``graphs=``).
     """
 
     def __init__(self, plan: Plan, device: torch.device, batch: int, compiled: bool = False,
@@ -306,44 +313,68 @@ class Kernel:
         return torch.from_numpy(np.ascontiguousarray(res, dtype=np.float32)).to(self.device)
 
 
-def encode_into(plan, X, out, device, batch, progress=None, compiled=False):
-    """Encode ``X`` chunk by chunk straight into the preallocated ``out`` rows.
+class KernelPool:
+    """:class:`Kernel` s of one plan for the worker threads of :func:`featlearn._torch.cpu_workers`:
+    :meth:`over_chunks` gives each worker a kernel of its own (an idle one, else a new one that
+    shares the first one's compiled graphs: one compilation, one warning if it fails) and keeps
+    them idle for the next call.
 
-    On a multi-core CPU the chunks go to worker threads of one intra-op thread each, every
-    worker with its own :class:`Kernel` (:func:`featlearn._torch.over_chunks`): an encoding
-    chunk is dozens of small ops, and torch's per-op OpenMP barriers make a busy machine wait
-    for a descheduled thread at every one of them; independent chunks never wait for each
-    other.
+    Why workers: an encoding chunk is dozens of small ops, and torch's per-op OpenMP barriers
+    make a busy machine wait for a descheduled thread at every one of them; chunks on workers of
+    one intra-op thread each never wait for each other.
     """
-    device = resolve_device(device)
+
+    def __init__(self, plan: Plan, device: torch.device, batch: int, compiled: bool = False):
+        self.plan, self.device, self.batch, self.compiled = plan, device, batch, compiled
+        self.idle, self._graphs, self._lock = [], None, threading.Lock()
+
+    def _take(self) -> Kernel:
+        with self._lock:
+            if self.idle:
+                return self.idle.pop()
+            kernel = Kernel(self.plan, self.device, self.batch, compiled=self.compiled,
+                            graphs=self._graphs)
+            self._graphs = kernel.graphs
+            return kernel
+
+    def over_chunks(self, n: int, fn) -> None:
+        """``fn(kernel, start, stop)`` for every chunk of ``[0, n)``, on the CPU's worker
+        threads (one kernel each), else here with one kernel."""
+        taken = []
+
+        def make_work():
+            kernel = self._take()
+            taken.append(kernel)
+            return lambda s, e: fn(kernel, s, e)
+
+        try:
+            with cpu_workers(self.device):
+                over_chunks(n, self.batch, make_work, self.device)
+        finally:
+            with self._lock:
+                self.idle.extend(taken)
+
+
+def encode_into(plan, X, out, device, batch, progress=None, compiled=False):
+    """Encode ``X`` chunk by chunk straight into the preallocated ``out`` rows (on the CPU's
+    worker threads: :class:`KernelPool`)."""
     n = X.shape[0]
     if n == 0:
         return out
-    batch = min(batch, n)
     out_t = cells_view(torch.from_numpy(out), plan)
     lock = threading.Lock()
 
-    first = []  # the first worker's kernel, whose compiled graphs the others share
+    def work(kernel, s, e):
+        chunk = X[s:e]
+        with torch.inference_mode():  # thread-local: entered in the worker itself
+            out_t[s:e, 0].copy_(kernel.encode(chunk))
+            if plan.flip:
+                out_t[s:e, 1].copy_(kernel.encode(chunk[:, :, ::-1]))
+        if progress is not None:
+            with lock:
+                progress.update(e - s)
 
-    def make_work():
-        with lock:
-            kernel = Kernel(plan, device, batch, compiled=compiled,
-                            graphs=first[0].graphs if first else None)
-            first.append(kernel)
-
-        def work(s, e):
-            chunk = X[s:e]
-            with torch.inference_mode():  # thread-local: entered in the worker itself
-                out_t[s:e, 0].copy_(kernel.encode(chunk))
-                if plan.flip:
-                    out_t[s:e, 1].copy_(kernel.encode(chunk[:, :, ::-1]))
-            if progress is not None:
-                with lock:
-                    progress.update(e - s)
-        return work
-
-    with cpu_workers(device):
-        over_chunks(n, batch, make_work, device)
+    plan.kernel_pool(device, n, batch=batch, compiled=compiled).over_chunks(n, work)
     return out
 
 

@@ -173,8 +173,8 @@ def _tolerance(X: torch.Tensor, tol: float, chunk: int = 16384) -> float:
 
     Two passes over row chunks (column sums, then the summed squared deviations as one dot
     product per chunk, accumulated in float64): contiguous reads and one BLAS call per chunk
-    rather than ``X.var(0)``'s reduction per column, and as accurate as a threshold needs. ``tol=0`` (scikit-learn's default for mini-batches)
-    skips both passes.
+    rather than ``X.var(0)``'s reduction per column, and as accurate as a threshold needs.
+    ``tol=0`` (scikit-learn's default for mini-batches) skips both passes.
     """
     n, d = X.shape
     if tol == 0 or n < 2:

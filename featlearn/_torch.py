@@ -243,7 +243,6 @@ def over_rows(n: int, chunk: int, work, device: torch.device) -> None:
         f.result()
 
 
-
 def over_chunks(n: int, chunk: int, make_work, device: torch.device) -> None:
     """Call ``work(start, stop)`` for every chunk ``[s, s + chunk)`` of ``[0, n)``, where each
     worker of :func:`cpu_workers` builds its own ``work = make_work()`` once (its buffers) and

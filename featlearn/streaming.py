@@ -10,7 +10,6 @@ maps from the encoder's public :meth:`~featlearn.PatchEncoder.encoding_plan`.
 from __future__ import annotations
 
 import numbers
-import threading
 import time
 
 import numpy as np
@@ -21,7 +20,7 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 
 from ._logging import log
-from ._torch import cpu_workers, make_generator, over_chunks, resolve_device
+from ._torch import make_generator, resolve_device
 from .classifier import TorchConvClassifier
 from .classifier._conv import MapSource, scores
 from .classifier._data import class_codes
@@ -46,8 +45,7 @@ class ImageStream(MapSource):
     def __init__(self, images, encoder, device, *, n_views=1, crop_padding=0,
                  random_flip=False, generator=None):
         plan = encoder.encoding_plan()
-        self.kernel = plan.kernel(device, len(images))
-        self.kernels, self.lock = [self.kernel], threading.Lock()  # idle kernels, for workers
+        self.kernels = plan.kernel_pool(device, len(images))
         self.X, self.n_views = images, n_views
         self.shape = (plan.per_cell,) + tuple(plan.pooled_shape)
         self.layout = "stream"
@@ -72,21 +70,8 @@ class ImageStream(MapSource):
             images = images.copy()
             images[mirror] = images[mirror][:, :, ::-1]
         out = torch.empty((len(rows),) + self.shape, dtype=torch.float32, device=device)
-        busy = []  # the kernels this batch's workers took from the idle list
-
-        def make_work():
-            with self.lock:
-                k = self.kernels.pop() if self.kernels else self.kernel.plan.kernel(
-                    self.kernel.device, batch=self.kernel.batch)
-                busy.append(k)
-            return lambda s, e: self._encode(k, images[s:e], out[s:e])
-
-        try:
-            with cpu_workers(self.kernel.device):
-                over_chunks(len(rows), self.kernel.batch, make_work, self.kernel.device)
-        finally:
-            with self.lock:
-                self.kernels.extend(busy)
+        self.kernels.over_chunks(len(rows),
+                                 lambda k, s, e: self._encode(k, images[s:e], out[s:e]))
         return out
 
     def _encode(self, kernel, images, out):

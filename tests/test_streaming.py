@@ -68,7 +68,7 @@ def test_stream_worker_threads_encode_the_single_thread_maps(data, two_threads):
     stream = ImageStream(X, enc, torch.device("cpu"), n_views=2)
     rows = np.arange(0, 2 * len(X), 3)
     workers = [stream.batch(rows, torch.device("cpu")) for _ in range(2)]
-    assert len(stream.kernels) == 2  # one per worker, back in the idle list
+    assert len(stream.kernels.idle) == 2  # one per worker, back in the idle list
     torch.set_num_threads(1)
     single = stream.batch(rows, torch.device("cpu"))
     for got in workers:
