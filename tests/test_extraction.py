@@ -541,6 +541,15 @@ def _wait_for_workers(proc, n, timeout=120):
     raise AssertionError("the workers did not start")
 
 
+def _running(psutil, proc):
+    """Whether `proc` still runs: an orphaned worker that exited stays a zombie until PID 1 reaps
+    it, which in a container may be never; it holds no resources and runs no code."""
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _done_chunks_count(out):
     try:
         return len(read_manifest(out)["chunks"])
@@ -566,6 +575,7 @@ def test_killed_parallel_job_leaves_no_worker_alive(encoder, tmp_path, sig):
     os.kill(proc.pid, sig)
     proc.wait(timeout=60)  # not communicate(): a surviving worker would hold the pipes open
     gone, alive = psutil.wait_procs(kids, timeout=30)
+    alive = [p for p in alive if _running(psutil, p)]
     for p in alive:  # clean up before failing
         p.kill()
     assert not alive, [p.cmdline() for p in alive]
