@@ -62,6 +62,8 @@ SAFE_CLASSES = (
     ("sklearn.pipeline.Pipeline", "sklearn.pipeline:Pipeline"),
     ("sklearn.preprocessing.StandardScaler", "sklearn.preprocessing:StandardScaler"),
     ("sklearn.decomposition.PCA", "sklearn.decomposition:PCA"),
+    # make_coates_pipeline(ensemble=N): seed copies of a classifier, probabilities averaged
+    ("sklearn.ensemble.BaggingClassifier", "sklearn.ensemble:BaggingClassifier"),
     *((f"torch.nn.{name}", f"torch.nn:{name}") for name in (
         "Sequential", "Linear", "ReLU", "LeakyReLU", "Tanh", "Sigmoid", "Identity", "Dropout",
         "BatchNorm1d", "BatchNorm2d", "Conv2d", "Flatten", "AdaptiveAvgPool2d", "MaxPool2d",

@@ -55,7 +55,8 @@ MLP_PARAMS = dict(hidden_layer_sizes=(512,), loss="cross_entropy", dropout=0.5, 
 
 
 def make_coates_pipeline(n_centroids=1600, *, classifier="mlp", augment=None, power=None,
-                         memory=None, device="auto", random_state=0, verbose=0, **stage_params):
+                         ensemble=None, memory=None, device="auto", random_state=0, verbose=0,
+                         **stage_params):
     """Build the Coates-Ng pipeline: ``PatchEncoder`` -> classifier, as a plain ``Pipeline``.
 
     Parameters
@@ -78,6 +79,12 @@ def make_coates_pipeline(n_centroids=1600, *, classifier="mlp", augment=None, po
         Adds a ``("power", PowerNormalizer(power))`` step between the encoder and the
         classifier: signed power normalization of the pooled features (0.5: signed square
         root).
+    ensemble : int >= 1 or None, default=None
+        Train this many copies of the classifier, each with its own seed, on the same features
+        and average their predicted probabilities: the classifier step becomes scikit-learn's
+        ``BaggingClassifier(classifier, n_estimators=ensemble, bootstrap=False)`` (every copy
+        sees every sample once; only the seeds differ), so the classifier's own parameters are
+        ``classifier__estimator__...``. Not with ``"stream"``.
     memory : str, joblib.Memory or None
         ``Pipeline(memory=)``: caches the fitted encoder and the training features, so refitting
         with only classifier parameters changed skips the encoding.
@@ -129,7 +136,13 @@ def make_coates_pipeline(n_centroids=1600, *, classifier="mlp", augment=None, po
         kmeans=KMeans(n_clusters=n_centroids, device=device, random_state=random_state,
                       verbose=verbose),
         flip=augment == "flip", device=device, random_state=random_state, verbose=verbose)
+    if ensemble is not None and (isinstance(ensemble, bool) or not isinstance(ensemble, int)
+                                 or ensemble < 1):
+        raise ValueError(f"ensemble must be None or an integer >= 1, got {ensemble!r}")
     if classifier == "stream" or isinstance(classifier, StreamingConvClassifier):
+        if ensemble is not None:
+            raise ValueError("ensemble does not apply to classifier='stream', which trains one "
+                             "head on images encoded per batch")
         return _streaming_pipeline(classifier, encoder, augment=augment, power=power,
                                    memory=memory, device=device, random_state=random_state,
                                    verbose=verbose, stage_params=stage_params)
@@ -147,6 +160,8 @@ def make_coates_pipeline(n_centroids=1600, *, classifier="mlp", augment=None, po
                 raise ValueError("augment='flip' needs a classifier with an n_views parameter "
                                  "(e.g. TorchMLPClassifier)")
             clf.set_params(n_views=n_views)
+    if ensemble is not None:
+        clf = seed_ensemble(clf, ensemble, random_state)
     steps = [("encoder", encoder), ("classifier", clf)]
     if power is not None:
         from featlearn.preprocessing import PowerNormalizer
@@ -156,6 +171,17 @@ def make_coates_pipeline(n_centroids=1600, *, classifier="mlp", augment=None, po
     if stage_params:
         pipe.set_params(**stage_params)
     return pipe
+
+
+def seed_ensemble(classifier, n_estimators, random_state=0):
+    """``n_estimators`` copies of ``classifier`` that differ only in their seeds, trained on the
+    same rows, their predicted probabilities averaged: scikit-learn's ``BaggingClassifier``
+    without resampling (each copy gets all-equal sample weights, which featlearn's classifiers
+    treat as no weights)."""
+    from sklearn.ensemble import BaggingClassifier
+
+    return BaggingClassifier(classifier, n_estimators=n_estimators, max_samples=1.0,
+                             bootstrap=False, random_state=random_state)
 
 
 def _streaming_pipeline(classifier, encoder, *, augment, power, memory, device, random_state,
@@ -430,7 +456,7 @@ def _inherit(pipe, key, spec, top):
 def _check_top_types(top):
     checks = {
         "n_centroids": (int,), "classifier": (str,), "augment": (str, type(None)),
-        "power": (int, float, type(None)),
+        "power": (int, float, type(None)), "ensemble": (int, type(None)),
         "memory": (str, type(None)), "device": (str, type(None)),
         "random_state": (int, type(None)), "verbose": (int,),
     }
@@ -438,7 +464,8 @@ def _check_top_types(top):
         types = checks.get(key)
         if types is None or (key == "classifier" and hasattr(value, "get_params")):
             continue  # an estimator built from an allowed {"class": ...} object
-        bad_bool = isinstance(value, bool) and key in ("n_centroids", "random_state", "power")
+        bad_bool = isinstance(value, bool) and key in ("n_centroids", "random_state", "power",
+                                                           "ensemble")
         if bad_bool or not isinstance(value, types):
             words = {int: "a number" if float in types else "an integer", float: "a number",
                      str: "a string", type(None): "null"}

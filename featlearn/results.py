@@ -189,19 +189,27 @@ def plot_centroids(encoder, path, max_tiles=400):
 
 
 def plot_learning_curve(clf, path, title=""):
+    """The training loss per epoch (and validation accuracy, when recorded) of ``clf``, or of
+    each member of a seed ensemble (``make_coates_pipeline(ensemble=N)``)."""
     import matplotlib.pyplot as plt
 
+    members = getattr(clf, "estimators_", None) or [clf]
     fig, ax = plt.subplots(figsize=(6, 4))
-    loss = getattr(clf, "loss_curve_", None)
-    if loss:
-        ax.plot(np.arange(1, len(loss) + 1), loss, label="training loss")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("loss")
-    val = getattr(clf, "validation_scores_", None)
-    if val:
-        ax2 = ax.twinx()
-        ax2.plot(np.arange(1, len(val) + 1), val, color="tab:orange", label="validation accuracy")
-        ax2.set_ylabel("validation accuracy")
+    ax2 = None
+    for i, member in enumerate(members):
+        which = f" (member {i + 1})" if len(members) > 1 else ""
+        loss = getattr(member, "loss_curve_", None)
+        if loss:
+            ax.plot(np.arange(1, len(loss) + 1), loss, label="training loss" + which)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("loss")
+        val = getattr(member, "validation_scores_", None)
+        if val:
+            ax2 = ax2 or ax.twinx()
+            ax2.plot(np.arange(1, len(val) + 1), val, linestyle="--",
+                     label="validation accuracy" + which)
+            ax2.set_ylabel("validation accuracy")
+    if ax2 is not None:
         ax2.legend(loc="lower right")
     ax.legend(loc="upper right")
     ax.set_title(f"{title} learning curve")

@@ -117,6 +117,24 @@ def test_full_pipeline_round_trip(images, labels, classifier, tmp_path):
     assert all(isinstance(p, torch.nn.Parameter) for p in b.parameters())
 
 
+def test_seed_ensemble_round_trip(images, labels, tmp_path):
+    from featlearn.pipeline import make_coates_pipeline
+
+    pipe = make_coates_pipeline(n_centroids=8, ensemble=2, device="cpu", encoder__patch_size=3,
+                                encoder__n_patches=500, classifier__estimator__max_iter=3)
+    pipe.fit(images, labels)
+    path = tmp_path / "ensemble.npz"
+    save_model(pipe, path)
+    assert read_doc(path)["model"]["params"]["steps"]  # readable, not a pickle
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reloaded = load_model(path)
+    assert type(reloaded[-1]).__name__ == "BaggingClassifier"
+    assert len(reloaded[-1].estimators_) == 2
+    np.testing.assert_array_equal(reloaded.predict_proba(images), pipe.predict_proba(images))
+    assert model_fingerprint(reloaded) == model_fingerprint(pipe)
+
+
 def test_generic_values_round_trip(tmp_path):
     """Tuples, non-str keys, numpy scalars/dtypes, bfloat16 tensors, devices, sklearn stages."""
     from featlearn.preprocessing import ZCAWhitening

@@ -88,6 +88,41 @@ def test_flip_augmentation_doubles_views_not_rows():
     assert proba.shape == (len(X), 2) and np.allclose(proba.sum(1), 1)
 
 
+def test_seed_ensemble_averages_members_that_differ_only_in_their_seeds():
+    from sklearn.ensemble import BaggingClassifier
+
+    X, y = tiny_images()
+    encoder = {k: v for k, v in TINY.items() if k.startswith("encoder__")}
+    pipe = make_coates_pipeline(12, augment="flip", ensemble=3, classifier__estimator__max_iter=5,
+                                **encoder)
+    ens = pipe.named_steps["classifier"]
+    assert isinstance(ens, BaggingClassifier) and ens.n_estimators == 3 and not ens.bootstrap
+    assert ens.estimator.n_views == 2  # flip reached the members
+    pipe.fit(X, y)
+    members = ens.estimators_
+    assert len({m.random_state for m in members}) == 3
+    for m in members:  # each member saw every sample: the same fit as alone with its seed
+        assert m.n_views == 2 and m.max_iter == 5
+    F = pipe.named_steps["encoder"].transform(X)
+    alone = clone(members[0]).fit(F, y)
+    np.testing.assert_allclose(alone.predict_proba(F), members[0].predict_proba(F), atol=1e-6)
+    expected = np.mean([m.predict_proba(F) for m in members], axis=0)
+    np.testing.assert_allclose(pipe.predict_proba(X), expected, atol=1e-6)
+    again = clone(pipe).fit(X, y)
+    np.testing.assert_array_equal(again.predict_proba(X), pipe.predict_proba(X))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "3"])
+def test_seed_ensemble_size_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match="ensemble must be None or an integer >= 1"):
+        make_coates_pipeline(ensemble=bad)
+
+
+def test_seed_ensemble_refuses_the_streaming_classifier():
+    with pytest.raises(ValueError, match="ensemble does not apply to classifier='stream'"):
+        make_coates_pipeline(classifier="stream", ensemble=2)
+
+
 def test_pipeline_memory_skips_encoding_when_only_the_classifier_changes(tmp_path, monkeypatch):
     X, y = tiny_images()
     calls = {"fit": 0}
@@ -322,6 +357,10 @@ def test_missing_file_folder_and_bad_names(tmp_path):
     ({"classifier": "svmm"}, "classifier must be"),
     ({"classifier": {"class": "ZCAWhitening"}}, "'classifier' does not take an estimator"),
     ({"augment": "mirror"}, "augment must be"),
+    ({"ensemble": 0}, "ensemble must be None or an integer >= 1"),
+    ({"ensemble": True}, "'ensemble' must be an integer"),
+    ({"ensemble": 2, "classifier__dropout": 0.1},
+     "'classifier__dropout' \\(did you mean 'classifier__estimator__dropout'"),
     ({"device": "gpu"}, "unknown device 'gpu'.*\"cuda:N\""),
     ({"encoder__whitener": {"class": "ZCAWhitening", "params": {"eps": -1}}},
      "'encoder__whitener__eps'.*Got -1"),
