@@ -41,7 +41,8 @@ def main(argv=None):
     from sklearn.base import clone
     from sklearn.model_selection import train_test_split
 
-    from featlearn.pipeline import build_pipeline, load_config, seed_ensemble
+    from featlearn.classifier import SeedEnsembleClassifier
+    from featlearn.pipeline import build_pipeline, load_config
     from featlearn.reproduce import encode_cached
 
     ap = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
@@ -82,7 +83,7 @@ def main(argv=None):
         trial = clone(pipe).set_params(**params)
         clf = trial.named_steps["classifier"]
         if args.ensemble:
-            clf = seed_ensemble(clf, args.ensemble, random_state=0)
+            clf = SeedEnsembleClassifier(clf, n_estimators=args.ensemble, random_state=0)
         t0 = time.perf_counter()
         clf.fit(F[idx_fit], y_train[idx_fit])
         fit_s = time.perf_counter() - t0
@@ -111,7 +112,7 @@ def main(argv=None):
 
 def _ensemble_curve(clf, F_val, y_val):
     """``[(accuracy of member m, accuracy of members 1..m averaged), ...]`` of a seed ensemble
-    (a BaggingClassifier, whose members predict its ``classes_`` in order); [] otherwise."""
+    (a SeedEnsembleClassifier, whose members predict its ``classes_`` in order); [] otherwise."""
     members = getattr(clf, "estimators_", None)
     if not members:
         return []

@@ -16,7 +16,8 @@ module                     public names                     stage
 ``featlearn.encoding``     ``PatchEncoder``,                dense encoding and pooling
                            ``ScaleWarning``
 ``featlearn.classifier``   ``TorchMLPClassifier``,          MLP / L2-SVM, convolutional head
-                           ``TorchConvClassifier``          on spatial maps (torch)
+                           ``TorchConvClassifier``,         on spatial maps (torch), seed
+                           ``SeedEnsembleClassifier``       ensembles of either
 ``featlearn.streaming``    ``StreamingConvClassifier``      encoder + conv head trained on
                                                             images encoded per batch
 ``featlearn.pipeline``     ``make_coates_pipeline``         composition
@@ -46,6 +47,7 @@ _LAZY = {
     "ScaleWarning": "encoding",
     "TorchMLPClassifier": "classifier",
     "TorchConvClassifier": "classifier",
+    "SeedEnsembleClassifier": "classifier",
     "StreamingConvClassifier": "streaming",
     "make_coates_pipeline": "pipeline",
     "extract_features": "extraction",

@@ -59,11 +59,10 @@ SAFE_CLASSES = (
     ("featlearn.TorchMLPClassifier", "featlearn.classifier:TorchMLPClassifier"),
     ("featlearn.TorchConvClassifier", "featlearn.classifier:TorchConvClassifier"),
     ("featlearn.StreamingConvClassifier", "featlearn.streaming:StreamingConvClassifier"),
+    ("featlearn.SeedEnsembleClassifier", "featlearn.classifier:SeedEnsembleClassifier"),
     ("sklearn.pipeline.Pipeline", "sklearn.pipeline:Pipeline"),
     ("sklearn.preprocessing.StandardScaler", "sklearn.preprocessing:StandardScaler"),
     ("sklearn.decomposition.PCA", "sklearn.decomposition:PCA"),
-    # make_coates_pipeline(ensemble=N): seed copies of a classifier, probabilities averaged
-    ("sklearn.ensemble.BaggingClassifier", "sklearn.ensemble:BaggingClassifier"),
     *((f"torch.nn.{name}", f"torch.nn:{name}") for name in (
         "Sequential", "Linear", "ReLU", "LeakyReLU", "Tanh", "Sigmoid", "Identity", "Dropout",
         "BatchNorm1d", "BatchNorm2d", "Conv2d", "Flatten", "AdaptiveAvgPool2d", "MaxPool2d",

@@ -81,10 +81,9 @@ def make_coates_pipeline(n_centroids=1600, *, classifier="mlp", augment=None, po
         root).
     ensemble : int >= 1 or None, default=None
         Train this many copies of the classifier, each with its own seed, on the same features
-        and average their predicted probabilities: the classifier step becomes scikit-learn's
-        ``BaggingClassifier(classifier, n_estimators=ensemble, bootstrap=False)`` (every copy
-        sees every sample once; only the seeds differ), so the classifier's own parameters are
-        ``classifier__estimator__...``. Not with ``"stream"``.
+        and average their predicted probabilities: the classifier step becomes
+        ``SeedEnsembleClassifier(classifier, n_estimators=ensemble)``, so the classifier's own
+        parameters are ``classifier__estimator__...``. Not with ``"stream"``.
     memory : str, joblib.Memory or None
         ``Pipeline(memory=)``: caches the fitted encoder and the training features, so refitting
         with only classifier parameters changed skips the encoding.
@@ -161,7 +160,9 @@ def make_coates_pipeline(n_centroids=1600, *, classifier="mlp", augment=None, po
                                  "(e.g. TorchMLPClassifier)")
             clf.set_params(n_views=n_views)
     if ensemble is not None:
-        clf = seed_ensemble(clf, ensemble, random_state)
+        from featlearn.classifier import SeedEnsembleClassifier
+
+        clf = SeedEnsembleClassifier(clf, n_estimators=ensemble, random_state=random_state)
     steps = [("encoder", encoder), ("classifier", clf)]
     if power is not None:
         from featlearn.preprocessing import PowerNormalizer
@@ -171,17 +172,6 @@ def make_coates_pipeline(n_centroids=1600, *, classifier="mlp", augment=None, po
     if stage_params:
         pipe.set_params(**stage_params)
     return pipe
-
-
-def seed_ensemble(classifier, n_estimators, random_state=0):
-    """``n_estimators`` copies of ``classifier`` that differ only in their seeds, trained on the
-    same rows, their predicted probabilities averaged: scikit-learn's ``BaggingClassifier``
-    without resampling (each copy gets all-equal sample weights, which featlearn's classifiers
-    treat as no weights)."""
-    from sklearn.ensemble import BaggingClassifier
-
-    return BaggingClassifier(classifier, n_estimators=n_estimators, max_samples=1.0,
-                             bootstrap=False, random_state=random_state)
 
 
 def _streaming_pipeline(classifier, encoder, *, augment, power, memory, device, random_state,

@@ -129,7 +129,7 @@ def test_seed_ensemble_round_trip(images, labels, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         reloaded = load_model(path)
-    assert type(reloaded[-1]).__name__ == "BaggingClassifier"
+    assert type(reloaded[-1]).__name__ == "SeedEnsembleClassifier"
     assert len(reloaded[-1].estimators_) == 2
     np.testing.assert_array_equal(reloaded.predict_proba(images), pipe.predict_proba(images))
     assert model_fingerprint(reloaded) == model_fingerprint(pipe)

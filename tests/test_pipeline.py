@@ -89,14 +89,14 @@ def test_flip_augmentation_doubles_views_not_rows():
 
 
 def test_seed_ensemble_averages_members_that_differ_only_in_their_seeds():
-    from sklearn.ensemble import BaggingClassifier
+    from featlearn.classifier import SeedEnsembleClassifier
 
     X, y = tiny_images()
     encoder = {k: v for k, v in TINY.items() if k.startswith("encoder__")}
     pipe = make_coates_pipeline(12, augment="flip", ensemble=3, classifier__estimator__max_iter=5,
                                 **encoder)
     ens = pipe.named_steps["classifier"]
-    assert isinstance(ens, BaggingClassifier) and ens.n_estimators == 3 and not ens.bootstrap
+    assert isinstance(ens, SeedEnsembleClassifier) and ens.n_estimators == 3
     assert ens.estimator.n_views == 2  # flip reached the members
     pipe.fit(X, y)
     members = ens.estimators_

@@ -19,10 +19,13 @@ overridable step with explicit arguments (tests call them directly):
 ``_data``         views, label codes, sample weights, zero-copy tensors
 ``_conv_estimator`` the convolutional head's estimator: its parameters, fit and input
 ``_conv``         its network, its maps decoded per batch, its epoch and chunked scores
+``_ensemble``     a seed ensemble of either (copies differing in their seeds, averaged)
 """
 
 from ._conv_estimator import TorchConvClassifier
+from ._ensemble import SeedEnsembleClassifier
 from ._estimator import TorchMLPClassifier
 from ._standardize import STANDARDIZE_EPS
 
-__all__ = ["TorchMLPClassifier", "TorchConvClassifier", "STANDARDIZE_EPS"]
+__all__ = ["TorchMLPClassifier", "TorchConvClassifier", "SeedEnsembleClassifier",
+           "STANDARDIZE_EPS"]
