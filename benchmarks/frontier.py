@@ -50,7 +50,7 @@ def cpu_label(machine: str) -> str | None:
     cores = re.search(r"(\d+)[- ]cores?\b", machine)
     if cores:
         name = f"{cores.group(1)}-core {name}"
-    if "AMX" in machine:
+    if re.search(r"(?<!no )AMX", machine):
         ext = "AMX-BF16"
     elif re.search(r"avx512_bf16|native bfloat16", machine, flags=re.I):
         ext = "AVX-512 BF16"

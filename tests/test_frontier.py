@@ -124,3 +124,13 @@ def test_default_readme_only_for_the_default_results(frontier, results, tmp_path
     monkeypatch.setattr(frontier, "replace_block", lambda *a: touched.append(a) or True)
     frontier.main(["--results", str(results), "--out", str(tmp_path)])
     assert touched == []
+
+
+@pytest.mark.parametrize("machine, label", [
+    (XEON, "2-core Intel Xeon, AMX-BF16"),
+    (EPYC, "2-core AMD EPYC, AVX2"),
+    ("Machine: AMD EPYC, 2 cores, AVX-512 with avx512_bf16 (native bfloat16 products, no AMX)",
+     "2-core AMD EPYC, AVX-512 BF16"),
+])
+def test_cpu_label_reads_the_matrix_extension_and_its_negation(frontier, machine, label):
+    assert frontier.cpu_label(machine) == label
