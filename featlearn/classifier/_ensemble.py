@@ -1,4 +1,4 @@
-"""A seed ensemble: copies of one classifier that differ only in their seeds, probabilities averaged."""
+"""A seed ensemble: copies of one classifier, differing only in their seeds, averaged."""
 
 from __future__ import annotations
 
