@@ -271,18 +271,45 @@ def _encode_chunk(encoder, chunk, mirror, index, dtype=_manifest.FLOAT32, parent
 _watchdog = None
 
 
+def _process_identity(pid=None):
+    """``(host, pid, start time)`` of a process: what tells it from a later one reusing its pid
+    (the start time, from ``/proc``, is None where there is no ``/proc``, and for a process
+    that has exited: a zombie's is "exited")."""
+    import socket
+
+    pid = os.getpid() if pid is None else pid
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        start = "exited" if fields[0] in (b"Z", b"X") else fields[19].decode()
+    except (OSError, IndexError):
+        start = None
+    return socket.gethostname(), pid, start
+
+
 def _watch_parent(parent):
-    """In a worker process that is a child of ``parent``, exit as soon as ``parent`` dies.
+    """In a worker process that is a child of ``parent`` (its :func:`_process_identity`), exit
+    as soon as ``parent`` dies.
 
     loky keeps its worker processes for reuse, and a parent killed by SIGKILL or SIGTERM runs no
     cleanup, so without this its workers (each holding a model) live on until loky's idle
     timeout. A daemon thread started once per worker polls the parent pid: the kernel
-    reparents an orphan, so ``os.getppid()`` changes the moment the parent is gone. Workers
-    that are not our children (remote Dask workers) and in-process threads are left alone.
+    reparents an orphan, so ``os.getppid()`` changes the moment the parent is gone. A worker
+    that takes its first chunk after the parent died (one still starting up when it was killed,
+    reading a chunk already queued) is an orphan already: it exits at once. Workers that are
+    not our children (Dask workers, local or remote) and in-process threads are left alone.
     """
     global _watchdog
-    if _watchdog is not None or parent is None or os.getpid() == parent or os.getppid() != parent:
+    if parent is None:
         return
+    host, pid, start = parent
+    if _watchdog is not None or os.getpid() == pid or host != _process_identity()[0]:
+        return
+    if os.getppid() != pid:
+        if start is not None and _process_identity(pid)[2] != start:
+            os._exit(1)  # the parent is gone (or its pid is another process's now)
+        return
+    parent = pid
 
     def watch():
         while os.getppid() == parent:
@@ -388,7 +415,7 @@ def _run_chunks(encoder, source, state, mirror, n_jobs, paths, say):
     fd = os.open(paths.partial, os.O_RDWR)
     bar = say.bar(n, done_images)
     try:
-        parent = os.getpid()
+        parent = _process_identity()
         dtype, row_shape = np.dtype(state["dtype"]), _manifest.row_shape(state)
         tasks = (joblib.delayed(_encode_chunk)(encoder, chunk, mirror, i, dtype, parent)
                  for i, chunk in source.chunks(c, todo))

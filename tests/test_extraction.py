@@ -557,16 +557,7 @@ def _done_chunks_count(out):
         return 0
 
 
-# After SIGKILL the workers rely on featlearn's parent watchdog, which a worker starts with its
-# first chunk; in about one run in four a worker (with loky's resource tracker) still runs 30 s
-# later. Not yet understood (a worker that has not run a chunk has no watchdog and waits for
-# joblib's 5-minute idle timeout; whether that is all of it is unchecked): a known failure.
-_SIGKILL_RACE = pytest.mark.xfail(strict=False, reason="a worker can outlive a SIGKILLed parent "
-                                                       "(known defect, see the comment above)")
-
-
-@pytest.mark.parametrize("sig", [pytest.param(signal.SIGKILL, marks=_SIGKILL_RACE),
-                                 signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_killed_parallel_job_leaves_no_worker_alive(encoder, tmp_path, sig):
     psutil = pytest.importorskip("psutil")
     rng = np.random.RandomState(1)
@@ -605,3 +596,26 @@ def test_files_kept_beside_the_output_are_never_an_input(encoder, images, tmp_pa
     (tmp_path / "dir.npy").mkdir()
     with pytest.raises(ExtractionError, match="is a folder"):
         extract_features(encoder, images, tmp_path / "dir.npy", overwrite=True, verbose=0)
+
+
+def test_a_worker_orphaned_before_its_first_chunk_exits_and_others_are_left_alone(tmp_path):
+    """A worker still starting up when its parent was SIGKILLed reads a queued chunk with no
+    parent left: it must exit then, not wait for joblib's idle timeout; a worker whose "parent"
+    is alive but not its parent (a Dask worker) goes on."""
+    import subprocess
+    import sys
+
+    from featlearn.extraction import _process_identity
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone_identity = _process_identity(gone.pid)  # while it runs, or as a zombie: "exited"
+    gone.wait()
+    code = ("import sys; from featlearn.extraction import _watch_parent; "
+            "_watch_parent(({!r}, {}, {!r})); sys.exit(0)")
+    dead = list(gone_identity[:2]) + ["0" if gone_identity[2] in (None, "exited")
+                                      else gone_identity[2]]
+    run = subprocess.run([sys.executable, "-c", code.format(*dead)], timeout=120)
+    assert run.returncode == 1
+    alive = _process_identity(1)  # alive, and not the subprocess's parent
+    run = subprocess.run([sys.executable, "-c", code.format(*alive)], timeout=120)
+    assert run.returncode == 0
