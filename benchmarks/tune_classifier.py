@@ -88,8 +88,9 @@ def main(argv=None):
         clf.fit(F[idx_fit], y_train[idx_fit])
         fit_s = time.perf_counter() - t0
         y_val = y_train[idx_val]
-        val = float(np.mean(clf.predict(F[idx_val]) == y_val))
-        rows.append((cand, val, fit_s, _ensemble_curve(clf, F[idx_val], y_val)))
+        curve = _ensemble_curve(clf, F[idx_val], y_val)  # an ensemble's members, predicted once
+        val = curve[-1][1] if curve else float(np.mean(clf.predict(F[idx_val]) == y_val))
+        rows.append((cand, val, fit_s, curve))
         print(f"{json.dumps(cand)}: validation accuracy {val:.4f} ({fit_s:.0f} s)", flush=True)
 
     lines = [f"Config `{config['name']}`: classifier candidates trained on {len(idx_fit):,} "

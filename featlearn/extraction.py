@@ -53,6 +53,7 @@ import contextlib
 import errno
 import math
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -275,8 +276,6 @@ def _process_identity(pid=None):
     """``(host, pid, start time)`` of a process: what tells it from a later one reusing its pid
     (the start time, from ``/proc``, is None where there is no ``/proc``, and for a process
     that has exited: a zombie's is "exited")."""
-    import socket
-
     pid = os.getpid() if pid is None else pid
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
@@ -303,7 +302,7 @@ def _watch_parent(parent):
     if parent is None:
         return
     host, pid, start = parent
-    if _watchdog is not None or os.getpid() == pid or host != _process_identity()[0]:
+    if _watchdog is not None or os.getpid() == pid or host != socket.gethostname():
         return
     if os.getppid() != pid:
         if start is not None and _process_identity(pid)[2] != start:
