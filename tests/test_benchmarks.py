@@ -118,3 +118,45 @@ def test_write(tmp_path, monkeypatch, capsys):
     common.write(out, ["# T", "", "row", "", ""])
     assert out.read_text() == "# T\n\nrow\n"
     assert f"wrote {out}" in capsys.readouterr().out
+
+
+def test_tune_classifier_averages_configurations(tmp_path, monkeypatch):
+    """Several configurations: each one's candidates are scored alone, and a last table
+    averages their validation probabilities (a quick run on a synthetic archive)."""
+    import json
+
+    from conftest import make_cifar_archive
+
+    archive = make_cifar_archive(tmp_path / "c.tar.gz", n=500)
+    other = tmp_path / "other-seed.json"
+    other.write_text(json.dumps({"name": "other-seed", "params": {
+        "n_centroids": 1600, "classifier": "mlp", "random_state": 1,
+        "encoder__pooling": [3, 3]}}))
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the script imports its sibling _common
+    spec = importlib.util.spec_from_file_location("tune_classifier",
+                                                  BENCHMARKS / "tune_classifier.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    out = tmp_path / "tuning.md"
+    argv = ["featlearn-nearest-1600", str(other), "--quick", "--candidates", "[{}]",
+            "--data", str(archive), "--md5", "", "--data-home", str(tmp_path / "data"),
+            "--cache", str(tmp_path / "cache"), "--out", str(out)]
+    tune.main(argv)
+    text = out.read_text()
+    # A second run takes each configuration's scores from the cache: the same tables.
+    memos = sorted((tmp_path / "cache" / "tuning").glob("*.npz"))
+    assert len(memos) == 2
+    stamps = [m.stat().st_mtime_ns for m in memos]
+    tune.main(argv)
+
+    def tables(t):  # the GEMM rate is measured again by each run
+        return [ln for ln in t.splitlines() if "GFLOP/s" not in ln]
+    assert tables(out.read_text()) == tables(text)
+    assert [m.stat().st_mtime_ns for m in memos] == stamps
+    assert "Config `featlearn-nearest-1600`" in text and "Config `other-seed`" in text
+    rows = [ln for ln in text.splitlines() if ln.startswith("| `{}` |")]
+    across = [ln.split("|")[1:-1] for ln in rows if ln.count("|") == 6]
+    assert [c[2].strip() for c in across] == ["`featlearn-nearest-1600`", "`other-seed`"]
+    # The first row's average is that configuration alone.
+    assert across[0][3] == across[0][4]
+    assert all(0 <= float(c[4].strip(" %")) <= 100 for c in across)
