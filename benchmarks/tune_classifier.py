@@ -20,6 +20,7 @@ With several configurations, each is encoded (through the cache) and its candida
 turn, one configuration's features in memory at a time, and a last table averages each
 candidate's validation probabilities over the first 1..M configurations: an ensemble whose
 members differ in their features (dictionary seed, encoding, pooling), not only in their seeds.
+A configuration with ``members`` counts as its members, in order.
 
 ``--quick`` is a short smoke run: 2,000 training and 500 test images, a 500-image validation
 split, a 50-centroid dictionary on 20,000 patches instead of the config's and 3 classifier
@@ -48,7 +49,7 @@ QUICK_SIZES = dict(n_train=2000, n_test=500, n_val=500)
 def main(argv=None):
     from sklearn.model_selection import train_test_split
 
-    from featlearn.pipeline import load_config
+    from featlearn.pipeline import load_config, member_configs
 
     ap = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     ap.add_argument("config", nargs="+",
@@ -65,7 +66,8 @@ def main(argv=None):
     if args.cache is None and not args.quick:
         ap.error("--cache is required (unless --quick)")
 
-    configs = [load_config(c) for c in args.config]  # every one checked before any encoding
+    # Every one checked before any encoding; an ensemble configuration stands for its members.
+    configs = [m for c in args.config for m in member_configs(load_config(c)) or [load_config(c)]]
     candidates = json.loads(args.candidates)
     gemm = None
     if writes(args.out):  # measured before the timings, in the same run as them

@@ -299,6 +299,11 @@ def _run_fit(args):
     from featlearn.pipeline import build_pipeline, image_encoder, load_config
 
     config = load_config(args.config)
+    if "members" in config:
+        raise ValueError(f"configuration {config['name']!r} averages {len(config['members'])} "
+                         "pipelines, each with its own encoder, and a model file holds one: "
+                         f"run `featlearn reproduce {config['name']}`, or fit one member's "
+                         "params as a configuration of its own")
     inputs = [args.data, args.labels]
     # Everything that can be checked before the (long) fit is: the output, then the model's classes.
     check_output(args.out, inputs=inputs, is_ours=is_model_file, overwrite=args.force,

@@ -2,6 +2,10 @@
 
 No numerics live here. A configuration in ``pipelines/`` is data (JSON): the keyword arguments of
 :func:`make_coates_pipeline` plus how they were chosen, so a new configuration needs no new code.
+A configuration with ``members`` is several such pipelines (each member's keys over the shared
+``params``) whose predicted probabilities are averaged: a scikit-learn
+``VotingClassifier(voting="soft")``, so members may differ in their features (dictionary seed,
+pooling grid), which a seed ensemble of one classifier cannot.
 
 Flip augmentation, and why it is expressed as it is
 ---------------------------------------------------
@@ -220,8 +224,9 @@ def available_configs():
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
 
-#: The keys a configuration file may hold: documentation, plus ``params``.
-CONFIG_KEYS = ("name", "description", "published", "how_chosen", "params")
+#: The keys a configuration file may hold: documentation, ``params``, and optionally
+#: ``members`` (see :func:`member_configs`).
+CONFIG_KEYS = ("name", "description", "published", "how_chosen", "params", "members")
 #: A configuration's name becomes a folder name: no path separators, no leading dot.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 #: The parameters (last ``__`` component, or ``classifier`` of make_coates_pipeline) that take
@@ -330,6 +335,12 @@ def _check_config(config, where):
                              f"{', '.join(CONFIG_KEYS)}")
     if not isinstance(config.get("params"), dict):
         raise ValueError(f"configuration {where} has no 'params' object")
+    members = config.get("members")
+    if "members" in config and (not isinstance(members, list) or len(members) < 2
+                                or not all(isinstance(m, dict) for m in members)):
+        raise ValueError(f"configuration {where}: 'members' must be a list of at least 2 "
+                         "objects (each member's params over the shared 'params'), got "
+                         f"{_json_type(members) if not isinstance(members, list) else members!r}")
     name = config.get("name", "unnamed")  # load_config always sets it
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ValueError(f"configuration {where}: 'name' must match [A-Za-z0-9][A-Za-z0-9._-]* "
@@ -343,6 +354,27 @@ def _check_config(config, where):
                                   or not isinstance(published, (int, float))):
         raise ValueError(f"configuration {where}: 'published' must be a number or null, got "
                          f"{_json_type(published)}")
+
+
+def member_configs(config) -> list[dict]:
+    """The members of a configuration with ``members``, each a configuration of its own:
+    ``{"name": "NAME.memberI", "params": {**params, **members[I]}}`` (a member's keys win);
+    ``[]`` for a configuration without members."""
+    base = dict(config["params"])
+    return [{"name": f"{config.get('name', 'unnamed')}.member{i}", "params": {**base, **m}}
+            for i, m in enumerate(config.get("members") or [])]
+
+
+def ensemble_members(model) -> list:
+    """The pipelines of a model: a soft-voting ensemble's members (fitted ones once fitted,
+    unwrapped from ``FrozenEstimator``), else ``[model]``."""
+    from sklearn.ensemble import VotingClassifier
+
+    if not isinstance(model, VotingClassifier):
+        return [model]
+    members = getattr(model, "estimators_", None) or [est for _, est in model.estimators]
+    return [getattr(m, "estimator", m) if type(m).__name__ == "FrozenEstimator" else m
+            for m in members]
 
 
 def build_pipeline(config, **overrides):
@@ -363,15 +395,35 @@ def build_pipeline(config, **overrides):
     Returns
     -------
     sklearn.pipeline.Pipeline
+        Or, for a configuration with ``members``, ``VotingClassifier(voting="soft")`` over the
+        members' pipelines (named ``member0``, ``member1``, ...): each member's own keys win
+        over ``overrides``, which win over the shared ``params``.
 
     Raises
     ------
     ValueError
         Unknown key (with the closest valid one), wrong type, an estimator class outside
-        :data:`ESTIMATOR_CLASSES`, or a value the estimator rejects.
+        :data:`ESTIMATOR_CLASSES`, or a value the estimator rejects (in a member: naming it).
     """
     _check_config(config, repr(config.get("name", "(unnamed)")) if isinstance(config, dict)
                   else "(given)")
+    if "members" in config:
+        from sklearn.ensemble import VotingClassifier
+
+        pipes = []
+        for member, own in zip(member_configs(config), config["members"]):
+            name = member["name"].rsplit(".", 1)[1]
+            try:
+                pipes.append((name, build_pipeline(
+                    member, **{k: v for k, v in overrides.items() if k not in own})))
+            except ValueError as exc:
+                raise ValueError(f"{name} of configuration {config.get('name', '(unnamed)')!r}: "
+                                 f"{exc}") from exc
+            if "encoder" not in pipes[-1][1].named_steps:
+                raise ValueError(f"{name} of configuration {config.get('name', '(unnamed)')!r}: "
+                                 "a member trains on stored features; 'classifier': 'stream' "
+                                 "(images encoded per batch) cannot be one")
+        return VotingClassifier(pipes, voting="soft")
     params = dict(config["params"])
     params.update({k: v for k, v in overrides.items() if v is not None})
 

@@ -15,7 +15,7 @@ import platform
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +133,7 @@ class _Job:
     clf: object
     streaming: bool  # the classifier takes images and encodes them per batch
     device: object
+    members: list = field(default_factory=list)  # (name, _Job) of a soft-voting ensemble
 
 
 @dataclass
@@ -145,6 +146,7 @@ class _Fitted:
     cached: bool = False
     load_s: float = 0.0
     encoded: int | None = None  # images encoded, when not one pass over each split
+    members: list = field(default_factory=list)  # an ensemble's (name, fitted encoder, seconds)
 
 
 def run(config, data, *, out=None, cache=None, device=None, n_train=None, n_test=None,
@@ -175,13 +177,18 @@ def run(config, data, *, out=None, cache=None, device=None, n_train=None, n_test
     log(verbose, f"[{job.name}] float32 GEMM rate of this machine: {rate:.0f} GFLOP/s", level=2)
 
     times = {}
-    if job.streaming:
-        fitted = _fit_streaming(job, split, cache, times)
+    if job.members:
+        fitted, proba = _fit_members(job, split, cache, times, verbose)
+        classes = np.asarray(job.pipe.classes_)
+        pred_train, pred_test = (classes[proba[part].argmax(1)] for part in ("train", "test"))
     else:
-        fitted = _fit_on_features(job, split, cache, times, verbose)
-    with _timed(times, "predict"):
-        pred_test = np.asarray(job.clf.predict(fitted.test))
-        pred_train = np.asarray(job.clf.predict(fitted.train))
+        if job.streaming:
+            fitted = _fit_streaming(job, split, cache, times)
+        else:
+            fitted = _fit_on_features(job, split, cache, times, verbose)
+        with _timed(times, "predict"):
+            pred_test = np.asarray(job.clf.predict(fitted.test))
+            pred_train = np.asarray(job.clf.predict(fitted.train))
     results = _results(config, data, job, split, fitted, pred_train, pred_test, times,
                        time.perf_counter() - t_start, rate)
     log(verbose, f"[{job.name}] test accuracy {results['test_accuracy']:.2%}, train "
@@ -194,17 +201,62 @@ def run(config, data, *, out=None, cache=None, device=None, n_train=None, n_test
 
 def _build(config, device, random_state, verbose) -> _Job:
     """The configuration's pipeline, with the run's device and seed when given."""
-    from featlearn._torch import resolve_device
-    from featlearn.pipeline import build_pipeline, image_encoder
+    from featlearn.pipeline import build_pipeline
 
     overrides = {k: v for k, v in (("device", device), ("random_state", random_state))
                  if v is not None}
+    name = config.get("name", "?")
     pipe = build_pipeline(config, verbose=verbose, **overrides)
+    members = [(member, _job(f"{name}.{member}", est)) for member, est in
+               getattr(pipe, "estimators", [])]  # a soft-voting ensemble of pipelines
+    if members:
+        first = members[0][1]
+        return _Job(name, pipe, first.encoder, pipe, False, first.device, members)
+    return _job(name, pipe)
+
+
+def _job(name, pipe) -> _Job:
+    """One pipeline's job: its encoder, its classifier, the device it encodes on."""
+    from featlearn._torch import resolve_device
+    from featlearn.pipeline import image_encoder
+
     encoder, clf = image_encoder(pipe), pipe.named_steps["classifier"]
     streaming = "encoder" not in pipe.named_steps
     # A streaming classifier encodes on its head's device.
     run_device = resolve_device(clf.head.device if streaming else encoder.device)
-    return _Job(config.get("name", "?"), pipe, encoder, clf, streaming, run_device)
+    return _Job(name, pipe, encoder, clf, streaming, run_device)
+
+
+def _fit_members(job, split, cache, times, verbose):
+    """Fit a soft-voting ensemble member by member, each as :func:`_fit_on_features` fits one
+    pipeline (its own cached features), and drop each member's features before the next is
+    encoded: memory is one member's, not the sum. Returns the fitted ensemble's
+    :class:`_Fitted` (its members' encoders and stage seconds; ``times`` gets their sums) and
+    the members' summed probabilities on both splits; ``job.pipe`` becomes the fitted
+    ``VotingClassifier`` of the fitted pipelines (as ``FrozenEstimator``, so fitting the
+    ensemble refits none of them)."""
+    from sklearn.ensemble import VotingClassifier
+    from sklearn.frozen import FrozenEstimator
+
+    proba = {"train": 0.0, "test": 0.0}
+    ensemble = _Fitted(None, None, None)
+    frozen = []
+    for name, member in job.members:
+        member_times = {}
+        fitted = _fit_on_features(member, split, cache, member_times, verbose)
+        with _timed(member_times, "predict"):
+            for part in proba:
+                proba[part] = proba[part] + member.clf.predict_proba(getattr(fitted, part))
+        for stage, seconds in member_times.items():
+            times[stage] = times.get(stage, 0.0) + seconds
+        ensemble.members.append((name, fitted.encoder, member_times))
+        ensemble.cached = ensemble.cached or fitted.cached
+        ensemble.load_s += fitted.load_s
+        frozen.append((name, FrozenEstimator(member.pipe)))
+        del fitted  # this member's features, before the next member's are encoded
+    ensemble.encoder = ensemble.members[0][1]
+    job.pipe = VotingClassifier(frozen, voting="soft").fit(split["X_train"], split["y_train"])
+    return ensemble, proba
 
 
 def _fit_streaming(job, split, cache, times) -> _Fitted:
@@ -252,6 +304,7 @@ def _results(config, data, job, split, fitted, pred_train, pred_test, times, tot
     import torch
 
     import featlearn
+    from featlearn.pipeline import member_configs
 
     y_train, y_test = split["y_train"], split["y_test"]
     n_train, n_test = len(split["X_train"]), len(split["X_test"])
@@ -259,16 +312,20 @@ def _results(config, data, job, split, fitted, pred_train, pred_test, times, tot
     n_classes = max(len(names), int(max(np.max(y_train), np.max(y_test))) + 1)
     names += [str(k) for k in range(len(names), n_classes)]
     confusion = confusion_counts(y_test, pred_test, n_classes)
-    encoder = fitted.encoder
-    flops = distance_flops(encoder, n_train, n_test, fitted.encoded)
+    encoders = [e for _, e, _ in fitted.members] or [fitted.encoder]
+    flops = {}
+    for encoder in encoders:
+        for part, f in distance_flops(encoder, n_train, n_test, fitted.encoded).items():
+            flops[part] = flops.get(part, 0.0) + f
     return {
         "config": job.name,
         "test_accuracy": float(np.mean(pred_test == y_test)),
         "train_accuracy": float(np.mean(pred_train == y_train)),
         "n_train": int(n_train),
         "n_test": int(n_test),
-        "n_centroids": int(encoder.n_clusters_),
-        "n_features": int(encoder.n_features_out_),
+        # An ensemble's: summed over its members (each member's in "members").
+        "n_centroids": sum(int(e.n_clusters_) for e in encoders),
+        "n_features": sum(int(e.n_features_out_) for e in encoders),
         "published_accuracy": config.get("published"),
         # Per class: the fraction of that class's test images predicted as it (its recall).
         "per_class_accuracy": {name: (round(float(confusion[k, k] / confusion[k].sum()), 4)
@@ -292,6 +349,12 @@ def _results(config, data, job, split, fitted, pred_train, pred_test, times, tot
                      "scikit-learn": sklearn.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
         "params": config["params"],
+        **({"members": [{"name": name, "params": params, "n_centroids": int(e.n_clusters_),
+                         "n_features": int(e.n_features_out_),
+                         "stage_seconds": {k: round(v, 2) for k, v in seconds.items()}}
+                        for (name, e, seconds), params in
+                        zip(fitted.members, (m["params"] for m in member_configs(config)))]}
+           if fitted.members else {}),
     }
 
 

@@ -82,7 +82,7 @@ def write_results(results: dict, pipe, out: Path):
     leaves the previous file or the new one, never half of one. ``out`` must exist
     (:func:`prepare_results_dir`).
     """
-    from featlearn.pipeline import image_encoder
+    from featlearn.pipeline import ensemble_members, image_encoder
 
     out = Path(out)
     with atomic_path(out / "results.md") as tmp:
@@ -94,11 +94,13 @@ def write_results(results: dict, pipe, out: Path):
                        "and confusion.png (pip install matplotlib)")
     else:
         matplotlib.use("Agg")
+        pipes = ensemble_members(pipe)  # an ensemble: the first member's centroids
         with atomic_path(out / "centroids.png") as tmp:
-            plot_centroids(image_encoder(pipe), tmp)
+            plot_centroids(image_encoder(pipes[0]), tmp)
         with atomic_path(out / "learning_curve.png") as tmp:
-            clf = pipe.named_steps["classifier"]
-            plot_learning_curve(getattr(clf, "head_", clf), tmp, title=results["config"])
+            clfs = [p.named_steps["classifier"] for p in pipes]
+            plot_learning_curve([getattr(c, "head_", c) for c in clfs], tmp,
+                                title=results["config"])
         if results.get("confusion_matrix") is not None:
             with atomic_path(out / "confusion.png") as tmp:
                 plot_confusion(np.asarray(results["confusion_matrix"]), results["target_names"],
@@ -132,6 +134,13 @@ def results_markdown(results: dict) -> str:
             if results["features_from_cache"] else "."),
         "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + ".",
     ]
+    members = results.get("members")
+    if members:
+        rows += ["", f"An ensemble of {len(members)} pipelines, their test probabilities "
+                     "averaged (K and features above are their sums; stage seconds summed):", ""]
+        rows += [f"- {m['name']}: K={m['n_centroids']}, {m['n_features']} features; "
+                 + ", ".join(f"{k} {v:.1f} s" for k, v in m["stage_seconds"].items())
+                 for m in members]
     per_class = results.get("per_class_accuracy")
     if per_class:
         rows += ["", "Test accuracy per class (the fraction of each class's test images "
@@ -189,11 +198,13 @@ def plot_centroids(encoder, path, max_tiles=400):
 
 
 def plot_learning_curve(clf, path, title=""):
-    """The training loss per epoch (and validation accuracy, when recorded) of ``clf``, or of
-    each member of a seed ensemble (``make_coates_pipeline(ensemble=N)``)."""
+    """The training loss per epoch (and validation accuracy, when recorded) of ``clf``, of
+    each member of a seed ensemble (``make_coates_pipeline(ensemble=N)``), or of each
+    classifier of a list (an ensemble configuration's members)."""
     import matplotlib.pyplot as plt
 
-    members = getattr(clf, "estimators_", None) or [clf]
+    members = [m for c in (clf if isinstance(clf, list) else [clf])
+               for m in (getattr(c, "estimators_", None) or [c])]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax2 = None
     for i, member in enumerate(members):
