@@ -20,7 +20,9 @@ With several configurations, each is encoded (through the cache) and its candida
 turn, one configuration's features in memory at a time, and a last table averages each
 candidate's validation probabilities over the first 1..M configurations: an ensemble whose
 members differ in their features (dictionary seed, encoding, pooling), not only in their seeds.
-A configuration with ``members`` counts as its members, in order.
+A configuration with ``members`` counts as its members, in order, and ``--subsets`` adds every
+subset's average (which members an ensemble needs; ``benchmarks/configs/`` holds such
+exploration configurations).
 
 ``--quick`` is a short smoke run: 2,000 training and 500 test images, a 500-image validation
 split, a 50-centroid dictionary on 20,000 patches instead of the config's and 3 classifier
@@ -62,6 +64,9 @@ def main(argv=None):
     ap.add_argument("--n-val", type=int, default=5000)
     ap.add_argument("--ensemble", type=int, default=None,
                     help="train each candidate as a seed ensemble of this many copies")
+    ap.add_argument("--subsets", action="store_true",
+                    help="with several configurations: every subset's averaged validation "
+                         "accuracy, best first")
     args = parse_args(ap, argv)
     if args.cache is None and not args.quick:
         ap.error("--cache is required (unless --quick)")
@@ -106,10 +111,34 @@ def main(argv=None):
                 avg = np.mean(classes[total.argmax(1)] == y_val)
                 lines.append(f"| `{json.dumps(cand)}` | {m} | `{config['name']}` | {alone:.2%} "
                              f"| {avg:.2%} |")
+        if args.subsets:
+            lines += _subset_lines(configs, candidates, probas, y_val)
     print("\n".join(lines))
     title = " + ".join(c["name"] for c in configs)
     write(args.out, header(f"Classifier tuning: {title}", argv=argv, gemm=gemm,
                            quick=args.quick, script=__file__) + lines)
+
+
+def _subset_lines(configs, candidates, probas, y_val):
+    """Every subset of the configurations (two or more), each candidate's validation
+    probabilities averaged over it, best first: which members an ensemble needs."""
+    import itertools
+
+    lines = ["", "Every subset of two or more configurations, probabilities averaged (best "
+                 "first; the differences between subsets are mostly within the split's "
+                 "standard error, so compare families of subsets, not single ones).", "",
+             "| candidate | configurations | validation accuracy |", "|---|---|---:|"]
+    for i, cand in enumerate(candidates):
+        rows = []
+        for r in range(2, len(configs) + 1):
+            for subset in itertools.combinations(range(len(configs)), r):
+                classes = probas[subset[0]][i][0]
+                total = sum(probas[j][i][1] for j in subset)
+                rows.append((float(np.mean(classes[total.argmax(1)] == y_val)),
+                             " + ".join(f"`{configs[j]['name']}`" for j in subset)))
+        lines += [f"| `{json.dumps(cand)}` | {names} | {acc:.2%} |"
+                  for acc, names in sorted(rows, key=lambda row: -row[0])]
+    return lines
 
 
 def _tune(config, candidates, args, overrides, X_train, y_train, X_test, idx_fit, idx_val):

@@ -11,6 +11,7 @@ cache key follows the feature-cache policy of :mod:`featlearn.fingerprints`.
 from __future__ import annotations
 
 import contextlib
+import gc
 import platform
 import resource
 import sys
@@ -229,7 +230,8 @@ def _job(name, pipe) -> _Job:
 
 def _fit_members(job, split, cache, times, verbose):
     """Fit a soft-voting ensemble member by member, each as :func:`_fit_on_features` fits one
-    pipeline (its own cached features), and drop each member's features before the next is
+    pipeline (its own cached features; without a cache, one split at a time:
+    :func:`_fit_member_split_by_split`), and drop each member's features before the next is
     encoded: memory is one member's, not the sum. Returns the fitted ensemble's
     :class:`_Fitted` (its members' encoders and stage seconds; ``times`` gets their sums) and
     the members' summed probabilities on both splits; ``job.pipe`` becomes the fitted
@@ -243,20 +245,61 @@ def _fit_members(job, split, cache, times, verbose):
     frozen = []
     for name, member in job.members:
         member_times = {}
-        fitted = _fit_on_features(member, split, cache, member_times, verbose)
-        with _timed(member_times, "predict"):
-            for part in proba:
-                proba[part] = proba[part] + member.clf.predict_proba(getattr(fitted, part))
+        if cache is None:
+            encoder = _fit_member_split_by_split(member, split, member_times, proba, verbose)
+        else:
+            fitted = _fit_on_features(member, split, cache, member_times, verbose)
+            with _timed(member_times, "predict"):
+                for part in proba:
+                    proba[part] = proba[part] + member.clf.predict_proba(getattr(fitted, part))
+            encoder = fitted.encoder
+            ensemble.cached = ensemble.cached or fitted.cached
+            ensemble.load_s += fitted.load_s
+            del fitted
+        # The first torch optimizer of a process is built during lazy imports whose frames form
+        # reference cycles, and those frames hold the classifier's training features: without
+        # a collection they outlive the member and add to the next member's peak memory.
+        gc.collect()
         for stage, seconds in member_times.items():
             times[stage] = times.get(stage, 0.0) + seconds
-        ensemble.members.append((name, fitted.encoder, member_times))
-        ensemble.cached = ensemble.cached or fitted.cached
-        ensemble.load_s += fitted.load_s
+        ensemble.members.append((name, encoder, member_times))
         frozen.append((name, FrozenEstimator(member.pipe)))
-        del fitted  # this member's features, before the next member's are encoded
     ensemble.encoder = ensemble.members[0][1]
     job.pipe = VotingClassifier(frozen, voting="soft").fit(split["X_train"], split["y_train"])
     return ensemble, proba
+
+
+def _fit_member_split_by_split(job, split, times, proba, verbose):
+    """Fit one ensemble member without a cache: fit its encoder, encode the training images,
+    fit the classifier and score them, drop them, then encode and score the test images, so
+    its peak memory is the larger split's features, not both splits'. Adds the member's
+    probabilities to ``proba`` and returns its fitted encoder."""
+    from sklearn.base import clone
+
+    encoder, pipe = clone(job.encoder), job.pipe
+    with _timed(times, _DICTIONARY):
+        encoder.fit(split["X_train"])
+    pipe.steps[0] = ("encoder", encoder)
+    middle = pipe[1:-1]
+    with _timed(times, "encode train"):
+        F = encoder.transform(split["X_train"])
+    log(verbose, f"[{job.name}] features {F.shape}", level=2)
+    if middle.steps:
+        F = middle.fit_transform(F)
+    with _timed(times, "classifier fit"):
+        job.clf.fit(F, split["y_train"])
+    with _timed(times, "predict"):
+        proba["train"] = proba["train"] + job.clf.predict_proba(F)
+    del F
+    gc.collect()  # see _fit_members
+    with _timed(times, "encode test"):
+        F = encoder.transform(split["X_test"])
+    if middle.steps:
+        F = middle.transform(F)
+    t0 = time.perf_counter()
+    proba["test"] = proba["test"] + job.clf.predict_proba(F)
+    times["predict"] += time.perf_counter() - t0
+    return encoder
 
 
 def _fit_streaming(job, split, cache, times) -> _Fitted:

@@ -140,7 +140,7 @@ def test_tune_classifier_averages_configurations(tmp_path, monkeypatch):
     out = tmp_path / "tuning.md"
     argv = ["featlearn-nearest-1600", str(other), "--quick", "--candidates", "[{}]",
             "--data", str(archive), "--md5", "", "--data-home", str(tmp_path / "data"),
-            "--cache", str(tmp_path / "cache"), "--out", str(out)]
+            "--cache", str(tmp_path / "cache"), "--subsets", "--out", str(out)]
     tune.main(argv)
     text = out.read_text()
     # A second run takes each configuration's scores from the cache: the same tables.
@@ -159,4 +159,8 @@ def test_tune_classifier_averages_configurations(tmp_path, monkeypatch):
     assert [c[2].strip() for c in across] == ["`featlearn-nearest-1600`", "`other-seed`"]
     # The first row's average is that configuration alone.
     assert across[0][3] == across[0][4]
+    # --subsets: the one subset of two is the pair's average above.
+    pair = [ln.split("|")[1:-1] for ln in rows if ln.count("|") == 4 and " + " in ln]
+    assert [c[1].strip() for c in pair] == ["`featlearn-nearest-1600` + `other-seed`"]
+    assert pair[0][2].strip() == across[1][4].strip()
     assert all(0 <= float(c[4].strip(" %")) <= 100 for c in across)

@@ -601,14 +601,17 @@ def test_pipelines_and_configurations_use_kmeans():
     # coates2011-1600-svm: a mini-batch epoch then 15 Lloyd iterations (measured within 0.3
     # points of 50 Lloyd iterations), seeded and placed like the default; and Thiry et al.'s
     # recipe, whose dictionary is random patches.
-    from featlearn.pipeline import available_configs, build_pipeline, image_encoder, load_config
+    from featlearn.pipeline import (available_configs, build_pipeline, ensemble_members,
+                                    image_encoder, load_config)
     from featlearn import RandomPatchDictionary, make_coates_pipeline
 
     assert type(make_coates_pipeline().named_steps["encoder"].kmeans) is KMeans
     names = available_configs()
     assert names
     for name in names:
-        km = image_encoder(build_pipeline(load_config(name))).kmeans
+        (km, *others) = [image_encoder(p).kmeans
+                         for p in ensemble_members(build_pipeline(load_config(name)))]
+        assert all(type(o) is type(km) and o.max_iter == km.max_iter for o in others)
         if name == "thiry2021-2048-linear":
             assert type(km) is RandomPatchDictionary
             assert (km.n_clusters, km.random_state) == (2048, 0)

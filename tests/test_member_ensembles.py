@@ -89,6 +89,11 @@ def test_reproduce_fits_member_by_member_and_averages_their_probabilities(tmp_pa
     # A second run loads every member's features from the cache, and scores the same.
     again, _ = run(config(), data, cache=tmp_path / "cache", verbose=0)
     assert again["features_from_cache"] and again["test_accuracy"] == results["test_accuracy"]
+    # Without a cache each member encodes one split at a time: the same numbers.
+    plain, _ = run(config(), data, verbose=0)
+    assert plain["test_accuracy"] == results["test_accuracy"]
+    assert plain["train_accuracy"] == results["train_accuracy"]
+    assert set(plain["stage_seconds"]) == set(results["stage_seconds"])
 
 
 def test_tune_classifier_scores_an_ensemble_configuration_member_by_member(tmp_path,

@@ -12,7 +12,8 @@ from sklearn.pipeline import Pipeline
 from featlearn import PatchEncoder, make_coates_pipeline
 
 from conftest import make_cifar_archive
-from featlearn.pipeline import available_configs, build_pipeline, load_config
+from featlearn.pipeline import (available_configs, build_pipeline, ensemble_members,
+                                load_config)
 
 TINY = dict(encoder__patch_size=3, encoder__n_patches=2000, encoder__kmeans__max_iter=10,
             classifier__max_iter=15)
@@ -150,8 +151,10 @@ def test_named_configurations_load_and_build():
     for name in names:
         config = load_config(name)
         assert config["how_chosen"] and config["description"]
-        pipe = build_pipeline(config)
-        assert isinstance(pipe, Pipeline)
+        model = build_pipeline(config)
+        # An ensemble configuration: a soft-voting ensemble of pipelines.
+        assert all(isinstance(pipe, Pipeline) for pipe in ensemble_members(model))
+        assert isinstance(model, Pipeline) == ("members" not in config)
     paper = build_pipeline(load_config("coates2011-1600-svm"))
     enc = paper.named_steps["encoder"]
     assert (enc.patch_size, enc.n_patches, enc.stride, enc.activation, tuple(enc.pooling)) == \
