@@ -85,6 +85,7 @@ def test_mlp_never_copies_float16_features_to_float32():
     y = np.arange(n) % 3
     clf = TorchMLPClassifier(hidden_layer_sizes=(8,), max_iter=1, batch_size=256,
                              random_state=0, device="cpu")
+    clf.fit(X[:50], y[:50])  # the first fit of a process imports torch's optimizer modules
     tracemalloc.start()
     try:
         clf.fit(X, y)
@@ -193,3 +194,30 @@ def test_float16_range_check_never_builds_a_full_size_mask(images, monkeypatch):
         tracemalloc.stop()
     # A mask of the whole output would add half its bytes.
     assert peak < out.nbytes * 1.1, (peak, out.nbytes)
+
+
+def test_finiteness_of_float16_features_is_checked_without_a_full_mask(monkeypatch):
+    """A float16 sum of counts overflows, which sent scikit-learn's check to a full-size
+    boolean mask (half the features' bytes); the check now runs in row blocks."""
+    from featlearn.classifier import _data
+
+    n, d = 8000, 2000  # 32 MB as float16, with a sum far beyond float16's range
+    X = np.full((n, d), 40, dtype=np.float16)
+    y = np.arange(n) % 2
+    clf = TorchMLPClassifier(hidden_layer_sizes=(4,), max_iter=1, random_state=0, device="cpu")
+    monkeypatch.setattr(_data, "_FINITE_BLOCK_BYTES", 2**20)
+    tracemalloc.start()
+    try:
+        _data.check_finite(X)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= _data._FINITE_BLOCK_BYTES + 2**20 < X.size
+    clf.fit(X, y)
+    for bad, what in ((np.nan, "NaN"), (np.inf, "infinity")):
+        Z = X.copy()
+        Z[n - 1, d - 1] = bad  # in the last block
+        with pytest.raises(ValueError, match=f"Input X contains {what}"):
+            clf.fit(Z, y)
+        with pytest.raises(ValueError, match=f"Input X contains {what}"):
+            clf.predict(Z)

@@ -10,14 +10,14 @@ import numpy as np
 import torch
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 
 from .._logging import log
 from . import _lbfgs, _network, _stochastic
 from ._base import BaseTorchClassifier
 from ._contract import CLASS_DOC, PARAMETER_CONSTRAINTS
-from ._data import (FEATURE_DTYPES, class_codes, encode_labels, row_weights, split_views,
-                    tensor_view)
+from ._data import (class_codes, encode_labels, row_weights, split_views, tensor_view,
+                    validated_features)
 from ._standardize import Standardizer, feature_stats
 
 
@@ -85,7 +85,7 @@ class TorchMLPClassifier(BaseTorchClassifier):
         self
         """
         self._validate_params()
-        X, y = validate_data(self, X, y, dtype=FEATURE_DTYPES, reset=True)
+        X, y = validated_features(self, X, y, reset=True)
         classes, codes = class_codes(y, "TorchMLPClassifier")
         weight = row_weights(sample_weight, self.class_weight, X, codes, classes)
         self._check_hyper()
@@ -142,7 +142,7 @@ class TorchMLPClassifier(BaseTorchClassifier):
         if self.class_weight == "balanced":
             raise ValueError("class_weight='balanced' needs the whole training set: pass a dict "
                              "of class weights to partial_fit, or use fit")
-        X, y = validate_data(self, X, y, dtype=FEATURE_DTYPES, reset=first)
+        X, y = validated_features(self, X, y, reset=first)
         check_classification_targets(y)
         codes = encode_labels(y, classes if first else self.classes_)
         weight = row_weights(sample_weight, self.class_weight, X, codes,
@@ -206,7 +206,7 @@ class TorchMLPClassifier(BaseTorchClassifier):
     def _forward_numpy(self, X):
         """Scores ``(n_samples, n_outputs)``, in memory-bounded chunks, views averaged."""
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=FEATURE_DTYPES, reset=False)
+        X = validated_features(self, X, reset=False)
         n = len(X)
         (X,) = split_views(X, self.n_views)
         scores = _network.scores(self.model_, tensor_view(X), self._standardizer())
