@@ -72,7 +72,8 @@ def main(argv=None):
         ap.error("--cache is required (unless --quick)")
 
     # Every one checked before any encoding; an ensemble configuration stands for its members.
-    configs = [m for c in args.config for m in member_configs(load_config(c)) or [load_config(c)]]
+    loaded = [load_config(c) for c in args.config]
+    configs = [m for c in loaded for m in member_configs(c) or [c]]
     candidates = json.loads(args.candidates)
     gemm = None
     if writes(args.out):  # measured before the timings, in the same run as them
