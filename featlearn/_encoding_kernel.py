@@ -37,6 +37,7 @@ import threading
 import numpy as np
 import torch
 
+from . import _row_select
 from ._compile import CompiledKernel
 from ._torch import chunk_size, cpu_workers, over_chunks, resolve_device, to_numpy
 from .activations import (ACTIVATIONS, BRACKET_ITERS, activate_and_pool, bracket_thresholds,
@@ -170,8 +171,11 @@ class Kernel:
         self.L = L
         self.images = torch.empty((batch, H, W, C), **f32)
         self.patches = torch.empty((batch, Ph, Pw, p, p, C), **f32)
-        # Whitened rows, augmented with [1, ||y||^2] so one GEMM yields squared distances.
-        self.y_aug = torch.empty((batch * L, dp + 2), **f32)
+        # Whitened rows, augmented with [1, ||y||^2] so one GEMM yields squared distances: the
+        # first dp + 2 columns of a buffer whose rows are padded to whole 16-float blocks, the
+        # shape at which the whitening GEMM runs at its rate (110 output columns do not).
+        self._y_pad = torch.zeros((batch * L, -(-(dp + 2) // 16) * 16), **f32)
+        self.y_aug = self._y_pad[:, : dp + 2]
         c = torch.from_numpy(plan.centers).to(**f32)  # (K, d')
         act = ACTIVATIONS[plan.activation]
         self.col_sq = (c.double() ** 2).sum(1).float()
@@ -186,9 +190,9 @@ class Kernel:
             aug[:dp] = -2.0 * c.T
             aug[dp] = self.col_sq
             aug[dp + 1] = 1.0
-        self.select = None
+        self.select = self.native = None
         if compiled and plan.activation == "nearest_fraction":
-            # The selection's columns first, so that the bracket reads a contiguous block of
+            # The selection's columns first, so that the thresholds read a contiguous block of
             # each row; the pooled features are put back in centroid order.
             cols = selection_columns(K, plan.selection)
             order = np.concatenate([cols, np.setdiff1d(np.arange(K), cols)])
@@ -198,6 +202,8 @@ class Kernel:
             self.unorder = torch.cat([inverse, inverse + K])
             rank = selection_rank(K, n_nearest(plan.fraction, K), len(cols))
             self.select = (len(cols), rank)
+            if device.type == "cpu":
+                self.native = _row_select.selector()
         self.centers_aug = aug
         self.bf16 = plan.precision == "bfloat16"
         # The GEMM's operands and products: float32, or bfloat16 that the activation reads
@@ -212,8 +218,8 @@ class Kernel:
             self.lhs, self.rhs = self.y_aug, aug
             self.products = self.dist = torch.zeros((batch * L, K), **f32)
         if plan.white_mat is not None:
-            # Two zero columns so the whitening GEMM writes straight into the augmented buffer.
-            wm = torch.zeros((d, dp + 2), **f32)
+            # Zero columns so the whitening GEMM writes straight into the padded buffer.
+            wm = torch.zeros((d, self._y_pad.shape[1]), **f32)
             wm[:, :dp] = torch.from_numpy(plan.white_mat)
             self.white_aug = wm
             self.white_mean = torch.from_numpy(plan.white_mean).to(**f32)
@@ -269,12 +275,16 @@ class Kernel:
         return activate_and_pool(D, *self._norms(y_aug), n_images=b, inplace=True, **self.static)
 
     def _nearest_fraction(self):
-        """The compiled nearest-fraction path: thresholds by bisection over the selection's
-        block (the few undecided rows by the order statistic), then one compare-and-pool
-        graph; same numbers as the eager path."""
+        """The compiled nearest-fraction path: each row's thresholds over the selection's block
+        (on the CPU by :mod:`featlearn._row_select`'s native kernel; elsewhere, or without a C
+        compiler, by a compiled bisection whose few undecided rows get the order statistic),
+        then one compare-and-pool graph; same numbers as the eager path."""
         (m, rank), bracket = self.select, self.graphs[1]
         S, cs = self.products[:, :m], self.col_sq[:m]
-        t = fix_thresholds(*bracket(S, cs), S, cs, rank)
+        if self.native is not None:
+            t = self.native(S, cs, rank)
+        else:
+            t = fix_thresholds(*bracket(S, cs), S, cs, rank)
         pooled = self.compiled(self.products, None, self.col_sq, t)
         return pooled.index_select(2, self.unorder)
 
@@ -302,7 +312,7 @@ class Kernel:
         plan = self.plan
         if plan.white_mat is not None:
             P -= self.white_mean
-            torch.mm(P, self.white_aug, out=y_aug)
+            torch.mm(P, self.white_aug, out=self._y_pad[: y_aug.shape[0]])
         elif plan.white_est is not None:
             y_aug[:, : plan.d_out].copy_(self._via_numpy(plan.white_est, P))
         else:

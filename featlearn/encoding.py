@@ -157,8 +157,11 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         estimates it from 256 evenly strided distances of the row (identical for
         ``K < 512``), cheaper for large ``K`` at the price of a few entries on the other side
         of the threshold (benchmarks/results/encodings.md measures both). Compiled, either
-        threshold is found by bisection over those entries (with the order statistic for the
-        rare rows bisection leaves undecided), which gives the same numbers as eager.
+        threshold is found by bisection over those entries: on the CPU by a small native
+        kernel built once with the system's C compiler (cached under
+        ``~/.cache/featlearn/native``, or ``$FEATLEARN_CACHE_DIR``), else by a compiled graph
+        with the order statistic for the rare rows it leaves undecided; both give the same
+        numbers as eager.
     pool_size : int, (int, int) or None, default=None
         Pooling windows (rows, cols) that replace the ``pooling`` grid; None uses the grid.
     pool_stride : int, (int, int) or None, default=None

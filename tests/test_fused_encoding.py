@@ -115,10 +115,16 @@ def test_compiled_flip_views_and_row_independence(images, warnings_logged):
     ("exact", "float32", dict(pool_size=3, pool_stride=2, pool_op="mean")),
     ("sampled", "bfloat16", dict(pooling=(1, 2), pool_op="max")),
 ])
-def test_compiled_nearest_fraction_equals_eager(selection, precision, pooling, warnings_logged):
-    """The compiled path (selection columns first, bisection, fix-up, one compare-and-pool
-    graph, features put back in centroid order) gives the eager code's numbers exactly."""
+@pytest.mark.parametrize("native", [True, False])
+def test_compiled_nearest_fraction_equals_eager(selection, precision, pooling, native,
+                                                warnings_logged, monkeypatch):
+    """The compiled path (selection columns first; thresholds by the native kernel, or by the
+    compiled bisection and its fix-up; one compare-and-pool graph; features put back in
+    centroid order) gives the eager code's numbers exactly."""
     from featlearn import RandomPatchDictionary
+
+    if not native:
+        monkeypatch.setattr(encoding_kernel._row_select, "selector", lambda: None)
 
     rng = np.random.RandomState(2)
     images = rng.randint(0, 256, size=(7, 12, 12, 3)).astype(np.uint8)

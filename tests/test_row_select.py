@@ -1,0 +1,101 @@
+"""The native nearest-fraction thresholds: the order statistic itself, and the fallback."""
+
+import logging
+import shutil
+import stat
+
+import numpy as np
+import pytest
+import torch
+
+import featlearn._row_select as row_select
+from featlearn._logging import logger
+from featlearn.activations import _signed
+
+needs_compiler = pytest.mark.skipif(row_select._compiler() is None, reason="no C compiler")
+
+
+def _kthvalue(S, cs, rank):
+    return torch.stack([E.kthvalue(rank, 1).values for E in _signed(S.float(), cs)], 1)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,K,m,rank,ties", [
+    (300, 1600, 267, 107, False),   # featlearn-nearest-1600's sampled columns
+    (40, 600, 600, 241, False),     # "exact": every column
+    (50, 40, 40, 1, False), (50, 40, 40, 40, False),  # the smallest and the largest entry
+    (60, 300, 300, 17, True),       # many equal entries
+    (5, 16, 16, 8, True), (7, 1, 1, 1, False), (0, 20, 20, 3, False),
+])
+def test_native_thresholds_are_the_order_statistic(dtype, n, K, m, rank, ties):
+    g = torch.Generator().manual_seed(n + m + rank)
+    P = torch.randn(n, K, generator=g) * 3
+    if ties:
+        P = P.round()
+    P = P.to(dtype)
+    S = P[:, :m]  # a column block: rows K apart
+    cs = torch.rand(m, generator=g) * 10
+    cs[: m // 4] = 0.0
+    if ties:
+        cs = cs.round()
+    got = row_select.nearest_thresholds(S, cs, rank)
+    assert got.shape == (n, 2) and got.dtype == torch.float32
+    assert torch.equal(got, _kthvalue(S, cs, rank))
+
+
+@needs_compiler
+def test_native_thresholds_refuse_what_they_cannot_read():
+    S, cs = torch.zeros(4, 8), torch.zeros(8)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        row_select.nearest_thresholds(S.double(), cs, 2)
+    with pytest.raises(ValueError, match="rank 9 is outside 1..8"):
+        row_select.nearest_thresholds(S, cs, 9)
+    with pytest.raises(ValueError, match="col_sq has shape"):
+        row_select.nearest_thresholds(S, torch.zeros(7), 2)
+    # A transposed (column-strided) block is copied, not misread.
+    T = torch.randn(8, 4).T
+    assert torch.equal(row_select.nearest_thresholds(T, cs, 3), _kthvalue(T, cs, 3))
+
+
+@needs_compiler
+def test_library_is_built_once_into_a_private_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEATLEARN_CACHE_DIR", str(tmp_path / "cache"))
+    row_select._build()
+    folder = tmp_path / "cache" / "native"
+    libs = list(folder.glob("row_select-*.so"))
+    assert len(libs) == 1 and stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert [p.name for p in folder.iterdir()] == [libs[0].name]  # no temporary left behind
+    before = libs[0].stat().st_mtime_ns
+    row_select._build()
+    assert libs[0].stat().st_mtime_ns == before  # loaded, not rebuilt
+    folder.chmod(0o777)  # another user could have put code there: refused
+    with pytest.raises(OSError, match="not private"):
+        row_select._build()
+
+
+def test_without_a_compiler_the_compiled_graph_answers(monkeypatch):
+    from featlearn import PatchEncoder, RandomPatchDictionary
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    handler.setLevel(logging.WARNING)
+    monkeypatch.setattr(row_select, "_STATE", {})
+    monkeypatch.setattr(row_select, "_compiler", lambda: None)
+    rng = np.random.RandomState(3)
+    images = rng.randint(0, 256, size=(5, 10, 10, 3)).astype(np.uint8)
+    enc = PatchEncoder(patch_size=3, n_patches=500, activation="nearest_fraction",
+                       kmeans=RandomPatchDictionary(64, random_state=0), device="cpu",
+                       batch_size=2, random_state=0).fit(images)
+    logger.addHandler(handler)
+    try:
+        assert row_select.selector() is None
+        eager = enc.set_params(compile=False).transform(images)
+        if shutil.which("cc") or shutil.which("gcc"):  # inductor needs one too
+            fused = enc.set_params(compile=True).transform(images)
+            np.testing.assert_array_equal(fused, eager)
+    finally:
+        logger.removeHandler(handler)
+    assert len(records) == 1 and "native nearest-fraction threshold kernel" in records[0]
+    assert "no C compiler found" in records[0]
