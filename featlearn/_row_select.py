@@ -1,14 +1,16 @@
 """The nearest-fraction thresholds in native code: each row's ``rank``-th smallest signed
-distance, for ``y`` and ``-y``, by a bisection that runs while the row sits in L1.
+distance, for ``y`` and ``-y``, found while the row sits in L1.
 
 Why native code: the order statistic is per row and small (a few hundred entries), and neither
-``torch.kthvalue`` (a sort-like pass per row) nor a compiled graph does it at the GEMM's pace.
-Inductor turns the bisection of :func:`featlearn.activations.bracket_thresholds` into one pass
-over the whole chunk per halving, each bound by its per-row reductions; here each row is
-loaded once, bisected in a few counting loops the C compiler vectorizes, and finished exactly
-among the handful of entries left in its bracket. The result is the order statistic itself, bit
-for bit (the signed distances are formed with :func:`featlearn.activations._signed`'s own
-operations and roundings; no fix-up pass is needed).
+``torch.kthvalue`` (a sort-like pass per row) nor a compiled graph does it at the GEMM's pace:
+inductor turns the bisection of :func:`featlearn.activations.bracket_thresholds` into one pass
+over the whole chunk per halving, each bound by its per-row reductions. Here each row is loaded
+once and its two selections run side by side in counting loops the C compiler vectorizes: a
+first bracket around the previous row's answer (neighbouring patches rank their centroids
+alike), then interpolation and halving steps, until the answer is the smallest or the largest
+entry left in the bracket. The result is the order statistic itself, bit for bit (the signed
+distances are formed with :func:`featlearn.activations._signed`'s own operations and
+roundings), so no fix-up pass is needed.
 
 The C source below is compiled once per machine with the system's C compiler (the one inductor
 needs anyway), into featlearn's own cache folder, and loaded with :mod:`ctypes`, which releases
@@ -65,28 +67,83 @@ static float min_from(const float *e, int mp, float v) {
     return r;
 }
 
-/* One selection: the rank-th smallest of a row's entries lies in the bracket [lo, hi] (or
-   [lo, hi) once `open`), with `below` entries under lo and `upto` under the bracket's top. */
-typedef struct { float lo, hi; int below, upto, open, interp, done; float result; } Bracket;
-
-static void start(Bracket *b, float lo, float hi, int m) {
-    b->lo = lo; b->hi = hi; b->below = 0; b->upto = m; b->open = 0; b->interp = 1;
-    b->done = 0;
+/* The largest entry below v (or at most v, `closed`) of e[0..mp), as min_from. */
+static float max_below(const float *e, int mp, float v, int closed) {
+    float acc[LANES];
+    for (int l = 0; l < LANES; l++) acc[l] = -INFINITY;
+    for (int j = 0; j < mp; j += LANES)
+        for (int l = 0; l < LANES; l++) {
+            float x = (closed ? e[j + l] <= v : e[j + l] < v) ? e[j + l] : -INFINITY;
+            acc[l] = x > acc[l] ? x : acc[l];
+        }
+    float r = acc[0];
+    for (int l = 1; l < LANES; l++) r = acc[l] > r ? acc[l] : r;
+    return r;
 }
 
-/* The next point to count below, or sets `done` when the answer is known without one:
-   one entry left in the bracket (the smallest >= lo), or no float strictly inside it (the
-   entries left equal lo, or hi when the bracket is closed and `at_hi` says so). Midpoints
-   alternate between interpolation (where the rank would lie were the entries evenly spread)
-   and halving, so the bracket at least halves every two steps. */
+/* One selection: the rank-th smallest of a row's entries lies in the bracket [lo, hi] (or
+   [lo, hi) once `open`), with `below` entries under lo and `upto` under the bracket's top. */
+typedef struct { float lo, hi; int below, upto, open, interp, done; } Bracket;
+
+/* The smallest and largest of the m entries of each of two rows: LANES running extrema, so
+   that the loop vectorizes without reassociating anything. */
+static void min_max(const float *x, const float *y, int m, float *mn, float *mx) {
+    float n0[LANES], x0[LANES], n1[LANES], x1[LANES];
+    for (int l = 0; l < LANES; l++) { n0[l] = x0[l] = x[0]; n1[l] = x1[l] = y[0]; }
+    for (int j = 0; j + LANES <= m; j += LANES)
+        for (int l = 0; l < LANES; l++) {
+            float a = x[j + l], c = y[j + l];
+            n0[l] = a < n0[l] ? a : n0[l];
+            x0[l] = a > x0[l] ? a : x0[l];
+            n1[l] = c < n1[l] ? c : n1[l];
+            x1[l] = c > x1[l] ? c : x1[l];
+        }
+    for (int j = m - m % LANES; j < m; j++) {
+        n0[0] = x[j] < n0[0] ? x[j] : n0[0];
+        x0[0] = x[j] > x0[0] ? x[j] : x0[0];
+        n1[0] = y[j] < n1[0] ? y[j] : n1[0];
+        x1[0] = y[j] > x1[0] ? y[j] : x1[0];
+    }
+    for (int l = 1; l < LANES; l++) {
+        n0[0] = n0[l] < n0[0] ? n0[l] : n0[0];
+        x0[0] = x0[l] > x0[0] ? x0[l] : x0[0];
+        n1[0] = n1[l] < n1[0] ? n1[l] : n1[0];
+        x1[0] = x1[l] > x1[0] ? x1[l] : x1[0];
+    }
+    mn[0] = n0[0]; mx[0] = x0[0]; mn[1] = n1[0]; mx[1] = x1[0];
+}
+
+/* The first bracket: the window [w0, w1) when it holds the rank (ca < rank <= cb entries below
+   its ends), else the part of [min, max] on the rank's side of it. The window narrows after a
+   hit and widens after a miss. */
+static void start_from(Bracket *b, int tried, int hit, float w0, float w1, int ca, int cb,
+                       float mn, float mx, int m, int rank, float *width) {
+    b->interp = 1; b->done = 0;
+    if (hit) {
+        b->lo = w0; b->hi = w1; b->below = ca; b->upto = cb; b->open = 1;
+        *width *= 0.75f;
+        return;
+    }
+    b->lo = mn; b->hi = mx; b->below = 0; b->upto = m; b->open = 0;
+    if (tried && cb < rank) { b->lo = w1; b->below = cb; }
+    else if (tried) { b->hi = w0; b->upto = ca; b->open = 1; }
+    float wide = (mx - mn) * (1.0f / 16.0f);
+    *width = 2.0f * *width > wide ? 2.0f * *width : wide;
+}
+
+/* The next point to count below, or sets `done` when the answer is known without one: it is
+   the smallest entry in the bracket, or the largest (one pass either way), or no float lies
+   strictly inside the bracket (the entries left equal lo, or hi when the bracket is closed).
+   Points alternate between interpolation (where the rank would lie were the entries evenly
+   spread) and halving, so the bracket at least halves every two steps. */
 static float next_point(Bracket *b, int rank) {
-    int left = b->upto - b->below;
+    int left = b->upto - b->below, r = rank - b->below;
     float mid = b->lo + (b->hi - b->lo) * 0.5f;
     if (b->interp) {
-        float guess = b->lo + (b->hi - b->lo) * (((float)(rank - b->below) - 0.5f) / (float)left);
+        float guess = b->lo + (b->hi - b->lo) * (((float)r - 0.5f) / (float)left);
         if (guess > b->lo && guess < b->hi) mid = guess;
     }
-    if (left <= 1 || !(mid > b->lo && mid < b->hi)) b->done = 1;
+    if (r == 1 || r == left || !(mid > b->lo && mid < b->hi)) b->done = 1;
     return mid;
 }
 
@@ -98,7 +155,9 @@ static void update(Bracket *b, int rank, float mid, int c) {
 }
 
 static float finish(const Bracket *b, const float *e, int mp, int rank) {
-    if (b->upto - b->below <= 1) return min_from(e, mp, b->lo);
+    int left = b->upto - b->below, r = rank - b->below;
+    if (r == 1) return min_from(e, mp, b->lo);
+    if (r == left) return max_below(e, mp, b->hi, !b->open);
     if (b->open) return b->lo;
     int c = 0;
     for (int j = 0; j < mp; j++) c += e[j] < b->hi;
@@ -116,6 +175,7 @@ int featlearn_nearest_thresholds(const void *S, int64_t stride, int bf16, const 
     if (!buf) return -1;
     float *near = buf, *far = buf + mp;
     for (int j = m; j < mp; j++) near[j] = far[j] = INFINITY;  /* never below a point */
+    float prev[2] = {0.0f, 0.0f}, width[2] = {0.0f, 0.0f};
     for (int64_t i = 0; i < n; i++) {
         if (bf16) {
             const uint16_t *row = (const uint16_t *)S + i * stride;
@@ -133,31 +193,22 @@ int featlearn_nearest_thresholds(const void *S, int64_t stride, int bf16, const 
                 far[j] = cc[j] + twice;
             }
         }
-        float mn0[LANES], mx0[LANES], mn1[LANES], mx1[LANES];
-        for (int l = 0; l < LANES; l++) { mn0[l] = mx0[l] = near[0]; mn1[l] = mx1[l] = far[0]; }
-        for (int j = 0; j + LANES <= m; j += LANES)
-            for (int l = 0; l < LANES; l++) {
-                float a = near[j + l], c = far[j + l];
-                mn0[l] = a < mn0[l] ? a : mn0[l];
-                mx0[l] = a > mx0[l] ? a : mx0[l];
-                mn1[l] = c < mn1[l] ? c : mn1[l];
-                mx1[l] = c > mx1[l] ? c : mx1[l];
+        /* A window around the previous row's answer (neighbouring patches rank alike): when
+           it holds the rank, the bracket starts there and needs no min/max pass. */
+        int ca0 = 0, cb0 = 0, ca1 = 0, cb1 = 0;
+        float a0 = prev[0] - width[0], b0 = prev[0] + width[0];
+        float a1 = prev[1] - width[1], b1 = prev[1] + width[1];
+        if (i > 0)
+            for (int j = 0; j < mp; j++) {
+                ca0 += near[j] < a0; cb0 += near[j] < b0;
+                ca1 += far[j] < a1; cb1 += far[j] < b1;
             }
-        for (int j = m - m % LANES; j < m; j++) {
-            mn0[0] = near[j] < mn0[0] ? near[j] : mn0[0];
-            mx0[0] = near[j] > mx0[0] ? near[j] : mx0[0];
-            mn1[0] = far[j] < mn1[0] ? far[j] : mn1[0];
-            mx1[0] = far[j] > mx1[0] ? far[j] : mx1[0];
-        }
-        for (int l = 1; l < LANES; l++) {
-            mn0[0] = mn0[l] < mn0[0] ? mn0[l] : mn0[0];
-            mx0[0] = mx0[l] > mx0[0] ? mx0[l] : mx0[0];
-            mn1[0] = mn1[l] < mn1[0] ? mn1[l] : mn1[0];
-            mx1[0] = mx1[l] > mx1[0] ? mx1[l] : mx1[0];
-        }
+        int hit0 = i > 0 && ca0 < rank && rank <= cb0, hit1 = i > 0 && ca1 < rank && rank <= cb1;
+        float mn[2] = {0.0f, 0.0f}, mx[2] = {0.0f, 0.0f};
+        if (!hit0 || !hit1) min_max(near, far, m, mn, mx);
         Bracket a, b;
-        start(&a, mn0[0], mx0[0], m);
-        start(&b, mn1[0], mx1[0], m);
+        start_from(&a, i > 0, hit0, a0, b0, ca0, cb0, mn[0], mx[0], m, rank, &width[0]);
+        start_from(&b, i > 0, hit1, a1, b1, ca1, cb1, mn[1], mx[1], m, rank, &width[1]);
         float pa = next_point(&a, rank), pb = next_point(&b, rank);
         while (!a.done || !b.done) {
             /* a finished selection counts below -inf (nothing) until the other one ends */
@@ -170,8 +221,8 @@ int featlearn_nearest_thresholds(const void *S, int64_t stride, int bf16, const 
             if (!a.done) { update(&a, rank, pa, ca); pa = next_point(&a, rank); }
             if (!b.done) { update(&b, rank, pb, cb); pb = next_point(&b, rank); }
         }
-        out[2 * i] = finish(&a, near, mp, rank);
-        out[2 * i + 1] = finish(&b, far, mp, rank);
+        out[2 * i] = prev[0] = finish(&a, near, mp, rank);
+        out[2 * i + 1] = prev[1] = finish(&b, far, mp, rank);
     }
     free(buf);
     return 0;
