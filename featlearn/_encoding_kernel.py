@@ -23,7 +23,9 @@ Why not fold normalization and whitening into the centroids (filters ``F = W c``
 corrections from box filters): it saves no products (``||y||^2`` still needs the ``d x d'``
 whitening products, and ``y . c`` then costs what ``x . F`` would), it has worse float32
 conditioning (``x.F - m * sum(F)`` cancels on raw pixels), and it needs a rescaling pass over the
-``K`` columns. Why a GEMM and not ``conv2d``: a convolution with the ``K`` filters computes
+``K`` columns. The whitening alone is folded, in float32 for the activations that read dot
+products and no ``||y||^2`` (the nearest-fraction code, the soft threshold): their GEMM takes the
+normalized patches against ``[W C^T; -M W C^T]`` and the whitening GEMM disappears. Why a GEMM and not ``conv2d``: a convolution with the ``K`` filters computes
 the same ``(L*B, d) x (d, K)`` products, in the layout its backend prefers rather than the one
 the activation reads, and its output would still need the per-row corrections
 (benchmarks/results/encode.md compares the two). Chunks are a few images on the CPU, so the
@@ -181,7 +183,21 @@ class Kernel:
         self.col_sq = (c.double() ** 2).sum(1).float()
         if act.products == "unit_dot":  # unit-norm centroids; a zero one stays zero
             c = c * torch.where(self.col_sq > 0, self.col_sq, 1.0).rsqrt().view(-1, 1)
-        if act.products != "sqdist":
+        # float32 dot products that need no ||y||^2 take the whitening folded into the
+        # dictionary: y.c = (u - M) W c = u (W c) - M W c, so one GEMM of the normalized patches
+        # [u, 1] against [W C^T; -M W C^T] gives them, without the whitening GEMM or the
+        # whitened rows (the same products but for float32 rounding: 0.002% of nearest-40%
+        # features change by one count). Not in bfloat16: rounding u and W C^T there instead of
+        # y and C moves the features 1.6x as far from float32's.
+        self.fold = (act.products == "dot" and "row_sq" not in act.norms
+                     and plan.white_mat is not None and plan.precision == "float32")
+        if self.fold:
+            F = torch.from_numpy(plan.white_mat).to(device, torch.float64) @ c.double().T
+            aug = torch.empty((d + 1, K), **f32)
+            aug[:d] = F
+            aug[d] = -(torch.from_numpy(plan.white_mean).to(F) @ F)
+            self._y_pad = self.y_aug = None
+        elif act.products != "sqdist":
             # Only the dot products: the two augmented rows are zero.
             aug = torch.zeros((dp + 2, K), **f32)
             aug[:dp] = c.T
@@ -211,13 +227,16 @@ class Kernel:
         # a float32 scratch buffer, ``dist``, which its in-place activation may overwrite).
         if self.bf16:
             bf16 = dict(device=device, dtype=torch.bfloat16)
-            self.lhs, self.rhs = torch.empty((batch * L, dp + 2), **bf16), aug.to(torch.bfloat16)
+            self.lhs, self.rhs = torch.empty((batch * L, aug.shape[0]), **bf16), aug.to(torch.bfloat16)
             self.products = torch.zeros((batch * L, K), **bf16)
             self.dist = None if compiled else torch.empty((batch * L, K), **f32)
         else:
-            self.lhs, self.rhs = self.y_aug, aug
+            self.lhs = torch.empty((batch * L, d + 1), **f32) if self.fold else self.y_aug
+            self.rhs = aug
             self.products = self.dist = torch.zeros((batch * L, K), **f32)
-        if plan.white_mat is not None:
+        if self.fold:
+            self.lhs[:, d] = 1.0  # the bias row's column
+        elif plan.white_mat is not None:
             # Zero columns so the whitening GEMM writes straight into the padded buffer.
             wm = torch.zeros((d, self._y_pad.shape[1]), **f32)
             wm[:, :dp] = torch.from_numpy(plan.white_mat)
@@ -255,15 +274,18 @@ class Kernel:
         pt.copy_(windows)
         P = flatten_patches(pt).reshape(b * L, plan.d)
         P = self._normalize(P)
-        y_aug = self.y_aug[: b * L]
-        dp = plan.d_out
-        self._whiten(P, y_aug)
-        y = y_aug[:, :dp]
-        y_aug[:, dp + 1] = (y * y).sum(1)  # (zeroed out of a dot-product dictionary)
-        y_aug[:, dp].fill_(1.0)
         lhs, products = self.lhs[: b * L], self.products[: b * L]
-        if self.bf16:
-            lhs.copy_(y_aug)
+        if self.fold:
+            lhs[:, : plan.d].copy_(P)
+        else:
+            y_aug = self.y_aug[: b * L]
+            dp = plan.d_out
+            self._whiten(P, y_aug)
+            y = y_aug[:, :dp]
+            y_aug[:, dp + 1] = (y * y).sum(1)  # (zeroed out of a dot-product dictionary)
+            y_aug[:, dp].fill_(1.0)
+            if self.bf16:
+                lhs.copy_(y_aug)
         torch.mm(lhs, self.rhs, out=products)
         if self.select is not None:
             return self._nearest_fraction()[:b]
@@ -272,6 +294,7 @@ class Kernel:
         D = self.dist[: b * L]
         if self.bf16:
             D.copy_(products)
+        y_aug = None if self.y_aug is None else self.y_aug[: b * L]
         return activate_and_pool(D, *self._norms(y_aug), n_images=b, inplace=True, **self.static)
 
     def _nearest_fraction(self):
