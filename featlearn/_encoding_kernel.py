@@ -25,9 +25,11 @@ whitening products, and ``y . c`` then costs what ``x . F`` would), it has worse
 conditioning (``x.F - m * sum(F)`` cancels on raw pixels), and it needs a rescaling pass over the
 ``K`` columns. The whitening alone is folded, in float32 for the activations that read dot
 products and no ``||y||^2`` (the nearest-fraction code, the soft threshold): their GEMM takes the
-normalized patches against ``[W C^T; -M W C^T]`` and the whitening GEMM disappears. Why a GEMM and not ``conv2d``: a convolution with the ``K`` filters computes
-the same ``(L*B, d) x (d, K)`` products, in the layout its backend prefers rather than the one
-the activation reads, and its output would still need the per-row corrections
+normalized patches against ``[W C^T; -M W C^T]`` and the whitening GEMM disappears.
+
+Why a GEMM and not ``conv2d``: a convolution with the ``K`` filters computes the same
+``(L*B, d) x (d, K)`` products, in the layout its backend prefers rather than the one the
+activation reads, and its output would still need the per-row corrections
 (benchmarks/results/encode.md compares the two). Chunks are a few images on the CPU, so the
 elementwise passes run from cache; on a GPU the chunk is sized from free memory.
 """
@@ -173,11 +175,6 @@ class Kernel:
         self.L = L
         self.images = torch.empty((batch, H, W, C), **f32)
         self.patches = torch.empty((batch, Ph, Pw, p, p, C), **f32)
-        # Whitened rows, augmented with [1, ||y||^2] so one GEMM yields squared distances: the
-        # first dp + 2 columns of a buffer whose rows are padded to whole 16-float blocks, the
-        # shape at which the whitening GEMM runs at its rate (110 output columns do not).
-        self._y_pad = torch.zeros((batch * L, -(-(dp + 2) // 16) * 16), **f32)
-        self.y_aug = self._y_pad[:, : dp + 2]
         c = torch.from_numpy(plan.centers).to(**f32)  # (K, d')
         act = ACTIVATIONS[plan.activation]
         self.col_sq = (c.double() ** 2).sum(1).float()
@@ -191,12 +188,18 @@ class Kernel:
         # y and C moves the features 1.6x as far from float32's.
         self.fold = (act.products == "dot" and "row_sq" not in act.norms
                      and plan.white_mat is not None and plan.precision == "float32")
+        self._y_pad = self.y_aug = None
+        if not self.fold:
+            # Whitened rows, augmented with [1, ||y||^2] so one GEMM yields squared distances:
+            # the first dp + 2 columns of a buffer whose rows are padded to whole 16-float
+            # blocks, the shape at which the whitening GEMM runs at its rate (110 columns do not).
+            self._y_pad = torch.zeros((batch * L, -(-(dp + 2) // 16) * 16), **f32)
+            self.y_aug = self._y_pad[:, : dp + 2]
         if self.fold:
             F = torch.from_numpy(plan.white_mat).to(device, torch.float64) @ c.double().T
             aug = torch.empty((d + 1, K), **f32)
             aug[:d] = F
             aug[d] = -(torch.from_numpy(plan.white_mean).to(F) @ F)
-            self._y_pad = self.y_aug = None
         elif act.products != "sqdist":
             # Only the dot products: the two augmented rows are zero.
             aug = torch.zeros((dp + 2, K), **f32)
@@ -227,7 +230,8 @@ class Kernel:
         # a float32 scratch buffer, ``dist``, which its in-place activation may overwrite).
         if self.bf16:
             bf16 = dict(device=device, dtype=torch.bfloat16)
-            self.lhs, self.rhs = torch.empty((batch * L, aug.shape[0]), **bf16), aug.to(torch.bfloat16)
+            self.lhs = torch.empty((batch * L, aug.shape[0]), **bf16)
+            self.rhs = aug.to(torch.bfloat16)
             self.products = torch.zeros((batch * L, K), **bf16)
             self.dist = None if compiled else torch.empty((batch * L, K), **f32)
         else:
