@@ -44,7 +44,7 @@ def main(argv=None):
 
     import torch
 
-    from featlearn import PatchEncoder, RandomPatchDictionary
+    from featlearn import PatchEncoder, RandomPatchDictionary, _row_select
     from featlearn.activations import (BRACKET_ITERS, SELECTION_SAMPLE, activate_and_pool,
                                        bracket_thresholds, fix_thresholds, n_nearest,
                                        selection_columns, selection_rank)
@@ -67,8 +67,12 @@ def main(argv=None):
     static = dict(kernel.static, n_images=B)
 
     def products(chunk):
-        kernel.encode(chunk)  # fills kernel.dist (and the GEMM's left operand, kernel.lhs)
-        return kernel.dist[: B * kernel.L].clone(), None  # the nearest code reads no ||y||^2
+        """The chunk's dot products, and ||y||^2 (for the triangle row) from the normalized
+        patches the kernel leaves in its GEMM's left operand (float32: whitening folded)."""
+        kernel.encode(chunk)
+        u = kernel.lhs[: B * kernel.L, : plan.d]
+        y = (u - torch.from_numpy(plan.white_mean)) @ torch.from_numpy(plan.white_mat)
+        return kernel.dist[: B * kernel.L].clone(), (y * y).sum(1)
 
     Xa = d.X_test[: args.n_agree]
     with torch.inference_mode():
@@ -87,6 +91,7 @@ def main(argv=None):
         # The compiled path's pieces: bisection over the selection's columns (contiguous, as
         # the kernel lays them out), the fix-up, one compare-and-pool graph.
         fused = {}
+        native = _row_select.selector()
         for sel in ("exact", "sampled"):
             cols = torch.from_numpy(selection_columns(K, sel))
             rank = selection_rank(K, k, len(cols))
@@ -102,6 +107,9 @@ def main(argv=None):
                 fix=_best(lambda: fix_thresholds(t, ok, S, cs, rank), args.repeats),
                 pool=_best(lambda: pooled(D, row_sq, col_sq, th), args.repeats),
                 undecided=float((~ok).any(1).float().mean()))
+            if native is not None:  # the CPU path: the same thresholds (asserted), no fix-up
+                assert torch.equal(native(S, cs, rank), th)
+                fused[sel]["native"] = _best(lambda: native(S, cs, rank), args.repeats)
         tri = dict(static, activation="triangle")
         Dsq = (row_sq.view(-1, 1) + col_sq.view(1, -1) - 2 * D)
         t_tri = _best(lambda: activate_and_pool(Dsq, **tri), args.repeats)
@@ -156,7 +164,11 @@ def main(argv=None):
           for key, name in (("bracket", f"bisection ({BRACKET_ITERS} halvings), both signs"),
                             ("fix", f"order statistic of the undecided rows "
                                     f"({fused[sel]['undecided']:.2%})"),
-                            ("pool", "compare + pooling, both signs"))], "",
+                            ("pool", "compare + pooling, both signs"))],
+        *[f"| compiled {sel}: native thresholds, both signs, one thread (each encoder worker "
+          f"runs its own; on the CPU it replaces the bisection and the fix-up) | {fused[sel]['native']:.4f} "
+          f"| {fused[sel]['native'] / t_gemm:.2f} |"
+          for sel in ("exact", "sampled") if "native" in fused[sel]], "",
         f"Agreement on {len(Xa)} test images: sampled and exact differ on "
         f"{diff / total:.4%} of the {total:,} binary entries (before pooling); the largest "
         f"pooled difference is {pooled_gap:.4f} (pooled features lie in [0, 1]).", "",
