@@ -44,7 +44,7 @@ def main(argv=None):
 
     import torch
 
-    from featlearn import PatchEncoder, RandomPatchDictionary, _row_select
+    from featlearn import PatchEncoder, RandomPatchDictionary, _native
     from featlearn.activations import (BRACKET_ITERS, SELECTION_SAMPLE, activate_and_pool,
                                        bracket_thresholds, fix_thresholds, n_nearest,
                                        selection_columns, selection_rank)
@@ -91,7 +91,7 @@ def main(argv=None):
         # The compiled path's pieces: bisection over the selection's columns (contiguous, as
         # the kernel lays them out), the fix-up, one compare-and-pool graph.
         fused = {}
-        native = _row_select.selector()
+        native = _native.nearest_thresholds if _native.available() else None
         for sel in ("exact", "sampled"):
             cols = torch.from_numpy(selection_columns(K, sel))
             rank = selection_rank(K, k, len(cols))

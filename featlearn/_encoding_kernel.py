@@ -36,12 +36,13 @@ elementwise passes run from cache; on a GPU the chunk is sized from free memory.
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import numpy as np
 import torch
 
-from . import _row_select
+from . import _native
 from ._compile import CompiledKernel
 from ._torch import chunk_size, cpu_workers, over_chunks, resolve_device, to_numpy
 from .activations import (ACTIVATIONS, BRACKET_ITERS, activate_and_pool, bracket_thresholds,
@@ -221,8 +222,17 @@ class Kernel:
             self.unorder = torch.cat([inverse, inverse + K])
             rank = selection_rank(K, n_nearest(plan.fraction, K), len(cols))
             self.select = (len(cols), rank)
-            if device.type == "cpu":
-                self.native = _row_select.selector()
+            if device.type == "cpu" and _native.available():
+                self.native = _native.nearest_thresholds
+        # The triangle over a grid, summed or averaged: on the CPU the native kernel (one pass
+        # per row from L1) in place of the compiled graph.
+        self.native_pool = None
+        if (compiled and device.type == "cpu" and plan.activation == "triangle"
+                and plan.window is None and plan.pool_op in ("sum", "mean")
+                and _native.available()):
+            self.native_pool = functools.partial(
+                _native.triangle_pool, map_shape=plan.map_shape, row_bounds=plan.row_bounds,
+                col_bounds=plan.col_bounds, pool_op=plan.pool_op)
         self.centers_aug = aug
         self.bf16 = plan.precision == "bfloat16"
         # The GEMM's operands and products: float32, or bfloat16 that the activation reads
@@ -293,6 +303,8 @@ class Kernel:
         torch.mm(lhs, self.rhs, out=products)
         if self.select is not None:
             return self._nearest_fraction()[:b]
+        if self.native_pool is not None:
+            return self.native_pool(products, b)
         if self.compiled is not None:
             return self.compiled(self.products, *self._norms(self.y_aug))[:b]
         D = self.dist[: b * L]
@@ -303,7 +315,7 @@ class Kernel:
 
     def _nearest_fraction(self):
         """The compiled nearest-fraction path: each row's thresholds over the selection's block
-        (on the CPU by :mod:`featlearn._row_select`'s native kernel; elsewhere, or without a C
+        (on the CPU by :mod:`featlearn._native`'s kernel; elsewhere, or without a C
         compiler, by a compiled bisection whose few undecided rows get the order statistic),
         then one compare-and-pool graph; same numbers as the eager path."""
         (m, rank), bracket = self.select, self.graphs[1]

@@ -108,7 +108,7 @@ def iter_blocks(images, *, block_bytes=32 * 2**20):
 #: module they import, but the logger.
 FEATURE_MODULES = ("patches", "preprocessing", "dictionary", "kmeans", "_kmeans_input",
                    "_kmeans_solvers", "activations", "pooling", "encoding", "_encoding_kernel",
-                   "_row_select", "_scale", "_compile", "_torch")
+                   "_native", "_scale", "_compile", "_torch")
 
 
 def code_fingerprint() -> str:

@@ -124,7 +124,7 @@ def test_compiled_nearest_fraction_equals_eager(selection, precision, pooling, n
     from featlearn import RandomPatchDictionary
 
     if not native:
-        monkeypatch.setattr(encoding_kernel._row_select, "selector", lambda: None)
+        monkeypatch.setattr(encoding_kernel._native, "available", lambda: False)
 
     rng = np.random.RandomState(2)
     images = rng.randint(0, 256, size=(7, 12, 12, 3)).astype(np.uint8)
@@ -145,6 +145,7 @@ def test_compile_failure_falls_back_with_one_warning(images, monkeypatch, warnin
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(encoding_kernel._native, "available", lambda: False)  # the graph's path
     enc = _fit(images, "triangle").set_params(batch_size=7)
     eager = enc.set_params(compile=False).transform(images)
     fused = enc.set_params(compile=True).transform(images)

@@ -1,4 +1,5 @@
-"""The native nearest-fraction thresholds: the order statistic itself, and the fallback."""
+"""The native encoding kernels: the nearest-fraction order statistic itself, the triangle pooled
+over grids, and the fallback to the compiled graphs."""
 
 import logging
 import shutil
@@ -8,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-import featlearn._row_select as row_select
+import featlearn._native as native
 from featlearn._logging import logger
 from featlearn.activations import _signed
 
-needs_compiler = pytest.mark.skipif(row_select._compiler() is None, reason="no C compiler")
+needs_compiler = pytest.mark.skipif(native._compiler() is None, reason="no C compiler")
 
 
 def _kthvalue(S, cs, rank):
@@ -39,7 +40,7 @@ def test_native_thresholds_are_the_order_statistic(dtype, n, K, m, rank, ties):
     cs[: m // 4] = 0.0
     if ties:
         cs = cs.round()
-    got = row_select.nearest_thresholds(S, cs, rank)
+    got = native.nearest_thresholds(S, cs, rank)
     assert got.shape == (n, 2) and got.dtype == torch.float32
     assert torch.equal(got, _kthvalue(S, cs, rank))
 
@@ -48,30 +49,30 @@ def test_native_thresholds_are_the_order_statistic(dtype, n, K, m, rank, ties):
 def test_native_thresholds_refuse_what_they_cannot_read():
     S, cs = torch.zeros(4, 8), torch.zeros(8)
     with pytest.raises(ValueError, match="float32 or bfloat16"):
-        row_select.nearest_thresholds(S.double(), cs, 2)
+        native.nearest_thresholds(S.double(), cs, 2)
     with pytest.raises(ValueError, match="rank 9 is outside 1..8"):
-        row_select.nearest_thresholds(S, cs, 9)
+        native.nearest_thresholds(S, cs, 9)
     with pytest.raises(ValueError, match="col_sq has shape"):
-        row_select.nearest_thresholds(S, torch.zeros(7), 2)
+        native.nearest_thresholds(S, torch.zeros(7), 2)
     # A transposed (column-strided) block is copied, not misread.
     T = torch.randn(8, 4).T
-    assert torch.equal(row_select.nearest_thresholds(T, cs, 3), _kthvalue(T, cs, 3))
+    assert torch.equal(native.nearest_thresholds(T, cs, 3), _kthvalue(T, cs, 3))
 
 
 @needs_compiler
 def test_library_is_built_once_into_a_private_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("FEATLEARN_CACHE_DIR", str(tmp_path / "cache"))
-    row_select._build()
+    native._build()
     folder = tmp_path / "cache" / "native"
-    libs = list(folder.glob("row_select-*.so"))
+    libs = list(folder.glob("kernels-*.so"))
     assert len(libs) == 1 and stat.S_IMODE(folder.stat().st_mode) == 0o700
     assert [p.name for p in folder.iterdir()] == [libs[0].name]  # no temporary left behind
     before = libs[0].stat().st_mtime_ns
-    row_select._build()
+    native._build()
     assert libs[0].stat().st_mtime_ns == before  # loaded, not rebuilt
     folder.chmod(0o777)  # another user could have put code there: refused
     with pytest.raises(OSError, match="not private"):
-        row_select._build()
+        native._build()
 
 
 def test_without_a_compiler_the_compiled_graph_answers(monkeypatch):
@@ -81,8 +82,8 @@ def test_without_a_compiler_the_compiled_graph_answers(monkeypatch):
     handler = logging.Handler()
     handler.emit = lambda record: records.append(record.getMessage())
     handler.setLevel(logging.WARNING)
-    monkeypatch.setattr(row_select, "_STATE", {})
-    monkeypatch.setattr(row_select, "_compiler", lambda: None)
+    monkeypatch.setattr(native, "_STATE", {})
+    monkeypatch.setattr(native, "_compiler", lambda: None)
     rng = np.random.RandomState(3)
     images = rng.randint(0, 256, size=(5, 10, 10, 3)).astype(np.uint8)
     enc = PatchEncoder(patch_size=3, n_patches=500, activation="nearest_fraction",
@@ -90,12 +91,44 @@ def test_without_a_compiler_the_compiled_graph_answers(monkeypatch):
                        batch_size=2, random_state=0).fit(images)
     logger.addHandler(handler)
     try:
-        assert row_select.selector() is None
+        assert not native.available()
         eager = enc.set_params(compile=False).transform(images)
         if shutil.which("cc") or shutil.which("gcc"):  # inductor needs one too
             fused = enc.set_params(compile=True).transform(images)
             np.testing.assert_array_equal(fused, eager)
     finally:
         logger.removeHandler(handler)
-    assert len(records) == 1 and "native nearest-fraction threshold kernel" in records[0]
+    assert len(records) == 1 and "native encoding kernels" in records[0]
     assert "no C compiler found" in records[0]
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("map_shape,grid,pool_op,K", [
+    ((27, 27), (2, 2), "sum", 1600), ((9, 8), (3, 2), "mean", 37), ((5, 5), (1, 1), "sum", 16),
+])
+def test_native_triangle_pool_is_the_graphs_up_to_summation_order(dtype, map_shape, grid,
+                                                                   pool_op, K):
+    from featlearn.activations import activate_and_pool
+    from featlearn.pooling import pooling_bounds
+
+    g = torch.Generator().manual_seed(K)
+    n_images = 3
+    rows = n_images * map_shape[0] * map_shape[1]
+    D = (torch.rand(rows + 5, K, generator=g) * 40 - 1).to(dtype)  # a few negative; spare rows
+    rb, cb = (tuple(pooling_bounds(n, c)) for n, c in zip(map_shape, grid))
+    got = native.triangle_pool(D, n_images, map_shape, rb, cb, pool_op)
+    ref = activate_and_pool(D[:rows].float(), n_images=n_images, map_shape=map_shape,
+                            row_bounds=rb, col_bounds=cb, activation="triangle", alpha=0.0,
+                            pool_op=pool_op)
+    assert got.shape == ref.shape == (n_images, grid[0] * grid[1], K)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+@needs_compiler
+def test_native_triangle_refuses_windows_and_other_reductions():
+    D = torch.rand(2 * 4 * 4, 8)
+    with pytest.raises(ValueError, match="tile the 4x4 map once"):
+        native.triangle_pool(D, 2, (4, 4), ((0, 3), (1, 4)), ((0, 4),))
+    with pytest.raises(ValueError, match="by sum or mean"):
+        native.triangle_pool(D, 2, (4, 4), ((0, 4),), ((0, 4),), "max")

@@ -1,27 +1,32 @@
-"""The nearest-fraction thresholds in native code: each row's ``rank``-th smallest signed
-distance, for ``y`` and ``-y``, found while the row sits in L1.
+"""Small native (C) kernels for the compiled encoder on the CPU, where one pass per row that
+stays in L1 beats what a compiled graph does in whole-chunk passes.
 
-Why native code: the order statistic is per row and small (a few hundred entries), and neither
-``torch.kthvalue`` (a sort-like pass per row) nor a compiled graph does it at the GEMM's pace:
-inductor turns the bisection of :func:`featlearn.activations.bracket_thresholds` into one pass
-over the whole chunk per halving, each bound by its per-row reductions. Here each row is loaded
-once and its two selections run side by side in counting loops the C compiler vectorizes: a
-first bracket around the previous row's answer (neighbouring patches rank their centroids
-alike), then interpolation and halving steps, until the answer is the smallest or the largest
-entry left in the bracket. The result is the order statistic itself, bit for bit (the signed
-distances are formed with :func:`featlearn.activations._signed`'s own operations and
-roundings), so no fix-up pass is needed.
+- :func:`nearest_thresholds`: each row's ``rank``-th smallest signed distance, for ``y`` and
+  ``-y`` (the nearest-fraction code). Neither ``torch.kthvalue`` (a sort-like pass per row) nor
+  a compiled graph does this per-row order statistic at the GEMM's pace: inductor turns the
+  bisection of :func:`featlearn.activations.bracket_thresholds` into one pass over the whole
+  chunk per halving. Here each row is loaded once and its two selections run side by side in
+  counting loops the C compiler vectorizes: a first bracket around the previous row's answer
+  (neighbouring patches rank their centroids alike), then interpolation and halving steps,
+  until the answer is the smallest or the largest entry left in the bracket. The result is the
+  order statistic itself, bit for bit (the signed distances are formed with
+  :func:`featlearn.activations._signed`'s own operations and roundings).
+- :func:`triangle_pool`: the triangle activation summed over a grid of cells, row by row: each
+  row's ``z = sqrt(max(D, 0))`` is computed once into an L1 buffer, its mean taken, and
+  ``max(0, mean - z)`` added to the row's cell, where the compiled graph reads the chunk twice
+  and takes every square root twice. The same numbers up to float32 summation order.
 
 The C source below is compiled once per machine with the system's C compiler (the one inductor
 needs anyway), into featlearn's own cache folder, and loaded with :mod:`ctypes`, which releases
-the GIL during the call, so the encoder's worker threads select at the same time. Without a
-compiler, or on any failure, :func:`selector` returns None and the caller keeps its compiled
-graph (one warning line).
+the GIL during a call, so the encoder's worker threads run their kernels at the same time.
+Without a compiler, or on any failure, :func:`available` is False and the callers keep their
+compiled graphs (one warning line).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -227,6 +232,50 @@ int featlearn_nearest_thresholds(const void *S, int64_t stride, int bf16, const 
     free(buf);
     return 0;
 }
+
+/* D: the squared distances of n_images * Ph * Pw rows (image-major, then map rows, then map
+   columns), K each (bfloat16 or float32), `stride` elements apart. Adds, for every row, its
+   triangle activation max(0, mean_k z_k - z_k), z = sqrt(max(D, 0)), to out[image][cell] (out:
+   n_images x n_cells x K, zeroed by the caller), the cell of map position (ph, pw) being
+   row_cell[ph] * n_col_cells + col_cell[pw]. Returns 0, or -1 when out of memory. */
+int featlearn_triangle_pool(const void *D, int64_t stride, int bf16, int64_t n_images, int Ph,
+                            int Pw, int K, const int *row_cell, const int *col_cell,
+                            int n_col_cells, int n_cells, float *out) {
+    int Kp = (K + LANES - 1) / LANES * LANES;
+    float *z = (float *)malloc(sizeof(float) * (size_t)Kp);
+    if (!z) return -1;
+    for (int k = K; k < Kp; k++) z[k] = 0.0f;  /* adds nothing to the sum */
+    for (int64_t img = 0; img < n_images; img++) {
+        float *o = out + img * (int64_t)n_cells * K;
+        for (int ph = 0; ph < Ph; ph++)
+            for (int pw = 0; pw < Pw; pw++) {
+                int64_t r = (img * Ph + ph) * Pw + pw;
+                if (bf16) {
+                    const uint16_t *row = (const uint16_t *)D + r * stride;
+                    for (int k = 0; k < K; k++) {
+                        float d = bf16_to_float(row[k]);
+                        z[k] = sqrtf(d > 0.0f ? d : 0.0f);
+                    }
+                } else {
+                    const float *row = (const float *)D + r * stride;
+                    for (int k = 0; k < K; k++) z[k] = sqrtf(row[k] > 0.0f ? row[k] : 0.0f);
+                }
+                float acc[LANES] = {0.0f};
+                for (int k = 0; k < Kp; k += LANES)
+                    for (int l = 0; l < LANES; l++) acc[l] += z[k + l];
+                float s = 0.0f;
+                for (int l = 0; l < LANES; l++) s += acc[l];
+                float mean = s / (float)K;
+                float *cell = o + (int64_t)(row_cell[ph] * n_col_cells + col_cell[pw]) * K;
+                for (int k = 0; k < K; k++) {
+                    float v = mean - z[k];
+                    cell[k] += v > 0.0f ? v : 0.0f;
+                }
+            }
+    }
+    free(z);
+    return 0;
+}
 """
 
 #: ``-ffp-contract=off``: no fused multiply-adds, so every rounding is the one torch makes.
@@ -279,10 +328,10 @@ def _build():
         flags = _FLAGS + extra
         key = hashlib.sha256("\0".join([_SOURCE, " ".join(flags), version, _cpu_key()])
                              .encode()).hexdigest()[:16]
-        lib = folder / f"row_select-{key}.so"
+        lib = folder / f"kernels-{key}.so"
         if not lib.exists():
             with tempfile.TemporaryDirectory(dir=folder) as tmp:
-                src, out = Path(tmp) / "row_select.c", Path(tmp) / "row_select.so"
+                src, out = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
                 src.write_text(_SOURCE)
                 run = subprocess.run([compiler, *flags, str(src), "-o", str(out)],
                                      capture_output=True, text=True, timeout=300)
@@ -291,32 +340,33 @@ def _build():
                     continue
                 os.replace(out, lib)  # atomic: another process sees the whole file or none
         dll = ctypes.CDLL(str(lib))
-        fn = dll.featlearn_nearest_thresholds
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
-                       ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-        return fn
+        P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        dll.featlearn_nearest_thresholds.argtypes = [P, I64, I, P, I64, I, I, P]
+        dll.featlearn_triangle_pool.argtypes = [P, I64, I, I64, I, I, I, P, P, I, I, P]
+        for fn in (dll.featlearn_nearest_thresholds, dll.featlearn_triangle_pool):
+            fn.restype = ctypes.c_int
+        return dll
     raise OSError(f"{compiler} failed: {error}")
 
 
-def _function():
-    if "fn" in _STATE:
-        return _STATE["fn"]
+def _library():
+    if "lib" in _STATE:
+        return _STATE["lib"]
     with _LOCK:
-        if "fn" not in _STATE:
+        if "lib" not in _STATE:
             try:
-                _STATE["fn"] = _build()
-            except Exception as exc:  # noqa: BLE001 - any failure means: keep the compiled graph
-                _STATE["fn"] = None
-                logger.warning("could not build the native nearest-fraction threshold kernel "
-                               "(%s: %s); using the compiled graph (same results, slower)",
+                _STATE["lib"] = _build()
+            except Exception as exc:  # noqa: BLE001 - any failure means: keep the compiled graphs
+                _STATE["lib"] = None
+                logger.warning("could not build featlearn's native encoding kernels (%s: %s); "
+                               "using the compiled graphs (same results, slower)",
                                type(exc).__name__, str(exc)[:200])
-        return _STATE["fn"]
+        return _STATE["lib"]
 
 
-def selector():
-    """:func:`nearest_thresholds`, or None where the native kernel cannot be built here."""
-    return nearest_thresholds if _function() is not None else None
+def available() -> bool:
+    """Whether the native kernels are built (or can be) and loaded here; False after a warning."""
+    return _library() is not None
 
 
 def nearest_thresholds(S: torch.Tensor, col_sq: torch.Tensor, rank: int) -> torch.Tensor:
@@ -336,7 +386,49 @@ def nearest_thresholds(S: torch.Tensor, col_sq: torch.Tensor, rank: int) -> torc
     if cc.shape != (m,):
         raise ValueError(f"col_sq has shape {tuple(cc.shape)}, expected ({m},)")
     out = torch.empty((n, 2), dtype=torch.float32)
-    if n and _function()(S.data_ptr(), S.stride(0), int(S.dtype == torch.bfloat16),
-                         cc.data_ptr(), n, m, rank, out.data_ptr()) != 0:
+    if n and _library().featlearn_nearest_thresholds(
+            S.data_ptr(), S.stride(0), int(S.dtype == torch.bfloat16), cc.data_ptr(), n, m, rank,
+            out.data_ptr()) != 0:
         raise MemoryError("native thresholds: out of memory")
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _cell_index(row_bounds, col_bounds):
+    """Each map row's and map column's cell number (int32), for :func:`triangle_pool`."""
+    return tuple(torch.tensor([i for i, (a, b) in enumerate(bounds) for _ in range(a, b)],
+                              dtype=torch.int32) for bounds in (row_bounds, col_bounds))
+
+
+def triangle_pool(D: torch.Tensor, n_images: int, map_shape, row_bounds, col_bounds,
+                  pool_op: str = "sum") -> torch.Tensor:
+    """``(n_images, n_cells, K)``: the triangle activation of ``D`` (squared distances, CPU
+    float32 or bfloat16, rows image-major as the encoder lays them out; at least
+    ``n_images * rows * cols`` of them) pooled over the grid of ``row_bounds`` x
+    ``col_bounds`` with ``"sum"`` or ``"mean"``: what :func:`featlearn.activations.
+    activate_and_pool` gives for them, up to float32 summation order."""
+    Ph, Pw = map_shape
+    n, K = n_images * Ph * Pw, D.shape[1]
+    if D.device.type != "cpu" or D.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"the native triangle needs CPU float32 or bfloat16 distances, got "
+                         f"{D.dtype} on {D.device}")
+    if pool_op not in ("sum", "mean") or D.shape[0] < n:
+        raise ValueError(f"the native triangle pools {n} rows by sum or mean, got "
+                         f"{D.shape[0]} rows and {pool_op!r}")
+    if D.stride(1) != 1:
+        D = D.contiguous()
+    row_cell, col_cell = _cell_index(tuple(map(tuple, row_bounds)), tuple(map(tuple, col_bounds)))
+    if len(row_cell) != Ph or len(col_cell) != Pw:
+        raise ValueError(f"the cells must tile the {Ph}x{Pw} map once (a grid, not windows)")
+    n_cells = len(row_bounds) * len(col_bounds)
+    out = torch.zeros((n_images, n_cells, K), dtype=torch.float32)
+    if n_images and _library().featlearn_triangle_pool(
+            D.data_ptr(), D.stride(0), int(D.dtype == torch.bfloat16), n_images, Ph, Pw, K,
+            row_cell.data_ptr(), col_cell.data_ptr(), len(col_bounds), n_cells,
+            out.data_ptr()) != 0:
+        raise MemoryError("native triangle: out of memory")
+    if pool_op == "mean":
+        sizes = torch.tensor([[1.0 / ((r1 - r0) * (c1 - c0)) for c0, c1 in col_bounds]
+                              for r0, r1 in row_bounds], dtype=torch.float32)
+        out *= sizes.view(1, n_cells, 1)
     return out
