@@ -369,6 +369,14 @@ def available() -> bool:
     return _library() is not None
 
 
+def _loaded():
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("featlearn's native kernels are not available here (see the warning "
+                           "logged when they failed to build)")
+    return lib
+
+
 def nearest_thresholds(S: torch.Tensor, col_sq: torch.Tensor, rank: int) -> torch.Tensor:
     """``(n, 2)`` thresholds: the ``rank``-th smallest of ``col_sq - 2 S`` and of
     ``col_sq + 2 S`` per row, as :func:`featlearn.activations.nearest_fraction_thresholds`
@@ -386,7 +394,7 @@ def nearest_thresholds(S: torch.Tensor, col_sq: torch.Tensor, rank: int) -> torc
     if cc.shape != (m,):
         raise ValueError(f"col_sq has shape {tuple(cc.shape)}, expected ({m},)")
     out = torch.empty((n, 2), dtype=torch.float32)
-    if n and _library().featlearn_nearest_thresholds(
+    if n and _loaded().featlearn_nearest_thresholds(
             S.data_ptr(), S.stride(0), int(S.dtype == torch.bfloat16), cc.data_ptr(), n, m, rank,
             out.data_ptr()) != 0:
         raise MemoryError("native thresholds: out of memory")
@@ -417,12 +425,15 @@ def triangle_pool(D: torch.Tensor, n_images: int, map_shape, row_bounds, col_bou
                          f"{D.shape[0]} rows and {pool_op!r}")
     if D.stride(1) != 1:
         D = D.contiguous()
-    row_cell, col_cell = _cell_index(tuple(map(tuple, row_bounds)), tuple(map(tuple, col_bounds)))
-    if len(row_cell) != Ph or len(col_cell) != Pw:
-        raise ValueError(f"the cells must tile the {Ph}x{Pw} map once (a grid, not windows)")
+    row_bounds, col_bounds = (tuple(map(tuple, b)) for b in (row_bounds, col_bounds))
+    for bounds, size in ((row_bounds, Ph), (col_bounds, Pw)):
+        edges = [a for a, _ in bounds] + [bounds[-1][1]]
+        if edges[0] != 0 or edges[-1] != size or [b for _, b in bounds] != edges[1:]:
+            raise ValueError(f"the cells must tile the {Ph}x{Pw} map once (a grid, not windows)")
+    row_cell, col_cell = _cell_index(row_bounds, col_bounds)
     n_cells = len(row_bounds) * len(col_bounds)
     out = torch.zeros((n_images, n_cells, K), dtype=torch.float32)
-    if n_images and _library().featlearn_triangle_pool(
+    if n_images and _loaded().featlearn_triangle_pool(
             D.data_ptr(), D.stride(0), int(D.dtype == torch.bfloat16), n_images, Ph, Pw, K,
             row_cell.data_ptr(), col_cell.data_ptr(), len(col_bounds), n_cells,
             out.data_ptr()) != 0:
