@@ -190,26 +190,24 @@ class Kernel:
         self.fold = (act.products == "dot" and "row_sq" not in act.norms
                      and plan.white_mat is not None and plan.precision == "float32")
         self._y_pad = self.y_aug = None
-        if not self.fold:
-            # Whitened rows, augmented with [1, ||y||^2] so one GEMM yields squared distances:
-            # the first dp + 2 columns of a buffer whose rows are padded to whole 16-float
-            # blocks, the shape at which the whitening GEMM runs at its rate (110 columns do not).
-            self._y_pad = torch.zeros((batch * L, -(-(dp + 2) // 16) * 16), **f32)
-            self.y_aug = self._y_pad[:, : dp + 2]
         if self.fold:
             F = torch.from_numpy(plan.white_mat).to(device, torch.float64) @ c.double().T
             aug = torch.empty((d + 1, K), **f32)
             aug[:d] = F
             aug[d] = -(torch.from_numpy(plan.white_mean).to(F) @ F)
-        elif act.products != "sqdist":
-            # Only the dot products: the two augmented rows are zero.
-            aug = torch.zeros((dp + 2, K), **f32)
-            aug[:dp] = c.T
         else:
-            aug = torch.empty((dp + 2, K), **f32)
-            aug[:dp] = -2.0 * c.T
-            aug[dp] = self.col_sq
-            aug[dp + 1] = 1.0
+            # Whitened rows, augmented with [1, ||y||^2] so one GEMM yields squared distances:
+            # the first dp + 2 columns of a buffer whose rows are padded to whole 16-float
+            # blocks, the shape at which the whitening GEMM runs at its rate (110 columns do not).
+            self._y_pad = torch.zeros((batch * L, -(-(dp + 2) // 16) * 16), **f32)
+            self.y_aug = self._y_pad[:, : dp + 2]
+            aug = torch.zeros((dp + 2, K), **f32)
+            if act.products != "sqdist":  # only the dot products: the augmented rows are zero
+                aug[:dp] = c.T
+            else:
+                aug[:dp] = -2.0 * c.T
+                aug[dp] = self.col_sq
+                aug[dp + 1] = 1.0
         self.select = self.native = None
         if compiled and plan.activation == "nearest_fraction":
             # The selection's columns first, so that the thresholds read a contiguous block of

@@ -32,7 +32,8 @@ from ._scale import ScaleWarning, value_scale  # noqa: F401  (featlearn.encoding
 from .activations import ACTIVATIONS, n_nearest
 from .pooling import POOL_OPS, cell_bounds, map_shape, pool_window
 from .pooling import pooling_bounds  # noqa: F401  (featlearn.encoding.pooling_bounds)
-from .patches import RandomPatchExtractor, check_finite_float32, check_images, image_input_tags
+from .patches import (RandomPatchExtractor, check_finite_float32, check_images, image_input_tags,
+                      row_blocks)
 from .preprocessing import PatchNormalizer, ZCAWhitening
 
 #: Images per joblib task when ``n_jobs`` is set (rounded to whole chunks): big enough to
@@ -540,9 +541,8 @@ def _feature_names(width, K, n_cells, flip, layout):
 def _check_float16_range(out):
     """A ValueError when a float16 output overflowed; checked in row blocks whose mask takes
     at most ``_RANGE_CHECK_BYTES``, never one the size of the output."""
-    rows = max(1, _RANGE_CHECK_BYTES // max(1, out[:1].size))
-    for s in range(0, len(out), rows):
-        if not np.isfinite(out[s:s + rows]).all():
+    for block in row_blocks(out, _RANGE_CHECK_BYTES):  # a boolean mask: a byte per value
+        if not np.isfinite(block).all():
             raise ValueError("the features exceed float16's range (65504): use "
                              "dtype='float32', or pool_op='mean'")
 

@@ -37,14 +37,20 @@ def check_finite_float32(X: np.ndarray, what: str = "images") -> None:
         return  # integers (even int64) and booleans always fit
     wide = X.dtype.itemsize > 4
     verb = "contain" if what.endswith("s") else "contains"
-    rows = max(1, _FINITE_CHECK_VALUES // max(1, int(np.prod(X.shape[1:]))))
-    for s in range(0, X.shape[0], rows):
-        chunk = X[s:s + rows]
+    for chunk in row_blocks(X, _FINITE_CHECK_VALUES):
         if not np.isfinite(chunk).all():
             raise ValueError(f"{what} {verb} values that are not finite (NaN or infinity)")
         if wide and chunk.size and np.abs(chunk).max() > _FLOAT32_MAX:
             raise ValueError(f"{what} {verb} values beyond float32's range (|x| > 3.4e38), "
                              "which become infinity in float32; rescale them")
+
+
+def row_blocks(X, max_values: int):
+    """``X`` in blocks of whole rows of at most ``max_values`` values (at least one row): what
+    a check over a large array iterates, so that its temporaries stay bounded."""
+    rows = max(1, max_values // max(1, int(np.prod(X.shape[1:]))))
+    for s in range(0, X.shape[0], rows):
+        yield X[s:s + rows]
 
 
 def flatten_patches(patches: np.ndarray) -> np.ndarray:

@@ -10,6 +10,8 @@ from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight
 
+from ..patches import row_blocks
+
 
 #: The feature dtypes the classifiers keep as given (float16 halves the memory of stored
 #: features; batches are decoded to float32 one at a time); anything else becomes float32.
@@ -37,9 +39,7 @@ def check_finite(X: np.ndarray):
     mask stays under a few dozen MB."""
     if X.dtype.kind != "f" or X.size == 0:
         return
-    step = max(1, _FINITE_BLOCK_BYTES // max(1, X[0].size))
-    for s in range(0, len(X), step):
-        block = X[s:s + step]
+    for block in row_blocks(X, _FINITE_BLOCK_BYTES):  # a boolean mask: a byte per value
         if not np.isfinite(block).all():
             what = "NaN" if np.isnan(block).any() else "infinity or a value too large for " \
                 f"{X.dtype}"
