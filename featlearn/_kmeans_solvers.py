@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from featlearn import _native
 from featlearn._logging import log, progress
 from featlearn._torch import _POOL, _WORKERS, _executor, chunk_size, cpu_workers  # noqa: F401
 from featlearn._torch import n_workers
@@ -30,10 +31,11 @@ from featlearn._torch import over_rows as _over_rows
 _CPU_BLOCK_BYTES = 2 * 2**20
 _CPU_MIN_CHUNK = 64
 _CPU_MAX_CHUNK = 4096
-#: Columns per block of the CPU argmin (:func:`_row_argmin`). torch's ``min(dim)`` with indices
-#: is a scalar loop on the CPU, while ``amin`` over a block's contiguous columns is vectorised:
-#: so the minimum of the block minima comes first, then the first minimum inside the winning
-#: block. A multiple of the SIMD width, and long enough that a block's reduction is vector work.
+#: Columns per block of the CPU argmin without the native kernel (:func:`_row_argmin`). torch's
+#: ``min(dim)`` with indices is a scalar loop on the CPU, while ``amin`` over a block's contiguous
+#: columns is vectorised: so the minimum of the block minima comes first, then the first minimum
+#: inside the winning block. A multiple of the SIMD width, and long enough that a block's
+#: reduction is vector work.
 _ARGMIN_BLOCK = 64
 
 
@@ -55,8 +57,13 @@ def _rows_per_chunk(n_clusters: int, n_features: int, device: torch.device, item
 
 def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = None,
                      accumulate: bool = False, sample_weight: torch.Tensor | None = None,
-                     onehot_sums: bool | None = None):
+                     onehot_sums: bool | None = None, precision: str = "float32"):
     """Nearest centre and squared distance of every row of ``X``, chunk by chunk.
+
+    ``precision="bfloat16"`` (float32 ``X`` only) multiplies in bfloat16, then settles every
+    row whose products' rounding leaves more than one centre in contention by those centres'
+    float32 distances (:func:`_refine_bf16`): the labels and distances of float32, up to
+    float32 rounding, at the bfloat16 GEMM's cost.
 
     Returns ``(labels, min_sq_dist)``, plus ``(sums, counts)`` (per-centre sums of the assigned
     rows and their counts, float64) when ``accumulate`` is true. With ``sample_weight`` (a
@@ -82,6 +89,11 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
     chunk = max(1, -(-n // (workers * -(-n // (chunk * workers)))))
     c_sq = (C * C).sum(1)
     Ct = C.t()
+    bf16 = precision == "bfloat16" and X.dtype == torch.float32
+    if bf16:
+        C = C.contiguous()
+        Ct_bf16 = C.to(torch.bfloat16).t()
+        c_norm = c_sq.sqrt()
     labels = torch.empty(n, dtype=torch.int64, device=device)
     mind = torch.empty(n, dtype=X.dtype, device=device)
     w = None if sample_weight is None else sample_weight.to(device=device, dtype=X.dtype)
@@ -93,15 +105,26 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
         counts = torch.zeros(k, dtype=torch.float64, device=device)
 
     def work(start, stop):
-        buf, blocks = _distance_buffer(min(chunk, stop - start), k, X.dtype, device)
+        rows = min(chunk, stop - start)
+        if bf16:
+            S = torch.empty((rows, k), dtype=torch.bfloat16, device=device)
+            Xh = torch.empty((rows, d), dtype=torch.bfloat16, device=device)
+        if not bf16 or onehot:
+            buf, blocks = _distance_buffer(rows, k, X.dtype, device)
         for s in range(start, stop, chunk):
             e = min(stop, s + chunk)
             Xc = X[s:e]
-            D = buf[:e - s]
-            torch.addmm(c_sq, Xc, Ct, beta=1, alpha=-2, out=D)
-            _row_argmin(D, None if blocks is None else blocks[:e - s], mind[s:e], labels[s:e])
+            if bf16:
+                torch.mm(Xh[:e - s].copy_(Xc), Ct_bf16, out=S[:e - s])
+                _refine_bf16(S[:e - s], Xc, C, c_sq, c_norm, mind[s:e], labels[s:e])
+            else:
+                D = buf[:e - s]
+                torch.addmm(c_sq, Xc, Ct, beta=1, alpha=-2, out=D)
+                _row_argmin(D, None if blocks is None else blocks[:e - s], mind[s:e],
+                            labels[s:e])
             mind[s:e] += _row_sq_norms(Xc)
             if onehot:  # one range only (never split between workers): sums in row order
+                D = buf[:e - s]
                 D.zero_()
                 D.scatter_(1, labels[s:e, None], 1.0 if w is None else w[s:e, None])
                 sums.addmm_(D.t(), Xc)
@@ -127,12 +150,17 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
     return labels, mind
 
 
+def _native_argmin(dtype, device: torch.device) -> bool:
+    """Whether :func:`_row_argmin` takes the native kernel (CPU float32, when it is built)."""
+    return device.type == "cpu" and dtype == torch.float32 and _native.available()
+
+
 def _distance_buffer(rows: int, k: int, dtype, device: torch.device):
-    """A ``rows x k`` distance block, and (CPU, ``k`` of two blocks or more) its rows as
-    ``_ARGMIN_BLOCK``-column blocks for :func:`_row_argmin`: the block is the first ``k``
-    columns of a buffer padded to whole blocks with ``+inf`` (never a minimum), which the GEMM
-    writes in place through its row stride."""
-    if device.type != "cpu" or k < 2 * _ARGMIN_BLOCK:
+    """A ``rows x k`` distance block, and (CPU without the native argmin, ``k`` of two blocks or
+    more) its rows as ``_ARGMIN_BLOCK``-column blocks for :func:`_row_argmin`: the block is the
+    first ``k`` columns of a buffer padded to whole blocks with ``+inf`` (never a minimum),
+    which the GEMM writes in place through its row stride."""
+    if device.type != "cpu" or k < 2 * _ARGMIN_BLOCK or _native_argmin(dtype, device):
         return torch.empty((rows, k), dtype=dtype, device=device), None
     padded = -(-k // _ARGMIN_BLOCK) * _ARGMIN_BLOCK
     buf = torch.empty((rows, padded), dtype=dtype, device=device)
@@ -143,13 +171,56 @@ def _distance_buffer(rows: int, k: int, dtype, device: torch.device):
 def _row_argmin(D: torch.Tensor, blocks: torch.Tensor | None, values: torch.Tensor,
                 labels: torch.Tensor) -> None:
     """``torch.min(D, 1)`` into ``values`` and ``labels``: the same minima and the same (first)
-    indices, by block minima when ``blocks`` (:func:`_distance_buffer`) views ``D``'s rows."""
+    indices: by the native kernel on a CPU float32 block (no NaN: the k-means inputs are
+    checked finite), else by block minima when ``blocks`` (:func:`_distance_buffer`) views
+    ``D``'s rows."""
+    if blocks is None and _native_argmin(D.dtype, D.device):
+        _native.row_argmin(D, values, labels)
+        return
     if blocks is None:
         torch.min(D, dim=1, out=(values, labels))
         return
     torch.min(torch.amin(blocks, 2), dim=1, out=(values, labels))   # the first winning block
     rows = torch.arange(D.shape[0], device=D.device)
     labels.mul_(_ARGMIN_BLOCK).add_(blocks[rows, labels // _ARGMIN_BLOCK].argmin(1))
+
+
+#: Candidates per row that :func:`_refine_bf16` settles by gathered float32 distances without
+#: the native kernel (rows with more get the full float32 row).
+_REFINE_CANDIDATES = 8
+
+
+def _refine_bf16(S: torch.Tensor, Xc: torch.Tensor, C: torch.Tensor, c_sq: torch.Tensor,
+                 c_norm: torch.Tensor, values: torch.Tensor, labels: torch.Tensor) -> None:
+    """The float32 nearest centre (``c_sq - 2 x.c``, the first on a tie) of each row of ``Xc``
+    from its bfloat16 products ``S``, into ``values`` and ``labels``.
+
+    ``a = c_sq - 2 S`` is within ``e = delta |x| |c|`` (:data:`featlearn._native.REFINE_DELTA`,
+    over the rounding of bfloat16 factors and products) of the float32 value, so the nearest
+    centre is among those with ``a - e <= min(a + e)``: usually one or two, whose float32
+    distances decide. The native kernel on the CPU; else the same rule in torch ops.
+    """
+    if S.device.type == "cpu" and _native.available():
+        _native.refine_argmin(S, Xc, C, c_sq, c_norm, values, labels)
+        return
+    a = c_sq - 2 * S.float()
+    e = (_native.REFINE_DELTA * torch.sqrt((Xc * Xc).sum(1, keepdim=True))) * c_norm
+    e += c_sq * 2.0 ** -20
+    upper = (a + e).amin(1, keepdim=True)
+    low = a.sub_(e)
+    m = min(_REFINE_CANDIDATES, C.shape[0])
+    cand = torch.topk(low, m, dim=1, largest=False).indices.sort(1).values  # column order
+    dots = torch.bmm(C[cand], Xc.unsqueeze(2)).squeeze(2)
+    vals = c_sq[cand] - (dots + dots)
+    vals.masked_fill_(low.gather(1, cand) > upper, math.inf)
+    best, at = vals.min(1)
+    values.copy_(best)
+    labels.copy_(cand.gather(1, at[:, None]).squeeze(1))
+    over = torch.nonzero((low <= upper).sum(1) > m).flatten()
+    if over.numel():  # more candidates than gathered: the float32 row decides
+        D = torch.addmm(c_sq, Xc[over], C.t(), beta=1, alpha=-2)
+        v, j = torch.min(D, 1)
+        values[over], labels[over] = v, j
 
 
 def _row_sq_norms(X: torch.Tensor, block: int = 16384) -> torch.Tensor:
@@ -340,7 +411,7 @@ class MiniBatchResult(NamedTuple):
 
 
 def _lloyd(X, centers, *, max_iter, tol, reassignment_ratio, gen, chunk, verbose=0,
-           sample_weight=None, final_pass=True) -> LloydResult:
+           sample_weight=None, final_pass=True, precision="float32") -> LloydResult:
     """Full-batch Lloyd, with low-count clusters moved to random points.
 
     Centres whose count is below ``reassignment_ratio * max count`` (empty ones included) move
@@ -364,7 +435,8 @@ def _lloyd(X, centers, *, max_iter, tol, reassignment_ratio, gen, chunk, verbose
     reason = f"max_iter={max_iter} reached"
     for it in range(max_iter):
         labels, mind, sums, counts = nearest_centroid(X, centers, chunk=chunk, accumulate=True,
-                                                      sample_weight=sample_weight)
+                                                      sample_weight=sample_weight,
+                                                      precision=precision)
         n_iter = it + 1
         if prev is not None and torch.equal(labels, prev):
             # The centres were computed from exactly these labels: a fixed point.
@@ -411,6 +483,7 @@ def _lloyd(X, centers, *, max_iter, tol, reassignment_ratio, gen, chunk, verbose
         labels = None
     elif consistent is None:
         labels, mind, _, counts = nearest_centroid(X, centers, chunk=chunk, accumulate=True,
+                                                   precision=precision,
                                                    sample_weight=sample_weight)
     else:
         labels, mind, counts = consistent
@@ -433,7 +506,7 @@ class _MiniBatchState:
 
 
 def _minibatch_step(Xb, centers, state, *, reassignment_ratio, gen, chunk, sample_weight=None,
-                    need_shift=True):
+                    need_shift=True, precision="float32"):
     """One mini-batch update with scikit-learn's per-centre learning rate ``1 / count``.
 
     Returns the new centres, the batch inertia (before the update, per sample) and the summed
@@ -445,7 +518,7 @@ def _minibatch_step(Xb, centers, state, *, reassignment_ratio, gen, chunk, sampl
     b = Xb.shape[0]
     k = centers.shape[0]
     _, mind, sums, bcounts = nearest_centroid(Xb, centers, chunk=chunk, accumulate=True,
-                                              sample_weight=sample_weight)
+                                              sample_weight=sample_weight, precision=precision)
     if sample_weight is None:
         batch_inertia = mind.sum() / b
     else:
@@ -510,7 +583,8 @@ def _minibatch_converged(state, batch_inertia, shift, *, step, batch_size, n_sam
 
 
 def _minibatch(X, centers, *, batch_size, max_iter, tol, max_no_improvement, reassignment_ratio,
-               gen, chunk, verbose=0, sample_weight=None, compute_labels=True) -> MiniBatchResult:
+               gen, chunk, verbose=0, sample_weight=None, compute_labels=True,
+               precision="float32") -> MiniBatchResult:
     """Mini-batch k-means: batches drawn without replacement within each epoch (a fresh CPU
     permutation per epoch; the remainder shorter than a batch is left for the next one).
 
@@ -534,7 +608,7 @@ def _minibatch(X, centers, *, batch_size, max_iter, tol, max_no_improvement, rea
             pos += b
             centers, batch_inertia, shift = _minibatch_step(
                 Xb, centers, state, reassignment_ratio=reassignment_ratio, gen=gen, chunk=chunk,
-                sample_weight=wb, need_shift=tol > 0)
+                sample_weight=wb, need_shift=tol > 0, precision=precision)
             steps_done = step + 1
             bar.update(1)
             stop = _minibatch_converged(
@@ -547,7 +621,7 @@ def _minibatch(X, centers, *, batch_size, max_iter, tol, max_no_improvement, rea
     n_iter = int(math.ceil(steps_done * b / n))
     labels = inertia = None
     if compute_labels:
-        labels, mind = nearest_centroid(X, centers, chunk=chunk)
+        labels, mind = nearest_centroid(X, centers, chunk=chunk, precision=precision)
         inertia = _inertia(mind, sample_weight)
     ewa = state.ewa if state.ewa is not None else state.batch_inertia
     log(verbose, "MiniBatchKMeans: stopped after %d steps, %d epochs (%s), %s", steps_done,

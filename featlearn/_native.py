@@ -233,6 +233,123 @@ int featlearn_nearest_thresholds(const void *S, int64_t stride, int bf16, const 
     return 0;
 }
 
+/* Each row's smallest entry and the first column holding it, as torch.min(D, 1) gives them
+   for rows without NaN: D holds n rows of k float32 entries, `stride` elements apart. One pass
+   with LANES running minima and their columns (GCC/clang vector types, so the compare and the
+   two selects are vector instructions; the compiler does not turn the ?: of a float minimum
+   with an index into them by itself), then the lanes are merged, the first column winning a
+   tie. */
+typedef float vfloat __attribute__((vector_size(LANES * 4)));
+typedef int32_t vint __attribute__((vector_size(LANES * 4)));
+typedef uint16_t vhalf __attribute__((vector_size(LANES * 2)));
+
+void featlearn_row_argmin(const float *D, int64_t stride, int64_t n, int k, float *values,
+                          int64_t *labels) {
+    vint step, lane0;
+    for (int l = 0; l < LANES; l++) { step[l] = LANES; lane0[l] = l; }
+    for (int64_t i = 0; i < n; i++) {
+        const float *row = D + i * stride;
+        vfloat v;
+        vint at = lane0, ix = lane0;
+        for (int l = 0; l < LANES; l++) v[l] = INFINITY;
+        int j = 0;
+        for (; j + LANES <= k; j += LANES) {
+            vfloat x;
+            memcpy(&x, row + j, sizeof x);
+            vint lt = x < v;
+            v = (vfloat)(((vint)x & lt) | ((vint)v & ~lt));
+            ix = (at & lt) | (ix & ~lt);
+            at += step;
+        }
+        float best = INFINITY;
+        int bi = 0;
+        for (int l = 0; l < LANES; l++)
+            if (v[l] < best || (v[l] == best && ix[l] < bi)) { best = v[l]; bi = ix[l]; }
+        for (; j < k; j++)
+            if (row[j] < best) { best = row[j]; bi = j; }
+        values[i] = best;
+        labels[i] = bi;
+    }
+}
+
+/* The k-means assignment from bfloat16 products, made exact: S holds n rows of k bfloat16
+   products x.c_j (`stride` elements apart), X the n float32 rows x (`xstride` apart, d each),
+   C the k float32 centres (d each, contiguous), cc their squared norms and cn their norms.
+   With a = cc - 2 S, |a_j - (cc_j - 2 x.c_j)| <= delta |x| |c_j| (the caller's rounding
+   bound), so every centre that can be the nearest has a_j - e_j <= min(a + e), e_j = delta
+   |x| |c_j|: those few candidates get their float32 value cc_j - 2 x.c_j, and the smallest
+   (the first on a tie) is the row's label and value. */
+static float dot(const float *x, const float *c, int d) {
+    float acc[LANES] = {0.0f};
+    int t = 0;
+    for (; t + LANES <= d; t += LANES)
+        for (int l = 0; l < LANES; l++) acc[l] += x[t + l] * c[t + l];
+    for (; t < d; t++) acc[0] += x[t] * c[t];
+    float s = 0.0f;
+    for (int l = 0; l < LANES; l++) s += acc[l];
+    return s;
+}
+
+int featlearn_refine_argmin(const uint16_t *S, int64_t stride, const float *X, int64_t xstride,
+                            int d, const float *C, const float *cc, const float *cn, int64_t n,
+                            int k, float delta, float *values, int64_t *labels) {
+    enum { SCAN = 4 * LANES };  /* columns per candidate test */
+    int kv = k - k % LANES, kp = (k + SCAN - 1) / SCAN * SCAN;
+    float *low = (float *)malloc(sizeof(float) * (size_t)kp);
+    if (!low) return -1;
+    for (int j = k; j < kp; j++) low[j] = INFINITY;  /* never a candidate */
+    for (int64_t i = 0; i < n; i++) {
+        const uint16_t *row = S + i * stride;
+        const float *x = X + i * xstride;
+        float r = delta * sqrtf(dot(x, x, d));
+        /* a_j - e_j into low, and the smallest a_j + e_j: each column once */
+        vfloat up;
+        for (int l = 0; l < LANES; l++) up[l] = INFINITY;
+        for (int j = 0; j < kv; j += LANES) {
+            vhalf h;
+            vfloat c, e;
+            memcpy(&h, row + j, sizeof h);
+            memcpy(&c, cc + j, sizeof c);
+            memcpy(&e, cn + j, sizeof e);
+            vfloat s = (vfloat)(__builtin_convertvector(h, vint) << 16);
+            vfloat a = c - (s + s);
+            e = e * r + c * (1.0f / 1048576.0f);
+            vfloat hi = a + e, lo = a - e;
+            memcpy(low + j, &lo, sizeof lo);
+            vint lt = hi < up;
+            up = (vfloat)(((vint)hi & lt) | ((vint)up & ~lt));
+        }
+        float upper = INFINITY;
+        for (int l = 0; l < LANES; l++) upper = up[l] < upper ? up[l] : upper;
+        for (int j = kv; j < k; j++) {
+            float s = bf16_to_float(row[j]);
+            float a = cc[j] - (s + s);
+            float e = cn[j] * r + cc[j] * (1.0f / 1048576.0f);
+            float hi = a + e;
+            low[j] = a - e;
+            upper = hi < upper ? hi : upper;
+        }
+        /* the candidates, in column order (the first wins a tie) */
+        float best = INFINITY;
+        int bi = -1;
+        for (int j = 0; j < kp; j += SCAN) {
+            int hit = 0;
+            for (int l = 0; l < SCAN; l++) hit += low[j + l] <= upper;
+            for (int l = 0; hit && l < SCAN; l++) {
+                if (!(low[j + l] <= upper)) continue;
+                hit--;
+                float p = dot(x, C + (int64_t)(j + l) * d, d);
+                float v = cc[j + l] - (p + p);
+                if (bi < 0 || v < best) { best = v; bi = j + l; }
+            }
+        }
+        values[i] = best;
+        labels[i] = bi;
+    }
+    free(low);
+    return 0;
+}
+
 /* D: the squared distances of n_images * Ph * Pw rows (image-major, then map rows, then map
    columns), K each (bfloat16 or float32), `stride` elements apart. Adds, for every row, its
    triangle activation max(0, mean_k z_k - z_k), z = sqrt(max(D, 0)), to out[image][cell] (out:
@@ -345,6 +462,11 @@ def _build():
         dll.featlearn_triangle_pool.argtypes = [P, I64, I, I64, I, I, I, P, P, I, I, P]
         for fn in (dll.featlearn_nearest_thresholds, dll.featlearn_triangle_pool):
             fn.restype = ctypes.c_int
+        dll.featlearn_row_argmin.argtypes = [P, I64, I64, I, P, P]
+        dll.featlearn_row_argmin.restype = None
+        F = ctypes.c_float
+        dll.featlearn_refine_argmin.argtypes = [P, I64, P, I64, I, P, P, P, I64, I, F, P, P]
+        dll.featlearn_refine_argmin.restype = ctypes.c_int
         return dll
     raise OSError(f"{compiler} failed: {error}")
 
@@ -443,3 +565,52 @@ def triangle_pool(D: torch.Tensor, n_images: int, map_shape, row_bounds, col_bou
                               for r0, r1 in row_bounds], dtype=torch.float32)
         out *= sizes.view(1, n_cells, 1)
     return out
+
+
+def row_argmin(D: torch.Tensor, values: torch.Tensor, labels: torch.Tensor) -> None:
+    """``torch.min(D, 1, out=(values, labels))`` for a CPU float32 ``D`` without NaN (rows may
+    be strided): the same minima and the same, first, columns, in one vectorized pass. The
+    k-means assignment, where torch's indexed minimum is a scalar loop."""
+    n, k = D.shape
+    if D.device.type != "cpu" or D.dtype != torch.float32 or D.stride(1) != 1 or k < 1:
+        raise ValueError(f"the native argmin needs a CPU float32 block with unit column "
+                         f"stride, got {D.dtype} on {D.device}, strides {D.stride()}")
+    if (values.shape != (n,) or labels.shape != (n,) or values.dtype != torch.float32
+            or labels.dtype != torch.int64 or not values.is_contiguous()
+            or not labels.is_contiguous()):
+        raise ValueError("the native argmin writes into contiguous float32 values and int64 "
+                         f"labels of {n} rows")
+    if n:
+        _loaded().featlearn_row_argmin(D.data_ptr(), D.stride(0), n, k, values.data_ptr(),
+                                       labels.data_ptr())
+
+
+#: The bound on ``|bf16 product - x.c| / (|x| |c|)`` that :func:`refine_argmin` allows for, over
+#: twice the worst case of bfloat16 rounding (each factor, and the output: 3 units of 2**-8,
+#: doubled in ``-2 x.c``, 0.0234) with the float32 sums' error: 2**-5.
+REFINE_DELTA = 2.0 ** -5
+
+
+def refine_argmin(S: torch.Tensor, X: torch.Tensor, C: torch.Tensor, c_sq: torch.Tensor,
+                  c_norm: torch.Tensor, values: torch.Tensor, labels: torch.Tensor) -> None:
+    """The nearest centre of each row of ``X`` from its bfloat16 products ``S = X C^T``
+    (computed with float32 accumulation, as CPU GEMMs do): the few centres that the products'
+    rounding bound leaves in contention get their float32 value ``c_sq - 2 x.c``, and the
+    smallest, the first on a tie, is written into ``values`` and ``labels``. So the labels are
+    those of the float32 distances (up to float32 rounding) at the bfloat16 GEMM's cost."""
+    n, k = S.shape
+    d = X.shape[1]
+    if (S.device.type != "cpu" or S.dtype != torch.bfloat16 or S.stride(1) != 1
+            or X.dtype != torch.float32 or X.stride(1) != 1 or X.shape[0] != n
+            or C.shape != (k, d) or C.dtype != torch.float32 or not C.is_contiguous()):
+        raise ValueError("the native refinement needs CPU bfloat16 products (n, k), float32 "
+                         "rows (n, d) and contiguous float32 centres (k, d)")
+    cc = c_sq.to(torch.float32).contiguous()
+    cn = c_norm.to(torch.float32).contiguous()
+    if cc.shape != (k,) or cn.shape != (k,) or values.shape != (n,) or labels.shape != (n,):
+        raise ValueError("centre norms of (k,) and outputs of (n,) expected")
+    if n and _loaded().featlearn_refine_argmin(
+            S.data_ptr(), S.stride(0), X.data_ptr(), X.stride(0), d, C.data_ptr(),
+            cc.data_ptr(), cn.data_ptr(), n, k, REFINE_DELTA, values.data_ptr(),
+            labels.data_ptr()) != 0:
+        raise MemoryError("native refinement: out of memory")

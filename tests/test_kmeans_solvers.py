@@ -238,3 +238,84 @@ def test_the_pool_is_made_anew_after_a_fork(monkeypatch):
     assert solvers._executor(2) is first
     monkeypatch.setitem(solvers._POOL, "pid", -1)   # as in a forked child
     assert solvers._executor(2) is not first
+
+
+# ---- bfloat16 products settled in float32 (precision="bfloat16") -------------------------------
+
+@pytest.fixture(scope="module")
+def patches_like():
+    """108-dim heavy-tailed rows with 300 centres among them: many rows have near-tied centres,
+    where plain bfloat16 distances pick another one."""
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(3000, 108, generator=g) * torch.rand(3000, 1, generator=g).pow(3).mul(8).add(.2)
+    C = X[torch.randperm(3000, generator=g)[:300]] + 0.3 * torch.randn(300, 108, generator=g)
+    return X, C
+
+
+@pytest.mark.parametrize("native_kernel", [True, False])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_bfloat16_assignment_is_the_float32_one(patches_like, native_kernel, accumulate,
+                                                monkeypatch):
+    X, C = patches_like
+    if native_kernel and not solvers._native.available():
+        pytest.skip("native kernels not built here")
+    if not native_kernel:  # the same rule in torch ops (CUDA, or no C compiler)
+        monkeypatch.setattr(solvers._native, "available", lambda: False)
+    ref = solvers.nearest_centroid(X, C, accumulate=accumulate)
+    got = solvers.nearest_centroid(X, C, accumulate=accumulate, precision="bfloat16")
+    assert torch.equal(got[0], ref[0])
+    # distances equal up to float32 rounding of the terms ||x||^2 + ||c||^2 they cancel from
+    scale = (X * X).sum(1) + (C * C).sum(1).max()
+    assert bool(((got[1] - ref[1]).abs() <= 1e-6 * scale).all())
+    if accumulate:  # the same labels: the same sums, in the same order
+        assert torch.equal(got[2], ref[2]) and torch.equal(got[3], ref[3])
+    plain = (C * C).sum(1) - 2 * (X.bfloat16() @ C.t().bfloat16()).float()
+    assert not torch.equal(plain.argmin(1), ref[0])  # the data does test the refinement
+
+
+def test_torch_refinement_falls_back_to_float32_rows_with_many_candidates(monkeypatch):
+    """40 centres 2 away from a row and one 1.99 away: all within bfloat16's rounding of each
+    other, more candidates than the torch refinement gathers."""
+    monkeypatch.setattr(solvers._native, "available", lambda: False)
+    g = torch.Generator().manual_seed(0)
+    dirs = torch.nn.functional.normalize(torch.randn(41, 16, generator=g), dim=1)
+    x = torch.full((16,), 5.0)
+    radius = torch.full((41, 1), 2.0)
+    radius[17] = 1.99
+    C = x + dirs * radius
+    X = torch.stack([x, x + 0.5 * dirs[3]])
+    S = X.bfloat16() @ C.t().bfloat16()
+    c_sq = (C * C).sum(1)
+    low = c_sq - 2 * S.float() - solvers._native.REFINE_DELTA * X.norm(dim=1, keepdim=True) * c_sq.sqrt()
+    assert int((low <= (c_sq - 2 * S.float()).min(1, keepdim=True).values).sum(1)[0]) > 8
+    labels, mind = solvers.nearest_centroid(X, C, precision="bfloat16")
+    assert labels.tolist() == [17, 3]
+    assert torch.equal(labels, solvers.nearest_centroid(X, C)[0])
+
+
+@pytest.mark.parametrize("Est", [KMeans, MiniBatchKMeans])
+def test_bfloat16_precision_fits_the_float32_model(patches_like, Est):
+    X = patches_like[0].numpy()
+    kw = dict(n_clusters=40, random_state=0, device="cpu", max_iter=5)
+    if Est is MiniBatchKMeans:
+        kw.update(batch_size=512)
+    ref = Est(**kw).fit(X)
+    got = Est(precision="bfloat16", **kw).fit(X)
+    assert got.precision_ == "bfloat16" and ref.precision_ == "float32"
+    np.testing.assert_array_equal(got.labels_, ref.labels_)
+    np.testing.assert_allclose(got.cluster_centers_, ref.cluster_centers_, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got.predict(X), ref.predict(X))
+    assert got.score(X) == pytest.approx(ref.score(X), rel=1e-6)
+
+
+def test_auto_precision_is_bfloat16_only_where_native(patches_like, monkeypatch):
+    import featlearn.kmeans as kmeans_module
+
+    X = patches_like[0][:500].numpy()
+    monkeypatch.setattr(kmeans_module, "has_fast_bfloat16", lambda device: True)
+    monkeypatch.setattr(kmeans_module._native, "available", lambda: True)
+    assert KMeans(5, precision="auto", max_iter=2, device="cpu").fit(X).precision_ == "bfloat16"
+    monkeypatch.setattr(kmeans_module, "has_fast_bfloat16", lambda device: False)
+    assert KMeans(5, precision="auto", max_iter=2, device="cpu").fit(X).precision_ == "float32"
+    with pytest.raises(ValueError, match="precision"):
+        KMeans(5, precision="float16").fit(X)

@@ -132,3 +132,70 @@ def test_native_triangle_refuses_windows_and_other_reductions():
         native.triangle_pool(D, 2, (4, 4), ((0, 3), (1, 4)), ((0, 4),))
     with pytest.raises(ValueError, match="by sum or mean"):
         native.triangle_pool(D, 2, (4, 4), ((0, 4),), ((0, 4),), "max")
+
+
+# ---- the k-means assignment kernels --------------------------------------------------------
+
+@needs_compiler
+@pytest.mark.parametrize("n,k,ties", [(200, 1600, False), (64, 37, True), (30, 5, False),
+                                      (50, 16, True), (0, 8, False)])
+def test_native_argmin_is_torch_min(n, k, ties):
+    g = torch.Generator().manual_seed(n + k)
+    D = torch.randn(n, k + 3, generator=g)
+    if ties:
+        D = D.round()  # many equal minima: the first column must win
+    D = D[:, :k]  # strided rows
+    values = torch.empty(n)
+    labels = torch.empty(n, dtype=torch.int64)
+    native.row_argmin(D, values, labels)
+    ref = torch.min(D, 1)
+    assert torch.equal(values, ref.values) and torch.equal(labels, ref.indices)
+
+
+def _heavy_tailed(n, d, g):
+    """Whitened-patch-like rows: heavy tails, norms over an order of magnitude."""
+    X = torch.randn(n, d, generator=g) * torch.rand(n, 1, generator=g).pow(3).mul(8).add(0.2)
+    return X
+
+
+@needs_compiler
+@pytest.mark.parametrize("k", [1, 7, 16, 400, 1603])
+def test_native_refinement_finds_the_exact_nearest_centre(k):
+    g = torch.Generator().manual_seed(k)
+    X = _heavy_tailed(700, 108, g)
+    C = _heavy_tailed(k, 108, g)
+    S = X.bfloat16() @ C.t().bfloat16()
+    c_sq = (C * C).sum(1)
+    values = torch.empty(len(X))
+    labels = torch.empty(len(X), dtype=torch.int64)
+    native.refine_argmin(S, X, C, c_sq, c_sq.sqrt(), values, labels)
+    exact = c_sq.double() - 2 * X.double() @ C.t().double()
+    assert torch.equal(labels, exact.argmin(1))
+    assert torch.allclose(values.double(), exact.min(1).values, rtol=1e-5, atol=1e-3)
+    # plain bfloat16 distances pick other centres for some rows here: the refinement matters
+    if k >= 400:
+        assert not torch.equal((c_sq - 2 * S.float()).argmin(1), labels)
+
+
+@needs_compiler
+def test_native_refinement_takes_the_first_of_equal_centres():
+    X = torch.tensor([[1.0, 2.0], [0.5, -1.0]])
+    C = torch.tensor([[5.0, 5.0], [1.0, 2.0], [1.0, 2.0], [0.5, -1.0], [0.5, -1.0]])
+    S = X.bfloat16() @ C.t().bfloat16()
+    c_sq = (C * C).sum(1)
+    values, labels = torch.empty(2), torch.empty(2, dtype=torch.int64)
+    native.refine_argmin(S, X, C, c_sq, c_sq.sqrt(), values, labels)
+    assert labels.tolist() == [1, 3]
+
+
+@needs_compiler
+def test_native_assignment_kernels_refuse_what_they_cannot_read():
+    D = torch.zeros(4, 8)
+    v, lab = torch.empty(4), torch.empty(4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="CPU float32 block"):
+        native.row_argmin(D.double(), v, lab)
+    with pytest.raises(ValueError, match="contiguous float32 values and int64"):
+        native.row_argmin(D, v, lab.int())
+    with pytest.raises(ValueError, match="bfloat16 products"):
+        native.refine_argmin(D, torch.zeros(4, 3), torch.zeros(8, 3), torch.zeros(8),
+                             torch.zeros(8), v, lab)
