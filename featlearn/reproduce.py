@@ -185,11 +185,20 @@ def run(config, data, *, out=None, cache=None, device=None, n_train=None, n_test
     else:
         if job.streaming:
             fitted = _fit_streaming(job, split, cache, times)
+        elif cache is None:  # nothing to store: one split's features in memory at a time
+            pred = {}
+
+            def predict(part, F):
+                pred[part] = job.clf.predict(F)
+            encoder = _fit_split_by_split(job, split, times, verbose, predict)
+            fitted = _Fitted(encoder, None, None)
+            pred_train, pred_test = np.asarray(pred["train"]), np.asarray(pred["test"])
         else:
             fitted = _fit_on_features(job, split, cache, times, verbose)
-        with _timed(times, "predict"):
-            pred_test = np.asarray(job.clf.predict(fitted.test))
-            pred_train = np.asarray(job.clf.predict(fitted.train))
+        if fitted.train is not None:
+            with _timed(times, "predict"):
+                pred_test = np.asarray(job.clf.predict(fitted.test))
+                pred_train = np.asarray(job.clf.predict(fitted.train))
     results = _results(config, data, job, split, fitted, pred_train, pred_test, times,
                        time.perf_counter() - t_start, rate)
     log(verbose, f"[{job.name}] test accuracy {results['test_accuracy']:.2%}, train "
@@ -231,7 +240,7 @@ def _job(name, pipe) -> _Job:
 def _fit_members(job, split, cache, times, verbose):
     """Fit a soft-voting ensemble member by member, each as :func:`_fit_on_features` fits one
     pipeline (its own cached features; without a cache, one split at a time:
-    :func:`_fit_member_split_by_split`), and drop each member's features before the next is
+    :func:`_fit_split_by_split`), and drop each member's features before the next is
     encoded: memory is one member's, not the sum. Returns the fitted ensemble's
     :class:`_Fitted` (its members' encoders and stage seconds; ``times`` gets their sums) and
     the members' summed probabilities on both splits; ``job.pipe`` becomes the fitted
@@ -246,7 +255,9 @@ def _fit_members(job, split, cache, times, verbose):
     for name, member in job.members:
         member_times = {}
         if cache is None:
-            encoder = _fit_member_split_by_split(member, split, member_times, proba, verbose)
+            def add(part, F, member=member):
+                proba[part] = proba[part] + member.clf.predict_proba(F)
+            encoder = _fit_split_by_split(member, split, member_times, verbose, add)
         else:
             fitted = _fit_on_features(member, split, cache, member_times, verbose)
             with _timed(member_times, "predict"):
@@ -269,11 +280,11 @@ def _fit_members(job, split, cache, times, verbose):
     return ensemble, proba
 
 
-def _fit_member_split_by_split(job, split, times, proba, verbose):
-    """Fit one ensemble member without a cache: fit its encoder, encode the training images,
-    fit the classifier and score them, drop them, then encode and score the test images, so
-    its peak memory is the larger split's features, not both splits'. Adds the member's
-    probabilities to ``proba`` and returns its fitted encoder."""
+def _fit_split_by_split(job, split, times, verbose, score):
+    """Fit one pipeline without a cache: fit its encoder, encode the training images, fit the
+    classifier and ``score("train", features)``, drop them, then encode the test images and
+    ``score("test", features)``, so peak memory is the larger split's features, not both
+    splits'. Returns the fitted encoder (the pipeline's first step from then on)."""
     from sklearn.base import clone
 
     encoder, pipe = clone(job.encoder), job.pipe
@@ -289,7 +300,7 @@ def _fit_member_split_by_split(job, split, times, proba, verbose):
     with _timed(times, "classifier fit"):
         job.clf.fit(F, split["y_train"])
     with _timed(times, "predict"):
-        proba["train"] = proba["train"] + job.clf.predict_proba(F)
+        score("train", F)
     del F
     gc.collect()  # see _fit_members
     with _timed(times, "encode test"):
@@ -297,7 +308,7 @@ def _fit_member_split_by_split(job, split, times, proba, verbose):
     if middle.steps:
         F = middle.transform(F)
     t0 = time.perf_counter()
-    proba["test"] = proba["test"] + job.clf.predict_proba(F)
+    score("test", F)
     times["predict"] += time.perf_counter() - t0
     return encoder
 
