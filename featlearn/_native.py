@@ -1,5 +1,5 @@
-"""Small native (C) kernels for the compiled encoder on the CPU, where one pass per row that
-stays in L1 beats what a compiled graph does in whole-chunk passes.
+"""Small native (C) kernels for the compiled encoder and k-means on the CPU, where one pass per
+row that stays in L1 beats what a compiled graph or a torch reduction does in whole-chunk passes.
 
 - :func:`nearest_thresholds`: each row's ``rank``-th smallest signed distance, for ``y`` and
   ``-y`` (the nearest-fraction code). Neither ``torch.kthvalue`` (a sort-like pass per row) nor
@@ -15,6 +15,10 @@ stays in L1 beats what a compiled graph does in whole-chunk passes.
   row's ``z = sqrt(max(D, 0))`` is computed once into an L1 buffer, its mean taken, and
   ``max(0, mean - z)`` added to the row's cell, where the compiled graph reads the chunk twice
   and takes every square root twice. The same numbers up to float32 summation order.
+- :func:`row_argmin`: ``torch.min(D, 1)`` for k-means' float32 distances, whose indexed minimum
+  torch runs as a scalar loop on the CPU.
+- :func:`refine_argmin`: the k-means assignment from bfloat16 products, settled in float32 for
+  the few centres their rounding leaves in contention (``precision="bfloat16"``).
 
 The C source below is compiled once per machine with the system's C compiler (the one inductor
 needs anyway), into featlearn's own cache folder, and loaded with :mod:`ctypes`, which releases

@@ -204,3 +204,43 @@ def test_distance_flops_counts_every_pass():
                       "encode test": 1.0, "classifier fit": 4.0}, rate_gflops=4.0)
     assert eff == {"dictionary": 0.5, "encoding": 0.5, "end to end": 0.25}
 
+
+
+def test_without_a_cache_the_test_split_is_encoded_after_the_classifier_is_fitted(tmp_path,
+                                                                                   monkeypatch):
+    """One split's features in memory at a time (the peak of the large configurations), and
+    the same accuracies as through a cache, which encodes both splits first."""
+    import numpy as np
+
+    from featlearn.classifier import TorchMLPClassifier
+    from featlearn.encoding import PatchEncoder
+    from featlearn.reproduce import run
+
+    rng = np.random.default_rng(0)
+    data = {"X_train": rng.integers(0, 256, (60, 12, 12, 3), dtype=np.uint8),
+            "y_train": np.arange(60) % 3,
+            "X_test": rng.integers(0, 256, (20, 12, 12, 3), dtype=np.uint8),
+            "y_test": np.arange(20) % 3, "target_names": ["a", "b", "c"], "archive": "x"}
+    config = {"name": "tiny", "params": TINY}
+    events = []
+    transform = PatchEncoder.transform
+
+    def spy(self, X):
+        events.append(f"encode {len(X)}")
+        return transform(self, X)
+
+    def spy_fit(self, X, y, **kw):
+        events.append(f"fit {len(X)}")
+        return fit(self, X, y, **kw)
+
+    fit = TorchMLPClassifier.fit
+    monkeypatch.setattr(PatchEncoder, "transform", spy)
+    monkeypatch.setattr(TorchMLPClassifier, "fit", spy_fit)
+    plain, model = run(config, data, verbose=0)
+    assert events == ["encode 60", "fit 60", "encode 20"]
+    assert set(plain["stage_seconds"]) >= {"encode train", "classifier fit", "encode test",
+                                           "predict"}
+    assert model.named_steps["encoder"].kmeans_ is not None
+    cached, _ = run(config, data, cache=tmp_path / "cache", verbose=0)
+    assert (plain["test_accuracy"], plain["train_accuracy"]) == (cached["test_accuracy"],
+                                                                 cached["train_accuracy"])
