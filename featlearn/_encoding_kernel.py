@@ -222,14 +222,16 @@ class Kernel:
             self.select = (len(cols), rank)
             if device.type == "cpu" and _native.available():
                 self.native = _native.nearest_thresholds
-        # The triangle over a grid, summed or averaged: on the CPU the native kernel (one pass
-        # per row from L1) in place of the compiled graph.
+        # The triangle or the nearest-fraction code over a grid, summed or averaged: on the
+        # CPU a native kernel (one pass per row from L1) in place of the compiled graph.
         self.native_pool = None
-        if (compiled and device.type == "cpu" and plan.activation == "triangle"
-                and plan.window is None and plan.pool_op in ("sum", "mean")
-                and _native.available()):
+        if (compiled and device.type == "cpu" and plan.window is None
+                and plan.activation in ("triangle", "nearest_fraction")
+                and plan.pool_op in ("sum", "mean") and _native.available()):
+            pool = (_native.triangle_pool if plan.activation == "triangle"
+                    else _native.nearest_pool)
             self.native_pool = functools.partial(
-                _native.triangle_pool, map_shape=plan.map_shape, row_bounds=plan.row_bounds,
+                pool, map_shape=plan.map_shape, row_bounds=plan.row_bounds,
                 col_bounds=plan.col_bounds, pool_op=plan.pool_op)
         self.centers_aug = aug
         self.bf16 = plan.precision == "bfloat16"
@@ -300,7 +302,7 @@ class Kernel:
                 lhs.copy_(y_aug)
         torch.mm(lhs, self.rhs, out=products)
         if self.select is not None:
-            return self._nearest_fraction()[:b]
+            return self._nearest_fraction(b)
         if self.native_pool is not None:
             return self.native_pool(products, b)
         if self.compiled is not None:
@@ -311,18 +313,25 @@ class Kernel:
         y_aug = None if self.y_aug is None else self.y_aug[: b * L]
         return activate_and_pool(D, *self._norms(y_aug), n_images=b, inplace=True, **self.static)
 
-    def _nearest_fraction(self):
-        """The compiled nearest-fraction path: each row's thresholds over the selection's block
-        (on the CPU by :mod:`featlearn._native`'s kernel; elsewhere, or without a C
-        compiler, by a compiled bisection whose few undecided rows get the order statistic),
-        then one compare-and-pool graph; same numbers as the eager path."""
+    def _nearest_fraction(self, b):
+        """The compiled nearest-fraction path for the first ``b`` images: each row's thresholds
+        over the selection's block, then compare and pool (on the CPU both by
+        :mod:`featlearn._native`'s kernels; elsewhere, or without a C compiler, a compiled
+        bisection whose few undecided rows get the order statistic, and a compiled graph);
+        same numbers as the eager path."""
         (m, rank), bracket = self.select, self.graphs[1]
-        S, cs = self.products[:, :m], self.col_sq[:m]
+        # Natively, only the chunk's rows; a compiled graph takes the whole (fixed-size) buffer.
+        native = self.native is not None and self.native_pool is not None
+        products = self.products[: b * self.L] if native else self.products
+        S, cs = products[:, :m], self.col_sq[:m]
         if self.native is not None:
             t = self.native(S, cs, rank)
         else:
             t = fix_thresholds(*bracket(S, cs), S, cs, rank)
-        pooled = self.compiled(self.products, None, self.col_sq, t)
+        if native:
+            pooled = self.native_pool(products, self.col_sq, t, b)
+        else:
+            pooled = self.compiled(self.products, None, self.col_sq, t)[:b]
         return pooled.index_select(2, self.unorder)
 
     def _norms(self, y_aug):

@@ -397,6 +397,84 @@ int featlearn_triangle_pool(const void *D, int64_t stride, int bf16, int64_t n_i
     free(z);
     return 0;
 }
+
+/* The nearest-fraction code pooled over a grid: S holds the products y.c of n_images * Ph * Pw
+   rows (laid out as for featlearn_triangle_pool), K each; t their two thresholds (t[2r] for y,
+   t[2r+1] for -y). Adds 1 to out[image][cell][k] where cc_k - 2 s_k < t[2r], and to
+   out[image][cell][K + k] where cc_k + 2 s_k < t[2r+1] (out: n_images x n_cells x 2K, zeroed by
+   the caller): the comparisons of featlearn.activations.nearest_fraction_blocks, roundings
+   included, and counts, which float32 sums exactly. */
+void featlearn_nearest_pool(const void *S, int64_t stride, int bf16, const float *cc,
+                            const float *t, int64_t n_images, int Ph, int Pw, int K,
+                            const int *row_cell, const int *col_cell, int n_col_cells,
+                            int n_cells, float *out) {
+    for (int64_t img = 0; img < n_images; img++) {
+        float *o = out + img * (int64_t)n_cells * 2 * K;
+        for (int ph = 0; ph < Ph; ph++)
+            for (int pw = 0; pw < Pw; pw++) {
+                int64_t r = (img * Ph + ph) * Pw + pw;
+                float t0 = t[2 * r], t1 = t[2 * r + 1];
+                float *near = o + (int64_t)(row_cell[ph] * n_col_cells + col_cell[pw]) * 2 * K;
+                float *far = near + K;
+                if (bf16) {
+                    const uint16_t *row = (const uint16_t *)S + r * stride;
+                    for (int k = 0; k < K; k++) {
+                        float d = bf16_to_float(row[k]);
+                        float twice = d + d;
+                        near[k] += cc[k] - twice < t0 ? 1.0f : 0.0f;
+                        far[k] += cc[k] + twice < t1 ? 1.0f : 0.0f;
+                    }
+                } else {
+                    const float *row = (const float *)S + r * stride;
+                    for (int k = 0; k < K; k++) {
+                        float twice = row[k] + row[k];
+                        near[k] += cc[k] - twice < t0 ? 1.0f : 0.0f;
+                        far[k] += cc[k] + twice < t1 ? 1.0f : 0.0f;
+                    }
+                }
+            }
+    }
+}
+
+/* float16 bits -> float: the exponent rebiased by one multiplication, which also scales
+   subnormals right; infinities and NaNs kept. Integer and float operations only, so the loop
+   vectorizes on any target (no _Float16 needed). */
+static inline float half_to_float(uint16_t h) {
+    uint32_t em = h & 0x7fffu, u = em << 13;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    f *= 5.192296858534828e+33f;  /* 2**112: float16's exponent bias to float32's */
+    if (em >= 0x7c00u) f = em == 0x7c00u ? INFINITY : NAN;
+    return h & 0x8000u ? -f : f;
+}
+
+/* float -> bfloat16 bits, to nearest with ties to even (NaN: 0x7fc0), as torch rounds. */
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if (f != f) return 0x7fc0u;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Rows idx[0..b) of the float16 matrix X (`stride` elements apart, F used) standardized,
+   (x - mean) * inv with float32's roundings, into out (b x F): float32, or bfloat16 rounded
+   from that float32 value (`bf16`). One pass where gather, decode, subtract, multiply and
+   round are each a pass over the batch in torch. */
+void featlearn_standardize_rows(const uint16_t *X, int64_t stride, int64_t F, const int64_t *idx,
+                                int64_t b, const float *mean, const float *inv, int bf16,
+                                void *out) {
+    for (int64_t i = 0; i < b; i++) {
+        const uint16_t *row = X + idx[i] * stride;
+        if (bf16) {
+            uint16_t *o = (uint16_t *)out + i * F;
+            for (int64_t j = 0; j < F; j++)
+                o[j] = float_to_bf16((half_to_float(row[j]) - mean[j]) * inv[j]);
+        } else {
+            float *o = (float *)out + i * F;
+            for (int64_t j = 0; j < F; j++) o[j] = (half_to_float(row[j]) - mean[j]) * inv[j];
+        }
+    }
+}
 """
 
 #: ``-ffp-contract=off``: no fused multiply-adds, so every rounding is the one torch makes.
@@ -466,6 +544,10 @@ def _build():
         dll.featlearn_triangle_pool.argtypes = [P, I64, I, I64, I, I, I, P, P, I, I, P]
         for fn in (dll.featlearn_nearest_thresholds, dll.featlearn_triangle_pool):
             fn.restype = ctypes.c_int
+        dll.featlearn_nearest_pool.argtypes = [P, I64, I, P, P, I64, I, I, I, P, P, I, I, P]
+        dll.featlearn_nearest_pool.restype = None
+        dll.featlearn_standardize_rows.argtypes = [P, I64, I64, P, I64, P, P, I, P]
+        dll.featlearn_standardize_rows.restype = None
         dll.featlearn_row_argmin.argtypes = [P, I64, I64, I, P, P]
         dll.featlearn_row_argmin.restype = None
         F = ctypes.c_float
@@ -534,6 +616,36 @@ def _cell_index(row_bounds, col_bounds):
                               dtype=torch.int32) for bounds in (row_bounds, col_bounds))
 
 
+def _grid(D, n_images, map_shape, row_bounds, col_bounds, pool_op, what):
+    """The checks and cell indices shared by the pooling kernels: ``D`` (CPU float32 or
+    bfloat16, unit column stride after this) with rows for ``n_images`` maps pooled by sum or
+    mean over a grid that tiles the map. Returns ``(D, row_cell, col_cell, n_cells)``."""
+    Ph, Pw = map_shape
+    n = n_images * Ph * Pw
+    if D.device.type != "cpu" or D.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"the native {what} needs CPU float32 or bfloat16 products, got "
+                         f"{D.dtype} on {D.device}")
+    if pool_op not in ("sum", "mean") or D.shape[0] < n:
+        raise ValueError(f"the native {what} pools {n} rows by sum or mean, got "
+                         f"{D.shape[0]} rows and {pool_op!r}")
+    if D.stride(1) != 1:
+        D = D.contiguous()
+    for bounds, size in ((row_bounds, Ph), (col_bounds, Pw)):
+        edges = [a for a, _ in bounds] + [bounds[-1][1]]
+        if edges[0] != 0 or edges[-1] != size or [b for _, b in bounds] != edges[1:]:
+            raise ValueError(f"the cells must tile the {Ph}x{Pw} map once (a grid, not windows)")
+    row_cell, col_cell = _cell_index(row_bounds, col_bounds)
+    return D, row_cell, col_cell, len(row_bounds) * len(col_bounds)
+
+
+def _mean(out, row_bounds, col_bounds):
+    """Sums over the cells -> means, in place."""
+    sizes = torch.tensor([[1.0 / ((r1 - r0) * (c1 - c0)) for c0, c1 in col_bounds]
+                          for r0, r1 in row_bounds], dtype=torch.float32)
+    out *= sizes.view(1, -1, 1)
+    return out
+
+
 def triangle_pool(D: torch.Tensor, n_images: int, map_shape, row_bounds, col_bounds,
                   pool_op: str = "sum") -> torch.Tensor:
     """``(n_images, n_cells, K)``: the triangle activation of ``D`` (squared distances, CPU
@@ -541,34 +653,42 @@ def triangle_pool(D: torch.Tensor, n_images: int, map_shape, row_bounds, col_bou
     ``n_images * rows * cols`` of them) pooled over the grid of ``row_bounds`` x
     ``col_bounds`` with ``"sum"`` or ``"mean"``: what :func:`featlearn.activations.
     activate_and_pool` gives for them, up to float32 summation order."""
-    Ph, Pw = map_shape
-    n, K = n_images * Ph * Pw, D.shape[1]
-    if D.device.type != "cpu" or D.dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"the native triangle needs CPU float32 or bfloat16 distances, got "
-                         f"{D.dtype} on {D.device}")
-    if pool_op not in ("sum", "mean") or D.shape[0] < n:
-        raise ValueError(f"the native triangle pools {n} rows by sum or mean, got "
-                         f"{D.shape[0]} rows and {pool_op!r}")
-    if D.stride(1) != 1:
-        D = D.contiguous()
     row_bounds, col_bounds = (tuple(map(tuple, b)) for b in (row_bounds, col_bounds))
-    for bounds, size in ((row_bounds, Ph), (col_bounds, Pw)):
-        edges = [a for a, _ in bounds] + [bounds[-1][1]]
-        if edges[0] != 0 or edges[-1] != size or [b for _, b in bounds] != edges[1:]:
-            raise ValueError(f"the cells must tile the {Ph}x{Pw} map once (a grid, not windows)")
-    row_cell, col_cell = _cell_index(row_bounds, col_bounds)
-    n_cells = len(row_bounds) * len(col_bounds)
+    D, row_cell, col_cell, n_cells = _grid(D, n_images, map_shape, row_bounds, col_bounds,
+                                           pool_op, "triangle")
+    K = D.shape[1]
     out = torch.zeros((n_images, n_cells, K), dtype=torch.float32)
     if n_images and _loaded().featlearn_triangle_pool(
-            D.data_ptr(), D.stride(0), int(D.dtype == torch.bfloat16), n_images, Ph, Pw, K,
+            D.data_ptr(), D.stride(0), int(D.dtype == torch.bfloat16), n_images, *map_shape, K,
             row_cell.data_ptr(), col_cell.data_ptr(), len(col_bounds), n_cells,
             out.data_ptr()) != 0:
         raise MemoryError("native triangle: out of memory")
-    if pool_op == "mean":
-        sizes = torch.tensor([[1.0 / ((r1 - r0) * (c1 - c0)) for c0, c1 in col_bounds]
-                              for r0, r1 in row_bounds], dtype=torch.float32)
-        out *= sizes.view(1, n_cells, 1)
-    return out
+    return _mean(out, row_bounds, col_bounds) if pool_op == "mean" else out
+
+
+def nearest_pool(S: torch.Tensor, col_sq: torch.Tensor, thresholds: torch.Tensor, n_images: int,
+                 map_shape, row_bounds, col_bounds, pool_op: str = "sum") -> torch.Tensor:
+    """``(n_images, n_cells, 2K)``: the nearest-fraction code of the products ``S`` (CPU float32
+    or bfloat16, rows laid out as for :func:`triangle_pool`) with the rows' ``(n, 2)``
+    ``thresholds``, pooled over the grid: what :func:`featlearn.activations.activate_and_pool`
+    gives for them (sums exactly; means up to the rounding of the division)."""
+    row_bounds, col_bounds = (tuple(map(tuple, b)) for b in (row_bounds, col_bounds))
+    S, row_cell, col_cell, n_cells = _grid(S, n_images, map_shape, row_bounds, col_bounds,
+                                           pool_op, "nearest-fraction pooling")
+    K = S.shape[1]
+    cc = col_sq.detach().to(torch.float32).contiguous()
+    t = thresholds.detach().to(torch.float32).contiguous()
+    rows = n_images * map_shape[0] * map_shape[1]
+    if cc.shape != (K,) or t.dim() != 2 or t.shape[1] != 2 or len(t) < rows:
+        raise ValueError(f"col_sq of ({K},) and two thresholds per row expected, got "
+                         f"{tuple(cc.shape)} and {tuple(t.shape)}")
+    out = torch.zeros((n_images, n_cells, 2 * K), dtype=torch.float32)
+    if n_images:
+        _loaded().featlearn_nearest_pool(
+            S.data_ptr(), S.stride(0), int(S.dtype == torch.bfloat16), cc.data_ptr(),
+            t.data_ptr(), n_images, *map_shape, K, row_cell.data_ptr(), col_cell.data_ptr(),
+            len(col_bounds), n_cells, out.data_ptr())
+    return _mean(out, row_bounds, col_bounds) if pool_op == "mean" else out
 
 
 def row_argmin(D: torch.Tensor, values: torch.Tensor, labels: torch.Tensor) -> None:
@@ -618,3 +738,28 @@ def refine_argmin(S: torch.Tensor, X: torch.Tensor, C: torch.Tensor, c_sq: torch
             cc.data_ptr(), cn.data_ptr(), n, k, REFINE_DELTA, values.data_ptr(),
             labels.data_ptr()) != 0:
         raise MemoryError("native refinement: out of memory")
+
+
+def standardize_rows(X: torch.Tensor, idx: torch.Tensor, mean: torch.Tensor,
+                     inv_scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """``((X[idx].float() - mean) * inv_scale).to(dtype)`` for a CPU float16 ``X`` (rows may be
+    strided) in one pass: the same numbers (float32 arithmetic, bfloat16 rounded to nearest
+    even from it). A classifier's mini-batch from stored float16 features."""
+    if (X.device.type != "cpu" or X.dtype != torch.float16 or X.dim() != 2 or X.stride(1) != 1
+            or dtype not in (torch.float32, torch.bfloat16)):
+        raise ValueError(f"native standardization reads a CPU float16 matrix into float32 or "
+                         f"bfloat16, got {X.dtype} on {X.device} into {dtype}")
+    F = X.shape[1]
+    idx = idx.to(torch.int64).contiguous()
+    mean = mean.to(torch.float32).contiguous()
+    inv_scale = inv_scale.to(torch.float32).contiguous()
+    if mean.shape != (F,) or inv_scale.shape != (F,):
+        raise ValueError(f"mean and inv_scale of ({F},) expected")
+    if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(X)):
+        raise IndexError(f"row index out of range for {len(X)} rows")
+    out = torch.empty((len(idx), F), dtype=dtype)
+    if len(idx):
+        _loaded().featlearn_standardize_rows(
+            X.data_ptr(), X.stride(0), F, idx.data_ptr(), len(idx), mean.data_ptr(),
+            inv_scale.data_ptr(), int(dtype == torch.bfloat16), out.data_ptr())
+    return out

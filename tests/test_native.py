@@ -134,6 +134,42 @@ def test_native_triangle_refuses_windows_and_other_reductions():
         native.triangle_pool(D, 2, (4, 4), ((0, 4),), ((0, 4),), "max")
 
 
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("map_shape,grid,pool_op,K", [
+    ((27, 27), (2, 2), "sum", 1600), ((9, 8), (3, 2), "mean", 37), ((5, 5), (1, 1), "sum", 16),
+])
+def test_native_nearest_pool_is_the_graphs(dtype, map_shape, grid, pool_op, K):
+    from featlearn.activations import activate_and_pool, nearest_fraction_thresholds
+    from featlearn.pooling import pooling_bounds
+
+    g = torch.Generator().manual_seed(K)
+    n_images = 3
+    rows = n_images * map_shape[0] * map_shape[1]
+    S = (torch.randn(rows + 5, K, generator=g) * 4).round().to(dtype)  # ties at the thresholds
+    cs = (torch.rand(K, generator=g) * 10).round()
+    t = nearest_fraction_thresholds(S[:rows].float(), cs, fraction=0.4, selection="exact")
+    rb, cb = (tuple(pooling_bounds(n, c)) for n, c in zip(map_shape, grid))
+    got = native.nearest_pool(S, cs, t, n_images, map_shape, rb, cb, pool_op)
+    ref = activate_and_pool(S[:rows].float(), None, cs, t, n_images=n_images,
+                            map_shape=map_shape, row_bounds=rb, col_bounds=cb,
+                            activation="nearest_fraction", alpha=0.0, pool_op=pool_op)
+    assert got.shape == ref.shape == (n_images, grid[0] * grid[1], 2 * K)
+    if pool_op == "sum":
+        assert torch.equal(got, ref)  # counts: exact in float32
+    else:
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
+
+
+@needs_compiler
+def test_native_nearest_pool_refuses_what_it_cannot_read():
+    S, cs = torch.rand(2 * 4 * 4, 8), torch.rand(8)
+    with pytest.raises(ValueError, match="two thresholds per row"):
+        native.nearest_pool(S, cs, torch.zeros(31, 2), 2, (4, 4), ((0, 4),), ((0, 4),))
+    with pytest.raises(ValueError, match="tile the 4x4 map once"):
+        native.nearest_pool(S, cs, torch.zeros(32, 2), 2, (4, 4), ((0, 3), (1, 4)), ((0, 4),))
+
+
 # ---- the k-means assignment kernels --------------------------------------------------------
 
 @needs_compiler
@@ -199,3 +235,40 @@ def test_native_assignment_kernels_refuse_what_they_cannot_read():
     with pytest.raises(ValueError, match="bfloat16 products"):
         native.refine_argmin(D, torch.zeros(4, 3), torch.zeros(8, 3), torch.zeros(8),
                              torch.zeros(8), v, lab)
+
+
+# ---- a classifier's mini-batch from float16 features -----------------------------------------
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_standardized_rows_are_torchs(dtype):
+    g = torch.Generator().manual_seed(0)
+    X = torch.cat([torch.randn(50, 300, generator=g) * 30,
+                   (torch.rand(50, 300, generator=g) * 5).round()]).half()
+    X = torch.cat([X, X], 1)[:, :300]  # strided rows
+    mean, inv = torch.randn(300, generator=g), torch.rand(300, generator=g) + 0.1
+    idx = torch.randint(0, 100, (64,), generator=g)
+    got = native.standardize_rows(X, idx, mean, inv, dtype)
+    assert torch.equal(got, ((X.index_select(0, idx).float() - mean) * inv).to(dtype))
+    # every float16 value (subnormals, infinities, NaNs) decodes as torch decodes it
+    every = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16)[None]
+    got = native.standardize_rows(every, torch.tensor([0]), torch.zeros(65536), torch.ones(65536))
+    ref = every.float()
+    assert bool(((got == ref) | (got.isnan() & ref.isnan())).all())
+    with pytest.raises(IndexError, match="out of range"):
+        native.standardize_rows(X, torch.tensor([100]), mean, inv)
+    with pytest.raises(ValueError, match="CPU float16"):
+        native.standardize_rows(X.float(), idx, mean, inv)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_standardizer_batch_is_gather_apply_round(enabled, dtype):
+    from featlearn.classifier._standardize import Standardizer
+
+    g = torch.Generator().manual_seed(1)
+    X = (torch.rand(40, 70, generator=g) * 4).round().half()
+    st = Standardizer(torch.rand(70, generator=g).numpy(), (torch.rand(70, generator=g) + .5).numpy(),
+                      "cpu", enabled=enabled)
+    idx = torch.tensor([3, 3, 39, 0])
+    assert torch.equal(st.batch(X, idx, dtype), st.apply_(X.index_select(0, idx)).to(dtype))
