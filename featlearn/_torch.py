@@ -210,6 +210,60 @@ def cpu_workers(device: torch.device):
         torch.set_num_threads(threads)
 
 
+#: glibc's mallopt parameters (malloc.h), its documented default for both, and how large a
+#: freed block :func:`reuse_freed_memory` keeps.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MALLOC_DEFAULT = 128 * 1024
+_KEEP_BYTES = 256 * 2**20
+_MALLOC = {"depth": 0, "libc": None}
+_MALLOC_LOCK = threading.Lock()
+
+
+def _mallopt():
+    """glibc's ``mallopt``, or None (another C library, or none found)."""
+    if _MALLOC["libc"] is None:
+        import ctypes
+        import platform
+
+        fn = False
+        if platform.libc_ver()[0] == "glibc":
+            try:
+                fn = ctypes.CDLL(None).mallopt
+                fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+            except (OSError, AttributeError):
+                fn = False
+        _MALLOC["libc"] = fn
+    return _MALLOC["libc"] or None
+
+
+@contextlib.contextmanager
+def reuse_freed_memory():
+    """While it lasts, blocks of up to 256 MB that torch frees stay in the process for the next
+    allocation (glibc's ``mallopt``), instead of going back to the kernel to be faulted in again
+    page by page: a training step frees and reallocates the same weight-sized buffers (the
+    bfloat16 copy of a wide first layer, its gradients) every time, and those page faults cost
+    more than the step's products. Process-wide while it lasts; on exit glibc's default
+    thresholds are set again (its dynamic adjustment of them stays off). A no-op outside glibc.
+    """
+    fn = _mallopt()
+    if fn is None:
+        yield
+        return
+    with _MALLOC_LOCK:
+        if _MALLOC["depth"] == 0:
+            fn(_M_MMAP_THRESHOLD, _KEEP_BYTES)
+            fn(_M_TRIM_THRESHOLD, _KEEP_BYTES)
+        _MALLOC["depth"] += 1
+    try:
+        yield
+    finally:
+        with _MALLOC_LOCK:
+            _MALLOC["depth"] -= 1
+            if _MALLOC["depth"] == 0:
+                fn(_M_MMAP_THRESHOLD, _MALLOC_DEFAULT)
+                fn(_M_TRIM_THRESHOLD, _MALLOC_DEFAULT)
+
+
 def _executor(workers: int) -> ThreadPoolExecutor:
     """The shared pool of ``workers`` threads, made anew after a fork or a change of size."""
     with _POOL_LOCK:

@@ -109,3 +109,22 @@ def test_over_chunks_error_stops_the_other_workers(two_threads):
             over_chunks(64 * 1000, 64, make_work, cpu)
     assert len(seen) < 100  # the rest of the 1000 chunks were never started
     assert torch.get_num_threads() == 2
+
+
+def test_reuse_freed_memory_sets_and_restores_glibc_thresholds(monkeypatch):
+    import featlearn._torch as ft
+
+    calls = []
+    monkeypatch.setitem(ft._MALLOC, "libc", lambda param, value: calls.append((param, value)) or 1)
+    with ft.reuse_freed_memory():
+        with ft.reuse_freed_memory():  # nested: set once, restored once
+            pass
+        assert calls == [(-3, 256 * 2**20), (-1, 256 * 2**20)]
+    assert calls[2:] == [(-3, 128 * 1024), (-1, 128 * 1024)]
+    with pytest.raises(RuntimeError):
+        with ft.reuse_freed_memory():
+            raise RuntimeError("a failed step")
+    assert calls[-2:] == [(-3, 128 * 1024), (-1, 128 * 1024)] and ft._MALLOC["depth"] == 0
+    monkeypatch.setitem(ft._MALLOC, "libc", False)  # not glibc: nothing to call
+    with ft.reuse_freed_memory():
+        pass

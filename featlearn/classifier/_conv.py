@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-from .._torch import chunk_size, to_numpy
+from .._torch import chunk_size, reuse_freed_memory, to_numpy
 from ._losses import penalty
 from ._stochastic import train_step
 
@@ -137,17 +137,18 @@ def run_epoch(model, optimizer, source, y, weight, rows, *, batch_size, loss, al
     perm = rows[torch.randperm(len(rows), generator=generator)].numpy()
     cells = source.shape[1] * source.shape[2]
     total, n_done = torch.zeros((), device=device), 0
-    for s in range(0, len(perm), batch_size):
-        idx = np.sort(perm[s:s + batch_size])
-        if len(idx) * cells > 1:  # batch norm needs more than one value per channel
-            xb = source.batch(idx, device)
-            idx_t = torch.from_numpy(idx).to(device)
-            total += train_step(model, optimizer, xb, y, weight, idx_t, loss=loss,
-                                dropout_generator=dropout_generator,
-                                precision=precision) * len(idx)
-            n_done += len(idx)
-        if scheduler is not None:
-            scheduler.step()
+    with reuse_freed_memory():  # each step frees and reallocates the same activation buffers
+        for s in range(0, len(perm), batch_size):
+            idx = np.sort(perm[s:s + batch_size])
+            if len(idx) * cells > 1:  # batch norm needs more than one value per channel
+                xb = source.batch(idx, device)
+                idx_t = torch.from_numpy(idx).to(device)
+                total += train_step(model, optimizer, xb, y, weight, idx_t, loss=loss,
+                                    dropout_generator=dropout_generator,
+                                    precision=precision) * len(idx)
+                n_done += len(idx)
+            if scheduler is not None:
+                scheduler.step()
     return float(total) / max(1, n_done) + penalty(model, alpha)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .. import _native
 from ._data import tensor_view
 
 #: Added to the per-feature variance before the square root (the demo's feature standardization).
@@ -61,6 +62,16 @@ class Standardizer:
         if self.enabled:
             xb.sub_(self.mean).mul_(self.inv_scale)
         return xb
+
+    def batch(self, X, idx, dtype=torch.float32):
+        """The standardized rows ``idx`` of ``X`` as ``dtype`` (float32, or bfloat16 for a
+        first layer that multiplies in bfloat16 anyway): on the CPU from float16 features by
+        one native pass, the same numbers as gathering, :meth:`apply_` and rounding."""
+        if X.device.type == "cpu" and X.dtype == torch.float16 and _native.available():
+            mean, inv = ((self.mean, self.inv_scale) if self.enabled else  # (x - 0) * 1 == x
+                         (torch.zeros(X.shape[1]), torch.ones(X.shape[1])))
+            return _native.standardize_rows(X, idx, mean, inv, dtype)
+        return self.apply_(X.index_select(0, idx)).to(dtype)
 
     def fold(self, W, b):
         """Weights acting on raw x: ``x_std W^T + b = x (W s)^T + (b - (W s) mean)``."""

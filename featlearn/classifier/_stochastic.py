@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
+from .._torch import reuse_freed_memory
 from ._losses import mean_loss, penalty, predict_index
 from ._network import forward, split_decay
 
@@ -104,16 +105,21 @@ def run_epoch(model, optimizer, X, y, weight, rows, *, batch_size, loss, alpha, 
     dropout_generator.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
     perm = rows[torch.randperm(len(rows), generator=generator)].to(device)
     has_bn = any(isinstance(m, torch.nn.BatchNorm1d) for m in model)
+    # A first linear layer under bfloat16 autocast rounds its input to bfloat16: the batch can
+    # arrive rounded (half the bytes, and the same numbers).
+    dtype = (torch.bfloat16 if precision == "bfloat16" and isinstance(model[0], torch.nn.Linear)
+             else torch.float32)
     total = torch.zeros((), device=device)
-    for b in range(n_batches(len(perm), batch_size)):
-        idx = perm[b * batch_size:(b + 1) * batch_size]
-        if not (len(idx) == 1 and has_bn):  # batch norm cannot train on a single sample
-            xb = standardizer.apply_(X.index_select(0, idx))
-            total += train_step(model, optimizer, xb, y, weight, idx, loss=loss,
-                                dropout_generator=dropout_generator,
-                                precision=precision) * len(idx)
-        if scheduler is not None:
-            scheduler.step()
+    with reuse_freed_memory():
+        for b in range(n_batches(len(perm), batch_size)):
+            idx = perm[b * batch_size:(b + 1) * batch_size]
+            if not (len(idx) == 1 and has_bn):  # batch norm cannot train on a single sample
+                xb = standardizer.batch(X, idx, dtype)
+                total += train_step(model, optimizer, xb, y, weight, idx, loss=loss,
+                                    dropout_generator=dropout_generator,
+                                    precision=precision) * len(idx)
+            if scheduler is not None:
+                scheduler.step()
     return float(total) / len(perm) + penalty(model, alpha)
 
 
