@@ -114,14 +114,23 @@ def distance_flops(encoder, n_train, n_test, encoded=None) -> dict:
     return {"k-means": 2.0 * rows * d * K, "encoding": 2.0 * encoded * Ph * Pw * d * K}
 
 
-def efficiency(flops: dict, seconds: dict, rate_gflops: float) -> dict:
-    """Fraction of the measured GEMM rate each part of the run reached (FLOPs / time / rate)."""
+def stage_precisions(encoder) -> dict:
+    """The precision each distance part of an encoder multiplied in: ``{"k-means": ...,
+    "encoding": ...}`` ("float32" for a k-means without a ``precision_``, e.g. scikit-learn's)."""
+    enc = encoder.precision if encoder.precision != "auto" else encoder.precision_
+    return {"k-means": getattr(encoder.kmeans_, "precision_", "float32"), "encoding": enc}
+
+
+def efficiency(gemm_seconds: dict, seconds: dict) -> dict:
+    """Fraction of each part's time its distance products would take at the GEMM rate of their
+    own precision measured in the run (``gemm_seconds``: ``{"k-means": s, "encoding": s}``), so
+    a bfloat16 stage is held to the bfloat16 rate."""
     dict_s = seconds.get(_DICTIONARY, 0.0)
     enc_s = seconds.get("encode train", 0.0) + seconds.get("encode test", 0.0)
-    parts = {"dictionary": (flops["k-means"], dict_s), "encoding": (flops["encoding"], enc_s),
-             "end to end": (sum(flops.values()), sum(seconds.values()))}
-    return {k: float(f"{f / t / (rate_gflops * 1e9):.3g}") if t > 0 else None
-            for k, (f, t) in parts.items()}
+    parts = {"dictionary": (gemm_seconds["k-means"], dict_s),
+             "encoding": (gemm_seconds["encoding"], enc_s),
+             "end to end": (sum(gemm_seconds.values()), sum(seconds.values()))}
+    return {k: float(f"{g / t:.3g}") if t > 0 else None for k, (g, t) in parts.items()}
 
 
 @dataclass
@@ -160,7 +169,9 @@ def run(config, data, *, out=None, cache=None, device=None, n_train=None, n_test
     ``results.md`` and the PNGs there, after checking the folder first
     (:func:`featlearn.results.prepare_results_dir`, with ``overwrite``).
     """
-    from featlearn._torch import gemm_rate
+    import torch
+
+    from featlearn._torch import gemm_rate, has_fast_bfloat16
 
     for what, n in (("n_train", n_train), ("n_test", n_test)):
         if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
@@ -173,9 +184,13 @@ def run(config, data, *, out=None, cache=None, device=None, n_train=None, n_test
              "X_test": data["X_test"][:n_test], "y_test": data["y_test"][:n_test]}
     log(verbose, f"[{job.name}] {len(split['X_train'])} training and {len(split['X_test'])} "
                  f"test images, K={job.encoder.kmeans.n_clusters}, device {job.device}", level=2)
-    # The yardstick for the efficiency figures, measured beside the run.
-    rate = gemm_rate(n=3072, repeats=2, device=job.device)
-    log(verbose, f"[{job.name}] float32 GEMM rate of this machine: {rate:.0f} GFLOP/s", level=2)
+    # The yardsticks for the efficiency figures, measured beside the run: float32, and
+    # bfloat16 where it is native (a stage in bfloat16 is held to that rate).
+    rate = {"float32": gemm_rate(n=3072, repeats=2, device=job.device)}
+    if has_fast_bfloat16(job.device):
+        rate["bfloat16"] = gemm_rate(n=3072, repeats=2, device=job.device, dtype=torch.bfloat16)
+    log(verbose, f"[{job.name}] GEMM rates of this machine: "
+                 + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rate.items()), level=2)
 
     times = {}
     if job.members:
@@ -367,10 +382,15 @@ def _results(config, data, job, split, fitted, pred_train, pred_test, times, tot
     names += [str(k) for k in range(len(names), n_classes)]
     confusion = confusion_counts(y_test, pred_test, n_classes)
     encoders = [e for _, e, _ in fitted.members] or [fitted.encoder]
-    flops = {}
+    flops, gemm_s, precisions = {}, {}, {}
     for encoder in encoders:
+        precision = stage_precisions(encoder)
         for part, f in distance_flops(encoder, n_train, n_test, fitted.encoded).items():
             flops[part] = flops.get(part, 0.0) + f
+            # bfloat16 without a measured (native) rate: emulated, held to the float32 rate
+            part_rate = rate.get(precision[part], rate["float32"])
+            gemm_s[part] = gemm_s.get(part, 0.0) + f / (part_rate * 1e9)
+            precisions.setdefault(part, set()).add(precision[part])
     return {
         "config": job.name,
         "test_accuracy": float(np.mean(pred_test == y_test)),
@@ -393,9 +413,11 @@ def _results(config, data, job, split, fitted, pred_train, pred_test, times, tot
         "stage_seconds": {k: round(v, 2) for k, v in times.items()},
         "total_seconds": round(total, 1),
         "peak_rss_gb": round(peak_rss_bytes() / 2**30, 2),
-        "gemm_gflops": round(rate, 1),
+        "gemm_gflops": round(rate["float32"], 1),
+        "gemm_gflops_bfloat16": round(rate["bfloat16"], 1) if "bfloat16" in rate else None,
         "distance_tflop": {k: float(f"{v / 1e12:.4g}") for k, v in flops.items()},
-        "efficiency": efficiency(flops, times, rate),
+        "distance_precision": {k: "+".join(sorted(v)) for k, v in precisions.items()},
+        "efficiency": efficiency(gemm_s, times),
         "device": str(job.device),
         "cpu_threads": torch.get_num_threads(),
         "archive": data.get("archive"),

@@ -155,10 +155,14 @@ def results_markdown(results: dict) -> str:
 
 def _efficiency_line(results: dict) -> str:
     eff, tf = results["efficiency"], results["distance_tflop"]
+    prec = results.get("distance_precision") or {"k-means": "float32", "encoding": "float32"}
     pct = ", ".join(f"{k} {v:.0%}" for k, v in eff.items() if v is not None)
-    return (f"Distance products: {tf['k-means']:.3g} TFLOP in k-means, {tf['encoding']:.3g} "
-            f"TFLOP in encoding; float32 GEMM rate measured in this run "
-            f"{results['gemm_gflops']} GFLOP/s; efficiency (FLOPs / stage time / rate): {pct}.")
+    bf16 = results.get("gemm_gflops_bfloat16")
+    rates = f"float32 {results['gemm_gflops']}" + (f", bfloat16 {bf16}" if bf16 else "")
+    return (f"Distance products: {tf['k-means']:.3g} TFLOP in k-means ({prec['k-means']}), "
+            f"{tf['encoding']:.3g} TFLOP in encoding ({prec['encoding']}); GEMM rates measured "
+            f"in this run: {rates} GFLOP/s; efficiency (the products' time at the GEMM rate of "
+            f"their precision / stage time): {pct}.")
 
 
 def centroid_tiles(encoder, max_tiles=400):

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from featlearn.cli import main
 from featlearn.results import (RESULTS_MARKER, default_results_dir, is_results_dir,
@@ -179,7 +180,7 @@ def test_results_record_gemm_rate_flops_and_efficiency(tmp_path, archive):
                                                                   rel=1e-3)
     assert set(results["efficiency"]) == {"dictionary", "encoding", "end to end"}
     assert all(v > 0 for v in results["efficiency"].values())
-    assert "GEMM rate measured in this run" in (out / "results.md").read_text()
+    assert "GEMM rates measured in this run: float32" in (out / "results.md").read_text()
 
 
 def test_distance_flops_counts_every_pass():
@@ -199,10 +200,34 @@ def test_distance_flops_counts_every_pass():
     assert distance_flops(encoder(mb), 0, 0)["k-means"] == 2.0 * 90 * 5 * 4
     mb.compute_labels = True
     assert distance_flops(encoder(mb), 0, 0)["k-means"] == 2.0 * 190 * 5 * 4
-    eff = efficiency({"k-means": 2e9, "encoding": 6e9},
+    # seconds the products take at the rate of their own precision, over the stages' seconds
+    eff = efficiency({"k-means": 0.5, "encoding": 1.5},
                      {"dictionary (patches, whitening, k-means)": 1.0, "encode train": 2.0,
-                      "encode test": 1.0, "classifier fit": 4.0}, rate_gflops=4.0)
+                      "encode test": 1.0, "classifier fit": 4.0})
     assert eff == {"dictionary": 0.5, "encoding": 0.5, "end to end": 0.25}
+
+
+def test_bfloat16_stages_are_held_to_the_bfloat16_rate(tmp_path, archive, monkeypatch):
+    import featlearn._torch as ft
+
+    monkeypatch.setattr(ft, "has_fast_bfloat16", lambda device: True)
+    rates = {torch.float32: 100.0, torch.bfloat16: 400.0}
+    monkeypatch.setattr(ft, "gemm_rate", lambda n=0, repeats=0, device="cpu",
+                        dtype=torch.float32: rates[dtype])
+    path = tmp_path / "bf16.json"
+    path.write_text(json.dumps({"name": "bf16", "params": TINY | {
+        "encoder__precision": "bfloat16", "encoder__kmeans__precision": "bfloat16"}}))
+    out = tmp_path / "out"
+    assert reproduce(path, archive, "--out", out) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert (results["gemm_gflops"], results["gemm_gflops_bfloat16"]) == (100.0, 400.0)
+    assert results["distance_precision"] == {"k-means": "bfloat16", "encoding": "bfloat16"}
+    enc_s = results["stage_seconds"]["encode train"] + results["stage_seconds"]["encode test"]
+    expected = results["distance_tflop"]["encoding"] * 1e12 / 400e9 / enc_s
+    assert results["efficiency"]["encoding"] == pytest.approx(expected, rel=0.02)
+    text = (out / "results.md").read_text()
+    assert "GEMM rates measured in this run: float32 100.0, bfloat16 400.0 GFLOP/s" in text
+    assert "TFLOP in encoding (bfloat16)" in text
 
 
 
