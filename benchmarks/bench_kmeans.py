@@ -45,7 +45,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import REPO, RESULTS, add_common_args, gemm_rate, header, load_cifar10, write, writes
+from _common import (REPO, RESULTS, add_common_args, gemm_lines, gemm_rate, gemm_rates, header,
+                     load_cifar10, write, writes)
 from _common import parse_args as _parse
 
 #: The last commit whose k-means the paper configurations ran before this benchmark's changes.
@@ -98,6 +99,10 @@ def parse_args(argv=None):
                    help="with --same-batch: a row pair per seed (default: --seed)")
     p.add_argument("--sk-init", default="k-means++",
                    help="with --same-batch: scikit-learn's init (its default k-means++)")
+    p.add_argument("--precision", nargs="+", default=["float32"],
+                   choices=["float32", "bfloat16", "auto"],
+                   help="with --same-batch: featlearn's precision, a row pair per value (bfloat16 "
+                        "products settled in float32; the table then gives both GEMM rates)")
     args = _parse(p, argv)
     if args.clock is None:
         args.clock = "cpu" if args.threads == 1 else "wall"
@@ -172,13 +177,15 @@ def same_batch_contenders(args, n, k):
     rows = []
     for b in args.same_batch:
         for seed in args.seeds:
-            rows.append((f"fl-mbk-b{b}-s{seed}", f"featlearn MiniBatchKMeans (batch_size={b}, "
-                         f"init={args.mb_init!r}, max_no_improvement={mni}, tol=0, seed {seed})",
-                         lambda b=b, seed=seed: MiniBatchKMeans(
-                             k, batch_size=b, init=args.mb_init, n_init=1,
-                             max_iter=args.mb_max_iter, max_no_improvement=mni, tol=0,
-                             compute_labels=False,
-                             device=args.device, random_state=seed)))
+            for prec in args.precision:
+                rows.append((f"fl-mbk-b{b}-s{seed}-{prec}",
+                             f"featlearn MiniBatchKMeans (batch_size={b}, init={args.mb_init!r}, "
+                             f"max_no_improvement={mni}, tol=0, precision={prec!r}, seed {seed})",
+                             lambda b=b, seed=seed, prec=prec: MiniBatchKMeans(
+                                 k, batch_size=b, init=args.mb_init, n_init=1,
+                                 max_iter=args.mb_max_iter, max_no_improvement=mni, tol=0,
+                                 compute_labels=False, precision=prec,
+                                 device=args.device, random_state=seed)))
             rows.append((f"sk-mbk-b{b}-s{seed}", f"sklearn MiniBatchKMeans (batch_size={b}, "
                          f"init={args.sk_init!r}, seed {seed})",
                          lambda b=b, seed=seed: SkMBK(k, batch_size=b, init=args.sk_init,
@@ -249,8 +256,12 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     gemm = None
     if writes(args.out):  # measured before the timings, in the same run as them
-        gemm = gemm_rate()
-        print(f"fp32 GEMM (torch.mm 4096^3): {gemm:.1f} GFLOP/s", flush=True)
+        if set(args.precision) == {"float32"}:
+            gemm = gemm_rate()
+            print(f"fp32 GEMM (torch.mm 4096^3): {gemm:.1f} GFLOP/s", flush=True)
+        else:  # bfloat16 rows: both yardsticks
+            gemm = gemm_rates()
+            print("\n".join(gemm_lines(gemm)), flush=True)
     load_start = os.getloadavg()[0]
     X_all, prep_s = whitened_patches(args, max(args.n_patches))
     print(f"{X_all.shape[0]} whitened patches of {X_all.shape[1]} dims in {prep_s:.1f} s "
@@ -300,25 +311,28 @@ def main(argv=None):
 
 def format_same_batch(rows, clock):
     """The ``--same-batch`` table (a row per cell, batch size and seed) and its summary."""
-    head = ("| patches | k | batch_size | seed | featlearn (s) | sklearn (s) | sklearn / featlearn "
-            "| featlearn inertia | sklearn inertia | inertia featlearn / sklearn "
-            "| featlearn n_steps_ | sklearn n_steps_ | load |")
-    lines, out = [head, "|" + "---|" * 13], []
+    head = ("| patches | k | batch_size | seed | featlearn precision | featlearn (s) | sklearn (s) "
+            "| sklearn / featlearn | featlearn inertia | sklearn inertia "
+            "| inertia featlearn / sklearn | featlearn n_steps_ | sklearn n_steps_ | load |")
+    lines, out = [head, "|" + "---|" * 14], []
     for (n, k), cell in _by_cell(rows).items():
         per_batch = {}
         for key, f in cell.items():
             if not key.startswith("fl-mbk-b"):
                 continue
-            s = cell[key.replace("fl-", "sk-", 1)]
-            b, seed = (int(v) for v in key[len("fl-mbk-b"):].split("-s"))
+            b, rest = key[len("fl-mbk-b"):].split("-s", 1)
+            seed, prec = rest.split("-", 1)
+            s = cell[f"sk-mbk-b{b}-s{seed}"]
             speed, inert = s["time"] / f["time"], f["inertia"] / s["inertia"]
-            per_batch.setdefault(b, []).append((speed, inert))
-            lines.append(f"| {n:,} | {k} | {b} | {seed} | {f['time']:.2f} | {s['time']:.2f} | "
-                         f"{speed:.2f}x | {f['inertia']:.6g} | {s['inertia']:.6g} | {inert:.4f} | "
-                         f"{f['n_steps']} | {s['n_steps']} | {f['load']:.1f} |")
-        for b, pairs in per_batch.items():
+            per_batch.setdefault((int(b), prec), []).append((speed, inert))
+            lines.append(f"| {n:,} | {k} | {b} | {seed} | {prec} | {f['time']:.2f} | "
+                         f"{s['time']:.2f} | {speed:.2f}x | {f['inertia']:.6g} | "
+                         f"{s['inertia']:.6g} | {inert:.4f} | {f['n_steps']} | {s['n_steps']} | "
+                         f"{f['load']:.1f} |")
+        for (b, prec), pairs in per_batch.items():
             speeds, inerts = sorted(p[0] for p in pairs), [p[1] for p in pairs]
-            out.append(f"- n={n:,}, k={k}, batch_size={b}: sklearn / featlearn {clock} time "
+            out.append(f"- n={n:,}, k={k}, batch_size={b}, featlearn {prec}: sklearn / featlearn "
+                       f"{clock} time "
                        f"{speeds[len(speeds) // 2]:.2f}x median over {len(pairs)} seed(s) "
                        f"(range {speeds[0]:.2f}-{speeds[-1]:.2f}x; target 5x), inertia featlearn / "
                        f"sklearn {min(inerts):.4f}-{max(inerts):.4f} (target within 1%).")
