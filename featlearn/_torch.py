@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 import torch
@@ -292,7 +292,14 @@ def over_rows(n: int, chunk: int, work, device: torch.device) -> None:
         work(0, n)
         return
     bounds = [min(n, chunk * (n_chunks * i // workers)) for i in range(workers + 1)]
-    futures = [_executor(workers).submit(work, a, b) for a, b in zip(bounds, bounds[1:])]
+    ranges = list(zip(bounds, bounds[1:]))
+    # The calling thread takes the last range itself: one thread fewer to wake and join, which
+    # is most of a small pass (a mini-batch step).
+    futures = [_executor(workers).submit(work, a, b) for a, b in ranges[:-1]]
+    try:
+        work(*ranges[-1])
+    finally:
+        wait(futures)  # never leave a worker writing into buffers the caller moves on from
     for f in futures:
         f.result()
 
