@@ -222,9 +222,11 @@ def test_bfloat16_stages_are_held_to_the_bfloat16_rate(tmp_path, archive, monkey
     results = json.loads((out / "results.json").read_text())
     assert (results["gemm_gflops"], results["gemm_gflops_bfloat16"]) == (100.0, 400.0)
     assert results["distance_precision"] == {"k-means": "bfloat16", "encoding": "bfloat16"}
+    # (stage seconds are rounded to 0.01 s in results.json: a tiny run's are a few tenths)
     enc_s = results["stage_seconds"]["encode train"] + results["stage_seconds"]["encode test"]
-    expected = results["distance_tflop"]["encoding"] * 1e12 / 400e9 / enc_s
-    assert results["efficiency"]["encoding"] == pytest.approx(expected, rel=0.02)
+    at_bf16 = results["distance_tflop"]["encoding"] * 1e12 / 400e9 / enc_s
+    assert results["efficiency"]["encoding"] == pytest.approx(at_bf16, rel=0.4)
+    assert results["efficiency"]["encoding"] < 0.5 * 4 * at_bf16  # not the float32 rate's 4x
     text = (out / "results.md").read_text()
     assert "GEMM rates measured in this run: float32 100.0, bfloat16 400.0 GFLOP/s" in text
     assert "TFLOP in encoding (bfloat16)" in text
