@@ -167,7 +167,9 @@ def run(config, data, *, out=None, cache=None, device=None, n_train=None, n_test
     first images of each split (for smoke runs; the published numbers use all of them). Returns
     the results dict and the fitted pipeline; with ``out`` it also writes ``results.json``,
     ``results.md`` and the PNGs there, after checking the folder first
-    (:func:`featlearn.results.prepare_results_dir`, with ``overwrite``).
+    (:func:`featlearn.results.prepare_results_dir`, with ``overwrite``). Without ``cache``, a
+    pipeline is fitted split by split (:func:`_fit_split_by_split`): one split's features in
+    memory at a time.
     """
     import torch
 
