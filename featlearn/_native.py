@@ -691,6 +691,15 @@ def nearest_pool(S: torch.Tensor, col_sq: torch.Tensor, thresholds: torch.Tensor
     return _mean(out, row_bounds, col_bounds) if pool_op == "mean" else out
 
 
+def _check_assignment_out(values, labels, n):
+    """What the assignment kernels write into: contiguous float32 values, int64 labels, n each."""
+    if (values.shape != (n,) or labels.shape != (n,) or values.dtype != torch.float32
+            or labels.dtype != torch.int64 or not values.is_contiguous()
+            or not labels.is_contiguous()):
+        raise ValueError("the native assignment writes into contiguous float32 values and int64 "
+                         f"labels of {n} rows")
+
+
 def row_argmin(D: torch.Tensor, values: torch.Tensor, labels: torch.Tensor) -> None:
     """``torch.min(D, 1, out=(values, labels))`` for a CPU float32 ``D`` without NaN (rows may
     be strided): the same minima and the same, first, columns, in one vectorized pass. The
@@ -699,11 +708,7 @@ def row_argmin(D: torch.Tensor, values: torch.Tensor, labels: torch.Tensor) -> N
     if D.device.type != "cpu" or D.dtype != torch.float32 or D.stride(1) != 1 or k < 1:
         raise ValueError(f"the native argmin needs a CPU float32 block with unit column "
                          f"stride, got {D.dtype} on {D.device}, strides {D.stride()}")
-    if (values.shape != (n,) or labels.shape != (n,) or values.dtype != torch.float32
-            or labels.dtype != torch.int64 or not values.is_contiguous()
-            or not labels.is_contiguous()):
-        raise ValueError("the native argmin writes into contiguous float32 values and int64 "
-                         f"labels of {n} rows")
+    _check_assignment_out(values, labels, n)
     if n:
         _loaded().featlearn_row_argmin(D.data_ptr(), D.stride(0), n, k, values.data_ptr(),
                                        labels.data_ptr())
@@ -731,8 +736,9 @@ def refine_argmin(S: torch.Tensor, X: torch.Tensor, C: torch.Tensor, c_sq: torch
                          "rows (n, d) and contiguous float32 centres (k, d)")
     cc = c_sq.to(torch.float32).contiguous()
     cn = c_norm.to(torch.float32).contiguous()
-    if cc.shape != (k,) or cn.shape != (k,) or values.shape != (n,) or labels.shape != (n,):
-        raise ValueError("centre norms of (k,) and outputs of (n,) expected")
+    if cc.shape != (k,) or cn.shape != (k,):
+        raise ValueError(f"centre norms of ({k},) expected")
+    _check_assignment_out(values, labels, n)
     if n and _loaded().featlearn_refine_argmin(
             S.data_ptr(), S.stride(0), X.data_ptr(), X.stride(0), d, C.data_ptr(),
             cc.data_ptr(), cn.data_ptr(), n, k, REFINE_DELTA, values.data_ptr(),

@@ -464,6 +464,11 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
                 f"neighbor_fraction={self.neighbor_fraction} of {self.n_clusters_} centroids "
                 "marks none of them; raise it to at least 1/K")
 
+    def _transform_precision(self):
+        """The precision :meth:`transform` multiplies in: ``precision`` when explicit, else the
+        fitted ``precision_``."""
+        return self.precision_ if self.precision == "auto" else self.precision
+
     def encoding_plan(self):
         """The fitted encoder as a :class:`featlearn._encoding_kernel.Plan`: every number a
         chunk of images needs (fitted stages, centroids, pooling cells, resolved precision),
@@ -486,8 +491,7 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
             flip=bool(self.flip), fraction=float(self.neighbor_fraction),
             selection=self.selection, layout=self.layout,
             window=pool_window(self.pool_size, self.pool_stride),
-            precision=self.precision_ if self.precision == "auto" else self.precision,
-            batch_size=self.batch_size)
+            precision=self._transform_precision(), batch_size=self.batch_size)
 
     def __sklearn_tags__(self):
         return image_input_tags(super().__sklearn_tags__(), self.random_state)

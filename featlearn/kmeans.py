@@ -27,7 +27,7 @@ from featlearn._kmeans_solvers import (MiniBatchResult, _inertia, _init_centers,
                                        _rows_per_chunk, _tolerance, cpu_workers,
                                        nearest_centroid, pairwise_distances)
 from featlearn import _native
-from featlearn._torch import has_fast_bfloat16, make_generator, to_numpy
+from featlearn._torch import make_generator, resolve_precision, to_numpy
 
 # --------------------------------------------------------------------------------------------
 # The estimators
@@ -35,12 +35,12 @@ from featlearn._torch import has_fast_bfloat16, make_generator, to_numpy
 
 
 def _resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto": bfloat16 only where it pays, a CPU with native bfloat16 products and featlearn's
-    native refinement kernel (elsewhere the refinement in torch ops costs more than it saves)."""
-    if precision != "auto":
-        return precision
-    fast = device.type == "cpu" and has_fast_bfloat16(device) and _native.available()
-    return "bfloat16" if fast else "float32"
+    """:func:`featlearn._torch.resolve_precision`, where "auto" also needs the CPU and
+    featlearn's native refinement kernel (elsewhere the refinement in torch ops costs more than
+    it saves)."""
+    if precision == "auto" and not (device.type == "cpu" and _native.available()):
+        return "float32"
+    return resolve_precision(precision, device)
 
 
 #: k-means++ subsample per centre when ``init_size=None``: a careful start pays off over

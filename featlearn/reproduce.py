@@ -117,8 +117,8 @@ def distance_flops(encoder, n_train, n_test, encoded=None) -> dict:
 def stage_precisions(encoder) -> dict:
     """The precision each distance part of an encoder multiplied in: ``{"k-means": ...,
     "encoding": ...}`` ("float32" for a k-means without a ``precision_``, e.g. scikit-learn's)."""
-    enc = encoder.precision if encoder.precision != "auto" else encoder.precision_
-    return {"k-means": getattr(encoder.kmeans_, "precision_", "float32"), "encoding": enc}
+    return {"k-means": getattr(encoder.kmeans_, "precision_", "float32"),
+            "encoding": encoder._transform_precision()}
 
 
 def efficiency(gemm_seconds: dict, seconds: dict) -> dict:

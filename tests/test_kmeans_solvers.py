@@ -309,13 +309,14 @@ def test_bfloat16_precision_fits_the_float32_model(patches_like, Est):
 
 
 def test_auto_precision_is_bfloat16_only_where_native(patches_like, monkeypatch):
+    import featlearn._torch as torch_module
     import featlearn.kmeans as kmeans_module
 
     X = patches_like[0][:500].numpy()
-    monkeypatch.setattr(kmeans_module, "has_fast_bfloat16", lambda device: True)
+    monkeypatch.setattr(torch_module, "has_fast_bfloat16", lambda device: True)
     monkeypatch.setattr(kmeans_module._native, "available", lambda: True)
     assert KMeans(5, precision="auto", max_iter=2, device="cpu").fit(X).precision_ == "bfloat16"
-    monkeypatch.setattr(kmeans_module, "has_fast_bfloat16", lambda device: False)
+    monkeypatch.setattr(torch_module, "has_fast_bfloat16", lambda device: False)
     assert KMeans(5, precision="auto", max_iter=2, device="cpu").fit(X).precision_ == "float32"
     with pytest.raises(ValueError, match="precision"):
         KMeans(5, precision="float16").fit(X)
