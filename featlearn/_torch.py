@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -210,11 +211,14 @@ def cpu_workers(device: torch.device):
         torch.set_num_threads(threads)
 
 
-#: glibc's mallopt parameters (malloc.h), its documented default for both, and how large a
-#: freed block :func:`reuse_freed_memory` keeps.
+#: glibc's mallopt parameters (malloc.h); how large a freed block :func:`reuse_freed_memory`
+#: keeps; and where it leaves the thresholds afterwards: the ceiling of glibc's own dynamic
+#: adjustment (mmap threshold 4 MiB * sizeof(long), trim threshold twice that), which a process
+#: that frees blocks of a few MB reaches by itself and which setting either by hand turns off.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MALLOC_DEFAULT = 128 * 1024
 _KEEP_BYTES = 256 * 2**20
+_MMAP_AFTER = 4 * 2**20 * struct.calcsize("l")
+_TRIM_AFTER = 2 * _MMAP_AFTER
 _MALLOC = {"depth": 0, "libc": None}
 _MALLOC_LOCK = threading.Lock()
 
@@ -242,8 +246,10 @@ def reuse_freed_memory():
     allocation (glibc's ``mallopt``), instead of going back to the kernel to be faulted in again
     page by page: a training step frees and reallocates the same weight-sized buffers (the
     bfloat16 copy of a wide first layer, its gradients) every time, and those page faults cost
-    more than the step's products. Process-wide while it lasts; on exit glibc's default
-    thresholds are set again (its dynamic adjustment of them stays off). A no-op outside glibc.
+    more than the step's products. Process-wide while it lasts. On exit the thresholds are set
+    to the ceiling of glibc's dynamic adjustment, not to its start (128 KiB): a threshold set
+    by hand stays fixed, and at 128 KiB every later chunk buffer of a few MB would be mapped
+    and faulted in again page by page on every call. A no-op outside glibc.
     """
     fn = _mallopt()
     if fn is None:
@@ -260,8 +266,8 @@ def reuse_freed_memory():
         with _MALLOC_LOCK:
             _MALLOC["depth"] -= 1
             if _MALLOC["depth"] == 0:
-                fn(_M_MMAP_THRESHOLD, _MALLOC_DEFAULT)
-                fn(_M_TRIM_THRESHOLD, _MALLOC_DEFAULT)
+                fn(_M_MMAP_THRESHOLD, _MMAP_AFTER)
+                fn(_M_TRIM_THRESHOLD, _TRIM_AFTER)
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
