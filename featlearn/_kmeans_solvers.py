@@ -517,22 +517,29 @@ def _minibatch_step(Xb, centers, state, *, reassignment_ratio, gen, chunk, sampl
     """
     b = Xb.shape[0]
     k = centers.shape[0]
-    _, mind, sums, bcounts = nearest_centroid(Xb, centers, chunk=chunk, accumulate=True,
-                                              sample_weight=sample_weight, precision=precision)
+    if _native_argmin(Xb.dtype, Xb.device) and centers.is_contiguous():
+        # The sums, counts and update in one native pass (the same numbers as the torch ops).
+        labels, mind = nearest_centroid(Xb, centers, chunk=chunk, precision=precision)
+        new, counts, zeros = _native.minibatch_update(Xb, labels, sample_weight, centers,
+                                                      state.counts)
+    else:
+        _, mind, sums, bcounts = nearest_centroid(Xb, centers, chunk=chunk, accumulate=True,
+                                                  sample_weight=sample_weight,
+                                                  precision=precision)
+        counts = state.counts + bcounts
+        if sample_weight is None:
+            rate = counts.clamp(min=1).to(sums.dtype)[:, None]
+        else:
+            rate = torch.where(counts > 0, counts, 1.0).to(sums.dtype)[:, None]
+        new = centers + (sums - bcounts.to(sums.dtype)[:, None] * centers) / rate
+        zeros = int((counts == 0).sum())
     if sample_weight is None:
         batch_inertia = mind.sum() / b
     else:
         batch_inertia = (mind * sample_weight.to(mind.device, mind.dtype)).sum() / b
-    counts = state.counts + bcounts
-    if sample_weight is None:
-        rate = counts.clamp(min=1).to(sums.dtype)[:, None]
-    else:
-        rate = torch.where(counts > 0, counts, 1.0).to(sums.dtype)[:, None]
-    step = (sums - bcounts.to(sums.dtype)[:, None] * centers) / rate
-    new = centers + step
     state.counts = counts
     state.since_reassign += b
-    if reassignment_ratio > 0 and (bool((counts == 0).any()) or state.since_reassign >= 10 * k):
+    if reassignment_ratio > 0 and (zeros or state.since_reassign >= 10 * k):
         state.since_reassign = 0
         low = counts < reassignment_ratio * counts.max()
         n_low = int(low.sum())

@@ -436,6 +436,51 @@ void featlearn_nearest_pool(const void *S, int64_t stride, int bf16, const float
     }
 }
 
+/* One mini-batch k-means update (scikit-learn's per-centre rate 1 / count), with the roundings
+   of the torch ops it replaces: the n rows of X (`stride` apart, d each; times w[i] in float32
+   when w is not NULL) summed per label in row order into sums (k x d float32), their (weighted)
+   counts in float64 into bcounts; then new_counts = counts + bcounts and each centre
+   out = C + (sums - (float)bcounts * C) / rate, rate = (float)new_count where it is >= 1 (> 0
+   with weights), else 1. Returns how many new counts are 0, or -1 (nothing written) when a
+   label is outside 0..k-1. */
+int64_t featlearn_minibatch_update(const float *X, int64_t stride, int64_t n, int d,
+                                   const int64_t *labels, const float *w, const float *C,
+                                   int64_t k, const double *counts, float *sums,
+                                   double *bcounts, double *new_counts, float *out) {
+    for (int64_t i = 0; i < n; i++)
+        if (labels[i] < 0 || labels[i] >= k) return -1;
+    memset(sums, 0, sizeof(float) * (size_t)(k * d));
+    memset(bcounts, 0, sizeof(double) * (size_t)k);
+    for (int64_t i = 0; i < n; i++) {
+        int64_t l = labels[i];
+        const float *x = X + i * stride;
+        float *s = sums + l * d;
+        if (w) {
+            float wi = w[i];
+            for (int t = 0; t < d; t++) s[t] += x[t] * wi;
+            bcounts[l] += (double)wi;
+        } else {
+            for (int t = 0; t < d; t++) s[t] += x[t];
+            bcounts[l] += 1.0;
+        }
+    }
+    int64_t zeros = 0;
+    for (int64_t j = 0; j < k; j++) {
+        double c = counts[j] + bcounts[j];
+        new_counts[j] = c;
+        zeros += c == 0.0;
+        float rate = (float)(w ? (c > 0.0 ? c : 1.0) : (c < 1.0 ? 1.0 : c));
+        float b = (float)bcounts[j];
+        const float *cj = C + j * d, *sj = sums + j * d;
+        float *o = out + j * d;
+        for (int t = 0; t < d; t++) {
+            float step = (sj[t] - b * cj[t]) / rate;
+            o[t] = cj[t] + step;
+        }
+    }
+    return zeros;
+}
+
 /* float16 bits -> float: the exponent rebiased by one multiplication, which also scales
    subnormals right; infinities and NaNs kept. Integer and float operations only, so the loop
    vectorizes on any target (no _Float16 needed). */
@@ -548,6 +593,8 @@ def _build():
         dll.featlearn_nearest_pool.restype = None
         dll.featlearn_standardize_rows.argtypes = [P, I64, I64, P, I64, P, P, I, P]
         dll.featlearn_standardize_rows.restype = None
+        dll.featlearn_minibatch_update.argtypes = [P, I64, I64, I, P, P, P, I64, P, P, P, P, P]
+        dll.featlearn_minibatch_update.restype = ctypes.c_int64
         dll.featlearn_row_argmin.argtypes = [P, I64, I64, I, P, P]
         dll.featlearn_row_argmin.restype = None
         F = ctypes.c_float
@@ -769,3 +816,36 @@ def standardize_rows(X: torch.Tensor, idx: torch.Tensor, mean: torch.Tensor,
             X.data_ptr(), X.stride(0), F, idx.data_ptr(), len(idx), mean.data_ptr(),
             inv_scale.data_ptr(), int(dtype == torch.bfloat16), out.data_ptr())
     return out
+
+
+def minibatch_update(X: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None,
+                     C: torch.Tensor, counts: torch.Tensor):
+    """One mini-batch k-means update of the CPU float32 centres ``C`` from the batch ``X``
+    (rows may be strided) and its ``labels``: the per-centre sums (of ``X * weights`` with
+    weights) in row order and the counts (float64) added to ``counts``, then
+    ``C + (sums - batch_count * C) / rate`` with ``rate`` the new count (at least 1; 1 where a
+    weighted count is 0): what the torch ops of ``index_add_``, ``bincount`` and that formula
+    give, bit for bit. Returns ``(new_centres, new_counts, zero_counts)``."""
+    n, d = X.shape
+    k = C.shape[0]
+    if (X.device.type != "cpu" or X.dtype != torch.float32 or X.stride(1) != 1
+            or C.shape != (k, d) or C.dtype != torch.float32 or not C.is_contiguous()
+            or counts.shape != (k,) or counts.dtype != torch.float64
+            or not counts.is_contiguous() or labels.shape != (n,)
+            or labels.dtype != torch.int64 or not labels.is_contiguous()):
+        raise ValueError("the native mini-batch update needs CPU float32 rows (n, d), int64 "
+                         "labels (n,), contiguous float32 centres (k, d) and float64 counts (k,)")
+    if weights is not None:
+        weights = weights.to(torch.float32).contiguous()
+        if weights.shape != (n,):
+            raise ValueError(f"weights of ({n},) expected, got {tuple(weights.shape)}")
+    sums = torch.empty((k, d), dtype=torch.float32)
+    scratch = torch.empty(2 * k, dtype=torch.float64)
+    out = torch.empty_like(C)
+    zeros = _loaded().featlearn_minibatch_update(
+        X.data_ptr(), X.stride(0), n, d, labels.data_ptr(),
+        None if weights is None else weights.data_ptr(), C.data_ptr(), k, counts.data_ptr(),
+        sums.data_ptr(), scratch.data_ptr(), scratch[k:].data_ptr(), out.data_ptr())
+    if zeros < 0:
+        raise IndexError(f"a label is outside 0..{k - 1}")
+    return out, scratch[k:], int(zeros)

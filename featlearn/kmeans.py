@@ -136,7 +136,7 @@ class _BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixi
         n_init = self._resolve_n_init(init)
         gen = make_generator(self.random_state)
         self.precision_ = _resolve_precision(self.precision, X.device)
-        chunk = _rows_per_chunk(self.n_clusters, d, X.device)
+        chunk = self._chunk(d, X.device)
         init_size = self._init_size(n)
         best = None
         with cpu_workers(X.device):
@@ -171,6 +171,12 @@ class _BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixi
     def _precision(self):
         """The fitted precision (models saved before it existed: float32)."""
         return getattr(self, "precision_", "float32")
+
+    def _chunk(self, d, device):
+        """Rows per assignment chunk: bfloat16 products take half a float32 distance block's
+        bytes, so twice the rows."""
+        return _rows_per_chunk(self.n_clusters, d, device,
+                               2 if self._precision() == "bfloat16" else 4)
 
     def _centers_like(self, X):
         return torch.from_numpy(self.cluster_centers_).to(device=X.device, dtype=X.dtype)
@@ -612,7 +618,7 @@ class MiniBatchKMeans(_BaseKMeans):
                 centers = torch.from_numpy(self.cluster_centers_).to(X.device)
                 counts = torch.from_numpy(self.counts_.astype(np.float64)).to(X.device)
                 state = _MiniBatchState(counts, self._since_reassign)
-            chunk = _rows_per_chunk(k, d, X.device)
+            chunk = self._chunk(d, X.device)
             centers, batch_inertia, _ = _minibatch_step(X, centers, state,
                                                         reassignment_ratio=self.reassignment_ratio,
                                                         gen=gen, chunk=chunk, sample_weight=w,

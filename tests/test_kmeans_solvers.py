@@ -320,3 +320,21 @@ def test_auto_precision_is_bfloat16_only_where_native(patches_like, monkeypatch)
     assert KMeans(5, precision="auto", max_iter=2, device="cpu").fit(X).precision_ == "float32"
     with pytest.raises(ValueError, match="precision"):
         KMeans(5, precision="float16").fit(X)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_native_minibatch_update_fits_the_torch_model(patches_like, weighted, monkeypatch):
+    """The native update (sums, counts and step in one pass) gives the centres, counts and step
+    count of the torch ops it replaces, reassignments included."""
+    if not solvers._native.available():
+        pytest.skip("native kernels not built here")
+    X = patches_like[0].numpy()
+    w = np.random.default_rng(0).uniform(0.2, 3.0, len(X)) if weighted else None
+    kw = dict(n_clusters=60, batch_size=256, max_iter=3, random_state=0, device="cpu",
+              reassignment_ratio=0.05)
+    got = MiniBatchKMeans(**kw).fit(X, sample_weight=w)
+    monkeypatch.setattr(solvers._native, "available", lambda: False)
+    ref = MiniBatchKMeans(**kw).fit(X, sample_weight=w)
+    np.testing.assert_array_equal(got.cluster_centers_, ref.cluster_centers_)
+    assert got.n_steps_ == ref.n_steps_
+    np.testing.assert_array_equal(got.labels_, ref.labels_)

@@ -237,6 +237,52 @@ def test_native_assignment_kernels_refuse_what_they_cannot_read():
                              torch.zeros(8), v, lab)
 
 
+def _torch_update(X, labels, w, C, counts):
+    """The mini-batch update in torch ops, as featlearn's solver runs it off the native path."""
+    k, d = C.shape
+    sums = torch.zeros(k, d)
+    sums.index_add_(0, labels, X if w is None else X * w[:, None])
+    bcounts = torch.zeros(k, dtype=torch.float64)
+    bcounts += (torch.bincount(labels, minlength=k) if w is None
+                else torch.bincount(labels, weights=w.double(), minlength=k))
+    new_counts = counts + bcounts
+    rate = (new_counts.clamp(min=1) if w is None
+            else torch.where(new_counts > 0, new_counts, 1.0)).float()[:, None]
+    return C + (sums - bcounts.float()[:, None] * C) / rate, new_counts
+
+
+@needs_compiler
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("n,k,d", [(1024, 400, 108), (300, 1600, 27), (5, 9, 3), (0, 4, 2)])
+def test_native_minibatch_update_is_the_torch_ops(weighted, n, k, d):
+    g = torch.Generator().manual_seed(n + k)
+    X = _heavy_tailed(n, d + 2, g)[:, :d]  # strided rows
+    C = _heavy_tailed(k, d, g)
+    labels = torch.randint(0, k, (n,), generator=g)
+    counts = torch.randint(0, 3, (k,), generator=g).double()  # some centres still at 0
+    w = torch.rand(n, generator=g) * 3 if weighted else None
+    if weighted and n:
+        w[:3] = 0.0  # weighted counts of 0 keep a rate of 1
+    new, new_counts, zeros = native.minibatch_update(X, labels, w, C, counts)
+    ref, ref_counts = _torch_update(X, labels, w, C, counts)
+    assert torch.equal(new, ref) and torch.equal(new_counts, ref_counts)
+    assert zeros == int((ref_counts == 0).sum())
+    assert counts.max() <= 2  # the caller's counts are not written
+
+
+@needs_compiler
+def test_native_minibatch_update_refuses_what_it_cannot_read():
+    X, C = torch.zeros(4, 3), torch.zeros(5, 3)
+    counts = torch.zeros(5, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 5, 2])
+    with pytest.raises(IndexError, match="outside 0..4"):
+        native.minibatch_update(X, labels, None, C, counts)
+    with pytest.raises(ValueError, match="float64 counts"):
+        native.minibatch_update(X, labels.clamp(max=4), None, C, counts.float())
+    with pytest.raises(ValueError, match="weights of"):
+        native.minibatch_update(X, labels.clamp(max=4), torch.ones(3), C, counts)
+
+
 # ---- a classifier's mini-batch from float16 features -----------------------------------------
 
 @needs_compiler
