@@ -54,6 +54,12 @@ def test_wheel_installs_and_reproduces(tmp_path):
     assert not Path(where[0]).resolve().is_relative_to(ROOT), where
     assert Path(where[1]).resolve().is_relative_to(site.resolve()), where
     assert "coates2011-1600-svm" in where[2].split(","), where
+    # the native kernels' C source is package data: the installed copy builds and loads them
+    native = _run([py, "-c", "import featlearn._native as n; print(n._SOURCE_FILE); "
+                             "print(n.available() if n._compiler() else 'no compiler')"],
+                  cwd=work, env=env).stdout.splitlines()
+    assert Path(native[0]).resolve().is_relative_to(site.resolve()), native
+    assert native[1] in ("True", "no compiler"), native
 
     archive = make_cifar_archive(tmp_path / "tiny.tar.gz", n=100)
     res = _run([venv / "bin" / "featlearn", "reproduce", "coates2011-1600-svm", "--data", archive,

@@ -1,0 +1,473 @@
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+#define LANES 16
+
+/* The smallest entry >= v of e[0..mp): LANES running minima, so that the compiler vectorizes
+   the loop without reassociating anything. */
+static float min_from(const float *e, int mp, float v) {
+    float acc[LANES];
+    for (int l = 0; l < LANES; l++) acc[l] = INFINITY;
+    for (int j = 0; j < mp; j += LANES)
+        for (int l = 0; l < LANES; l++) {
+            float x = e[j + l] >= v ? e[j + l] : INFINITY;
+            acc[l] = x < acc[l] ? x : acc[l];
+        }
+    float r = acc[0];
+    for (int l = 1; l < LANES; l++) r = acc[l] < r ? acc[l] : r;
+    return r;
+}
+
+/* The largest entry below v (or at most v, `closed`) of e[0..mp), as min_from. */
+static float max_below(const float *e, int mp, float v, int closed) {
+    float acc[LANES];
+    for (int l = 0; l < LANES; l++) acc[l] = -INFINITY;
+    for (int j = 0; j < mp; j += LANES)
+        for (int l = 0; l < LANES; l++) {
+            float x = (closed ? e[j + l] <= v : e[j + l] < v) ? e[j + l] : -INFINITY;
+            acc[l] = x > acc[l] ? x : acc[l];
+        }
+    float r = acc[0];
+    for (int l = 1; l < LANES; l++) r = acc[l] > r ? acc[l] : r;
+    return r;
+}
+
+/* One selection: the rank-th smallest of a row's entries lies in the bracket [lo, hi] (or
+   [lo, hi) once `open`), with `below` entries under lo and `upto` under the bracket's top. */
+typedef struct { float lo, hi; int below, upto, open, interp, done; } Bracket;
+
+/* The smallest and largest of the m entries of each of two rows: LANES running extrema, so
+   that the loop vectorizes without reassociating anything. */
+static void min_max(const float *x, const float *y, int m, float *mn, float *mx) {
+    float n0[LANES], x0[LANES], n1[LANES], x1[LANES];
+    for (int l = 0; l < LANES; l++) { n0[l] = x0[l] = x[0]; n1[l] = x1[l] = y[0]; }
+    for (int j = 0; j + LANES <= m; j += LANES)
+        for (int l = 0; l < LANES; l++) {
+            float a = x[j + l], c = y[j + l];
+            n0[l] = a < n0[l] ? a : n0[l];
+            x0[l] = a > x0[l] ? a : x0[l];
+            n1[l] = c < n1[l] ? c : n1[l];
+            x1[l] = c > x1[l] ? c : x1[l];
+        }
+    for (int j = m - m % LANES; j < m; j++) {
+        n0[0] = x[j] < n0[0] ? x[j] : n0[0];
+        x0[0] = x[j] > x0[0] ? x[j] : x0[0];
+        n1[0] = y[j] < n1[0] ? y[j] : n1[0];
+        x1[0] = y[j] > x1[0] ? y[j] : x1[0];
+    }
+    for (int l = 1; l < LANES; l++) {
+        n0[0] = n0[l] < n0[0] ? n0[l] : n0[0];
+        x0[0] = x0[l] > x0[0] ? x0[l] : x0[0];
+        n1[0] = n1[l] < n1[0] ? n1[l] : n1[0];
+        x1[0] = x1[l] > x1[0] ? x1[l] : x1[0];
+    }
+    mn[0] = n0[0]; mx[0] = x0[0]; mn[1] = n1[0]; mx[1] = x1[0];
+}
+
+/* The first bracket: the window [w0, w1) when it holds the rank (ca < rank <= cb entries below
+   its ends), else the part of [min, max] on the rank's side of it. The window narrows after a
+   hit and widens after a miss. */
+static void start_from(Bracket *b, int tried, int hit, float w0, float w1, int ca, int cb,
+                       float mn, float mx, int m, int rank, float *width) {
+    b->interp = 1; b->done = 0;
+    if (hit) {
+        b->lo = w0; b->hi = w1; b->below = ca; b->upto = cb; b->open = 1;
+        *width *= 0.75f;
+        return;
+    }
+    b->lo = mn; b->hi = mx; b->below = 0; b->upto = m; b->open = 0;
+    if (tried && cb < rank) { b->lo = w1; b->below = cb; }
+    else if (tried) { b->hi = w0; b->upto = ca; b->open = 1; }
+    float wide = (mx - mn) * (1.0f / 16.0f);
+    *width = 2.0f * *width > wide ? 2.0f * *width : wide;
+}
+
+/* The next point to count below, or sets `done` when the answer is known without one: it is
+   the smallest entry in the bracket, or the largest (one pass either way), or no float lies
+   strictly inside the bracket (the entries left equal lo, or hi when the bracket is closed).
+   Points alternate between interpolation (where the rank would lie were the entries evenly
+   spread) and halving, so the bracket at least halves every two steps. */
+static float next_point(Bracket *b, int rank) {
+    int left = b->upto - b->below, r = rank - b->below;
+    float mid = b->lo + (b->hi - b->lo) * 0.5f;
+    if (b->interp) {
+        float guess = b->lo + (b->hi - b->lo) * (((float)r - 0.5f) / (float)left);
+        if (guess > b->lo && guess < b->hi) mid = guess;
+    }
+    if (r == 1 || r == left || !(mid > b->lo && mid < b->hi)) b->done = 1;
+    return mid;
+}
+
+static void update(Bracket *b, int rank, float mid, int c) {
+    int left = b->upto - b->below;
+    if (c < rank) { b->lo = mid; b->below = c; }
+    else { b->hi = mid; b->upto = c; b->open = 1; }
+    b->interp = !b->interp || 2 * (b->upto - b->below) <= left;
+}
+
+static float finish(const Bracket *b, const float *e, int mp, int rank) {
+    int left = b->upto - b->below, r = rank - b->below;
+    if (r == 1) return min_from(e, mp, b->lo);
+    if (r == left) return max_below(e, mp, b->hi, !b->open);
+    if (b->open) return b->lo;
+    int c = 0;
+    for (int j = 0; j < mp; j++) c += e[j] < b->hi;
+    return c >= rank ? b->lo : b->hi;
+}
+
+/* S: n rows of m entries (bfloat16 or float32), `stride` elements apart; cc: the m centroid
+   norms. out[2i], out[2i+1]: the thresholds of row i for y and -y, the rank-th smallest of
+   cc - (s + s) and cc + (s + s) (the two selections run side by side, one counting loop for
+   both). Returns 0, or -1 when out of memory. */
+int featlearn_nearest_thresholds(const void *S, int64_t stride, int bf16, const float *cc,
+                                 int64_t n, int m, int rank, float *out) {
+    int mp = (m + LANES - 1) / LANES * LANES;
+    float *buf = (float *)malloc(sizeof(float) * 2 * (size_t)mp);
+    if (!buf) return -1;
+    float *near = buf, *far = buf + mp;
+    for (int j = m; j < mp; j++) near[j] = far[j] = INFINITY;  /* never below a point */
+    float prev[2] = {0.0f, 0.0f}, width[2] = {0.0f, 0.0f};
+    for (int64_t i = 0; i < n; i++) {
+        if (bf16) {
+            const uint16_t *row = (const uint16_t *)S + i * stride;
+            for (int j = 0; j < m; j++) {
+                float d = bf16_to_float(row[j]);
+                float twice = d + d;
+                near[j] = cc[j] - twice;
+                far[j] = cc[j] + twice;
+            }
+        } else {
+            const float *row = (const float *)S + i * stride;
+            for (int j = 0; j < m; j++) {
+                float twice = row[j] + row[j];
+                near[j] = cc[j] - twice;
+                far[j] = cc[j] + twice;
+            }
+        }
+        /* A window around the previous row's answer (neighbouring patches rank alike): when
+           it holds the rank, the bracket starts there and needs no min/max pass. */
+        int ca0 = 0, cb0 = 0, ca1 = 0, cb1 = 0;
+        float a0 = prev[0] - width[0], b0 = prev[0] + width[0];
+        float a1 = prev[1] - width[1], b1 = prev[1] + width[1];
+        if (i > 0)
+            for (int j = 0; j < mp; j++) {
+                ca0 += near[j] < a0; cb0 += near[j] < b0;
+                ca1 += far[j] < a1; cb1 += far[j] < b1;
+            }
+        int hit0 = i > 0 && ca0 < rank && rank <= cb0, hit1 = i > 0 && ca1 < rank && rank <= cb1;
+        float mn[2] = {0.0f, 0.0f}, mx[2] = {0.0f, 0.0f};
+        if (!hit0 || !hit1) min_max(near, far, m, mn, mx);
+        Bracket a, b;
+        start_from(&a, i > 0, hit0, a0, b0, ca0, cb0, mn[0], mx[0], m, rank, &width[0]);
+        start_from(&b, i > 0, hit1, a1, b1, ca1, cb1, mn[1], mx[1], m, rank, &width[1]);
+        float pa = next_point(&a, rank), pb = next_point(&b, rank);
+        while (!a.done || !b.done) {
+            /* a finished selection counts below -inf (nothing) until the other one ends */
+            float va = a.done ? -INFINITY : pa, vb = b.done ? -INFINITY : pb;
+            int ca = 0, cb = 0;
+            for (int j = 0; j < mp; j++) {
+                ca += near[j] < va;
+                cb += far[j] < vb;
+            }
+            if (!a.done) { update(&a, rank, pa, ca); pa = next_point(&a, rank); }
+            if (!b.done) { update(&b, rank, pb, cb); pb = next_point(&b, rank); }
+        }
+        out[2 * i] = prev[0] = finish(&a, near, mp, rank);
+        out[2 * i + 1] = prev[1] = finish(&b, far, mp, rank);
+    }
+    free(buf);
+    return 0;
+}
+
+/* Each row's smallest entry and the first column holding it, as torch.min(D, 1) gives them
+   for rows without NaN: D holds n rows of k float32 entries, `stride` elements apart. One pass
+   with LANES running minima and their columns (GCC/clang vector types, so the compare and the
+   two selects are vector instructions; the compiler does not turn the ?: of a float minimum
+   with an index into them by itself), then the lanes are merged, the first column winning a
+   tie. */
+typedef float vfloat __attribute__((vector_size(LANES * 4)));
+typedef int32_t vint __attribute__((vector_size(LANES * 4)));
+typedef uint16_t vhalf __attribute__((vector_size(LANES * 2)));
+
+void featlearn_row_argmin(const float *D, int64_t stride, int64_t n, int k, float *values,
+                          int64_t *labels) {
+    vint step, lane0;
+    for (int l = 0; l < LANES; l++) { step[l] = LANES; lane0[l] = l; }
+    for (int64_t i = 0; i < n; i++) {
+        const float *row = D + i * stride;
+        vfloat v;
+        vint at = lane0, ix = lane0;
+        for (int l = 0; l < LANES; l++) v[l] = INFINITY;
+        int j = 0;
+        for (; j + LANES <= k; j += LANES) {
+            vfloat x;
+            memcpy(&x, row + j, sizeof x);
+            vint lt = x < v;
+            v = (vfloat)(((vint)x & lt) | ((vint)v & ~lt));
+            ix = (at & lt) | (ix & ~lt);
+            at += step;
+        }
+        float best = INFINITY;
+        int bi = 0;
+        for (int l = 0; l < LANES; l++)
+            if (v[l] < best || (v[l] == best && ix[l] < bi)) { best = v[l]; bi = ix[l]; }
+        for (; j < k; j++)
+            if (row[j] < best) { best = row[j]; bi = j; }
+        values[i] = best;
+        labels[i] = bi;
+    }
+}
+
+/* The k-means assignment from bfloat16 products, made exact: S holds n rows of k bfloat16
+   products x.c_j (`stride` elements apart), X the n float32 rows x (`xstride` apart, d each),
+   C the k float32 centres (d each, contiguous), cc their squared norms and cn their norms.
+   With a = cc - 2 S, |a_j - (cc_j - 2 x.c_j)| <= delta |x| |c_j| (the caller's rounding
+   bound), so every centre that can be the nearest has a_j - e_j <= min(a + e), e_j = delta
+   |x| |c_j|: those few candidates get their float32 value cc_j - 2 x.c_j, and the smallest
+   (the first on a tie) is the row's label and value. */
+static float dot(const float *x, const float *c, int d) {
+    float acc[LANES] = {0.0f};
+    int t = 0;
+    for (; t + LANES <= d; t += LANES)
+        for (int l = 0; l < LANES; l++) acc[l] += x[t + l] * c[t + l];
+    for (; t < d; t++) acc[0] += x[t] * c[t];
+    float s = 0.0f;
+    for (int l = 0; l < LANES; l++) s += acc[l];
+    return s;
+}
+
+int featlearn_refine_argmin(const uint16_t *S, int64_t stride, const float *X, int64_t xstride,
+                            int d, const float *C, const float *cc, const float *cn, int64_t n,
+                            int k, float delta, float *values, int64_t *labels) {
+    enum { SCAN = 4 * LANES };  /* columns per candidate test */
+    int kv = k - k % LANES, kp = (k + SCAN - 1) / SCAN * SCAN;
+    float *low = (float *)malloc(sizeof(float) * (size_t)kp);
+    if (!low) return -1;
+    for (int j = k; j < kp; j++) low[j] = INFINITY;  /* never a candidate */
+    for (int64_t i = 0; i < n; i++) {
+        const uint16_t *row = S + i * stride;
+        const float *x = X + i * xstride;
+        float r = delta * sqrtf(dot(x, x, d));
+        /* a_j - e_j into low, and the smallest a_j + e_j: each column once */
+        vfloat up;
+        for (int l = 0; l < LANES; l++) up[l] = INFINITY;
+        for (int j = 0; j < kv; j += LANES) {
+            vhalf h;
+            vfloat c, e;
+            memcpy(&h, row + j, sizeof h);
+            memcpy(&c, cc + j, sizeof c);
+            memcpy(&e, cn + j, sizeof e);
+            vfloat s = (vfloat)(__builtin_convertvector(h, vint) << 16);
+            vfloat a = c - (s + s);
+            e = e * r + c * (1.0f / 1048576.0f);
+            vfloat hi = a + e, lo = a - e;
+            memcpy(low + j, &lo, sizeof lo);
+            vint lt = hi < up;
+            up = (vfloat)(((vint)hi & lt) | ((vint)up & ~lt));
+        }
+        float upper = INFINITY;
+        for (int l = 0; l < LANES; l++) upper = up[l] < upper ? up[l] : upper;
+        for (int j = kv; j < k; j++) {
+            float s = bf16_to_float(row[j]);
+            float a = cc[j] - (s + s);
+            float e = cn[j] * r + cc[j] * (1.0f / 1048576.0f);
+            float hi = a + e;
+            low[j] = a - e;
+            upper = hi < upper ? hi : upper;
+        }
+        /* the candidates, in column order (the first wins a tie) */
+        float best = INFINITY;
+        int bi = -1;
+        for (int j = 0; j < kp; j += SCAN) {
+            int hit = 0;
+            for (int l = 0; l < SCAN; l++) hit += low[j + l] <= upper;
+            for (int l = 0; hit && l < SCAN; l++) {
+                if (!(low[j + l] <= upper)) continue;
+                hit--;
+                float p = dot(x, C + (int64_t)(j + l) * d, d);
+                float v = cc[j + l] - (p + p);
+                if (bi < 0 || v < best) { best = v; bi = j + l; }
+            }
+        }
+        values[i] = best;
+        labels[i] = bi;
+    }
+    free(low);
+    return 0;
+}
+
+/* D: the squared distances of n_images * Ph * Pw rows (image-major, then map rows, then map
+   columns), K each (bfloat16 or float32), `stride` elements apart. Adds, for every row, its
+   triangle activation max(0, mean_k z_k - z_k), z = sqrt(max(D, 0)), to out[image][cell] (out:
+   n_images x n_cells x K, zeroed by the caller), the cell of map position (ph, pw) being
+   row_cell[ph] * n_col_cells + col_cell[pw]. Returns 0, or -1 when out of memory. */
+int featlearn_triangle_pool(const void *D, int64_t stride, int bf16, int64_t n_images, int Ph,
+                            int Pw, int K, const int *row_cell, const int *col_cell,
+                            int n_col_cells, int n_cells, float *out) {
+    int Kp = (K + LANES - 1) / LANES * LANES;
+    float *z = (float *)malloc(sizeof(float) * (size_t)Kp);
+    if (!z) return -1;
+    for (int k = K; k < Kp; k++) z[k] = 0.0f;  /* adds nothing to the sum */
+    for (int64_t img = 0; img < n_images; img++) {
+        float *o = out + img * (int64_t)n_cells * K;
+        for (int ph = 0; ph < Ph; ph++)
+            for (int pw = 0; pw < Pw; pw++) {
+                int64_t r = (img * Ph + ph) * Pw + pw;
+                if (bf16) {
+                    const uint16_t *row = (const uint16_t *)D + r * stride;
+                    for (int k = 0; k < K; k++) {
+                        float d = bf16_to_float(row[k]);
+                        z[k] = sqrtf(d > 0.0f ? d : 0.0f);
+                    }
+                } else {
+                    const float *row = (const float *)D + r * stride;
+                    for (int k = 0; k < K; k++) z[k] = sqrtf(row[k] > 0.0f ? row[k] : 0.0f);
+                }
+                float acc[LANES] = {0.0f};
+                for (int k = 0; k < Kp; k += LANES)
+                    for (int l = 0; l < LANES; l++) acc[l] += z[k + l];
+                float s = 0.0f;
+                for (int l = 0; l < LANES; l++) s += acc[l];
+                float mean = s / (float)K;
+                float *cell = o + (int64_t)(row_cell[ph] * n_col_cells + col_cell[pw]) * K;
+                for (int k = 0; k < K; k++) {
+                    float v = mean - z[k];
+                    cell[k] += v > 0.0f ? v : 0.0f;
+                }
+            }
+    }
+    free(z);
+    return 0;
+}
+
+/* The nearest-fraction code pooled over a grid: S holds the products y.c of n_images * Ph * Pw
+   rows (laid out as for featlearn_triangle_pool), K each; t their two thresholds (t[2r] for y,
+   t[2r+1] for -y). Adds 1 to out[image][cell][k] where cc_k - 2 s_k < t[2r], and to
+   out[image][cell][K + k] where cc_k + 2 s_k < t[2r+1] (out: n_images x n_cells x 2K, zeroed by
+   the caller): the comparisons of featlearn.activations.nearest_fraction_blocks, roundings
+   included, and counts, which float32 sums exactly. */
+void featlearn_nearest_pool(const void *S, int64_t stride, int bf16, const float *cc,
+                            const float *t, int64_t n_images, int Ph, int Pw, int K,
+                            const int *row_cell, const int *col_cell, int n_col_cells,
+                            int n_cells, float *out) {
+    for (int64_t img = 0; img < n_images; img++) {
+        float *o = out + img * (int64_t)n_cells * 2 * K;
+        for (int ph = 0; ph < Ph; ph++)
+            for (int pw = 0; pw < Pw; pw++) {
+                int64_t r = (img * Ph + ph) * Pw + pw;
+                float t0 = t[2 * r], t1 = t[2 * r + 1];
+                float *near = o + (int64_t)(row_cell[ph] * n_col_cells + col_cell[pw]) * 2 * K;
+                float *far = near + K;
+                if (bf16) {
+                    const uint16_t *row = (const uint16_t *)S + r * stride;
+                    for (int k = 0; k < K; k++) {
+                        float d = bf16_to_float(row[k]);
+                        float twice = d + d;
+                        near[k] += cc[k] - twice < t0 ? 1.0f : 0.0f;
+                        far[k] += cc[k] + twice < t1 ? 1.0f : 0.0f;
+                    }
+                } else {
+                    const float *row = (const float *)S + r * stride;
+                    for (int k = 0; k < K; k++) {
+                        float twice = row[k] + row[k];
+                        near[k] += cc[k] - twice < t0 ? 1.0f : 0.0f;
+                        far[k] += cc[k] + twice < t1 ? 1.0f : 0.0f;
+                    }
+                }
+            }
+    }
+}
+
+/* One mini-batch k-means update (scikit-learn's per-centre rate 1 / count), with the roundings
+   of the torch ops it replaces: the n rows of X (`stride` apart, d each; times w[i] in float32
+   when w is not NULL) summed per label in row order into sums (k x d float32), their (weighted)
+   counts in float64 into bcounts; then new_counts = counts + bcounts and each centre
+   out = C + (sums - (float)bcounts * C) / rate, rate = (float)new_count where it is >= 1 (> 0
+   with weights), else 1. Returns how many new counts are 0, or -1 (nothing written) when a
+   label is outside 0..k-1. */
+int64_t featlearn_minibatch_update(const float *X, int64_t stride, int64_t n, int d,
+                                   const int64_t *labels, const float *w, const float *C,
+                                   int64_t k, const double *counts, float *sums,
+                                   double *bcounts, double *new_counts, float *out) {
+    for (int64_t i = 0; i < n; i++)
+        if (labels[i] < 0 || labels[i] >= k) return -1;
+    memset(sums, 0, sizeof(float) * (size_t)(k * d));
+    memset(bcounts, 0, sizeof(double) * (size_t)k);
+    for (int64_t i = 0; i < n; i++) {
+        int64_t l = labels[i];
+        const float *x = X + i * stride;
+        float *s = sums + l * d;
+        if (w) {
+            float wi = w[i];
+            for (int t = 0; t < d; t++) s[t] += x[t] * wi;
+            bcounts[l] += (double)wi;
+        } else {
+            for (int t = 0; t < d; t++) s[t] += x[t];
+            bcounts[l] += 1.0;
+        }
+    }
+    int64_t zeros = 0;
+    for (int64_t j = 0; j < k; j++) {
+        double c = counts[j] + bcounts[j];
+        new_counts[j] = c;
+        zeros += c == 0.0;
+        float rate = (float)(w ? (c > 0.0 ? c : 1.0) : (c < 1.0 ? 1.0 : c));
+        float b = (float)bcounts[j];
+        const float *cj = C + j * d, *sj = sums + j * d;
+        float *o = out + j * d;
+        for (int t = 0; t < d; t++) {
+            float step = (sj[t] - b * cj[t]) / rate;
+            o[t] = cj[t] + step;
+        }
+    }
+    return zeros;
+}
+
+/* float16 bits -> float: the exponent rebiased by one multiplication, which also scales
+   subnormals right; infinities and NaNs kept. Integer and float operations only, so the loop
+   vectorizes on any target (no _Float16 needed). */
+static inline float half_to_float(uint16_t h) {
+    uint32_t em = h & 0x7fffu, u = em << 13;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    f *= 5.192296858534828e+33f;  /* 2**112: float16's exponent bias to float32's */
+    if (em >= 0x7c00u) f = em == 0x7c00u ? INFINITY : NAN;
+    return h & 0x8000u ? -f : f;
+}
+
+/* float -> bfloat16 bits, to nearest with ties to even (NaN: 0x7fc0), as torch rounds. */
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if (f != f) return 0x7fc0u;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Rows idx[0..b) of the float16 matrix X (`stride` elements apart, F used) standardized,
+   (x - mean) * inv with float32's roundings, into out (b x F): float32, or bfloat16 rounded
+   from that float32 value (`bf16`). One pass where gather, decode, subtract, multiply and
+   round are each a pass over the batch in torch. */
+void featlearn_standardize_rows(const uint16_t *X, int64_t stride, int64_t F, const int64_t *idx,
+                                int64_t b, const float *mean, const float *inv, int bf16,
+                                void *out) {
+    for (int64_t i = 0; i < b; i++) {
+        const uint16_t *row = X + idx[i] * stride;
+        if (bf16) {
+            uint16_t *o = (uint16_t *)out + i * F;
+            for (int64_t j = 0; j < F; j++)
+                o[j] = float_to_bf16((half_to_float(row[j]) - mean[j]) * inv[j]);
+        } else {
+            float *o = (float *)out + i * F;
+            for (int64_t j = 0; j < F; j++) o[j] = (half_to_float(row[j]) - mean[j]) * inv[j];
+        }
+    }
+}
