@@ -57,6 +57,10 @@ from .preprocessing import PatchNormalizer, ZCAWhitening
 _CPU_CHUNK_BYTES = 24 * 2**20
 #: Upper bound on images per chunk on an accelerator (bounds index/one-hot temporaries).
 _MAX_GPU_CHUNK = 4096
+#: Products per GEMM call on the CPU where native kernels activate and pool them: whole images
+#: up to about this many bytes (at least one image), so that the kernels read them back from
+#: the cache the GEMM wrote them to, not from memory.
+_CPU_BLOCK_BYTES = 3 * 2**20
 
 
 class Plan:
@@ -235,6 +239,12 @@ class Kernel:
                 col_bounds=plan.col_bounds, pool_op=plan.pool_op)
         self.centers_aug = aug
         self.bf16 = plan.precision == "bfloat16"
+        # Native activation and pooling take the products a block of images at a time.
+        self.blockwise = self.native_pool is not None and (self.select is None
+                                                           or self.native is not None)
+        per_image = L * K * (2 if self.bf16 else 4)
+        self.block = max(1, min(batch, _CPU_BLOCK_BYTES // per_image)) if self.blockwise else batch
+        rows = self.block * L
         # The GEMM's operands and products: float32, or bfloat16 that the activation reads
         # back as float32 (the compiled graph converts as it reads; the eager path copies into
         # a float32 scratch buffer, ``dist``, which its in-place activation may overwrite).
@@ -242,12 +252,12 @@ class Kernel:
             bf16 = dict(device=device, dtype=torch.bfloat16)
             self.lhs = torch.empty((batch * L, aug.shape[0]), **bf16)
             self.rhs = aug.to(torch.bfloat16)
-            self.products = torch.zeros((batch * L, K), **bf16)
+            self.products = torch.zeros((rows, K), **bf16)
             self.dist = None if compiled else torch.empty((batch * L, K), **f32)
         else:
             self.lhs = torch.empty((batch * L, d + 1), **f32) if self.fold else self.y_aug
             self.rhs = aug
-            self.products = self.dist = torch.zeros((batch * L, K), **f32)
+            self.products = self.dist = torch.zeros((rows, K), **f32)
         if self.fold:
             self.lhs[:, d] = 1.0  # the bias row's column
         elif plan.white_mat is not None:
@@ -300,11 +310,11 @@ class Kernel:
             y_aug[:, dp].fill_(1.0)
             if self.bf16:
                 lhs.copy_(y_aug)
+        if self.blockwise:
+            return self._native_blocks(lhs, b)
         torch.mm(lhs, self.rhs, out=products)
         if self.select is not None:
             return self._nearest_fraction(b)
-        if self.native_pool is not None:
-            return self.native_pool(products, b)
         if self.compiled is not None:
             return self.compiled(self.products, *self._norms(self.y_aug))[:b]
         D = self.dist[: b * L]
@@ -313,25 +323,39 @@ class Kernel:
         y_aug = None if self.y_aug is None else self.y_aug[: b * L]
         return activate_and_pool(D, *self._norms(y_aug), n_images=b, inplace=True, **self.static)
 
+    def _native_blocks(self, lhs, b):
+        """The first ``b`` images by the native kernels, ``self.block`` images at a time: their
+        products, then the triangle, or each row's nearest-fraction thresholds and the code,
+        pooled while the products are still in the cache (one GEMM over the whole chunk would
+        write them out to memory and the kernels read them back from there). Every row's
+        numbers are the whole chunk's."""
+        L, pooled = self.L, []
+        for s in range(0, b, self.block):
+            e = min(b, s + self.block)
+            S = self.products[: (e - s) * L]
+            torch.mm(lhs[s * L: e * L], self.rhs, out=S)
+            if self.select is None:
+                pooled.append(self.native_pool(S, e - s))
+            else:
+                m, rank = self.select
+                t = self.native(S[:, :m], self.col_sq[:m], rank)
+                pooled.append(self.native_pool(S, self.col_sq, t, e - s))
+        pooled = pooled[0] if len(pooled) == 1 else torch.cat(pooled)
+        return pooled if self.select is None else pooled.index_select(2, self.unorder)
+
     def _nearest_fraction(self, b):
-        """The compiled nearest-fraction path for the first ``b`` images: each row's thresholds
-        over the selection's block, then compare and pool (on the CPU both by
-        :mod:`featlearn._native`'s kernels; elsewhere, or without a C compiler, a compiled
-        bisection whose few undecided rows get the order statistic, and a compiled graph);
-        same numbers as the eager path."""
+        """The compiled nearest-fraction path for the first ``b`` images where the native
+        kernels do not take it all (:meth:`_native_blocks`): each row's thresholds over the
+        selection's block (natively on the CPU; elsewhere, or without a C compiler, a compiled
+        bisection whose few undecided rows get the order statistic), then a compiled graph
+        compares and pools the whole (fixed-size) buffer; same numbers as the eager path."""
         (m, rank), bracket = self.select, self.graphs[1]
-        # Natively, only the chunk's rows; a compiled graph takes the whole (fixed-size) buffer.
-        native = self.native is not None and self.native_pool is not None
-        products = self.products[: b * self.L] if native else self.products
-        S, cs = products[:, :m], self.col_sq[:m]
+        S, cs = self.products[:, :m], self.col_sq[:m]
         if self.native is not None:
             t = self.native(S, cs, rank)
         else:
             t = fix_thresholds(*bracket(S, cs), S, cs, rank)
-        if native:
-            pooled = self.native_pool(products, self.col_sq, t, b)
-        else:
-            pooled = self.compiled(self.products, None, self.col_sq, t)[:b]
+        pooled = self.compiled(self.products, None, self.col_sq, t)[:b]
         return pooled.index_select(2, self.unorder)
 
     def _norms(self, y_aug):

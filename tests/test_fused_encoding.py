@@ -138,6 +138,36 @@ def test_compiled_nearest_fraction_equals_eager(selection, precision, pooling, n
     np.testing.assert_array_equal(fused, eager)
 
 
+@needs_compiler
+@pytest.mark.parametrize("activation", ["nearest_fraction", "triangle"])
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_native_blocks_of_one_image_give_the_chunks_numbers(activation, precision, monkeypatch):
+    """Where native kernels activate and pool, the products are made a block of images at a
+    time: blocks of one image (several per chunk, the last chunk short) give the features of
+    one block per chunk exactly, and the eager code's (the triangle up to summation order)."""
+    from featlearn import RandomPatchDictionary
+
+    if not encoding_kernel._native.available():
+        pytest.skip("native kernels not built here")
+    rng = np.random.RandomState(3)
+    images = rng.randint(0, 256, size=(7, 12, 12, 3)).astype(np.uint8)
+    enc = PatchEncoder(patch_size=3, n_patches=2000, activation=activation,
+                       kmeans=RandomPatchDictionary(600, random_state=0), precision=precision,
+                       batch_size=3, pooling=(2, 2), device="cpu", random_state=0).fit(images)
+    eager = enc.set_params(compile=False).transform(images)
+    whole = enc.set_params(compile=True).transform(images)
+    plan = enc.encoding_plan()
+    assert plan.kernel(torch.device("cpu"), compiled=True).block == 3  # one block per chunk
+    monkeypatch.setattr(encoding_kernel, "_CPU_BLOCK_BYTES", 1)
+    assert plan.kernel(torch.device("cpu"), compiled=True).block == 1
+    blocks = enc.transform(images)  # 7 = 3 + 3 + 1 images, one GEMM per image
+    np.testing.assert_array_equal(blocks, whole)
+    if activation == "nearest_fraction":
+        np.testing.assert_array_equal(blocks, eager)
+    else:
+        np.testing.assert_allclose(blocks, eager, rtol=1e-5, atol=1e-5 * np.abs(eager).max())
+
+
 def test_compile_failure_falls_back_with_one_warning(images, monkeypatch, warnings_logged):
     def broken_compile(fn, **kwargs):
         def run(*args):
