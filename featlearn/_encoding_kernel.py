@@ -267,6 +267,7 @@ class Kernel:
             self.white_aug = wm
             self.white_mean = torch.from_numpy(plan.white_mean).to(**f32)
         self.norms = act.norms
+        self.sqdist = act.products == "sqdist"
         self.static = dict(map_shape=plan.map_shape, row_bounds=tuple(plan.row_bounds),
                            col_bounds=tuple(plan.col_bounds), activation=plan.activation,
                            alpha=plan.alpha, pool_op=plan.pool_op, fraction=plan.fraction,
@@ -306,8 +307,12 @@ class Kernel:
             dp = plan.d_out
             self._whiten(P, y_aug)
             y = y_aug[:, :dp]
-            y_aug[:, dp + 1] = (y * y).sum(1)  # (zeroed out of a dot-product dictionary)
-            y_aug[:, dp].fill_(1.0)
+            # [1, ||y||^2] for squared distances, ||y||^2 where the activation reads it; else
+            # the two columns stay 0, as the dictionary's rows against them are
+            if self.sqdist or "row_sq" in self.norms:
+                y_aug[:, dp + 1] = (y * y).sum(1)
+            if self.sqdist:
+                y_aug[:, dp].fill_(1.0)
             if self.bf16:
                 lhs.copy_(y_aug)
         if self.blockwise:
