@@ -205,10 +205,10 @@ class Kernel:
             # blocks, the shape at which the whitening GEMM runs at its rate (110 columns do not).
             self._y_pad = torch.zeros((batch * L, -(-(dp + 2) // 16) * 16), **f32)
             self.y_aug = self._y_pad[:, : dp + 2]
-            aug = torch.zeros((dp + 2, K), **f32)
-            if act.products != "sqdist":  # only the dot products: the augmented rows are zero
-                aug[:dp] = c.T
+            if act.products != "sqdist":  # dot products: the GEMM reads y's dp columns only
+                aug = c.T.contiguous()
             else:
+                aug = torch.empty((dp + 2, K), **f32)
                 aug[:dp] = -2.0 * c.T
                 aug[dp] = self.col_sq
                 aug[dp + 1] = 1.0
@@ -255,7 +255,8 @@ class Kernel:
             self.products = torch.zeros((rows, K), **bf16)
             self.dist = None if compiled else torch.empty((batch * L, K), **f32)
         else:
-            self.lhs = torch.empty((batch * L, d + 1), **f32) if self.fold else self.y_aug
+            self.lhs = (torch.empty((batch * L, d + 1), **f32) if self.fold
+                        else self.y_aug[:, : aug.shape[0]])
             self.rhs = aug
             self.products = self.dist = torch.zeros((rows, K), **f32)
         if self.fold:
@@ -307,14 +308,14 @@ class Kernel:
             dp = plan.d_out
             self._whiten(P, y_aug)
             y = y_aug[:, :dp]
-            # [1, ||y||^2] for squared distances, ||y||^2 where the activation reads it; else
-            # the two columns stay 0, as the dictionary's rows against them are
+            # [1, ||y||^2] for squared distances (the GEMM reads them), ||y||^2 where the
+            # activation does
             if self.sqdist or "row_sq" in self.norms:
                 y_aug[:, dp + 1] = (y * y).sum(1)
             if self.sqdist:
                 y_aug[:, dp].fill_(1.0)
             if self.bf16:
-                lhs.copy_(y_aug)
+                lhs.copy_(y_aug[:, : lhs.shape[1]])
         if self.blockwise:
             return self._native_blocks(lhs, b)
         torch.mm(lhs, self.rhs, out=products)
