@@ -11,13 +11,16 @@ Per chunk of ``B`` images with ``L`` patch positions each:
    0..255 pixels) and whitening ``(u - M) W`` as one small ``(B*L, d) @ (d, d')`` GEMM.
    The whitened rows are written into an *augmented* buffer ``[y, 1, ||y||^2]``.
 3. One GEMM against the augmented dictionary ``[-2 C^T; ||c||^2; 1]`` gives the squared distances
-   ``||y||^2 + ||c||^2 - 2 y.c`` directly in a preallocated buffer: no broadcast passes.
+   ``||y||^2 + ||c||^2 - 2 y.c`` directly in a preallocated buffer: no broadcast passes. The
+   dot-product activations multiply ``y`` by ``C^T`` alone.
 4. Activation and pooling (:mod:`featlearn.activations`): eagerly one pass per operation (clamp,
    sqrt, mean over K, ``max(0, mu - z)``, pooled rows first, then columns), or, with
    ``compile``, one inductor-generated graph that reads the buffer once for the row means and
    once for the pooled features. The dot-product activations get the norms they need as
-   tensors (``||y||^2`` is the augmented buffer's last column, ``||c||^2`` computed once), so
-   the squared-distance GEMM of the triangle path is unchanged.
+   tensors (``||y||^2`` is the augmented buffer's last column, ``||c||^2`` computed once).
+   On the CPU the triangle and the nearest-fraction code over a grid are native kernels
+   (:mod:`featlearn._native`), and steps 3 and 4 then run a block of whole images at a time,
+   so that the kernels read the products from the cache the GEMM left them in.
 
 Why not fold normalization and whitening into the centroids (filters ``F = W c``, per-position
 corrections from box filters): it saves no products (``||y||^2`` still needs the ``d x d'``
