@@ -532,14 +532,15 @@ def _minibatch_step(Xb, centers, state, *, reassignment_ratio, gen, chunk, sampl
         else:
             rate = torch.where(counts > 0, counts, 1.0).to(sums.dtype)[:, None]
         new = centers + (sums - bcounts.to(sums.dtype)[:, None] * centers) / rate
-        zeros = int((counts == 0).sum())
+        zeros = None  # counted only when reassignment needs it (a device sync on CUDA)
     if sample_weight is None:
         batch_inertia = mind.sum() / b
     else:
         batch_inertia = (mind * sample_weight.to(mind.device, mind.dtype)).sum() / b
     state.counts = counts
     state.since_reassign += b
-    if reassignment_ratio > 0 and (zeros or state.since_reassign >= 10 * k):
+    if reassignment_ratio > 0 and ((bool((counts == 0).any()) if zeros is None else zeros > 0)
+                                   or state.since_reassign >= 10 * k):
         state.since_reassign = 0
         low = counts < reassignment_ratio * counts.max()
         n_low = int(low.sum())
