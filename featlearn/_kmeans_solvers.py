@@ -150,8 +150,9 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
     return labels, mind
 
 
-def _native_argmin(dtype, device: torch.device) -> bool:
-    """Whether :func:`_row_argmin` takes the native kernel (CPU float32, when it is built)."""
+def _native_float32(dtype, device: torch.device) -> bool:
+    """Whether the native kernels take this CPU float32 work (the argmin of
+    :func:`_row_argmin`, the mini-batch update): CPU float32, when they are built."""
     return device.type == "cpu" and dtype == torch.float32 and _native.available()
 
 
@@ -160,7 +161,7 @@ def _distance_buffer(rows: int, k: int, dtype, device: torch.device):
     more) its rows as ``_ARGMIN_BLOCK``-column blocks for :func:`_row_argmin`: the block is the
     first ``k`` columns of a buffer padded to whole blocks with ``+inf`` (never a minimum),
     which the GEMM writes in place through its row stride."""
-    if device.type != "cpu" or k < 2 * _ARGMIN_BLOCK or _native_argmin(dtype, device):
+    if device.type != "cpu" or k < 2 * _ARGMIN_BLOCK or _native_float32(dtype, device):
         return torch.empty((rows, k), dtype=dtype, device=device), None
     padded = -(-k // _ARGMIN_BLOCK) * _ARGMIN_BLOCK
     buf = torch.empty((rows, padded), dtype=dtype, device=device)
@@ -174,7 +175,7 @@ def _row_argmin(D: torch.Tensor, blocks: torch.Tensor | None, values: torch.Tens
     indices: by the native kernel on a CPU float32 block (no NaN: the k-means inputs are
     checked finite), else by block minima when ``blocks`` (:func:`_distance_buffer`) views
     ``D``'s rows."""
-    if blocks is None and _native_argmin(D.dtype, D.device):
+    if blocks is None and _native_float32(D.dtype, D.device):
         _native.row_argmin(D, values, labels)
         return
     if blocks is None:
@@ -517,7 +518,7 @@ def _minibatch_step(Xb, centers, state, *, reassignment_ratio, gen, chunk, sampl
     """
     b = Xb.shape[0]
     k = centers.shape[0]
-    if _native_argmin(Xb.dtype, Xb.device) and centers.is_contiguous():
+    if _native_float32(Xb.dtype, Xb.device) and centers.is_contiguous():
         # The sums, counts and update in one native pass (the same numbers as the torch ops).
         labels, mind = nearest_centroid(Xb, centers, chunk=chunk, precision=precision)
         new, counts, zeros = _native.minibatch_update(Xb, labels, sample_weight, centers,

@@ -217,11 +217,17 @@ def _grid(D, n_images, map_shape, row_bounds, col_bounds, pool_op, what):
     return D, row_cell, col_cell, len(row_bounds) * len(col_bounds)
 
 
+@functools.lru_cache(maxsize=64)
+def _inverse_cell_sizes(row_bounds, col_bounds):
+    """``1 / cell size`` per cell, shaped to scale pooled ``(n, n_cells, K)`` sums."""
+    return torch.tensor([[1.0 / ((r1 - r0) * (c1 - c0)) for c0, c1 in col_bounds]
+                         for r0, r1 in row_bounds], dtype=torch.float32).view(1, -1, 1)
+
+
 def _mean(out, row_bounds, col_bounds):
-    """Sums over the cells -> means, in place."""
-    sizes = torch.tensor([[1.0 / ((r1 - r0) * (c1 - c0)) for c0, c1 in col_bounds]
-                          for r0, r1 in row_bounds], dtype=torch.float32)
-    out *= sizes.view(1, -1, 1)
+    """Sums over the cells -> means, in place (called per block of images: the sizes are
+    made once per grid)."""
+    out *= _inverse_cell_sizes(row_bounds, col_bounds)
     return out
 
 
