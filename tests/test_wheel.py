@@ -54,6 +54,15 @@ def test_wheel_installs_and_reproduces(tmp_path):
     assert not Path(where[0]).resolve().is_relative_to(ROOT), where
     assert Path(where[1]).resolve().is_relative_to(site.resolve()), where
     assert "coates2011-1600-svm" in where[2].split(","), where
+    # Every subpackage of the source tree is in the wheel: imported from the installed copy, not
+    # from the source tree that an editable install in the system's site-packages points at.
+    subpackages = sorted(".".join(p.parent.relative_to(ROOT).parts)
+                         for p in (ROOT / "featlearn").rglob("__init__.py"))
+    files = _run([py, "-c", "import importlib, sys; print('\\n'.join("
+                            "importlib.import_module(m).__file__ for m in sys.argv[1:]))",
+                  *subpackages], cwd=work, env=env).stdout.splitlines()
+    assert len(files) == len(subpackages) > 1, files
+    assert all(Path(f).resolve().is_relative_to(site.resolve()) for f in files), files
     # the native kernels' C source is package data: the installed copy builds and loads them
     native = _run([py, "-c", "import featlearn._native as n; print(n._SOURCE_FILE); "
                              "print(n.available() if n._compiler() else 'no compiler')"],
