@@ -125,6 +125,14 @@ class Plan:
         """``(rows, cols)`` of the pooled map: the grid, or the number of windows."""
         return (len(self.row_bounds), len(self.col_bounds))
 
+    def native_pooling(self, device) -> bool:
+        """Whether the native kernels activate and pool on ``device`` (with ``compiled``): the
+        triangle or the nearest-fraction code over a grid, summed or averaged, on the CPU,
+        when the kernels are built. Nothing is then compiled by inductor."""
+        return (device.type == "cpu" and self.window is None
+                and self.activation in ("triangle", "nearest_fraction")
+                and self.pool_op in ("sum", "mean") and _native.available())
+
     def bytes_per_image(self, compiled=False):
         """Working-set bytes per image of a chunk: the products, and eagerly also the
         activation map (a compiled graph reduces it as it reads the products)."""
@@ -232,9 +240,7 @@ class Kernel:
         # The triangle or the nearest-fraction code over a grid, summed or averaged: on the
         # CPU a native kernel (one pass per row from L1) in place of the compiled graph.
         self.native_pool = None
-        if (compiled and device.type == "cpu" and plan.window is None
-                and plan.activation in ("triangle", "nearest_fraction")
-                and plan.pool_op in ("sum", "mean") and _native.available()):
+        if compiled and plan.native_pooling(device):
             pool = (_native.triangle_pool if plan.activation == "triangle"
                     else _native.nearest_pool)
             self.native_pool = functools.partial(
@@ -467,10 +473,10 @@ def encode_into(plan, X, out, device, batch, progress=None, compiled=False):
     return out
 
 
-def encode_block(plan, X, device, batch):
+def encode_block(plan, X, device, batch, compiled=False):
     """One joblib task: a block of images -> its rows of the output (runs on any worker)."""
     out = np.empty(out_shape(plan, X.shape[0]), dtype=np.float32)
-    return encode_into(plan, X, out, device, batch)
+    return encode_into(plan, X, out, device, batch, compiled=compiled)
 
 
 def out_shape(plan, n):

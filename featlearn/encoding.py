@@ -144,12 +144,15 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
     compile : bool or "auto", default="auto"
         Run the activation and pooling of each chunk as one :func:`torch.compile` graph
         (inductor fuses their elementwise passes and reductions into one or two passes over the
-        distance matrix) instead of one eager pass per operation. "auto" compiles on CPU and
-        CUDA for transforms large enough to repay a first compilation (about 10^10 activation
-        entries: some 8,600 CIFAR images at K=1600); compiled code is cached on disk by
-        inductor, so later processes only re-trace. Results match the eager path to float32
+        distance matrix) instead of one eager pass per operation. On the CPU the triangle and
+        the nearest-fraction code over a grid (sum or mean pooling) run as native kernels
+        instead, which "auto" always uses: they compile nothing per process. Otherwise "auto"
+        compiles on CPU and CUDA for transforms large enough to repay a first compilation
+        (about 10^10 activation entries: some 8,600 CIFAR images at K=1600); compiled code is
+        cached on disk by inductor, so later processes only re-trace. Results match the eager path to float32
         rounding. A missing compiler or any compile error logs one warning and runs eagerly.
-        Blocks sent to ``n_jobs`` workers always run eagerly.
+        Blocks sent to ``n_jobs`` workers run the native kernels where those apply, else
+        eagerly.
     neighbor_fraction : float in (0, 1), default=0.4
         Fraction of the centroids marked by ``"nearest_fraction"`` (at least one).
     selection : {"sampled", "exact"}, default="sampled"
@@ -404,14 +407,14 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         plan = self.encoding_plan()
         device = resolve_device(self.device)
         n = X.shape[0]
-        compiled = self.n_jobs is None and self._use_compile(plan, device, n)
+        compiled = self._use_compile(plan, device, n)
         batch = plan.chunk_images(device, compiled)
         out = np.empty(out_shape(plan, n), dtype=self.dtype)
         with progress(n, desc="encode", verbose=self.verbose) as bar:
             if self.n_jobs is None:
                 encode_into(plan, X, out, device, batch, bar, compiled=compiled)
             else:
-                _encode_parallel(plan, X, out, self.device, batch, self.n_jobs, bar)
+                _encode_parallel(plan, X, out, self.device, batch, self.n_jobs, bar, compiled)
         if out.dtype == np.float16:
             _check_float16_range(out)
         return _as_output(self, out)
@@ -440,14 +443,21 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
 
     # -------------------------------------------------------------- helpers
     def _use_compile(self, plan, device, n_images):
-        """Whether this transform runs the compiled activation + pooling (see ``compile``)."""
+        """Whether this transform runs the compiled activation + pooling (see ``compile``);
+        with ``n_jobs``, only where the native kernels take it (workers compile no graphs)."""
+        native = plan.native_pooling(device)
+        if self.n_jobs is not None and not native:
+            return False
         if self.compile == "auto":
+            # the native kernels compile nothing per process: any transform repays them
             entries = (n_images * (2 if plan.flip else 1) * plan.map_shape[0] * plan.map_shape[1]
                        * plan.per_cell)
-            use = device.type in COMPILE_DEVICES and entries >= _COMPILE_MIN_ENTRIES
+            use = native or (device.type in COMPILE_DEVICES and entries >= _COMPILE_MIN_ENTRIES)
         else:
             use = bool(self.compile)
-        if use:
+        if use and native:
+            log(self.verbose, "encoding through the native activation + pooling kernels")
+        elif use:
             log(self.verbose, "encoding through the compiled activation + pooling kernel "
                 "(the first compilation on a machine is slow; inductor caches it)")
         return use
@@ -512,14 +522,15 @@ def _centers(kmeans):
     return np.asarray(centers, dtype=np.float32)
 
 
-def _encode_parallel(plan, X, out, device, batch, n_jobs, progress):
+def _encode_parallel(plan, X, out, device, batch, n_jobs, progress, compiled=False):
     """``n_jobs``: blocks of ``_TASK_IMAGES`` (whole chunks) encoded by ``joblib.Parallel``
     tasks, each block's rows copied into ``out`` as it arrives."""
     from joblib import Parallel, delayed
 
     task = max(batch, (_TASK_IMAGES // batch) * batch)
     starts = range(0, X.shape[0], task)
-    jobs = (delayed(encode_block)(plan, X[s:s + task], device, batch) for s in starts)
+    jobs = (delayed(encode_block)(plan, X[s:s + task], device, batch, compiled)
+            for s in starts)
     parallel = Parallel(n_jobs=n_jobs, return_as="generator")
     for s, block in zip(starts, parallel(jobs)):
         out[s:s + block.shape[0]] = block

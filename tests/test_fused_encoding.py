@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import featlearn._encoding_kernel as encoding_kernel
+import featlearn._native as _native
 import featlearn._torch
 import featlearn.encoding as encoding
 from featlearn._compile import CompiledKernel
@@ -208,6 +209,7 @@ def test_auto_compiles_only_large_transforms(images, monkeypatch):
     enc = _fit(images, "triangle")
     plan = enc.encoding_plan()
     cpu = torch.device("cpu")
+    monkeypatch.setattr(_native, "available", lambda: False)  # the inductor graph's rule
     per_image = enc.map_shape_[0] * enc.map_shape_[1] * plan.per_cell
     monkeypatch.setattr(encoding, "_COMPILE_MIN_ENTRIES", 100 * per_image)
     assert not enc._use_compile(plan, cpu, 99)
@@ -217,6 +219,26 @@ def test_auto_compiles_only_large_transforms(images, monkeypatch):
     assert enc._use_compile(enc.encoding_plan(), cpu, 50)  # both views count
     assert not enc.set_params(compile=False)._use_compile(plan, cpu, 10**6)
     assert enc.set_params(compile=True)._use_compile(plan, cpu, 1)
+
+
+@pytest.mark.skipif(not _native.available(), reason="no C compiler for the native kernels")
+@pytest.mark.parametrize("activation", ["triangle", "nearest_fraction"])
+def test_auto_takes_the_native_kernels_for_any_transform(images, activation, capsys):
+    """They compile nothing per process, so "auto" runs them for one image as for many; what
+    they cannot take (windows, max pooling, another activation) keeps the size rule."""
+    enc = _fit(images, activation).set_params(verbose=1)
+    cpu = torch.device("cpu")
+    assert enc._use_compile(enc.encoding_plan(), cpu, 1)
+    assert "native activation + pooling kernels" in capsys.readouterr().err
+    assert not enc.set_params(compile=False)._use_compile(enc.encoding_plan(), cpu, 1)
+    enc.set_params(compile="auto", pool_op="max")
+    assert not enc._use_compile(enc.encoding_plan(), cpu, 1)
+    enc.set_params(pool_op="sum", pool_size=2)
+    assert not enc._use_compile(enc.encoding_plan(), cpu, 1)
+    # one image encodes as it does inside a large transform
+    enc.set_params(pool_size=None)
+    one = np.concatenate([enc.transform(images[i:i + 1]) for i in range(3)])
+    np.testing.assert_array_equal(one, enc.transform(images[:3]))
 
 
 def test_compile_is_validated_and_execution_only(images):
