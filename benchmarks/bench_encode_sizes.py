@@ -13,6 +13,7 @@ of the row's own precision, measured in the same run.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -46,31 +47,36 @@ def main(argv=None):
 
     lines = header("PatchEncoder: small transforms, compile=\"auto\" against eager",
                    argv=argv, gemm=gemm, quick=args.quick)
-    lines += [f"CIFAR-10 training images, 6x6 patches, K={enc.n_clusters_}, 2x2 sum pooling, one "
-              f"view; each setting timed {args.repeats} time(s), alternated, median. % is of "
-              f"the GEMM of the row's precision.", "",
-              "| encoding | precision | images | eager img/s | \"auto\" img/s | auto / eager "
-              "| \"auto\" % of GEMM |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines += [f"CIFAR-10 training images, 6x6 patches, K={enc.n_clusters_}, one view; each "
+              f"setting timed {args.repeats} time(s), alternated, median. % is of the GEMM of "
+              f"the row's precision.", "",
+              "| encoding | pooling | precision | images | eager img/s | \"auto\" img/s "
+              "| auto / eager | \"auto\" % of GEMM |", "|---|---|---|---:|---:|---:|---:|---:|"]
     precisions = ["float32"] + (["bfloat16"] if gemm["bfloat16_native"] else [])
-    for activation in ("triangle", "nearest_fraction"):
-        for precision in precisions:
-            enc.set_params(activation=activation, precision=precision)
-            for n in args.sizes:
-                X = np.ascontiguousarray(train[:n])
-                enc.set_params(compile="auto").transform(X[:2])  # warm: threads, buffers
-                times = {False: [], "auto": []}
-                for _ in range(args.repeats):
-                    for mode in times:
-                        enc.set_params(compile=mode)
-                        t0 = time.perf_counter()
-                        enc.transform(X)
-                        times[mode].append(time.perf_counter() - t0)
-                eager, auto = (n / statistics.median(times[m]) for m in (False, "auto"))
-                share = auto * flops_per_image / 1e9 / gemm[precision]
-                row = (f"| {activation} | {precision} | {n} | {eager:.0f} | {auto:.0f} | "
-                       f"{auto / eager:.2f}x | {share:.0%} |")
-                print(row, flush=True)
-                lines.append(row)
+    # the paper's grid, and Thiry et al.'s overlapping windows
+    poolings = {"2x2 grid, sum": dict(pooling=2, pool_size=None, pool_stride=None,
+                                      pool_op="sum"),
+                "5x5 windows at stride 3, mean": dict(pool_size=5, pool_stride=3,
+                                                      pool_op="mean")}
+    for (activation, precision), (pooling, pool_params) in itertools.product(
+            itertools.product(("triangle", "nearest_fraction"), precisions), poolings.items()):
+        enc.set_params(activation=activation, precision=precision, **pool_params)
+        for n in args.sizes:
+            X = np.ascontiguousarray(train[:n])
+            enc.set_params(compile="auto").transform(X[:2])  # warm: threads, buffers
+            times = {False: [], "auto": []}
+            for _ in range(args.repeats):
+                for mode in times:
+                    enc.set_params(compile=mode)
+                    t0 = time.perf_counter()
+                    enc.transform(X)
+                    times[mode].append(time.perf_counter() - t0)
+            eager, auto = (n / statistics.median(times[m]) for m in (False, "auto"))
+            share = auto * flops_per_image / 1e9 / gemm[precision]
+            row = (f"| {activation} | {pooling} | {precision} | {n} | {eager:.0f} | "
+                   f"{auto:.0f} | {auto / eager:.2f}x | {share:.0%} |")
+            print(row, flush=True)
+            lines.append(row)
     write(args.out, lines)
 
 

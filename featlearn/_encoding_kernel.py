@@ -18,9 +18,9 @@ Per chunk of ``B`` images with ``L`` patch positions each:
    ``compile``, one inductor-generated graph that reads the buffer once for the row means and
    once for the pooled features. The dot-product activations get the norms they need as
    tensors (``||y||^2`` is the augmented buffer's last column, ``||c||^2`` computed once).
-   On the CPU the triangle and the nearest-fraction code over a grid are native kernels
-   (:mod:`featlearn._native`), and steps 3 and 4 then run a block of whole images at a time,
-   so that the kernels read the products from the cache the GEMM left them in.
+   On the CPU the triangle and the nearest-fraction code over a grid or windows are native
+   kernels (:mod:`featlearn._native`), and steps 3 and 4 then run a block of whole images at
+   a time, so that the kernels read the products from the cache the GEMM left them in.
 
 Why not fold normalization and whitening into the centroids (filters ``F = W c``, per-position
 corrections from box filters): it saves no products (``||y||^2`` still needs the ``d x d'``
@@ -127,9 +127,9 @@ class Plan:
 
     def native_pooling(self, device) -> bool:
         """Whether the native kernels activate and pool on ``device`` (with ``compiled``): the
-        triangle or the nearest-fraction code over a grid, summed or averaged, on the CPU,
-        when the kernels are built. Nothing is then compiled by inductor."""
-        return (device.type == "cpu" and self.window is None
+        triangle or the nearest-fraction code over a grid or windows, summed or averaged, on
+        the CPU, when the kernels are built. Nothing is then compiled by inductor."""
+        return (device.type == "cpu"
                 and self.activation in ("triangle", "nearest_fraction")
                 and self.pool_op in ("sum", "mean") and _native.available())
 
@@ -237,15 +237,17 @@ class Kernel:
             self.select = (len(cols), rank)
             if device.type == "cpu" and _native.available():
                 self.native = _native.nearest_thresholds
-        # The triangle or the nearest-fraction code over a grid, summed or averaged: on the
-        # CPU a native kernel (one pass per row from L1) in place of the compiled graph.
+        # The triangle or the nearest-fraction code over a grid or windows, summed or
+        # averaged: on the CPU a native kernel (one pass per row from L1) in place of the
+        # compiled graph.
         self.native_pool = None
         if compiled and plan.native_pooling(device):
             pool = (_native.triangle_pool if plan.activation == "triangle"
                     else _native.nearest_pool)
             self.native_pool = functools.partial(
                 pool, map_shape=plan.map_shape, row_bounds=plan.row_bounds,
-                col_bounds=plan.col_bounds, pool_op=plan.pool_op)
+                col_bounds=plan.col_bounds, pool_op=plan.pool_op,
+                windows=plan.window is not None)
         self.centers_aug = aug
         self.bf16 = plan.precision == "bfloat16"
         # Native activation and pooling take the products a block of images at a time.

@@ -305,22 +305,53 @@ int featlearn_refine_argmin(const uint16_t *S, int64_t stride, const float *X, i
     return 0;
 }
 
+/* The cells that map position (ph, pw) belongs to: row cells row_idx[row_ptr[ph]..row_ptr[ph+1])
+   times column cells col_idx[col_ptr[pw]..col_ptr[pw+1]], cell = row cell * n_col_cells +
+   column cell. A grid gives every position one cell; overlapping windows up to a few, a map
+   edge past the last window none. Returns how many, and the only one in *one when 1. */
+static inline int position_cells(int ph, int pw, const int *row_ptr, const int *row_idx,
+                                 const int *col_ptr, const int *col_idx, int n_col_cells,
+                                 int *one) {
+    int nr = row_ptr[ph + 1] - row_ptr[ph], nc = col_ptr[pw + 1] - col_ptr[pw];
+    if (nr == 1 && nc == 1) *one = row_idx[row_ptr[ph]] * n_col_cells + col_idx[col_ptr[pw]];
+    return nr * nc;
+}
+
+/* Adds v[0..n) to every cell of position (ph, pw) in o (cells of `width` floats), cells in
+   row-major order: so each cell's sum adds its positions in the map's row-major order, as
+   avg_pool2d does. */
+static void add_to_cells(const float *v, int n, int ph, int pw, const int *row_ptr,
+                         const int *row_idx, const int *col_ptr, const int *col_idx,
+                         int n_col_cells, int64_t width, float *o) {
+    for (int a = row_ptr[ph]; a < row_ptr[ph + 1]; a++)
+        for (int b = col_ptr[pw]; b < col_ptr[pw + 1]; b++) {
+            float *cell = o + (int64_t)(row_idx[a] * n_col_cells + col_idx[b]) * width;
+            for (int k = 0; k < n; k++) cell[k] += v[k];
+        }
+}
+
 /* D: the squared distances of n_images * Ph * Pw rows (image-major, then map rows, then map
    columns), K each (bfloat16 or float32), `stride` elements apart. Adds, for every row, its
-   triangle activation max(0, mean_k z_k - z_k), z = sqrt(max(D, 0)), to out[image][cell] (out:
-   n_images x n_cells x K, zeroed by the caller), the cell of map position (ph, pw) being
-   row_cell[ph] * n_col_cells + col_cell[pw]. Returns 0, or -1 when out of memory. */
+   triangle activation max(0, mean_k z_k - z_k), z = sqrt(max(D, 0)), to each of its cells
+   (position_cells) in out (n_images x n_cells x K, zeroed by the caller). Returns 0, or -1
+   when out of memory. */
 int featlearn_triangle_pool(const void *D, int64_t stride, int bf16, int64_t n_images, int Ph,
-                            int Pw, int K, const int *row_cell, const int *col_cell,
-                            int n_col_cells, int n_cells, float *out) {
+                            int Pw, int K, const int *row_ptr, const int *row_idx,
+                            const int *col_ptr, const int *col_idx, int n_col_cells,
+                            int n_cells, float *out) {
     int Kp = (K + LANES - 1) / LANES * LANES;
-    float *z = (float *)malloc(sizeof(float) * (size_t)Kp);
+    float *z = (float *)malloc(sizeof(float) * (size_t)Kp * 2);
     if (!z) return -1;
+    float *act = z + Kp;
     for (int k = K; k < Kp; k++) z[k] = 0.0f;  /* adds nothing to the sum */
     for (int64_t img = 0; img < n_images; img++) {
         float *o = out + img * (int64_t)n_cells * K;
         for (int ph = 0; ph < Ph; ph++)
             for (int pw = 0; pw < Pw; pw++) {
+                int one = 0;
+                int targets = position_cells(ph, pw, row_ptr, row_idx, col_ptr, col_idx,
+                                             n_col_cells, &one);
+                if (!targets) continue;
                 int64_t r = (img * Ph + ph) * Pw + pw;
                 if (bf16) {
                     const uint16_t *row = (const uint16_t *)D + r * stride;
@@ -338,10 +369,19 @@ int featlearn_triangle_pool(const void *D, int64_t stride, int bf16, int64_t n_i
                 float s = 0.0f;
                 for (int l = 0; l < LANES; l++) s += acc[l];
                 float mean = s / (float)K;
-                float *cell = o + (int64_t)(row_cell[ph] * n_col_cells + col_cell[pw]) * K;
-                for (int k = 0; k < K; k++) {
-                    float v = mean - z[k];
-                    cell[k] += v > 0.0f ? v : 0.0f;
+                if (targets == 1) {  /* a grid: straight into the cell */
+                    float *cell = o + (int64_t)one * K;
+                    for (int k = 0; k < K; k++) {
+                        float v = mean - z[k];
+                        cell[k] += v > 0.0f ? v : 0.0f;
+                    }
+                } else {
+                    for (int k = 0; k < K; k++) {
+                        float v = mean - z[k];
+                        act[k] = v > 0.0f ? v : 0.0f;
+                    }
+                    add_to_cells(act, K, ph, pw, row_ptr, row_idx, col_ptr, col_idx,
+                                 n_col_cells, K, o);
                 }
             }
     }
@@ -349,24 +389,34 @@ int featlearn_triangle_pool(const void *D, int64_t stride, int bf16, int64_t n_i
     return 0;
 }
 
-/* The nearest-fraction code pooled over a grid: S holds the products y.c of n_images * Ph * Pw
+/* The nearest-fraction code pooled over cells: S holds the products y.c of n_images * Ph * Pw
    rows (laid out as for featlearn_triangle_pool), K each; t their two thresholds (t[2r] for y,
    t[2r+1] for -y). Adds 1 to out[image][cell][k] where cc_k - 2 s_k < t[2r], and to
-   out[image][cell][K + k] where cc_k + 2 s_k < t[2r+1] (out: n_images x n_cells x 2K, zeroed by
-   the caller): the comparisons of featlearn.activations.nearest_fraction_blocks, roundings
-   included, and counts, which float32 sums exactly. */
-void featlearn_nearest_pool(const void *S, int64_t stride, int bf16, const float *cc,
-                            const float *t, int64_t n_images, int Ph, int Pw, int K,
-                            const int *row_cell, const int *col_cell, int n_col_cells,
-                            int n_cells, float *out) {
+   out[image][cell][K + k] where cc_k + 2 s_k < t[2r+1], for each cell of the row's position
+   (out: n_images x n_cells x 2K, zeroed by the caller): the comparisons of
+   featlearn.activations.nearest_fraction_blocks, roundings included, and counts, which float32
+   sums exactly. Returns 0, or -1 when out of memory. */
+int featlearn_nearest_pool(const void *S, int64_t stride, int bf16, const float *cc,
+                           const float *t, int64_t n_images, int Ph, int Pw, int K,
+                           const int *row_ptr, const int *row_idx, const int *col_ptr,
+                           const int *col_idx, int n_col_cells, int n_cells, float *out) {
+    float *code = (float *)malloc(sizeof(float) * 2 * (size_t)K);
+    if (!code) return -1;
     for (int64_t img = 0; img < n_images; img++) {
         float *o = out + img * (int64_t)n_cells * 2 * K;
         for (int ph = 0; ph < Ph; ph++)
             for (int pw = 0; pw < Pw; pw++) {
+                int one = 0;
+                int targets = position_cells(ph, pw, row_ptr, row_idx, col_ptr, col_idx,
+                                             n_col_cells, &one);
+                if (!targets) continue;
                 int64_t r = (img * Ph + ph) * Pw + pw;
                 float t0 = t[2 * r], t1 = t[2 * r + 1];
-                float *near = o + (int64_t)(row_cell[ph] * n_col_cells + col_cell[pw]) * 2 * K;
+                /* a grid: straight into the cell; else the code first, then into each cell */
+                float *near = targets == 1 ? o + (int64_t)one * 2 * K : code;
                 float *far = near + K;
+                if (targets != 1)
+                    for (int k = 0; k < 2 * K; k++) code[k] = 0.0f;
                 if (bf16) {
                     const uint16_t *row = (const uint16_t *)S + r * stride;
                     for (int k = 0; k < K; k++) {
@@ -383,8 +433,13 @@ void featlearn_nearest_pool(const void *S, int64_t stride, int bf16, const float
                         far[k] += cc[k] + twice < t1 ? 1.0f : 0.0f;
                     }
                 }
+                if (targets != 1)
+                    add_to_cells(code, 2 * K, ph, pw, row_ptr, row_idx, col_ptr, col_idx,
+                                 n_col_cells, 2 * K, o);
             }
     }
+    free(code);
+    return 0;
 }
 
 /* One mini-batch k-means update (scikit-learn's per-centre rate 1 / count), with the roundings

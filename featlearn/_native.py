@@ -11,10 +11,11 @@ row that stays in L1 beats what a compiled graph or a torch reduction does in wh
   until the answer is the smallest or the largest entry left in the bracket. The result is the
   order statistic itself, bit for bit (the signed distances are formed with
   :func:`featlearn.activations._signed`'s own operations and roundings).
-- :func:`triangle_pool`: the triangle activation summed over a grid of cells, row by row: each
-  row's ``z = sqrt(max(D, 0))`` is computed once into an L1 buffer, its mean taken, and
-  ``max(0, mean - z)`` added to the row's cell, where the compiled graph reads the chunk twice
-  and takes every square root twice. The same numbers up to float32 summation order.
+- :func:`triangle_pool`: the triangle activation summed over cells (a grid, or pooling windows
+  that may overlap), row by row: each row's ``z = sqrt(max(D, 0))`` is computed once into an L1
+  buffer, its mean taken, and ``max(0, mean - z)`` added to the row's cells, where the compiled
+  graph reads the chunk twice and takes every square root twice. The same numbers up to
+  float32 summation order. :func:`nearest_pool` pools the nearest-fraction code the same way.
 - :func:`row_argmin`: ``torch.min(D, 1)`` for k-means' float32 distances, whose indexed minimum
   torch runs as a scalar loop on the CPU.
 - :func:`refine_argmin`: the k-means assignment from bfloat16 products, settled in float32 for
@@ -46,6 +47,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ._logging import logger
@@ -118,11 +120,12 @@ def _build():
         dll = ctypes.CDLL(str(lib))
         P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         dll.featlearn_nearest_thresholds.argtypes = [P, I64, I, P, I64, I, I, P]
-        dll.featlearn_triangle_pool.argtypes = [P, I64, I, I64, I, I, I, P, P, I, I, P]
+        dll.featlearn_triangle_pool.argtypes = [P, I64, I, I64, I, I, I, P, P, P, P, I, I, P]
         for fn in (dll.featlearn_nearest_thresholds, dll.featlearn_triangle_pool):
             fn.restype = ctypes.c_int
-        dll.featlearn_nearest_pool.argtypes = [P, I64, I, P, P, I64, I, I, I, P, P, I, I, P]
-        dll.featlearn_nearest_pool.restype = None
+        dll.featlearn_nearest_pool.argtypes = [P, I64, I, P, P, I64, I, I, I, P, P, P, P, I, I,
+                                               P]
+        dll.featlearn_nearest_pool.restype = ctypes.c_int
         dll.featlearn_standardize_rows.argtypes = [P, I64, I64, P, I64, P, P, I, P]
         dll.featlearn_standardize_rows.restype = None
         dll.featlearn_minibatch_update.argtypes = [P, I64, I64, I, P, P, P, I64, P, P, P, P, P]
@@ -189,16 +192,23 @@ def nearest_thresholds(S: torch.Tensor, col_sq: torch.Tensor, rank: int) -> torc
 
 
 @functools.lru_cache(maxsize=64)
-def _cell_index(row_bounds, col_bounds):
-    """Each map row's and map column's cell number (int32), for :func:`triangle_pool`."""
-    return tuple(torch.tensor([i for i, (a, b) in enumerate(bounds) for _ in range(a, b)],
-                              dtype=torch.int32) for bounds in (row_bounds, col_bounds))
+def _cell_lists(row_bounds, col_bounds, map_shape):
+    """For each map row and each map column, the cells (row or column numbers) that hold it,
+    as ``(ptr, idx)`` int32 lists: ``idx[ptr[i]:ptr[i + 1]]`` for position ``i``."""
+    lists = []
+    for bounds, size in ((row_bounds, map_shape[0]), (col_bounds, map_shape[1])):
+        cells = [[c for c, (a, b) in enumerate(bounds) if a <= i < b] for i in range(size)]
+        ptr = np.cumsum([0] + [len(c) for c in cells])
+        lists += [torch.tensor(ptr, dtype=torch.int32),
+                  torch.tensor([c for cs in cells for c in cs] or [0], dtype=torch.int32)]
+    return tuple(lists)
 
 
-def _grid(D, n_images, map_shape, row_bounds, col_bounds, pool_op, what):
-    """The checks and cell indices shared by the pooling kernels: ``D`` (CPU float32 or
+def _cells(D, n_images, map_shape, row_bounds, col_bounds, pool_op, what):
+    """The checks and cell lists shared by the pooling kernels: ``D`` (CPU float32 or
     bfloat16, unit column stride after this) with rows for ``n_images`` maps pooled by sum or
-    mean over a grid that tiles the map. Returns ``(D, row_cell, col_cell, n_cells)``."""
+    mean over cells inside the map (a grid, or windows that may overlap). Returns ``(D,
+    row_ptr, row_idx, col_ptr, col_idx, n_cells)``."""
     Ph, Pw = map_shape
     n = n_images * Ph * Pw
     if D.device.type != "cpu" or D.dtype not in (torch.float32, torch.bfloat16):
@@ -210,56 +220,64 @@ def _grid(D, n_images, map_shape, row_bounds, col_bounds, pool_op, what):
     if D.stride(1) != 1:
         D = D.contiguous()
     for bounds, size in ((row_bounds, Ph), (col_bounds, Pw)):
-        edges = [a for a, _ in bounds] + [bounds[-1][1]]
-        if edges[0] != 0 or edges[-1] != size or [b for _, b in bounds] != edges[1:]:
-            raise ValueError(f"the cells must tile the {Ph}x{Pw} map once (a grid, not windows)")
-    row_cell, col_cell = _cell_index(row_bounds, col_bounds)
-    return D, row_cell, col_cell, len(row_bounds) * len(col_bounds)
+        if not bounds or not all(0 <= a < b <= size for a, b in bounds):
+            raise ValueError(f"the cells must be non-empty ranges inside the {Ph}x{Pw} map, "
+                             f"got {bounds}")
+    return (D, *_cell_lists(row_bounds, col_bounds, tuple(map_shape)),
+            len(row_bounds) * len(col_bounds))
 
 
 @functools.lru_cache(maxsize=64)
-def _inverse_cell_sizes(row_bounds, col_bounds):
-    """``1 / cell size`` per cell, shaped to scale pooled ``(n, n_cells, K)`` sums."""
-    return torch.tensor([[1.0 / ((r1 - r0) * (c1 - c0)) for c0, c1 in col_bounds]
-                         for r0, r1 in row_bounds], dtype=torch.float32).view(1, -1, 1)
+def _cell_sizes(row_bounds, col_bounds, inverse):
+    """Each cell's size (or ``1 / size``), shaped to scale pooled ``(n, n_cells, K)`` sums."""
+    return torch.tensor([[(1.0 / ((r1 - r0) * (c1 - c0)) if inverse else (r1 - r0) * (c1 - c0))
+                          for c0, c1 in col_bounds] for r0, r1 in row_bounds],
+                        dtype=torch.float32).view(1, -1, 1)
 
 
-def _mean(out, row_bounds, col_bounds):
-    """Sums over the cells -> means, in place (called per block of images: the sizes are
-    made once per grid)."""
-    out *= _inverse_cell_sizes(row_bounds, col_bounds)
+def _mean(out, row_bounds, col_bounds, windows):
+    """Sums over the cells -> means, in place, with the eager path's rounding: a grid's sums
+    times ``1 / size`` (:func:`featlearn.pooling.pool`), windows' divided by their size
+    (``avg_pool2d``). The sizes are made once per grid (this runs per block of images)."""
+    if windows:
+        out /= _cell_sizes(row_bounds, col_bounds, False)
+    else:
+        out *= _cell_sizes(row_bounds, col_bounds, True)
     return out
 
 
 def triangle_pool(D: torch.Tensor, n_images: int, map_shape, row_bounds, col_bounds,
-                  pool_op: str = "sum") -> torch.Tensor:
+                  pool_op: str = "sum", windows: bool = False) -> torch.Tensor:
     """``(n_images, n_cells, K)``: the triangle activation of ``D`` (squared distances, CPU
     float32 or bfloat16, rows image-major as the encoder lays them out; at least
-    ``n_images * rows * cols`` of them) pooled over the grid of ``row_bounds`` x
-    ``col_bounds`` with ``"sum"`` or ``"mean"``: what :func:`featlearn.activations.
-    activate_and_pool` gives for them, up to float32 summation order."""
+    ``n_images * rows * cols`` of them) pooled over the cells ``row_bounds`` x ``col_bounds``
+    (a grid, or with ``windows`` the pooling windows, which may overlap) with ``"sum"`` or
+    ``"mean"``: what :func:`featlearn.activations.activate_and_pool` gives for them, up to
+    float32 summation order."""
     row_bounds, col_bounds = (tuple(map(tuple, b)) for b in (row_bounds, col_bounds))
-    D, row_cell, col_cell, n_cells = _grid(D, n_images, map_shape, row_bounds, col_bounds,
-                                           pool_op, "triangle")
+    D, rp, ri, cp, ci, n_cells = _cells(D, n_images, map_shape, row_bounds, col_bounds,
+                                        pool_op, "triangle")
     K = D.shape[1]
     out = torch.zeros((n_images, n_cells, K), dtype=torch.float32)
     if n_images and _loaded().featlearn_triangle_pool(
             D.data_ptr(), D.stride(0), int(D.dtype == torch.bfloat16), n_images, *map_shape, K,
-            row_cell.data_ptr(), col_cell.data_ptr(), len(col_bounds), n_cells,
-            out.data_ptr()) != 0:
+            rp.data_ptr(), ri.data_ptr(), cp.data_ptr(), ci.data_ptr(), len(col_bounds),
+            n_cells, out.data_ptr()) != 0:
         raise MemoryError("native triangle: out of memory")
-    return _mean(out, row_bounds, col_bounds) if pool_op == "mean" else out
+    return _mean(out, row_bounds, col_bounds, windows) if pool_op == "mean" else out
 
 
 def nearest_pool(S: torch.Tensor, col_sq: torch.Tensor, thresholds: torch.Tensor, n_images: int,
-                 map_shape, row_bounds, col_bounds, pool_op: str = "sum") -> torch.Tensor:
+                 map_shape, row_bounds, col_bounds, pool_op: str = "sum",
+                 windows: bool = False) -> torch.Tensor:
     """``(n_images, n_cells, 2K)``: the nearest-fraction code of the products ``S`` (CPU float32
     or bfloat16, rows laid out as for :func:`triangle_pool`) with the rows' ``(n, 2)``
-    ``thresholds``, pooled over the grid: what :func:`featlearn.activations.activate_and_pool`
-    gives for them (sums exactly; means up to the rounding of the division)."""
+    ``thresholds``, pooled over the cells as :func:`triangle_pool` pools: what
+    :func:`featlearn.activations.activate_and_pool` gives for them (sums exactly, means with
+    the eager path's rounding)."""
     row_bounds, col_bounds = (tuple(map(tuple, b)) for b in (row_bounds, col_bounds))
-    S, row_cell, col_cell, n_cells = _grid(S, n_images, map_shape, row_bounds, col_bounds,
-                                           pool_op, "nearest-fraction pooling")
+    S, rp, ri, cp, ci, n_cells = _cells(S, n_images, map_shape, row_bounds, col_bounds,
+                                        pool_op, "nearest-fraction pooling")
     K = S.shape[1]
     cc = col_sq.detach().to(torch.float32).contiguous()
     t = thresholds.detach().to(torch.float32).contiguous()
@@ -268,12 +286,12 @@ def nearest_pool(S: torch.Tensor, col_sq: torch.Tensor, thresholds: torch.Tensor
         raise ValueError(f"col_sq of ({K},) and two thresholds per row expected, got "
                          f"{tuple(cc.shape)} and {tuple(t.shape)}")
     out = torch.zeros((n_images, n_cells, 2 * K), dtype=torch.float32)
-    if n_images:
-        _loaded().featlearn_nearest_pool(
+    if n_images and _loaded().featlearn_nearest_pool(
             S.data_ptr(), S.stride(0), int(S.dtype == torch.bfloat16), cc.data_ptr(),
-            t.data_ptr(), n_images, *map_shape, K, row_cell.data_ptr(), col_cell.data_ptr(),
-            len(col_bounds), n_cells, out.data_ptr())
-    return _mean(out, row_bounds, col_bounds) if pool_op == "mean" else out
+            t.data_ptr(), n_images, *map_shape, K, rp.data_ptr(), ri.data_ptr(), cp.data_ptr(),
+            ci.data_ptr(), len(col_bounds), n_cells, out.data_ptr()) != 0:
+        raise MemoryError("native nearest-fraction pooling: out of memory")
+    return _mean(out, row_bounds, col_bounds, windows) if pool_op == "mean" else out
 
 
 def _check_assignment_out(values, labels, n):

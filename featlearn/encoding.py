@@ -145,12 +145,13 @@ class PatchEncoder(TransformerMixin, BaseEstimator):
         Run the activation and pooling of each chunk as one :func:`torch.compile` graph
         (inductor fuses their elementwise passes and reductions into one or two passes over the
         distance matrix) instead of one eager pass per operation. On the CPU the triangle and
-        the nearest-fraction code over a grid (sum or mean pooling) run as native kernels
-        instead, which "auto" always uses: they compile nothing per process. Otherwise "auto"
-        compiles on CPU and CUDA for transforms large enough to repay a first compilation
-        (about 10^10 activation entries: some 8,600 CIFAR images at K=1600); compiled code is
-        cached on disk by inductor, so later processes only re-trace. Results match the eager path to float32
-        rounding. A missing compiler or any compile error logs one warning and runs eagerly.
+        the nearest-fraction code (sum or mean pooling, over a grid or windows) run as native
+        kernels instead, which "auto" always uses: they compile nothing per process. Otherwise
+        "auto" compiles on CPU and CUDA for transforms large enough to repay a first
+        compilation (about 10^10 activation entries: some 8,600 CIFAR images at K=1600);
+        compiled code is cached on disk by inductor, so later processes only re-trace. Results
+        match the eager path to float32 rounding. A missing compiler or any compile error logs
+        one warning and runs eagerly.
         Blocks sent to ``n_jobs`` workers run the native kernels where those apply, else
         eagerly.
     neighbor_fraction : float in (0, 1), default=0.4

@@ -224,8 +224,9 @@ def test_auto_compiles_only_large_transforms(images, monkeypatch):
 @pytest.mark.skipif(not _native.available(), reason="no C compiler for the native kernels")
 @pytest.mark.parametrize("activation", ["triangle", "nearest_fraction"])
 def test_auto_takes_the_native_kernels_for_any_transform(images, activation, capsys):
-    """They compile nothing per process, so "auto" runs them for one image as for many; what
-    they cannot take (windows, max pooling, another activation) keeps the size rule."""
+    """They compile nothing per process, so "auto" runs them for one image as for many, over
+    a grid or windows; what they cannot take (max pooling, another activation) keeps the size
+    rule."""
     enc = _fit(images, activation).set_params(verbose=1)
     cpu = torch.device("cpu")
     assert enc._use_compile(enc.encoding_plan(), cpu, 1)
@@ -233,12 +234,18 @@ def test_auto_takes_the_native_kernels_for_any_transform(images, activation, cap
     assert not enc.set_params(compile=False)._use_compile(enc.encoding_plan(), cpu, 1)
     enc.set_params(compile="auto", pool_op="max")
     assert not enc._use_compile(enc.encoding_plan(), cpu, 1)
-    enc.set_params(pool_op="sum", pool_size=2)
-    assert not enc._use_compile(enc.encoding_plan(), cpu, 1)
-    # one image encodes as it does inside a large transform
-    enc.set_params(pool_size=None)
-    one = np.concatenate([enc.transform(images[i:i + 1]) for i in range(3)])
-    np.testing.assert_array_equal(one, enc.transform(images[:3]))
+    enc.set_params(pool_op="mean", pool_size=3, pool_stride=2)
+    assert enc._use_compile(enc.encoding_plan(), cpu, 1)
+    # one image encodes as it does inside a large transform, and as eagerly
+    for pool_size in (None, 3):
+        enc.set_params(pool_size=pool_size, compile="auto")
+        one = np.concatenate([enc.transform(images[i:i + 1]) for i in range(3)])
+        np.testing.assert_array_equal(one, enc.transform(images[:3]))
+        eager = enc.set_params(compile=False).transform(images[:3])
+        if activation == "nearest_fraction":
+            np.testing.assert_array_equal(one, eager)
+        else:  # the triangle's mean over K: float32 summation order
+            np.testing.assert_allclose(one, eager, rtol=1e-5, atol=1e-5 * np.abs(eager).max())
 
 
 def test_compile_is_validated_and_execution_only(images):

@@ -102,46 +102,57 @@ def test_without_a_compiler_the_compiled_graph_answers(monkeypatch):
     assert "no C compiler found" in records[0]
 
 
+#: Map shapes, cells and reductions for the pooling kernels: grids (one cell per position),
+#: overlapping windows (Thiry et al.'s 5x5 at stride 3; a last one clipped), windows that leave
+#: positions out (size 2 at stride 3) and non-overlapping clipped ones.
+POOLINGS = [((27, 27), (2, 2), None, "sum", 1600), ((9, 8), (3, 2), None, "mean", 37),
+            ((5, 5), (1, 1), None, "sum", 16), ((27, 27), None, (5, 5, 3, 3), "mean", 96),
+            ((9, 8), None, (3, 2, 2, 3), "sum", 37), ((7, 8), None, (2, 2, 3, 3), "mean", 20),
+            ((6, 7), None, (4, 4, 4, 4), "mean", 16)]
+
+
+def _cells(map_shape, grid, window):
+    from featlearn.pooling import cell_bounds
+
+    return cell_bounds(map_shape, grid, window)
+
+
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("map_shape,grid,pool_op,K", [
-    ((27, 27), (2, 2), "sum", 1600), ((9, 8), (3, 2), "mean", 37), ((5, 5), (1, 1), "sum", 16),
-])
+@pytest.mark.parametrize("map_shape,grid,window,pool_op,K", POOLINGS)
 def test_native_triangle_pool_is_the_graphs_up_to_summation_order(dtype, map_shape, grid,
-                                                                   pool_op, K):
+                                                                   window, pool_op, K):
     from featlearn.activations import activate_and_pool
-    from featlearn.pooling import pooling_bounds
 
     g = torch.Generator().manual_seed(K)
     n_images = 3
     rows = n_images * map_shape[0] * map_shape[1]
     D = (torch.rand(rows + 5, K, generator=g) * 40 - 1).to(dtype)  # a few negative; spare rows
-    rb, cb = (tuple(pooling_bounds(n, c)) for n, c in zip(map_shape, grid))
-    got = native.triangle_pool(D, n_images, map_shape, rb, cb, pool_op)
+    rb, cb = _cells(map_shape, grid, window)
+    got = native.triangle_pool(D, n_images, map_shape, rb, cb, pool_op, windows=bool(window))
     ref = activate_and_pool(D[:rows].float(), n_images=n_images, map_shape=map_shape,
                             row_bounds=rb, col_bounds=cb, activation="triangle", alpha=0.0,
-                            pool_op=pool_op)
-    assert got.shape == ref.shape == (n_images, grid[0] * grid[1], K)
+                            pool_op=pool_op, window=window)
+    assert got.shape == ref.shape == (n_images, len(rb) * len(cb), K)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
 @needs_compiler
-def test_native_triangle_refuses_windows_and_other_reductions():
+def test_native_triangle_refuses_cells_off_the_map_and_other_reductions():
     D = torch.rand(2 * 4 * 4, 8)
-    with pytest.raises(ValueError, match="tile the 4x4 map once"):
-        native.triangle_pool(D, 2, (4, 4), ((0, 3), (1, 4)), ((0, 4),))
+    with pytest.raises(ValueError, match="non-empty ranges inside the 4x4 map"):
+        native.triangle_pool(D, 2, (4, 4), ((0, 3), (1, 5)), ((0, 4),))
+    with pytest.raises(ValueError, match="non-empty ranges inside the 4x4 map"):
+        native.triangle_pool(D, 2, (4, 4), ((0, 4),), ((2, 2),))
     with pytest.raises(ValueError, match="by sum or mean"):
         native.triangle_pool(D, 2, (4, 4), ((0, 4),), ((0, 4),), "max")
 
 
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("map_shape,grid,pool_op,K", [
-    ((27, 27), (2, 2), "sum", 1600), ((9, 8), (3, 2), "mean", 37), ((5, 5), (1, 1), "sum", 16),
-])
-def test_native_nearest_pool_is_the_graphs(dtype, map_shape, grid, pool_op, K):
+@pytest.mark.parametrize("map_shape,grid,window,pool_op,K", POOLINGS)
+def test_native_nearest_pool_is_the_graphs(dtype, map_shape, grid, window, pool_op, K):
     from featlearn.activations import activate_and_pool, nearest_fraction_thresholds
-    from featlearn.pooling import pooling_bounds
 
     g = torch.Generator().manual_seed(K)
     n_images = 3
@@ -149,16 +160,17 @@ def test_native_nearest_pool_is_the_graphs(dtype, map_shape, grid, pool_op, K):
     S = (torch.randn(rows + 5, K, generator=g) * 4).round().to(dtype)  # ties at the thresholds
     cs = (torch.rand(K, generator=g) * 10).round()
     t = nearest_fraction_thresholds(S[:rows].float(), cs, fraction=0.4, selection="exact")
-    rb, cb = (tuple(pooling_bounds(n, c)) for n, c in zip(map_shape, grid))
-    got = native.nearest_pool(S, cs, t, n_images, map_shape, rb, cb, pool_op)
+    rb, cb = _cells(map_shape, grid, window)
+    got = native.nearest_pool(S, cs, t, n_images, map_shape, rb, cb, pool_op,
+                              windows=bool(window))
     ref = activate_and_pool(S[:rows].float(), None, cs, t, n_images=n_images,
                             map_shape=map_shape, row_bounds=rb, col_bounds=cb,
-                            activation="nearest_fraction", alpha=0.0, pool_op=pool_op)
-    assert got.shape == ref.shape == (n_images, grid[0] * grid[1], 2 * K)
-    if pool_op == "sum":
-        assert torch.equal(got, ref)  # counts: exact in float32
-    else:
-        torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
+                            activation="nearest_fraction", alpha=0.0, pool_op=pool_op,
+                            window=window)
+    assert got.shape == ref.shape == (n_images, len(rb) * len(cb), 2 * K)
+    # counts, exact in float32; means with the eager path's rounding (a grid's sums times
+    # 1 / size, windows' divided by their size)
+    assert torch.equal(got, ref)
 
 
 @needs_compiler
@@ -166,8 +178,8 @@ def test_native_nearest_pool_refuses_what_it_cannot_read():
     S, cs = torch.rand(2 * 4 * 4, 8), torch.rand(8)
     with pytest.raises(ValueError, match="two thresholds per row"):
         native.nearest_pool(S, cs, torch.zeros(31, 2), 2, (4, 4), ((0, 4),), ((0, 4),))
-    with pytest.raises(ValueError, match="tile the 4x4 map once"):
-        native.nearest_pool(S, cs, torch.zeros(32, 2), 2, (4, 4), ((0, 3), (1, 4)), ((0, 4),))
+    with pytest.raises(ValueError, match="non-empty ranges inside the 4x4 map"):
+        native.nearest_pool(S, cs, torch.zeros(32, 2), 2, (4, 4), ((0, 3), (3, 5)), ((0, 4),))
 
 
 # ---- the k-means assignment kernels --------------------------------------------------------
