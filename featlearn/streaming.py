@@ -45,7 +45,9 @@ class ImageStream(MapSource):
     def __init__(self, images, encoder, device, *, n_views=1, crop_padding=0,
                  random_flip=False, generator=None):
         plan = encoder.encoding_plan()
-        self.kernels = plan.kernel_pool(device, len(images))
+        # the encoder's rule for a transform of these images (the native kernels on the CPU)
+        compiled = encoder._use_compile(plan, resolve_device(device), len(images))
+        self.kernels = plan.kernel_pool(device, len(images), compiled=compiled)
         self.X, self.n_views = images, n_views
         self.shape = (plan.per_cell,) + tuple(plan.pooled_shape)
         self.layout = "stream"

@@ -60,6 +60,24 @@ def test_stream_without_augmentation_is_the_encoders_map(data):
     assert stream.shape == maps.shape[1:] and stream.n_rows == 2 * len(X)
 
 
+@pytest.mark.parametrize("activation", ["triangle", "nearest_fraction"])
+def test_stream_encodes_as_the_encoders_transform_does(data, activation):
+    # The encoder's own rule picks the kernels (on the CPU the native ones, when built), so a
+    # streamed batch is the transform's map exactly, and compile=False streams eagerly.
+    from featlearn import _native
+
+    (X, _), _ = data
+    enc = encoder(layout="map", activation=activation).fit(X)
+    stream = ImageStream(X, enc, torch.device("cpu"))
+    assert stream.kernels.compiled == _native.available()
+    got = stream.batch(np.arange(10), torch.device("cpu")).numpy()
+    np.testing.assert_array_equal(got, enc.transform(X[:10]))
+    eager = ImageStream(X, enc.set_params(compile=False), torch.device("cpu"))
+    assert not eager.kernels.compiled
+    np.testing.assert_array_equal(eager.batch(np.arange(10), torch.device("cpu")).numpy(),
+                                  enc.transform(X[:10]))
+
+
 def test_stream_worker_threads_encode_the_single_thread_maps(data, two_threads):
     # Batches split between worker threads (a kernel each, kept for the next batch) give the
     # maps one thread gives, whichever worker takes which chunk.
