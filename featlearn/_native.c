@@ -317,17 +317,21 @@ static inline int position_cells(int ph, int pw, const int *row_ptr, const int *
     return nr * nc;
 }
 
-/* Adds v[0..n) to every cell of position (ph, pw) in o (cells of `width` floats), cells in
-   row-major order: so each cell's sum adds its positions in the map's row-major order, as
-   avg_pool2d does. */
-static void add_to_cells(const float *v, int n, int ph, int pw, const int *row_ptr,
-                         const int *row_idx, const int *col_ptr, const int *col_idx,
-                         int n_col_cells, int64_t width, float *o) {
+/* Cells per batch of targets that the pooling kernels update from one row's values in
+   registers (a position in more windows, e.g. 5x5 windows at stride 1, takes several). */
+enum { MAX_TARGETS = 64 };
+
+/* The start of every cell of position (ph, pw) in o (cells of `width` floats), from the
+   `skip`-th on, at most MAX_TARGETS of them, in row-major cell order; returns how many. */
+static int target_cells(int ph, int pw, const int *row_ptr, const int *row_idx,
+                        const int *col_ptr, const int *col_idx, int n_col_cells,
+                        int64_t width, float *o, int skip, float **cells) {
+    int nt = 0, seen = 0;
     for (int a = row_ptr[ph]; a < row_ptr[ph + 1]; a++)
-        for (int b = col_ptr[pw]; b < col_ptr[pw + 1]; b++) {
-            float *cell = o + (int64_t)(row_idx[a] * n_col_cells + col_idx[b]) * width;
-            for (int k = 0; k < n; k++) cell[k] += v[k];
-        }
+        for (int b = col_ptr[pw]; b < col_ptr[pw + 1]; b++, seen++)
+            if (seen >= skip && nt < MAX_TARGETS)
+                cells[nt++] = o + (int64_t)(row_idx[a] * n_col_cells + col_idx[b]) * width;
+    return nt;
 }
 
 /* D: the squared distances of n_images * Ph * Pw rows (image-major, then map rows, then map
@@ -340,9 +344,8 @@ int featlearn_triangle_pool(const void *D, int64_t stride, int bf16, int64_t n_i
                             const int *col_ptr, const int *col_idx, int n_col_cells,
                             int n_cells, float *out) {
     int Kp = (K + LANES - 1) / LANES * LANES;
-    float *z = (float *)malloc(sizeof(float) * (size_t)Kp * 2);
+    float *z = (float *)malloc(sizeof(float) * (size_t)Kp);
     if (!z) return -1;
-    float *act = z + Kp;
     for (int k = K; k < Kp; k++) z[k] = 0.0f;  /* adds nothing to the sum */
     for (int64_t img = 0; img < n_images; img++) {
         float *o = out + img * (int64_t)n_cells * K;
@@ -375,13 +378,31 @@ int featlearn_triangle_pool(const void *D, int64_t stride, int bf16, int64_t n_i
                         float v = mean - z[k];
                         cell[k] += v > 0.0f ? v : 0.0f;
                     }
-                } else {
-                    for (int k = 0; k < K; k++) {
-                        float v = mean - z[k];
-                        act[k] = v > 0.0f ? v : 0.0f;
+                } else {  /* windows: each vector of activations into every cell */
+                    float *cells[MAX_TARGETS];
+                    int kv = K - K % LANES;
+                    vfloat m, zero = {0.0f};
+                    for (int l = 0; l < LANES; l++) m[l] = mean;
+                    for (int skip = 0; skip < targets; skip += MAX_TARGETS) {
+                        int nt = target_cells(ph, pw, row_ptr, row_idx, col_ptr, col_idx,
+                                              n_col_cells, K, o, skip, cells);
+                        for (int j = 0; j < kv; j += LANES) {
+                            vfloat zz, c;
+                            memcpy(&zz, z + j, sizeof zz);
+                            vfloat v = m - zz;
+                            v = (vfloat)((vint)v & (v > zero));
+                            for (int q = 0; q < nt; q++) {
+                                memcpy(&c, cells[q] + j, sizeof c);
+                                c += v;
+                                memcpy(cells[q] + j, &c, sizeof c);
+                            }
+                        }
+                        for (int k = kv; k < K; k++) {
+                            float v = mean - z[k];
+                            v = v > 0.0f ? v : 0.0f;
+                            for (int q = 0; q < nt; q++) cells[q][k] += v;
+                        }
                     }
-                    add_to_cells(act, K, ph, pw, row_ptr, row_idx, col_ptr, col_idx,
-                                 n_col_cells, K, o);
                 }
             }
     }
@@ -400,45 +421,82 @@ int featlearn_nearest_pool(const void *S, int64_t stride, int bf16, const float 
                            const float *t, int64_t n_images, int Ph, int Pw, int K,
                            const int *row_ptr, const int *row_idx, const int *col_ptr,
                            const int *col_idx, int n_col_cells, int n_cells, float *out) {
-    float *code = (float *)malloc(sizeof(float) * 2 * (size_t)K);
-    if (!code) return -1;
+    int kv = K - K % LANES;
+    vfloat one;
+    for (int l = 0; l < LANES; l++) one[l] = 1.0f;
     for (int64_t img = 0; img < n_images; img++) {
         float *o = out + img * (int64_t)n_cells * 2 * K;
         for (int ph = 0; ph < Ph; ph++)
             for (int pw = 0; pw < Pw; pw++) {
-                int one = 0;
+                int first = 0;
                 int targets = position_cells(ph, pw, row_ptr, row_idx, col_ptr, col_idx,
-                                             n_col_cells, &one);
+                                             n_col_cells, &first);
                 if (!targets) continue;
                 int64_t r = (img * Ph + ph) * Pw + pw;
                 float t0 = t[2 * r], t1 = t[2 * r + 1];
-                /* a grid: straight into the cell; else the code first, then into each cell */
-                float *near = targets == 1 ? o + (int64_t)one * 2 * K : code;
-                float *far = near + K;
-                if (targets != 1)
-                    for (int k = 0; k < 2 * K; k++) code[k] = 0.0f;
-                if (bf16) {
-                    const uint16_t *row = (const uint16_t *)S + r * stride;
-                    for (int k = 0; k < K; k++) {
-                        float d = bf16_to_float(row[k]);
-                        float twice = d + d;
-                        near[k] += cc[k] - twice < t0 ? 1.0f : 0.0f;
-                        far[k] += cc[k] + twice < t1 ? 1.0f : 0.0f;
+                if (targets == 1) {  /* a grid: straight into the cell */
+                    float *near = o + (int64_t)first * 2 * K, *far = near + K;
+                    if (bf16) {
+                        const uint16_t *row = (const uint16_t *)S + r * stride;
+                        for (int k = 0; k < K; k++) {
+                            float d = bf16_to_float(row[k]);
+                            float twice = d + d;
+                            near[k] += cc[k] - twice < t0 ? 1.0f : 0.0f;
+                            far[k] += cc[k] + twice < t1 ? 1.0f : 0.0f;
+                        }
+                    } else {
+                        const float *row = (const float *)S + r * stride;
+                        for (int k = 0; k < K; k++) {
+                            float twice = row[k] + row[k];
+                            near[k] += cc[k] - twice < t0 ? 1.0f : 0.0f;
+                            far[k] += cc[k] + twice < t1 ? 1.0f : 0.0f;
+                        }
                     }
-                } else {
-                    const float *row = (const float *)S + r * stride;
-                    for (int k = 0; k < K; k++) {
-                        float twice = row[k] + row[k];
-                        near[k] += cc[k] - twice < t0 ? 1.0f : 0.0f;
-                        far[k] += cc[k] + twice < t1 ? 1.0f : 0.0f;
+                    continue;
+                }
+                vfloat v0, v1;
+                for (int l = 0; l < LANES; l++) { v0[l] = t0; v1[l] = t1; }
+                /* windows: each vector of the code into every cell of the position */
+                for (int skip = 0; skip < targets; skip += MAX_TARGETS) {
+                    float *cells[MAX_TARGETS];
+                    int nt = target_cells(ph, pw, row_ptr, row_idx, col_ptr, col_idx,
+                                          n_col_cells, 2 * (int64_t)K, o, skip, cells);
+                    for (int j = 0; j < kv; j += LANES) {
+                        vfloat sv, c, a;
+                        if (bf16) {
+                            vhalf h;
+                            memcpy(&h, (const uint16_t *)S + r * stride + j, sizeof h);
+                            sv = (vfloat)(__builtin_convertvector(h, vint) << 16);
+                        } else {
+                            memcpy(&sv, (const float *)S + r * stride + j, sizeof sv);
+                        }
+                        memcpy(&c, cc + j, sizeof c);
+                        vfloat twice = sv + sv;
+                        vfloat near = (vfloat)((vint)one & (c - twice < v0));
+                        vfloat far = (vfloat)((vint)one & (c + twice < v1));
+                        for (int q = 0; q < nt; q++) {
+                            memcpy(&a, cells[q] + j, sizeof a);
+                            a += near;
+                            memcpy(cells[q] + j, &a, sizeof a);
+                            memcpy(&a, cells[q] + K + j, sizeof a);
+                            a += far;
+                            memcpy(cells[q] + K + j, &a, sizeof a);
+                        }
+                    }
+                    for (int k = kv; k < K; k++) {
+                        float d = bf16 ? bf16_to_float(((const uint16_t *)S)[r * stride + k])
+                                       : ((const float *)S)[r * stride + k];
+                        float twice = d + d;
+                        float near = cc[k] - twice < t0 ? 1.0f : 0.0f;
+                        float far = cc[k] + twice < t1 ? 1.0f : 0.0f;
+                        for (int q = 0; q < nt; q++) {
+                            cells[q][k] += near;
+                            cells[q][K + k] += far;
+                        }
                     }
                 }
-                if (targets != 1)
-                    add_to_cells(code, 2 * K, ph, pw, row_ptr, row_idx, col_ptr, col_idx,
-                                 n_col_cells, 2 * K, o);
             }
     }
-    free(code);
     return 0;
 }
 
