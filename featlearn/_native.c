@@ -305,16 +305,12 @@ int featlearn_refine_argmin(const uint16_t *S, int64_t stride, const float *X, i
     return 0;
 }
 
-/* The cells that map position (ph, pw) belongs to: row cells row_idx[row_ptr[ph]..row_ptr[ph+1])
-   times column cells col_idx[col_ptr[pw]..col_ptr[pw+1]], cell = row cell * n_col_cells +
-   column cell. A grid gives every position one cell; overlapping windows up to a few, a map
-   edge past the last window none. Returns how many, and the only one in *one when 1. */
-static inline int position_cells(int ph, int pw, const int *row_ptr, const int *row_idx,
-                                 const int *col_ptr, const int *col_idx, int n_col_cells,
-                                 int *one) {
-    int nr = row_ptr[ph + 1] - row_ptr[ph], nc = col_ptr[pw + 1] - col_ptr[pw];
-    if (nr == 1 && nc == 1) *one = row_idx[row_ptr[ph]] * n_col_cells + col_idx[col_ptr[pw]];
-    return nr * nc;
+/* How many cells map position (ph, pw) belongs to: row cells
+   row_idx[row_ptr[ph]..row_ptr[ph+1]) times column cells col_idx[col_ptr[pw]..col_ptr[pw+1]],
+   cell = row cell * n_col_cells + column cell (target_cells lists them). A grid gives every
+   position one cell; overlapping windows up to a few, a map edge past the last window none. */
+static inline int position_cells(int ph, int pw, const int *row_ptr, const int *col_ptr) {
+    return (row_ptr[ph + 1] - row_ptr[ph]) * (col_ptr[pw + 1] - col_ptr[pw]);
 }
 
 /* Cells per batch of targets that the pooling kernels update from one row's values in
@@ -351,9 +347,7 @@ int featlearn_triangle_pool(const void *D, int64_t stride, int bf16, int64_t n_i
         float *o = out + img * (int64_t)n_cells * K;
         for (int ph = 0; ph < Ph; ph++)
             for (int pw = 0; pw < Pw; pw++) {
-                int one = 0;
-                int targets = position_cells(ph, pw, row_ptr, row_idx, col_ptr, col_idx,
-                                             n_col_cells, &one);
+                int targets = position_cells(ph, pw, row_ptr, col_ptr);
                 if (!targets) continue;
                 int64_t r = (img * Ph + ph) * Pw + pw;
                 if (bf16) {
@@ -372,14 +366,16 @@ int featlearn_triangle_pool(const void *D, int64_t stride, int bf16, int64_t n_i
                 float s = 0.0f;
                 for (int l = 0; l < LANES; l++) s += acc[l];
                 float mean = s / (float)K;
+                float *cells[MAX_TARGETS];
                 if (targets == 1) {  /* a grid: straight into the cell */
-                    float *cell = o + (int64_t)one * K;
+                    target_cells(ph, pw, row_ptr, row_idx, col_ptr, col_idx, n_col_cells, K, o,
+                                 0, cells);
+                    float *cell = cells[0];
                     for (int k = 0; k < K; k++) {
                         float v = mean - z[k];
                         cell[k] += v > 0.0f ? v : 0.0f;
                     }
                 } else {  /* windows: each vector of activations into every cell */
-                    float *cells[MAX_TARGETS];
                     int kv = K - K % LANES;
                     vfloat m, zero = {0.0f};
                     for (int l = 0; l < LANES; l++) m[l] = mean;
@@ -428,14 +424,15 @@ int featlearn_nearest_pool(const void *S, int64_t stride, int bf16, const float 
         float *o = out + img * (int64_t)n_cells * 2 * K;
         for (int ph = 0; ph < Ph; ph++)
             for (int pw = 0; pw < Pw; pw++) {
-                int first = 0;
-                int targets = position_cells(ph, pw, row_ptr, row_idx, col_ptr, col_idx,
-                                             n_col_cells, &first);
+                int targets = position_cells(ph, pw, row_ptr, col_ptr);
                 if (!targets) continue;
                 int64_t r = (img * Ph + ph) * Pw + pw;
                 float t0 = t[2 * r], t1 = t[2 * r + 1];
+                float *cells[MAX_TARGETS];
                 if (targets == 1) {  /* a grid: straight into the cell */
-                    float *near = o + (int64_t)first * 2 * K, *far = near + K;
+                    target_cells(ph, pw, row_ptr, row_idx, col_ptr, col_idx, n_col_cells,
+                                 2 * (int64_t)K, o, 0, cells);
+                    float *near = cells[0], *far = near + K;
                     if (bf16) {
                         const uint16_t *row = (const uint16_t *)S + r * stride;
                         for (int k = 0; k < K; k++) {
@@ -458,7 +455,6 @@ int featlearn_nearest_pool(const void *S, int64_t stride, int bf16, const float 
                 for (int l = 0; l < LANES; l++) { v0[l] = t0; v1[l] = t1; }
                 /* windows: each vector of the code into every cell of the position */
                 for (int skip = 0; skip < targets; skip += MAX_TARGETS) {
-                    float *cells[MAX_TARGETS];
                     int nt = target_cells(ph, pw, row_ptr, row_idx, col_ptr, col_idx,
                                           n_col_cells, 2 * (int64_t)K, o, skip, cells);
                     for (int j = 0; j < kv; j += LANES) {
