@@ -102,30 +102,40 @@ def gemm_rate(n=4096, repeats=3, device="cpu", dtype="float32") -> float:
     return rate(n, repeats, device, getattr(torch, dtype))
 
 
-def gemm_rates(device="cpu") -> dict:
+def gemm_rates(device="cpu", int8=False) -> dict:
     """``{"float32": GFLOP/s, "bfloat16": GFLOP/s}`` measured now, and whether bfloat16 is native
     here (``"bfloat16_native"``): each encoder row is compared with the GEMM of its own
-    precision, since a bfloat16 kernel against a float32 GEMM flatters itself."""
+    precision, since a bfloat16 kernel against a float32 GEMM flatters itself. ``int8``: also
+    ``"int8"``, ``torch._int_mm``'s GOP/s where int8 products are native (else None)."""
     import torch
 
-    from featlearn._torch import has_fast_bfloat16
+    from featlearn._torch import has_fast_bfloat16, has_fast_int8
 
-    native = has_fast_bfloat16(torch.device(device))
+    dev = torch.device(device)
+    native = has_fast_bfloat16(dev)
     # Emulated bfloat16 runs at a few GFLOP/s: one 1024^3 product says so in seconds.
     n, repeats = (4096, 3) if native else (1024, 1)
-    return {"float32": gemm_rate(device=device),
-            "bfloat16": gemm_rate(n, repeats, device=device, dtype="bfloat16"),
-            "bfloat16_n": n, "bfloat16_native": native}
+    rates = {"float32": gemm_rate(device=device),
+             "bfloat16": gemm_rate(n, repeats, device=device, dtype="bfloat16"),
+             "bfloat16_n": n, "bfloat16_native": native}
+    if int8:
+        rates["int8"] = gemm_rate(device=device, dtype="int8") if has_fast_int8(dev) else None
+    return rates
 
 
 def gemm_lines(rates) -> list[str]:
-    """The two GEMM lines of a results header, from :func:`gemm_rates`."""
+    """The GEMM lines of a results header, from :func:`gemm_rates`."""
     native = "native" if rates["bfloat16_native"] else "emulated by torch: not native here"
-    return [f"float32 GEMM rate measured in the same run (torch.mm 4096^3): "
-            f"{rates['float32']:.1f} GFLOP/s.",
-            f"bfloat16 GEMM rate measured in the same run (torch.mm {rates['bfloat16_n']}^3, "
-            f"{native}): "
-            f"{rates['bfloat16']:.1f} GFLOP/s."]
+    lines = [f"float32 GEMM rate measured in the same run (torch.mm 4096^3): "
+             f"{rates['float32']:.1f} GFLOP/s.",
+             f"bfloat16 GEMM rate measured in the same run (torch.mm {rates['bfloat16_n']}^3, "
+             f"{native}): "
+             f"{rates['bfloat16']:.1f} GFLOP/s."]
+    if "int8" in rates:
+        lines.append("int8 GEMM rate measured in the same run (torch._int_mm 4096^3, int32 "
+                     "sums): " + ("not native here (no VNNI or AMX-INT8): not measured."
+                                  if rates["int8"] is None else f"{rates['int8']:.1f} GOP/s."))
+    return lines
 
 
 def command(argv=None, script=None) -> str:

@@ -100,9 +100,10 @@ def parse_args(argv=None):
     p.add_argument("--sk-init", default="k-means++",
                    help="with --same-batch: scikit-learn's init (its default k-means++)")
     p.add_argument("--precision", nargs="+", default=["float32"],
-                   choices=["float32", "bfloat16", "auto"],
+                   choices=["float32", "bfloat16", "int8", "auto"],
                    help="with --same-batch: featlearn's precision, a row pair per value (bfloat16 "
-                        "products settled in float32; the table then gives both GEMM rates)")
+                        "or int8 products settled in float32; the table then gives every GEMM "
+                        "rate)")
     args = _parse(p, argv)
     if args.clock is None:
         args.clock = "cpu" if args.threads == 1 else "wall"
@@ -259,8 +260,8 @@ def main(argv=None):
         if set(args.precision) == {"float32"}:
             gemm = gemm_rate()
             print(f"fp32 GEMM (torch.mm 4096^3): {gemm:.1f} GFLOP/s", flush=True)
-        else:  # bfloat16 rows: both yardsticks
-            gemm = gemm_rates()
+        else:  # reduced-precision rows: every yardstick
+            gemm = gemm_rates(int8=True)
             print("\n".join(gemm_lines(gemm)), flush=True)
     load_start = os.getloadavg()[0]
     X_all, prep_s = whitened_patches(args, max(args.n_patches))

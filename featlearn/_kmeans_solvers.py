@@ -19,6 +19,7 @@ import torch
 
 from featlearn import _native
 from featlearn._logging import log, progress
+from featlearn._reduced_products import ReducedProducts
 from featlearn._torch import _POOL, _WORKERS, _executor, chunk_size, cpu_workers  # noqa: F401
 from featlearn._torch import n_workers
 from featlearn._torch import over_rows as _over_rows
@@ -60,10 +61,10 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
                      onehot_sums: bool | None = None, precision: str = "float32"):
     """Nearest centre and squared distance of every row of ``X``, chunk by chunk.
 
-    ``precision="bfloat16"`` (float32 ``X`` only) multiplies in bfloat16, then settles every
-    row whose products' rounding leaves more than one centre in contention by those centres'
-    float32 distances (:func:`_refine_bf16`): the labels and distances of float32, up to
-    float32 rounding, at the bfloat16 GEMM's cost.
+    ``precision="bfloat16"`` or ``"int8"`` (float32 ``X`` only) multiplies in that precision,
+    then settles every row whose products' error bound leaves more than one centre in
+    contention by those centres' float32 distances (:mod:`featlearn._reduced_products`): the
+    labels and distances of float32, up to float32 rounding, at the cheaper GEMM's cost.
 
     Returns ``(labels, min_sq_dist)``, plus ``(sums, counts)`` (per-centre sums of the assigned
     rows and their counts, float64) when ``accumulate`` is true. With ``sample_weight`` (a
@@ -89,11 +90,9 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
     chunk = max(1, -(-n // (workers * -(-n // (chunk * workers)))))
     c_sq = (C * C).sum(1)
     Ct = C.t()
-    bf16 = precision == "bfloat16" and X.dtype == torch.float32
-    if bf16:
-        C = C.contiguous()
-        Ct_bf16 = C.to(torch.bfloat16).t()
-        c_norm = c_sq.sqrt()
+    reduced = None
+    if precision in ("bfloat16", "int8") and X.dtype == torch.float32:
+        reduced = ReducedProducts(C, c_sq, precision)
     labels = torch.empty(n, dtype=torch.int64, device=device)
     mind = torch.empty(n, dtype=X.dtype, device=device)
     w = None if sample_weight is None else sample_weight.to(device=device, dtype=X.dtype)
@@ -106,23 +105,18 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
 
     def work(start, stop):
         rows = min(chunk, stop - start)
-        if bf16:
-            S = torch.empty((rows, k), dtype=torch.bfloat16, device=device)
-            Xh = torch.empty((rows, d), dtype=torch.bfloat16, device=device)
-        if not bf16 or onehot:
+        if reduced is None or onehot:
             buf, blocks = _distance_buffer(rows, k, X.dtype, device)
         for s in range(start, stop, chunk):
             e = min(stop, s + chunk)
             Xc = X[s:e]
-            if bf16:
-                torch.mm(Xh[:e - s].copy_(Xc), Ct_bf16, out=S[:e - s])
-                _refine_bf16(S[:e - s], Xc, C, c_sq, c_norm, mind[s:e], labels[s:e])
+            if reduced is not None:
+                reduced.assign(Xc, mind[s:e], labels[s:e])
             else:
                 D = buf[:e - s]
                 torch.addmm(c_sq, Xc, Ct, beta=1, alpha=-2, out=D)
                 _row_argmin(D, None if blocks is None else blocks[:e - s], mind[s:e],
                             labels[s:e])
-            mind[s:e] += _row_sq_norms(Xc)
             if onehot:  # one range only (never split between workers): sums in row order
                 D = buf[:e - s]
                 D.zero_()
@@ -134,6 +128,8 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
         work(0, n)
     else:
         _over_rows(n, chunk, work, device)
+    # Once for the whole pass, not per chunk: the workers make no torch calls they can spare.
+    mind += _row_sq_norms(X)
     mind.clamp_(min=0)
     if accumulate and not onehot:
         # In row order, as chunk by chunk: row blocks bound the weighted copy's memory.
@@ -184,44 +180,6 @@ def _row_argmin(D: torch.Tensor, blocks: torch.Tensor | None, values: torch.Tens
     torch.min(torch.amin(blocks, 2), dim=1, out=(values, labels))   # the first winning block
     rows = torch.arange(D.shape[0], device=D.device)
     labels.mul_(_ARGMIN_BLOCK).add_(blocks[rows, labels // _ARGMIN_BLOCK].argmin(1))
-
-
-#: Candidates per row that :func:`_refine_bf16` settles by gathered float32 distances without
-#: the native kernel (rows with more get the full float32 row).
-_REFINE_CANDIDATES = 8
-
-
-def _refine_bf16(S: torch.Tensor, Xc: torch.Tensor, C: torch.Tensor, c_sq: torch.Tensor,
-                 c_norm: torch.Tensor, values: torch.Tensor, labels: torch.Tensor) -> None:
-    """The float32 nearest centre (``c_sq - 2 x.c``, the first on a tie) of each row of ``Xc``
-    from its bfloat16 products ``S``, into ``values`` and ``labels``.
-
-    ``a = c_sq - 2 S`` is within ``e = delta |x| |c|`` (:data:`featlearn._native.REFINE_DELTA`,
-    over the rounding of bfloat16 factors and products) of the float32 value, so the nearest
-    centre is among those with ``a - e <= min(a + e)``: usually one or two, whose float32
-    distances decide. The native kernel on the CPU; else the same rule in torch ops.
-    """
-    if S.device.type == "cpu" and _native.available():
-        _native.refine_argmin(S, Xc, C, c_sq, c_norm, values, labels)
-        return
-    a = c_sq - 2 * S.float()
-    e = (_native.REFINE_DELTA * torch.sqrt((Xc * Xc).sum(1, keepdim=True))) * c_norm
-    e += c_sq * 2.0 ** -20
-    upper = (a + e).amin(1, keepdim=True)
-    low = a.sub_(e)
-    m = min(_REFINE_CANDIDATES, C.shape[0])
-    cand = torch.topk(low, m, dim=1, largest=False).indices.sort(1).values  # column order
-    dots = torch.bmm(C[cand], Xc.unsqueeze(2)).squeeze(2)
-    vals = c_sq[cand] - (dots + dots)
-    vals.masked_fill_(low.gather(1, cand) > upper, math.inf)
-    best, at = vals.min(1)
-    values.copy_(best)
-    labels.copy_(cand.gather(1, at[:, None]).squeeze(1))
-    over = torch.nonzero((low <= upper).sum(1) > m).flatten()
-    if over.numel():  # more candidates than gathered: the float32 row decides
-        D = torch.addmm(c_sq, Xc[over], C.t(), beta=1, alpha=-2)
-        v, j = torch.min(D, 1)
-        values[over], labels[over] = v, j
 
 
 def _row_sq_norms(X: torch.Tensor, block: int = 16384) -> torch.Tensor:

@@ -245,14 +245,44 @@ static float dot(const float *x, const float *c, int d) {
     return s;
 }
 
+/* The float32 nearest of the centres with low[j] <= upper (low padded with +inf to kp, a
+   multiple of SCAN): cc_j - 2 x.c_j for each, the smallest, the first on a tie. */
+enum { SCAN = 4 * LANES };  /* columns per candidate test */
+
+static int settle(const float *low, int kp, float upper, const float *x, const float *C,
+                  const float *cc, int d, float *value) {
+    float best = INFINITY;
+    int bi = -1;
+    for (int j = 0; j < kp; j += SCAN) {
+        int hit = 0;
+        for (int l = 0; l < SCAN; l++) hit += low[j + l] <= upper;
+        for (int l = 0; hit && l < SCAN; l++) {
+            if (!(low[j + l] <= upper)) continue;
+            hit--;
+            float p = dot(x, C + (int64_t)(j + l) * d, d);
+            float v = cc[j + l] - (p + p);
+            if (bi < 0 || v < best) { best = v; bi = j + l; }
+        }
+    }
+    *value = best;
+    return bi;
+}
+
+/* A row buffer for `low`: k floats padded with +inf to whole SCAN blocks (never candidates). */
+static float *low_buffer(int k, int *kp) {
+    *kp = (k + SCAN - 1) / SCAN * SCAN;
+    float *low = (float *)malloc(sizeof(float) * (size_t)*kp);
+    if (low)
+        for (int j = k; j < *kp; j++) low[j] = INFINITY;
+    return low;
+}
+
 int featlearn_refine_argmin(const uint16_t *S, int64_t stride, const float *X, int64_t xstride,
                             int d, const float *C, const float *cc, const float *cn, int64_t n,
                             int k, float delta, float *values, int64_t *labels) {
-    enum { SCAN = 4 * LANES };  /* columns per candidate test */
-    int kv = k - k % LANES, kp = (k + SCAN - 1) / SCAN * SCAN;
-    float *low = (float *)malloc(sizeof(float) * (size_t)kp);
+    int kv = k - k % LANES, kp;
+    float *low = low_buffer(k, &kp);
     if (!low) return -1;
-    for (int j = k; j < kp; j++) low[j] = INFINITY;  /* never a candidate */
     for (int64_t i = 0; i < n; i++) {
         const uint16_t *row = S + i * stride;
         const float *x = X + i * xstride;
@@ -284,22 +314,131 @@ int featlearn_refine_argmin(const uint16_t *S, int64_t stride, const float *X, i
             low[j] = a - e;
             upper = hi < upper ? hi : upper;
         }
-        /* the candidates, in column order (the first wins a tie) */
-        float best = INFINITY;
-        int bi = -1;
-        for (int j = 0; j < kp; j += SCAN) {
-            int hit = 0;
-            for (int l = 0; l < SCAN; l++) hit += low[j + l] <= upper;
-            for (int l = 0; hit && l < SCAN; l++) {
-                if (!(low[j + l] <= upper)) continue;
-                hit--;
-                float p = dot(x, C + (int64_t)(j + l) * d, d);
-                float v = cc[j + l] - (p + p);
-                if (bi < 0 || v < best) { best = v; bi = j + l; }
-            }
+        labels[i] = settle(low, kp, upper, x, C, cc, d, values + i);
+    }
+    free(low);
+    return 0;
+}
+
+/* Rows quantized to 8-bit integers, one scale per row: q = round(x * (127 / max|x|)) (to
+   nearest even), so |q| <= 127 and scale = max|x| / 127; with upper bounds on the norms of
+   the residual x - scale q and of scale q, which bound the products' error in
+   featlearn_refine_argmin_int8. The norms are summed in units of the scale (no square
+   underflows), the residual's with a margin for the rounding of x * (127 / max|x|); a row
+   under 2^-100 is all residual (q = 0, scale 0, |x| <= max|x| sqrt(d)). */
+typedef int8_t vbyte __attribute__((vector_size(LANES)));
+
+void featlearn_quantize_rows(const float *X, int64_t xstride, int64_t n, int d, int8_t *Q,
+                             int64_t qstride, float *scale, float *resid, float *qnorm) {
+    const float big = 12582912.0f;  /* (y + 1.5 2^23) - 1.5 2^23: y to nearest even, |y| < 2^22 */
+    int dv = d - d % LANES;
+    vint absmask;
+    vfloat top, zero = {0.0f};
+    for (int l = 0; l < LANES; l++) { absmask[l] = 0x7fffffff; top[l] = 127.0f; }
+    for (int64_t i = 0; i < n; i++) {
+        const float *x = X + i * xstride;
+        int8_t *q = Q + i * qstride;
+        vfloat mx = zero;
+        for (int t = 0; t < dv; t += LANES) {
+            vfloat xv;
+            memcpy(&xv, x + t, sizeof xv);
+            vfloat a = (vfloat)((vint)xv & absmask);
+            vint gt = a > mx;
+            mx = (vfloat)(((vint)a & gt) | ((vint)mx & ~gt));
         }
-        values[i] = best;
-        labels[i] = bi;
+        float m = 0.0f;
+        for (int l = 0; l < LANES; l++) m = mx[l] > m ? mx[l] : m;
+        for (int t = dv; t < d; t++) m = fabsf(x[t]) > m ? fabsf(x[t]) : m;
+        if (!(m >= 0x1p-100f)) {
+            memset(q, 0, (size_t)d);
+            scale[i] = 0.0f;
+            resid[i] = m * sqrtf((float)d) * (1.0f + 0x1p-20f);
+            qnorm[i] = 0.0f;
+            continue;
+        }
+        float inv = 127.0f / m, s = m / 127.0f;
+        vfloat uu = zero, vv = zero;
+        for (int t = 0; t < dv; t += LANES) {
+            vfloat xv;
+            memcpy(&xv, x + t, sizeof xv);
+            vfloat y = xv * inv;
+            vfloat v = (y + big) - big;
+            v = (vfloat)(((vint)top & (v > top)) | ((vint)v & ~(v > top)));
+            v = (vfloat)(((vint)-top & (v < -top)) | ((vint)v & ~(v < -top)));
+            vfloat u = y - v;
+            uu += u * u;
+            vv += v * v;
+            vbyte b = __builtin_convertvector(__builtin_convertvector(v, vint), vbyte);
+            memcpy(q + t, &b, sizeof b);
+        }
+        float u2 = 0.0f, v2 = 0.0f;
+        for (int l = 0; l < LANES; l++) { u2 += uu[l]; v2 += vv[l]; }
+        for (int t = dv; t < d; t++) {
+            float y = x[t] * inv;
+            float v = (y + big) - big;
+            v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+            q[t] = (int8_t)v;
+            u2 += (y - v) * (y - v);
+            v2 += v * v;
+        }
+        scale[i] = s;
+        /* s y_t is x_t within 2^-22 |x_t| (inv s within 2^-23 of 1, y_t rounded once), so
+           |x_t - s v_t| <= s |y_t - v_t| + 2^-22 m, and 2^-22 m = 127 2^-22 s < 2^-14 s */
+        resid[i] = s * (sqrtf(u2) + sqrtf((float)d) * 0x1p-14f);
+        qnorm[i] = s * sqrtf(v2);
+    }
+}
+
+/* The k-means assignment from exact integer products, as featlearn_refine_argmin: S holds n
+   rows of k int32 products P_j = q.q_j of rows and centres quantized by
+   featlearn_quantize_rows (row i: scale sx, residual norm rx, quantized norm xq; centre j:
+   scale sc_j as sc2_j = 2 sc_j, residual norm rc_j). x.c_j - sx sc_j P_j is (x - sx q).c_j +
+   sx q.(c_j - sc_j q_j), at most rx |c_j| + xq rc_j; so a_j = cc_j - sx sc2_j P_j is within
+   e_j = 2 (rx |c_j| + xq rc_j) of cc_j - 2 x.c_j, plus a margin (cc_j + 2 |x| |c_j|) (d / 16
+   + 20) 2^-23 for float32 rounding: of a_j (three roundings) and of the value it is compared
+   with, whose dot sums d / 16 terms per lane and then the 16 lanes. */
+int featlearn_refine_argmin_int8(const int32_t *S, int64_t stride, const float *X,
+                                 int64_t xstride, int d, const float *C, const float *cc,
+                                 const float *cn, const float *sc2, const float *rc,
+                                 const float *sx, const float *rx, const float *xq, int64_t n,
+                                 int k, float *values, int64_t *labels) {
+    const float margin = (float)(d / 16 + 20) * (1.0f / 8388608.0f);
+    const float grow = 1.0f + 1.0f / 1024.0f;
+    int kv = k - k % LANES, kp;
+    float *low = low_buffer(k, &kp);
+    if (!low) return -1;
+    for (int64_t i = 0; i < n; i++) {
+        const int32_t *row = S + i * stride;
+        const float *x = X + i * xstride;
+        float s = sx[i], xn = sqrtf(dot(x, x, d));
+        float A = 2.0f * rx[i] * grow + 2.0f * xn * margin, B = 2.0f * xq[i] * grow;
+        vfloat up;
+        for (int l = 0; l < LANES; l++) up[l] = INFINITY;
+        for (int j = 0; j < kv; j += LANES) {
+            vint p;
+            vfloat c, nrm, f, r;
+            memcpy(&p, row + j, sizeof p);
+            memcpy(&c, cc + j, sizeof c);
+            memcpy(&nrm, cn + j, sizeof nrm);
+            memcpy(&f, sc2 + j, sizeof f);
+            memcpy(&r, rc + j, sizeof r);
+            vfloat a = c - s * (f * __builtin_convertvector(p, vfloat));
+            vfloat e = nrm * A + r * B + c * margin;
+            vfloat hi = a + e, lo = a - e;
+            memcpy(low + j, &lo, sizeof lo);
+            vint lt = hi < up;
+            up = (vfloat)(((vint)hi & lt) | ((vint)up & ~lt));
+        }
+        float upper = INFINITY;
+        for (int l = 0; l < LANES; l++) upper = up[l] < upper ? up[l] : upper;
+        for (int j = kv; j < k; j++) {
+            float a = cc[j] - s * (sc2[j] * (float)row[j]);
+            float e = cn[j] * A + rc[j] * B + cc[j] * margin;
+            float hi = a + e;
+            low[j] = a - e;
+            upper = hi < upper ? hi : upper;
+        }
+        labels[i] = settle(low, kp, upper, x, C, cc, d, values + i);
     }
     free(low);
     return 0;

@@ -20,6 +20,8 @@ row that stays in L1 beats what a compiled graph or a torch reduction does in wh
   torch runs as a scalar loop on the CPU.
 - :func:`refine_argmin`: the k-means assignment from bfloat16 products, settled in float32 for
   the few centres their rounding leaves in contention (``precision="bfloat16"``).
+- :func:`quantize_rows` and :func:`refine_argmin_int8`: the same from exact products of rows
+  and centres quantized to 8-bit integers (``precision="int8"``).
 - :func:`minibatch_update`: a mini-batch k-means step's per-centre sums, counts and update in
   one pass, where the torch ops are a dozen small passes over the centres.
 - :func:`standardize_rows`: a classifier's mini-batch gathered from float16 features,
@@ -135,6 +137,11 @@ def _build():
         F = ctypes.c_float
         dll.featlearn_refine_argmin.argtypes = [P, I64, P, I64, I, P, P, P, I64, I, F, P, P]
         dll.featlearn_refine_argmin.restype = ctypes.c_int
+        dll.featlearn_quantize_rows.argtypes = [P, I64, I64, I, P, I64, P, P, P]
+        dll.featlearn_quantize_rows.restype = None
+        dll.featlearn_refine_argmin_int8.argtypes = [P, I64, P, I64, I, P, P, P, P, P, P, P, P,
+                                                     I64, I, P, P]
+        dll.featlearn_refine_argmin_int8.restype = ctypes.c_int
         return dll
     raise OSError(f"{compiler} failed: {error}")
 
@@ -337,8 +344,7 @@ def refine_argmin(S: torch.Tensor, X: torch.Tensor, C: torch.Tensor, c_sq: torch
             or C.shape != (k, d) or C.dtype != torch.float32 or not C.is_contiguous()):
         raise ValueError("the native refinement needs CPU bfloat16 products (n, k), float32 "
                          "rows (n, d) and contiguous float32 centres (k, d)")
-    cc = c_sq.to(torch.float32).contiguous()
-    cn = c_norm.to(torch.float32).contiguous()
+    cc, cn = _f32(c_sq), _f32(c_norm)
     if cc.shape != (k,) or cn.shape != (k,):
         raise ValueError(f"centre norms of ({k},) expected")
     _check_assignment_out(values, labels, n)
@@ -347,6 +353,69 @@ def refine_argmin(S: torch.Tensor, X: torch.Tensor, C: torch.Tensor, c_sq: torch
             cc.data_ptr(), cn.data_ptr(), n, k, REFINE_DELTA, values.data_ptr(),
             labels.data_ptr()) != 0:
         raise MemoryError("native refinement: out of memory")
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as contiguous float32, itself when it is already (no torch call: a kernel called
+    per chunk from worker threads avoids ops that would wait for the GIL)."""
+    if t.dtype == torch.float32 and t.is_contiguous():
+        return t
+    return t.to(torch.float32).contiguous()
+
+
+def quantize_rows(X: torch.Tensor, Q: torch.Tensor | None = None, out=None):
+    """Each row of a CPU float32 ``X`` (rows may be strided) as 8-bit integers with one scale:
+    ``Q = round(x * 127 / max|x|)`` (to nearest even, ``|Q| <= 127``). Returns ``(Q, scale,
+    resid, qnorm)``: ``scale = max|x| / 127``, and upper bounds on the norms of ``x - scale Q``
+    and of ``scale Q``, which bound the error of products taken from ``Q``
+    (:func:`refine_argmin_int8`). A row under 2^-100 is all residual (``Q`` 0, ``scale`` 0).
+    ``Q`` (int8 ``(n, d)``, rows may be strided) and ``out`` (three contiguous float32 ``(n,)``)
+    are optional output buffers."""
+    n, d = X.shape
+    if X.device.type != "cpu" or X.dtype != torch.float32 or X.stride(1) != 1:
+        raise ValueError("native quantization needs CPU float32 rows with unit column stride")
+    if Q is None:
+        Q = torch.empty((n, d), dtype=torch.int8)
+    elif Q.shape != (n, d) or Q.dtype != torch.int8 or Q.stride(1) != 1:
+        raise ValueError(f"the quantized rows are written into an int8 ({n}, {d}) tensor")
+    if out is None:
+        out = tuple(torch.empty(n, dtype=torch.float32) for _ in range(3))
+    elif any(t.shape != (n,) or t.dtype != torch.float32 or not t.is_contiguous() for t in out):
+        raise ValueError(f"scales and norms are written into contiguous float32 ({n},) tensors")
+    scale, resid, qnorm = out
+    if n:
+        _loaded().featlearn_quantize_rows(X.data_ptr(), X.stride(0), n, d, Q.data_ptr(),
+                                          Q.stride(0), scale.data_ptr(), resid.data_ptr(),
+                                          qnorm.data_ptr())
+    return Q, scale, resid, qnorm
+
+
+def refine_argmin_int8(S: torch.Tensor, X: torch.Tensor, rows, C: torch.Tensor,
+                       c_sq: torch.Tensor, c_norm: torch.Tensor, centres, values: torch.Tensor,
+                       labels: torch.Tensor) -> None:
+    """:func:`refine_argmin` from int32 products ``S = Q_x Q_c^T`` of rows and centres quantized
+    by :func:`quantize_rows` (``rows``: the rows' ``(scale, resid, qnorm)``; ``centres``: the
+    centres' ``(2 * scale, resid)``): the quantization bound leaves a few centres in
+    contention, and their float32 values decide. The same labels and values as
+    :func:`refine_argmin`: both settle by the same float32 values, and each bound holds."""
+    n, k = S.shape
+    d = X.shape[1]
+    if (S.device.type != "cpu" or S.dtype != torch.int32 or S.stride(1) != 1
+            or X.dtype != torch.float32 or X.stride(1) != 1 or X.shape[0] != n
+            or C.shape != (k, d) or C.dtype != torch.float32 or not C.is_contiguous()):
+        raise ValueError("the native int8 refinement needs CPU int32 products (n, k), float32 "
+                         "rows (n, d) and contiguous float32 centres (k, d)")
+    sx, rx, xq = (_f32(t) for t in rows)
+    sc2, rc = (_f32(t) for t in centres)
+    cc, cn = _f32(c_sq), _f32(c_norm)
+    if any(t.shape != (k,) for t in (cc, cn, sc2, rc)) or any(t.shape != (n,) for t in (sx, rx, xq)):
+        raise ValueError(f"per-centre ({k},) and per-row ({n},) norms and scales expected")
+    _check_assignment_out(values, labels, n)
+    if n and _loaded().featlearn_refine_argmin_int8(
+            S.data_ptr(), S.stride(0), X.data_ptr(), X.stride(0), d, C.data_ptr(),
+            cc.data_ptr(), cn.data_ptr(), sc2.data_ptr(), rc.data_ptr(), sx.data_ptr(),
+            rx.data_ptr(), xq.data_ptr(), n, k, values.data_ptr(), labels.data_ptr()) != 0:
+        raise MemoryError("native int8 refinement: out of memory")
 
 
 def standardize_rows(X: torch.Tensor, idx: torch.Tensor, mean: torch.Tensor,

@@ -26,7 +26,7 @@ from featlearn._kmeans_solvers import (MiniBatchResult, _inertia, _init_centers,
                                        _minibatch, _minibatch_step, _MiniBatchState,
                                        _rows_per_chunk, _tolerance, cpu_workers,
                                        nearest_centroid, pairwise_distances)
-from featlearn import _native
+from featlearn import _native, _torch
 from featlearn._torch import make_generator, resolve_precision, to_numpy
 
 # --------------------------------------------------------------------------------------------
@@ -35,11 +35,16 @@ from featlearn._torch import make_generator, resolve_precision, to_numpy
 
 
 def _resolve_precision(precision: str, device: torch.device) -> str:
-    """:func:`featlearn._torch.resolve_precision`, where "auto" also needs the CPU and
-    featlearn's native refinement kernel (elsewhere the refinement in torch ops costs more than
-    it saves)."""
-    if precision == "auto" and not (device.type == "cpu" and _native.available()):
+    """"auto": "int8" where its products are native (:func:`featlearn._torch.has_fast_int8`),
+    else :func:`featlearn._torch.resolve_precision`'s rule; either needs the CPU and featlearn's
+    native refinement kernels (elsewhere the refinement in torch ops costs more than it
+    saves)."""
+    if precision != "auto":
+        return precision
+    if not (device.type == "cpu" and _native.available()):
         return "float32"
+    if _torch.has_fast_int8(device):
+        return "int8"
     return resolve_precision(precision, device)
 
 
@@ -61,7 +66,7 @@ class _BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixi
         "tol": [Interval(numbers.Real, 0, None, closed="left")],
         "reassignment_ratio": [Interval(numbers.Real, 0, 1, closed="both")],
         "n_init": [StrOptions({"auto"}), Interval(numbers.Integral, 1, None, closed="left")],
-        "precision": [StrOptions({"float32", "bfloat16", "auto"})],
+        "precision": [StrOptions({"float32", "bfloat16", "int8", "auto"})],
         "device": [str, torch.device, None],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
@@ -174,7 +179,7 @@ class _BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixi
 
     def _chunk(self, d, device):
         """Rows per assignment chunk: bfloat16 products take half a float32 distance block's
-        bytes, so twice the rows."""
+        bytes, so twice the rows (int8 products are int32)."""
         return _rows_per_chunk(self.n_clusters, d, device,
                                2 if self._precision() == "bfloat16" else 4)
 
@@ -282,13 +287,17 @@ _SHARED_TAIL = """\
         ``X`` is kept. "auto" (scikit-learn's rule): 1 run for "k-means++" and an array, else
         (random starts: "random", "randn", a callable) 10 for :class:`KMeans` and 3 for
         :class:`MiniBatchKMeans`. An explicit array with ``n_init > 1`` warns and runs once.
-    precision : {"float32", "bfloat16", "auto"}, default="float32"
+    precision : {"float32", "bfloat16", "int8", "auto"}, default="float32"
         The distance products' precision when fitting and predicting on float32 data.
         "bfloat16" multiplies in bfloat16 and settles the few centres that its rounding leaves
         in contention for a sample by their float32 distances, so labels and inertia are those
         of float32 (up to float32 rounding) at the cost of a bfloat16 GEMM: about twice as fast
-        on CPUs with native bfloat16 (AVX512-BF16, AMX), slower where it is emulated. "auto":
-        "bfloat16" on such a CPU when featlearn's native kernels are built, else "float32".
+        on CPUs with native bfloat16 (AVX512-BF16, AMX), slower where it is emulated. "int8"
+        does the same from exact integer products of samples and centres scaled to 8 bits
+        (one scale each), whose error the quantization residuals bound: the same labels as
+        "bfloat16", from a GEMM about twice as fast again on CPUs with VNNI or AMX-INT8.
+        "auto" (when featlearn's native kernels are built, on the CPU): "int8" on such a CPU,
+        else "bfloat16" where it is native, else "float32".
         :meth:`transform` (all distances) and float64 input always use float32 or float64.
     device : str or torch.device, default="auto"
         "auto" uses CUDA when available, else the CPU.
@@ -358,7 +367,7 @@ class KMeans(_BaseKMeans):
         Lloyd iterations run.
     n_steps_ : int
         Centre updates (equals ``n_iter_``; kept for symmetry with :class:`MiniBatchKMeans`).
-    precision_ : {"float32", "bfloat16"}
+    precision_ : {"float32", "bfloat16", "int8"}
         ``precision`` with "auto" resolved for the fitting device.
     counts_ : ndarray of shape (n_clusters,), float64
         Samples (summed sample weights) per centre in the final assignment.
@@ -484,7 +493,7 @@ class MiniBatchKMeans(_BaseKMeans):
         Epochs started (:meth:`partial_fit`: calls), plus the Lloyd iterations run.
     n_steps_ : int
         Centre updates performed: batches, plus the Lloyd iterations run.
-    precision_ : {"float32", "bfloat16"}
+    precision_ : {"float32", "bfloat16", "int8"}
         ``precision`` with "auto" resolved for the fitting device.
     counts_ : ndarray of shape (n_clusters,), float64
         Running (weighted) sample counts per centre, the denominators of the learning rate;

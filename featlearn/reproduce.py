@@ -173,7 +173,7 @@ def run(config, data, *, out=None, cache=None, device=None, n_train=None, n_test
     """
     import torch
 
-    from featlearn._torch import gemm_rate, has_fast_bfloat16
+    from featlearn._torch import gemm_rate, has_fast_bfloat16, has_fast_int8
 
     for what, n in (("n_train", n_train), ("n_test", n_test)):
         if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
@@ -187,10 +187,12 @@ def run(config, data, *, out=None, cache=None, device=None, n_train=None, n_test
     log(verbose, f"[{job.name}] {len(split['X_train'])} training and {len(split['X_test'])} "
                  f"test images, K={job.encoder.kmeans.n_clusters}, device {job.device}", level=2)
     # The yardsticks for the efficiency figures, measured beside the run: float32, and
-    # bfloat16 where it is native (a stage in bfloat16 is held to that rate).
+    # bfloat16 and int8 where they are native (a stage is held to its own precision's rate).
     rate = {"float32": gemm_rate(n=3072, repeats=2, device=job.device)}
     if has_fast_bfloat16(job.device):
         rate["bfloat16"] = gemm_rate(n=3072, repeats=2, device=job.device, dtype=torch.bfloat16)
+    if has_fast_int8(job.device):
+        rate["int8"] = gemm_rate(n=3072, repeats=2, device=job.device, dtype=torch.int8)
     log(verbose, f"[{job.name}] GEMM rates of this machine: "
                  + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rate.items()), level=2)
 
@@ -389,7 +391,7 @@ def _results(config, data, job, split, fitted, pred_train, pred_test, times, tot
         precision = stage_precisions(encoder)
         for part, f in distance_flops(encoder, n_train, n_test, fitted.encoded).items():
             flops[part] = flops.get(part, 0.0) + f
-            # bfloat16 without a measured (native) rate: emulated, held to the float32 rate
+            # bfloat16 or int8 without a measured (native) rate: held to the float32 rate
             part_rate = rate.get(precision[part], rate["float32"])
             gemm_s[part] = gemm_s.get(part, 0.0) + f / (part_rate * 1e9)
             precisions.setdefault(part, set()).add(precision[part])
@@ -417,6 +419,7 @@ def _results(config, data, job, split, fitted, pred_train, pred_test, times, tot
         "peak_rss_gb": round(peak_rss_bytes() / 2**30, 2),
         "gemm_gflops": round(rate["float32"], 1),
         "gemm_gflops_bfloat16": round(rate["bfloat16"], 1) if "bfloat16" in rate else None,
+        "gemm_gops_int8": round(rate["int8"], 1) if "int8" in rate else None,
         "distance_tflop": {k: float(f"{v / 1e12:.4g}") for k, v in flops.items()},
         "distance_precision": {k: "+".join(sorted(v)) for k, v in precisions.items()},
         "efficiency": efficiency(gemm_s, times),

@@ -157,11 +157,13 @@ def _efficiency_line(results: dict) -> str:
     eff, tf = results["efficiency"], results["distance_tflop"]
     prec = results.get("distance_precision") or {"k-means": "float32", "encoding": "float32"}
     pct = ", ".join(f"{k} {v:.0%}" for k, v in eff.items() if v is not None)
-    bf16 = results.get("gemm_gflops_bfloat16")
-    rates = f"float32 {results['gemm_gflops']}" + (f", bfloat16 {bf16}" if bf16 else "")
+    bf16, int8 = results.get("gemm_gflops_bfloat16"), results.get("gemm_gops_int8")
+    rates = (f"float32 {results['gemm_gflops']} GFLOP/s"
+             + (f", bfloat16 {bf16} GFLOP/s" if bf16 else "")
+             + (f", int8 {int8} GOP/s" if int8 else ""))
     return (f"Distance products: {tf['k-means']:.3g} TFLOP in k-means ({prec['k-means']}), "
             f"{tf['encoding']:.3g} TFLOP in encoding ({prec['encoding']}); GEMM rates measured "
-            f"in this run: {rates} GFLOP/s; efficiency (the products' time at the GEMM rate of "
+            f"in this run: {rates}; efficiency (the products' time at the GEMM rate of "
             f"their precision / stage time): {pct}.")
 
 

@@ -252,17 +252,18 @@ def patches_like():
     return X, C
 
 
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
 @pytest.mark.parametrize("native_kernel", [True, False])
 @pytest.mark.parametrize("accumulate", [False, True])
-def test_bfloat16_assignment_is_the_float32_one(patches_like, native_kernel, accumulate,
-                                                monkeypatch):
+def test_reduced_precision_assignment_is_the_float32_one(patches_like, precision, native_kernel,
+                                                         accumulate, monkeypatch):
     X, C = patches_like
     if native_kernel and not solvers._native.available():
         pytest.skip("native kernels not built here")
     if not native_kernel:  # the same rule in torch ops (CUDA, or no C compiler)
         monkeypatch.setattr(solvers._native, "available", lambda: False)
     ref = solvers.nearest_centroid(X, C, accumulate=accumulate)
-    got = solvers.nearest_centroid(X, C, accumulate=accumulate, precision="bfloat16")
+    got = solvers.nearest_centroid(X, C, accumulate=accumulate, precision=precision)
     assert torch.equal(got[0], ref[0])
     # distances equal up to float32 rounding of the terms ||x||^2 + ||c||^2 they cancel from
     scale = (X * X).sum(1) + (C * C).sum(1).max()
@@ -293,30 +294,57 @@ def test_torch_refinement_falls_back_to_float32_rows_with_many_candidates(monkey
     assert torch.equal(labels, solvers.nearest_centroid(X, C)[0])
 
 
+def test_int8_and_bfloat16_assignments_agree_bit_for_bit(patches_like):
+    """Both settle by the same float32 values, and neither bound leaves the nearest out."""
+    X, C = patches_like
+    bf16 = solvers.nearest_centroid(X, C, precision="bfloat16")
+    int8 = solvers.nearest_centroid(X, C, precision="int8")
+    assert torch.equal(bf16[0], int8[0]) and torch.equal(bf16[1], int8[1])
+
+
+def test_torch_int8_products_stay_exact_past_float32s_integers(monkeypatch):
+    """Off the native path int8 products are a float GEMM of the integer values: float64 where
+    float32's 24-bit sums could round them (d = 1100 here)."""
+    monkeypatch.setattr(solvers._native, "available", lambda: False)
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(60, 1100, generator=g)
+    C = X[:20] + 0.01 * torch.randn(20, 1100, generator=g)
+    labels, mind = solvers.nearest_centroid(X, C, precision="int8")
+    assert torch.equal(labels, solvers.nearest_centroid(X, C)[0])
+    assert torch.equal(labels[:20], torch.arange(20))
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
 @pytest.mark.parametrize("Est", [KMeans, MiniBatchKMeans])
-def test_bfloat16_precision_fits_the_float32_model(patches_like, Est):
+def test_reduced_precision_fits_the_float32_model(patches_like, Est, precision):
     X = patches_like[0].numpy()
     kw = dict(n_clusters=40, random_state=0, device="cpu", max_iter=5)
     if Est is MiniBatchKMeans:
         kw.update(batch_size=512)
     ref = Est(**kw).fit(X)
-    got = Est(precision="bfloat16", **kw).fit(X)
-    assert got.precision_ == "bfloat16" and ref.precision_ == "float32"
+    got = Est(precision=precision, **kw).fit(X)
+    assert got.precision_ == precision and ref.precision_ == "float32"
     np.testing.assert_array_equal(got.labels_, ref.labels_)
     np.testing.assert_allclose(got.cluster_centers_, ref.cluster_centers_, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(got.predict(X), ref.predict(X))
     assert got.score(X) == pytest.approx(ref.score(X), rel=1e-6)
 
 
-def test_auto_precision_is_bfloat16_only_where_native(patches_like, monkeypatch):
+def test_auto_precision_is_int8_or_bfloat16_only_where_native(patches_like, monkeypatch):
     import featlearn._torch as torch_module
     import featlearn.kmeans as kmeans_module
 
     X = patches_like[0][:500].numpy()
+    monkeypatch.setattr(torch_module, "has_fast_int8", lambda device: True)
     monkeypatch.setattr(torch_module, "has_fast_bfloat16", lambda device: True)
     monkeypatch.setattr(kmeans_module._native, "available", lambda: True)
+    assert KMeans(5, precision="auto", max_iter=2, device="cpu").fit(X).precision_ == "int8"
+    monkeypatch.setattr(torch_module, "has_fast_int8", lambda device: False)
     assert KMeans(5, precision="auto", max_iter=2, device="cpu").fit(X).precision_ == "bfloat16"
     monkeypatch.setattr(torch_module, "has_fast_bfloat16", lambda device: False)
+    assert KMeans(5, precision="auto", max_iter=2, device="cpu").fit(X).precision_ == "float32"
+    monkeypatch.setattr(torch_module, "has_fast_int8", lambda device: True)
+    monkeypatch.setattr(kmeans_module._native, "available", lambda: False)
     assert KMeans(5, precision="auto", max_iter=2, device="cpu").fit(X).precision_ == "float32"
     with pytest.raises(ValueError, match="precision"):
         KMeans(5, precision="float16").fit(X)

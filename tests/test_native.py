@@ -236,6 +236,78 @@ def test_native_refinement_takes_the_first_of_equal_centres():
     assert labels.tolist() == [1, 3]
 
 
+def _int8_refine(X, C):
+    """The native int8 assignment of ``X`` to ``C``: quantized rows and centres, their exact
+    integer products, then the refinement."""
+    Qx, sx, rx, xq = native.quantize_rows(X)
+    Qc, sc, rc, _ = native.quantize_rows(C)
+    S = torch._int_mm(Qx, Qc.t()) if len(X) > 0 else torch.empty(0, len(C), dtype=torch.int32)
+    c_sq = (C * C).sum(1)
+    values = torch.empty(len(X))
+    labels = torch.empty(len(X), dtype=torch.int64)
+    native.refine_argmin_int8(S, X, (sx, rx, xq), C, c_sq, c_sq.sqrt(), (sc + sc, rc), values,
+                              labels)
+    return values, labels, S, (sx, sc)
+
+
+@needs_compiler
+@pytest.mark.parametrize("k", [1, 7, 16, 400, 1603])
+def test_native_int8_refinement_finds_the_exact_nearest_centre(k):
+    g = torch.Generator().manual_seed(k)
+    X = _heavy_tailed(700, 108, g)
+    C = _heavy_tailed(k, 108, g)
+    values, labels, S, (sx, sc) = _int8_refine(X, C)
+    c_sq = (C * C).sum(1)
+    exact = c_sq.double() - 2 * X.double() @ C.t().double()
+    assert torch.equal(labels, exact.argmin(1))
+    assert torch.allclose(values.double(), exact.min(1).values, rtol=1e-5, atol=1e-3)
+    # the bfloat16 refinement settles by the same float32 values: the same labels and values
+    bf_values, bf_labels = torch.empty(len(X)), torch.empty(len(X), dtype=torch.int64)
+    native.refine_argmin(X.bfloat16() @ C.t().bfloat16(), X, C, c_sq, c_sq.sqrt(), bf_values,
+                         bf_labels)
+    assert torch.equal(labels, bf_labels) and torch.equal(values, bf_values)
+    if k >= 400:  # the quantized products alone pick other centres for some rows here
+        assert not torch.equal((c_sq - 2 * sx[:, None] * sc * S.float()).argmin(1), labels)
+
+
+@needs_compiler
+def test_quantized_rows_and_their_error_bounds():
+    g = torch.Generator().manual_seed(0)
+    X = _heavy_tailed(300, 37, g)
+    X[0] = 0.0
+    X[1] = 0.0
+    X[1, 5] = 1e-39          # subnormal: no usable scale, all residual
+    X[2] = 3.0               # every entry at the maximum
+    Q, scale, resid, qnorm = native.quantize_rows(X)
+    m = X.abs().amax(1)
+    assert Q.dtype == torch.int8 and int(Q.abs().max()) <= 127
+    assert torch.equal(Q[3:].float(), torch.round(X[3:] * (127 / m[3:, None])))  # nearest even
+    assert torch.equal(scale[3:], m[3:] / 127) and scale[:2].tolist() == [0.0, 0.0]
+    assert (Q[2] == 127).all() and Q[:2].abs().sum() == 0
+    x64, y64 = X.double(), scale.double()[:, None] * Q.double()
+    true_resid, true_qnorm = (x64 - y64).norm(dim=1), y64.norm(dim=1)
+    # bounds, and tight ones: the residual about |x - scale Q| itself
+    assert (resid.double() >= true_resid).all() and (qnorm.double() >= true_qnorm * (1 - 1e-6)).all()
+    assert (resid.double()[3:] <= true_resid[3:] * 1.01 + 1e-3 * scale.double()[3:]).all()
+    assert float(resid[1]) >= 1e-39 and float(resid[0]) == 0.0
+    # rows may be strided, and the outputs preallocated
+    out = tuple(torch.empty(300) for _ in range(3))
+    Q2 = torch.empty(300, 40, dtype=torch.int8)[:, :37]
+    wide = torch.zeros(300, 50)
+    wide[:, :37] = X
+    got = native.quantize_rows(wide[:, :37], Q2, out)
+    assert got[0] is Q2 and torch.equal(Q2, Q) and all(torch.equal(a, b) for a, b in
+                                                        zip(got[1:], (scale, resid, qnorm)))
+
+
+@needs_compiler
+def test_native_int8_refinement_keeps_the_nearest_when_rows_are_tiny_or_zero():
+    C = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    X = torch.tensor([[0.0, 0.0], [1e-39, 0.0], [2e-38, 3e-38], [1e-20, 1e-20]])
+    values, labels, _, _ = _int8_refine(X, C)
+    assert labels.tolist() == [2, 2, 2, 2]
+
+
 @needs_compiler
 def test_native_assignment_kernels_refuse_what_they_cannot_read():
     D = torch.zeros(4, 8)
@@ -247,6 +319,18 @@ def test_native_assignment_kernels_refuse_what_they_cannot_read():
     with pytest.raises(ValueError, match="bfloat16 products"):
         native.refine_argmin(D, torch.zeros(4, 3), torch.zeros(8, 3), torch.zeros(8),
                              torch.zeros(8), v, lab)
+    with pytest.raises(ValueError, match="int32 products"):
+        native.refine_argmin_int8(D, torch.zeros(4, 3), [torch.zeros(4)] * 3,
+                                  torch.zeros(8, 3), torch.zeros(8), torch.zeros(8),
+                                  [torch.zeros(8)] * 2, v, lab)
+    with pytest.raises(ValueError, match="per-centre"):
+        native.refine_argmin_int8(D.int(), torch.zeros(4, 3), [torch.zeros(4)] * 3,
+                                  torch.zeros(8, 3), torch.zeros(8), torch.zeros(8),
+                                  [torch.zeros(7)] * 2, v, lab)
+    with pytest.raises(ValueError, match="CPU float32 rows"):
+        native.quantize_rows(D.double())
+    with pytest.raises(ValueError, match="int8"):
+        native.quantize_rows(D, torch.empty(4, 8, dtype=torch.int16))
 
 
 def _torch_update(X, labels, w, C, counts):

@@ -207,12 +207,13 @@ def test_distance_flops_counts_every_pass():
     assert eff == {"dictionary": 0.5, "encoding": 0.5, "end to end": 0.25}
 
 
-def test_bfloat16_stages_are_held_to_the_bfloat16_rate(tmp_path, archive, monkeypatch):
+def test_reduced_precision_stages_are_held_to_their_own_rate(tmp_path, archive, monkeypatch):
     import featlearn._torch as ft
     import featlearn.reproduce as fr
 
     monkeypatch.setattr(ft, "has_fast_bfloat16", lambda device: True)
-    rates = {torch.float32: 100.0, torch.bfloat16: 400.0}
+    monkeypatch.setattr(ft, "has_fast_int8", lambda device: True)
+    rates = {torch.float32: 100.0, torch.bfloat16: 400.0, torch.int8: 800.0}
     monkeypatch.setattr(ft, "gemm_rate", lambda n=0, repeats=0, device="cpu",
                         dtype=torch.float32: rates[dtype])
     # The stage seconds in results.json are rounded to 0.01 s and a tiny run's are a few
@@ -226,22 +227,26 @@ def test_bfloat16_stages_are_held_to_the_bfloat16_rate(tmp_path, archive, monkey
     monkeypatch.setattr(fr, "efficiency", spy)
     path = tmp_path / "bf16.json"
     path.write_text(json.dumps({"name": "bf16", "params": TINY | {
-        "encoder__precision": "bfloat16", "encoder__kmeans__precision": "bfloat16"}}))
+        "encoder__precision": "bfloat16", "encoder__kmeans__precision": "int8"}}))
     out = tmp_path / "out"
     assert reproduce(path, archive, "--out", out) == 0
     results = json.loads((out / "results.json").read_text())
-    assert (results["gemm_gflops"], results["gemm_gflops_bfloat16"]) == (100.0, 400.0)
-    assert results["distance_precision"] == {"k-means": "bfloat16", "encoding": "bfloat16"}
+    assert (results["gemm_gflops"], results["gemm_gflops_bfloat16"],
+            results["gemm_gops_int8"]) == (100.0, 400.0, 800.0)
+    assert results["distance_precision"] == {"k-means": "int8", "encoding": "bfloat16"}
     (gemm_s, seconds), = seen
-    # the encoding products' seconds are their FLOPs at the bfloat16 rate, not the float32 one
+    # each part's products take their FLOPs at their own precision's rate, not float32's
     assert gemm_s["encoding"] == pytest.approx(
         results["distance_tflop"]["encoding"] * 1e12 / 400e9, rel=0.01)
+    assert gemm_s["k-means"] == pytest.approx(
+        results["distance_tflop"]["k-means"] * 1e12 / 800e9, rel=0.01)
     enc_s = seconds["encode train"] + seconds["encode test"]
     assert results["efficiency"]["encoding"] == pytest.approx(gemm_s["encoding"] / enc_s,
                                                               rel=0.01)
     text = (out / "results.md").read_text()
-    assert "GEMM rates measured in this run: float32 100.0, bfloat16 400.0 GFLOP/s" in text
-    assert "TFLOP in encoding (bfloat16)" in text
+    assert ("GEMM rates measured in this run: float32 100.0 GFLOP/s, bfloat16 400.0 GFLOP/s, "
+            "int8 800.0 GOP/s" in text)
+    assert "TFLOP in encoding (bfloat16)" in text and "TFLOP in k-means (int8)" in text
 
 
 
