@@ -107,8 +107,8 @@ def iter_blocks(images, *, block_bytes=32 * 2**20):
 #: The modules whose code decides the encoded features: the feature stages and every featlearn
 #: module they import, but the logger.
 FEATURE_MODULES = ("patches", "preprocessing", "dictionary", "kmeans", "_kmeans_input",
-                   "_kmeans_solvers", "activations", "pooling", "encoding", "_encoding_kernel",
-                   "_native", "_scale", "_compile", "_torch")
+                   "_kmeans_solvers", "_reduced_products", "activations", "pooling", "encoding",
+                   "_encoding_kernel", "_native", "_scale", "_compile", "_torch")
 
 
 def code_fingerprint() -> str:
