@@ -111,14 +111,20 @@ FEATURE_MODULES = ("patches", "preprocessing", "dictionary", "kmeans", "_kmeans_
                    "_encoding_kernel", "_native", "_scale", "_compile", "_torch")
 
 
+#: Source files beside them that decide the features too: the native kernels' C source.
+FEATURE_SOURCES = ("_native.c",)
+
+
 def code_fingerprint() -> str:
-    """sha256 of the source of :data:`FEATURE_MODULES`: new code never reuses features of the old.
+    """sha256 of the source of :data:`FEATURE_MODULES` and :data:`FEATURE_SOURCES`: new code
+    never reuses features of the old.
 
     A fix inside k-means keeps the parameters and the version number, so neither would tell
     the features it changes from those of the old code (joblib.Memory only watches the cached
     function's own code).
     """
     h = hashlib.sha256()
-    for name in FEATURE_MODULES:
-        h.update((Path(__file__).parent / f"{name}.py").read_bytes())
+    root = Path(__file__).parent
+    for name in [f"{m}.py" for m in FEATURE_MODULES] + list(FEATURE_SOURCES):
+        h.update((root / name).read_bytes())
     return h.hexdigest()[:16]

@@ -139,3 +139,24 @@ def test_the_feature_cache_key_covers_every_module_the_features_depend_on():
                   and node.module.startswith("featlearn.")):
                 todo.append(node.module.split(".")[1])
     assert seen - {"_logging"} <= set(fingerprints.FEATURE_MODULES)
+
+
+def test_the_feature_cache_key_covers_the_native_kernels_source(tmp_path, monkeypatch):
+    # The C kernels compute thresholds, pooled codes and k-means labels: a changed kernel must
+    # not answer with features cached by the old one.
+    import shutil
+    from pathlib import Path
+
+    from featlearn import fingerprints
+
+    root = Path(fingerprints.__file__).parent
+    copy = tmp_path / "featlearn"
+    copy.mkdir()
+    for name in [f"{m}.py" for m in fingerprints.FEATURE_MODULES] + ["_native.c"]:
+        shutil.copy(root / name, copy / name)
+    monkeypatch.setattr(fingerprints, "__file__", str(copy / "fingerprints.py"))
+    before = fingerprints.code_fingerprint()
+    assert before == fingerprints.code_fingerprint()
+    with open(copy / "_native.c", "a") as fh:
+        fh.write("/* changed */\n")
+    assert fingerprints.code_fingerprint() != before
