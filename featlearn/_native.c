@@ -331,24 +331,25 @@ typedef int8_t vbyte __attribute__((vector_size(LANES)));
 void featlearn_quantize_rows(const float *X, int64_t xstride, int64_t n, int d, int8_t *Q,
                              int64_t qstride, float *scale, float *resid, float *qnorm) {
     const float big = 12582912.0f;  /* (y + 1.5 2^23) - 1.5 2^23: y to nearest even, |y| < 2^22 */
-    int dv = d - d % LANES;
+    int nv = (d + LANES - 1) / LANES, tail = d - (nv - 1) * LANES;
     vint absmask;
     vfloat top, zero = {0.0f};
     for (int l = 0; l < LANES; l++) { absmask[l] = 0x7fffffff; top[l] = 127.0f; }
     for (int64_t i = 0; i < n; i++) {
         const float *x = X + i * xstride;
         int8_t *q = Q + i * qstride;
-        vfloat mx = zero;
-        for (int t = 0; t < dv; t += LANES) {
-            vfloat xv;
-            memcpy(&xv, x + t, sizeof xv);
+        /* the row as whole vectors, the last one padded with zeros (which change nothing) */
+        vfloat last = zero, mx = zero;
+        memcpy(&last, x + (nv - 1) * LANES, sizeof(float) * (size_t)tail);
+        for (int t = 0; t < nv; t++) {
+            vfloat xv = last;
+            if (t < nv - 1) memcpy(&xv, x + t * LANES, sizeof xv);
             vfloat a = (vfloat)((vint)xv & absmask);
             vint gt = a > mx;
             mx = (vfloat)(((vint)a & gt) | ((vint)mx & ~gt));
         }
         float m = 0.0f;
         for (int l = 0; l < LANES; l++) m = mx[l] > m ? mx[l] : m;
-        for (int t = dv; t < d; t++) m = fabsf(x[t]) > m ? fabsf(x[t]) : m;
         if (!(m >= 0x1p-100f)) {
             memset(q, 0, (size_t)d);
             scale[i] = 0.0f;
@@ -358,9 +359,9 @@ void featlearn_quantize_rows(const float *X, int64_t xstride, int64_t n, int d, 
         }
         float inv = 127.0f / m, s = m / 127.0f;
         vfloat uu = zero, vv = zero;
-        for (int t = 0; t < dv; t += LANES) {
-            vfloat xv;
-            memcpy(&xv, x + t, sizeof xv);
+        for (int t = 0; t < nv; t++) {
+            vfloat xv = last;
+            if (t < nv - 1) memcpy(&xv, x + t * LANES, sizeof xv);
             vfloat y = xv * inv;
             vfloat v = (y + big) - big;
             v = (vfloat)(((vint)top & (v > top)) | ((vint)v & ~(v > top)));
@@ -368,19 +369,11 @@ void featlearn_quantize_rows(const float *X, int64_t xstride, int64_t n, int d, 
             vfloat u = y - v;
             uu += u * u;
             vv += v * v;
-            vbyte b = __builtin_convertvector(__builtin_convertvector(v, vint), vbyte);
-            memcpy(q + t, &b, sizeof b);
+            vbyte bytes = __builtin_convertvector(__builtin_convertvector(v, vint), vbyte);
+            memcpy(q + t * LANES, &bytes, t < nv - 1 ? sizeof bytes : (size_t)tail);
         }
         float u2 = 0.0f, v2 = 0.0f;
         for (int l = 0; l < LANES; l++) { u2 += uu[l]; v2 += vv[l]; }
-        for (int t = dv; t < d; t++) {
-            float y = x[t] * inv;
-            float v = (y + big) - big;
-            v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
-            q[t] = (int8_t)v;
-            u2 += (y - v) * (y - v);
-            v2 += v * v;
-        }
         scale[i] = s;
         /* s y_t is x_t within 2^-22 |x_t| (inv s within 2^-23 of 1, y_t rounded once), so
            |x_t - s v_t| <= s |y_t - v_t| + 2^-22 m, and 2^-22 m = 127 2^-22 s < 2^-14 s */
