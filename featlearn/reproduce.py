@@ -194,7 +194,8 @@ def run(config, data, *, out=None, cache=None, device=None, n_train=None, n_test
     if has_fast_int8(job.device):
         rate["int8"] = gemm_rate(n=3072, repeats=2, device=job.device, dtype=torch.int8)
     log(verbose, f"[{job.name}] GEMM rates of this machine: "
-                 + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rate.items()), level=2)
+                 + ", ".join(f"{k} {v:.0f} {'GOP/s' if k == 'int8' else 'GFLOP/s'}"
+                             for k, v in rate.items()), level=2)
 
     times = {}
     if job.members:
