@@ -107,8 +107,11 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
         rows = min(chunk, stop - start)
         if reduced is None or onehot:
             buf, blocks = _distance_buffer(rows, k, X.dtype, device)
-        for s in range(start, stop, chunk):
-            e = min(stop, s + chunk)
+        # The fused int8 kernel keeps no products: one call for the whole range.
+        fused = reduced is not None and reduced.packed is not None
+        step = max(1, stop - start) if fused else chunk
+        for s in range(start, stop, step):
+            e = min(stop, s + step)
             Xc = X[s:e]
             if reduced is not None:
                 reduced.assign(Xc, mind[s:e], labels[s:e])

@@ -328,58 +328,61 @@ int featlearn_refine_argmin(const uint16_t *S, int64_t stride, const float *X, i
    under 2^-100 is all residual (q = 0, scale 0, |x| <= max|x| sqrt(d)). */
 typedef int8_t vbyte __attribute__((vector_size(LANES)));
 
-void featlearn_quantize_rows(const float *X, int64_t xstride, int64_t n, int d, int8_t *Q,
-                             int64_t qstride, float *scale, float *resid, float *qnorm) {
+/* One row of featlearn_quantize_rows: q (d bytes), and its scale and norm bounds. */
+static void quantize_row(const float *x, int d, int8_t *q, float *scale, float *resid,
+                         float *qnorm) {
     const float big = 12582912.0f;  /* (y + 1.5 2^23) - 1.5 2^23: y to nearest even, |y| < 2^22 */
     int nv = (d + LANES - 1) / LANES, tail = d - (nv - 1) * LANES;
     vint absmask;
     vfloat top, zero = {0.0f};
     for (int l = 0; l < LANES; l++) { absmask[l] = 0x7fffffff; top[l] = 127.0f; }
-    for (int64_t i = 0; i < n; i++) {
-        const float *x = X + i * xstride;
-        int8_t *q = Q + i * qstride;
-        /* the row as whole vectors, the last one padded with zeros (which change nothing) */
-        vfloat last = zero, mx = zero;
-        memcpy(&last, x + (nv - 1) * LANES, sizeof(float) * (size_t)tail);
-        for (int t = 0; t < nv; t++) {
-            vfloat xv = last;
-            if (t < nv - 1) memcpy(&xv, x + t * LANES, sizeof xv);
-            vfloat a = (vfloat)((vint)xv & absmask);
-            vint gt = a > mx;
-            mx = (vfloat)(((vint)a & gt) | ((vint)mx & ~gt));
-        }
-        float m = 0.0f;
-        for (int l = 0; l < LANES; l++) m = mx[l] > m ? mx[l] : m;
-        if (!(m >= 0x1p-100f)) {
-            memset(q, 0, (size_t)d);
-            scale[i] = 0.0f;
-            resid[i] = m * sqrtf((float)d) * (1.0f + 0x1p-20f);
-            qnorm[i] = 0.0f;
-            continue;
-        }
-        float inv = 127.0f / m, s = m / 127.0f;
-        vfloat uu = zero, vv = zero;
-        for (int t = 0; t < nv; t++) {
-            vfloat xv = last;
-            if (t < nv - 1) memcpy(&xv, x + t * LANES, sizeof xv);
-            vfloat y = xv * inv;
-            vfloat v = (y + big) - big;
-            v = (vfloat)(((vint)top & (v > top)) | ((vint)v & ~(v > top)));
-            v = (vfloat)(((vint)-top & (v < -top)) | ((vint)v & ~(v < -top)));
-            vfloat u = y - v;
-            uu += u * u;
-            vv += v * v;
-            vbyte bytes = __builtin_convertvector(__builtin_convertvector(v, vint), vbyte);
-            memcpy(q + t * LANES, &bytes, t < nv - 1 ? sizeof bytes : (size_t)tail);
-        }
-        float u2 = 0.0f, v2 = 0.0f;
-        for (int l = 0; l < LANES; l++) { u2 += uu[l]; v2 += vv[l]; }
-        scale[i] = s;
-        /* s y_t is x_t within 2^-22 |x_t| (inv s within 2^-23 of 1, y_t rounded once), so
-           |x_t - s v_t| <= s |y_t - v_t| + 2^-22 m, and 2^-22 m = 127 2^-22 s < 2^-14 s */
-        resid[i] = s * (sqrtf(u2) + sqrtf((float)d) * 0x1p-14f);
-        qnorm[i] = s * sqrtf(v2);
+    /* the row as whole vectors, the last one padded with zeros (which change nothing) */
+    vfloat last = zero, mx = zero;
+    memcpy(&last, x + (nv - 1) * LANES, sizeof(float) * (size_t)tail);
+    for (int t = 0; t < nv; t++) {
+        vfloat xv = last;
+        if (t < nv - 1) memcpy(&xv, x + t * LANES, sizeof xv);
+        vfloat a = (vfloat)((vint)xv & absmask);
+        vint gt = a > mx;
+        mx = (vfloat)(((vint)a & gt) | ((vint)mx & ~gt));
     }
+    float m = 0.0f;
+    for (int l = 0; l < LANES; l++) m = mx[l] > m ? mx[l] : m;
+    if (!(m >= 0x1p-100f)) {
+        memset(q, 0, (size_t)d);
+        *scale = 0.0f;
+        *resid = m * sqrtf((float)d) * (1.0f + 0x1p-20f);
+        *qnorm = 0.0f;
+        return;
+    }
+    float inv = 127.0f / m, s = m / 127.0f;
+    vfloat uu = zero, vv = zero;
+    for (int t = 0; t < nv; t++) {
+        vfloat xv = last;
+        if (t < nv - 1) memcpy(&xv, x + t * LANES, sizeof xv);
+        vfloat y = xv * inv;
+        vfloat v = (y + big) - big;
+        v = (vfloat)(((vint)top & (v > top)) | ((vint)v & ~(v > top)));
+        v = (vfloat)(((vint)-top & (v < -top)) | ((vint)v & ~(v < -top)));
+        vfloat u = y - v;
+        uu += u * u;
+        vv += v * v;
+        vbyte bytes = __builtin_convertvector(__builtin_convertvector(v, vint), vbyte);
+        memcpy(q + t * LANES, &bytes, t < nv - 1 ? sizeof bytes : (size_t)tail);
+    }
+    float u2 = 0.0f, v2 = 0.0f;
+    for (int l = 0; l < LANES; l++) { u2 += uu[l]; v2 += vv[l]; }
+    *scale = s;
+    /* s y_t is x_t within 2^-22 |x_t| (inv s within 2^-23 of 1, y_t rounded once), so
+       |x_t - s v_t| <= s |y_t - v_t| + 2^-22 m, and 2^-22 m = 127 2^-22 s < 2^-14 s */
+    *resid = s * (sqrtf(u2) + sqrtf((float)d) * 0x1p-14f);
+    *qnorm = s * sqrtf(v2);
+}
+
+void featlearn_quantize_rows(const float *X, int64_t xstride, int64_t n, int d, int8_t *Q,
+                             int64_t qstride, float *scale, float *resid, float *qnorm) {
+    for (int64_t i = 0; i < n; i++)
+        quantize_row(X + i * xstride, d, Q + i * qstride, scale + i, resid + i, qnorm + i);
 }
 
 /* The k-means assignment from exact integer products, as featlearn_refine_argmin: S holds n
@@ -436,6 +439,129 @@ int featlearn_refine_argmin_int8(const int32_t *S, int64_t stride, const float *
     free(low);
     return 0;
 }
+
+/* The int8 assignment in one pass per row block, for CPUs with AVX512-VNNI: rows quantized
+   as featlearn_quantize_rows, their products with the centres packed by
+   featlearn_pack_centres_int8 summed by VPDPBUSD in registers, the bound of
+   featlearn_refine_argmin_int8 applied to them there, and the few candidates settled in
+   float32: the same labels and values, with no products written out (and one call per range of
+   rows, where the unfused path needs three per chunk). Compiled only where the compiler targets
+   AVX512-VNNI (-march=native); elsewhere featlearn_int8_fused() is 0 and the unfused path runs. */
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+
+int featlearn_int8_fused(void) { return 1; }
+
+/* Centres for featlearn_assign_int8: quantized (featlearn_quantize_rows) into blocks of 16
+   centres, each dim group of 4 as 64 bytes (16 centres x 4 dims) of q + 128 (VPDPBUSD's
+   unsigned operand); kpad centres (a multiple of 64), the padding q = 0 with cc = +inf and cn =
+   sc2 = rc = 0 (never a candidate: its low bound is NaN). Writes Cp, and the kpad-long cc, cn
+   (from the caller's c_sq, c_norm), sc2 = 2 scale and rc = residual norm. */
+void featlearn_pack_centres_int8(const float *C, int k, int d, const float *c_sq,
+                                 const float *c_norm, int kpad, uint8_t *Cp, float *cc,
+                                 float *cn, float *sc2, float *rc) {
+    int G = (d + 3) / 4;
+    int8_t *q = (int8_t *)calloc((size_t)(4 * G), 1);
+    for (int j = 0; j < kpad; j++) {
+        float s = 0.0f, r = 0.0f, qn;
+        memset(q, 0, (size_t)(4 * G));
+        if (j < k) quantize_row(C + (int64_t)j * d, d, q, &s, &r, &qn);
+        uint8_t *blk = Cp + (int64_t)(j / 16) * G * 64 + (j % 16) * 4;
+        for (int g = 0; g < G; g++)
+            for (int t = 0; t < 4; t++) blk[g * 64 + t] = (uint8_t)(q[4 * g + t] + 128);
+        cc[j] = j < k ? c_sq[j] : INFINITY;
+        cn[j] = j < k ? c_norm[j] : 0.0f;
+        sc2[j] = s + s;
+        rc[j] = r;
+    }
+    free(q);
+}
+
+enum { RB = 6 };  /* rows per register tile (with 2 blocks of 16 centres: 12 accumulators) */
+
+int featlearn_assign_int8(const float *X, int64_t xstride, int64_t n, int d, const uint8_t *Cp,
+                          int kpad, const float *C, const float *cc, const float *cn,
+                          const float *sc2, const float *rc, float *values, int64_t *labels) {
+    int G = (d + 3) / 4, dp = 4 * G;
+    const float margin = (float)(d / 16 + 20) * (1.0f / 8388608.0f);
+    const float grow = 1.0f + 1.0f / 1024.0f;
+    float *low = (float *)malloc(sizeof(float) * (size_t)kpad * RB);
+    int8_t *Q = (int8_t *)calloc((size_t)RB * dp, 1);
+    if (!low || !Q) { free(low); free(Q); return -1; }
+    for (int64_t i0 = 0; i0 < n; i0 += RB) {
+        int rr = n - i0 < RB ? (int)(n - i0) : RB;
+        float A[RB], B[RB], sx[RB], rx[RB], xq[RB];
+        int32_t corr[RB];
+        for (int r = 0; r < RB; r++) {
+            int q = r < rr ? r : 0;  /* a short last block repeats its first row */
+            const float *x = X + (i0 + q) * xstride;
+            quantize_row(x, d, Q + r * dp, sx + r, rx + r, xq + r);
+            A[r] = 2.0f * rx[r] * grow + 2.0f * sqrtf(dot(x, x, d)) * margin;
+            B[r] = 2.0f * xq[r] * grow;
+            int sum = 0;
+            for (int c = 0; c < d; c++) sum += Q[r * dp + c];
+            corr[r] = 128 * sum;  /* the unsigned operand's offset: sum (q_c + 128) q_x */
+        }
+        __m512 up[RB];
+        for (int r = 0; r < RB; r++) up[r] = _mm512_set1_ps(INFINITY);
+        for (int jb = 0; jb < kpad / 16; jb += 2) {
+            __m512i acc[RB][2];
+            for (int r = 0; r < RB; r++) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+            const uint8_t *c0 = Cp + (int64_t)jb * G * 64, *c1 = c0 + (int64_t)G * 64;
+            for (int g = 0; g < G; g++) {
+                __m512i b0 = _mm512_loadu_si512(c0 + g * 64);
+                __m512i b1 = _mm512_loadu_si512(c1 + g * 64);
+                for (int r = 0; r < RB; r++) {
+                    int32_t w;
+                    memcpy(&w, Q + r * dp + 4 * g, 4);
+                    __m512i xv = _mm512_set1_epi32(w);
+                    acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], b0, xv);
+                    acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], b1, xv);
+                }
+            }
+            for (int h = 0; h < 2; h++) {
+                int j = (jb + h) * 16;
+                __m512 vc = _mm512_loadu_ps(cc + j), vn = _mm512_loadu_ps(cn + j);
+                __m512 vf = _mm512_loadu_ps(sc2 + j), vr = _mm512_loadu_ps(rc + j);
+                __m512 cm = _mm512_mul_ps(vc, _mm512_set1_ps(margin));
+                for (int r = 0; r < RB; r++) {
+                    __m512i p = _mm512_sub_epi32(acc[r][h], _mm512_set1_epi32(corr[r]));
+                    __m512 f = _mm512_mul_ps(vf, _mm512_cvtepi32_ps(p));
+                    __m512 a = _mm512_sub_ps(vc, _mm512_mul_ps(_mm512_set1_ps(sx[r]), f));
+                    __m512 e = _mm512_add_ps(_mm512_mul_ps(vn, _mm512_set1_ps(A[r])),
+                                             _mm512_mul_ps(vr, _mm512_set1_ps(B[r])));
+                    e = _mm512_add_ps(e, cm);
+                    up[r] = _mm512_min_ps(up[r], _mm512_add_ps(a, e));
+                    _mm512_storeu_ps(low + (int64_t)r * kpad + j, _mm512_sub_ps(a, e));
+                }
+            }
+        }
+        for (int r = 0; r < rr; r++)
+            labels[i0 + r] = settle(low + (int64_t)r * kpad, kpad, _mm512_reduce_min_ps(up[r]),
+                                    X + (i0 + r) * xstride, C, cc, d, values + i0 + r);
+    }
+    free(low);
+    free(Q);
+    return 0;
+}
+#else
+int featlearn_int8_fused(void) { return 0; }
+
+void featlearn_pack_centres_int8(const float *C, int k, int d, const float *c_sq,
+                                 const float *c_norm, int kpad, uint8_t *Cp, float *cc,
+                                 float *cn, float *sc2, float *rc) {
+    (void)C; (void)k; (void)d; (void)c_sq; (void)c_norm; (void)kpad; (void)Cp; (void)cc;
+    (void)cn; (void)sc2; (void)rc;
+}
+
+int featlearn_assign_int8(const float *X, int64_t xstride, int64_t n, int d, const uint8_t *Cp,
+                          int kpad, const float *C, const float *cc, const float *cn,
+                          const float *sc2, const float *rc, float *values, int64_t *labels) {
+    (void)X; (void)xstride; (void)n; (void)d; (void)Cp; (void)kpad; (void)C; (void)cc;
+    (void)cn; (void)sc2; (void)rc; (void)values; (void)labels;
+    return -2;
+}
+#endif
 
 /* How many cells map position (ph, pw) belongs to: row cells
    row_idx[row_ptr[ph]..row_ptr[ph+1]) times column cells col_idx[col_ptr[pw]..col_ptr[pw+1]],

@@ -22,6 +22,8 @@ row that stays in L1 beats what a compiled graph or a torch reduction does in wh
   the few centres their rounding leaves in contention (``precision="bfloat16"``).
 - :func:`quantize_rows` and :func:`refine_argmin_int8`: the same from exact products of rows
   and centres quantized to 8-bit integers (``precision="int8"``).
+- :func:`pack_centres_int8` and :func:`assign_int8`: the int8 assignment fused (products in
+  registers by AVX512-VNNI, bound and settling in the same pass), where the CPU has VNNI.
 - :func:`minibatch_update`: a mini-batch k-means step's per-centre sums, counts and update in
   one pass, where the torch ops are a dozen small passes over the centres.
 - :func:`standardize_rows`: a classifier's mini-batch gathered from float16 features,
@@ -48,6 +50,7 @@ import sysconfig
 import tempfile
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -142,6 +145,12 @@ def _build():
         dll.featlearn_refine_argmin_int8.argtypes = [P, I64, P, I64, I, P, P, P, P, P, P, P, P,
                                                      I64, I, P, P]
         dll.featlearn_refine_argmin_int8.restype = ctypes.c_int
+        dll.featlearn_int8_fused.argtypes = []
+        dll.featlearn_int8_fused.restype = ctypes.c_int
+        dll.featlearn_pack_centres_int8.argtypes = [P, I, I, P, P, I, P, P, P, P, P]
+        dll.featlearn_pack_centres_int8.restype = None
+        dll.featlearn_assign_int8.argtypes = [P, I64, I64, I, P, I, P, P, P, P, P, P, P]
+        dll.featlearn_assign_int8.restype = ctypes.c_int
         return dll
     raise OSError(f"{compiler} failed: {error}")
 
@@ -408,7 +417,8 @@ def refine_argmin_int8(S: torch.Tensor, X: torch.Tensor, rows, C: torch.Tensor,
     sx, rx, xq = (_f32(t) for t in rows)
     sc2, rc = (_f32(t) for t in centres)
     cc, cn = _f32(c_sq), _f32(c_norm)
-    if any(t.shape != (k,) for t in (cc, cn, sc2, rc)) or any(t.shape != (n,) for t in (sx, rx, xq)):
+    if (any(t.shape != (k,) for t in (cc, cn, sc2, rc))
+            or any(t.shape != (n,) for t in (sx, rx, xq))):
         raise ValueError(f"per-centre ({k},) and per-row ({n},) norms and scales expected")
     _check_assignment_out(values, labels, n)
     if n and _loaded().featlearn_refine_argmin_int8(
@@ -416,6 +426,65 @@ def refine_argmin_int8(S: torch.Tensor, X: torch.Tensor, rows, C: torch.Tensor,
             cc.data_ptr(), cn.data_ptr(), sc2.data_ptr(), rc.data_ptr(), sx.data_ptr(),
             rx.data_ptr(), xq.data_ptr(), n, k, values.data_ptr(), labels.data_ptr()) != 0:
         raise MemoryError("native int8 refinement: out of memory")
+
+
+def int8_fused() -> bool:
+    """Whether :func:`assign_int8` is built here: the kernels are, and for a CPU with
+    AVX512-VNNI."""
+    return available() and bool(_loaded().featlearn_int8_fused())
+
+
+class PackedCentres(NamedTuple):
+    """Centres prepared by :func:`pack_centres_int8` for :func:`assign_int8`."""
+    C: torch.Tensor        # the float32 centres (k, d), contiguous
+    packed: torch.Tensor   # their int8 values in VNNI blocks (uint8)
+    kpad: int              # k rounded up to 64
+    cc: torch.Tensor       # squared norms, +inf on the padding (kpad,)
+    cn: torch.Tensor       # norms (kpad,)
+    sc2: torch.Tensor      # twice the quantization scales (kpad,)
+    rc: torch.Tensor       # quantization residual norms (kpad,)
+
+
+def pack_centres_int8(C: torch.Tensor, c_sq: torch.Tensor, c_norm: torch.Tensor) -> PackedCentres:
+    """The CPU float32 centres ``C`` quantized as :func:`quantize_rows` and packed for
+    :func:`assign_int8`, with their squared norms ``c_sq`` and norms ``c_norm`` (the values
+    the assignment settles with)."""
+    k, d = C.shape
+    if C.device.type != "cpu" or C.dtype != torch.float32 or not C.is_contiguous():
+        raise ValueError("the int8 centres are packed from contiguous CPU float32 centres")
+    cc, cn = _f32(c_sq), _f32(c_norm)
+    if cc.shape != (k,) or cn.shape != (k,):
+        raise ValueError(f"centre norms of ({k},) expected")
+    kpad = -(-k // 64) * 64
+    groups = -(-d // 4)
+    packed = torch.empty(kpad * groups * 4, dtype=torch.uint8)
+    out = tuple(torch.empty(kpad, dtype=torch.float32) for _ in range(4))
+    _loaded().featlearn_pack_centres_int8(C.data_ptr(), k, d, cc.data_ptr(), cn.data_ptr(),
+                                          kpad, packed.data_ptr(), *(t.data_ptr() for t in out))
+    return PackedCentres(C, packed, kpad, *out)
+
+
+def assign_int8(X: torch.Tensor, centres: PackedCentres, values: torch.Tensor,
+                labels: torch.Tensor) -> None:
+    """:func:`quantize_rows`, the int8 products and :func:`refine_argmin_int8` in one pass for
+    the CPU float32 rows ``X`` (rows may be strided): the same labels and values, with the
+    products kept in registers (AVX512-VNNI; :func:`int8_fused`)."""
+    n, d = X.shape
+    if (X.device.type != "cpu" or X.dtype != torch.float32 or X.stride(1) != 1
+            or centres.C.shape[1] != d):
+        raise ValueError(f"the fused int8 assignment needs CPU float32 rows of "
+                         f"{centres.C.shape[1]} columns")
+    _check_assignment_out(values, labels, n)
+    if not n:
+        return
+    got = _loaded().featlearn_assign_int8(
+        X.data_ptr(), X.stride(0), n, d, centres.packed.data_ptr(), centres.kpad,
+        centres.C.data_ptr(), centres.cc.data_ptr(), centres.cn.data_ptr(),
+        centres.sc2.data_ptr(), centres.rc.data_ptr(), values.data_ptr(), labels.data_ptr())
+    if got == -2:
+        raise RuntimeError("the fused int8 assignment is not built for this CPU (no VNNI)")
+    if got != 0:
+        raise MemoryError("fused int8 assignment: out of memory")
 
 
 def standardize_rows(X: torch.Tensor, idx: torch.Tensor, mean: torch.Tensor,

@@ -15,7 +15,9 @@ values settle.
   themselves, about as tight as bfloat16's bound. int8 GEMMs run at about twice the bfloat16
   rate on CPUs with VNNI or AMX-INT8.
 
-The native kernels (:mod:`featlearn._native`) do this on the CPU; elsewhere (CUDA, no C
+The native kernels (:mod:`featlearn._native`) do this on the CPU: for int8 on a CPU with
+AVX512-VNNI in one pass per range of rows (products in registers, never written out), else
+quantization, ``torch._int_mm`` and the settling kernel chunk by chunk. Elsewhere (CUDA, no C
 compiler) the same rule runs in torch ops, where int8 products are a float32 GEMM of the
 integer values (exact: float32 while every partial sum is an integer below 2^24, else float64).
 """
@@ -43,6 +45,10 @@ class ReducedProducts:
     products in ``precision`` ("bfloat16" or "int8"); :meth:`assign` then settles a chunk of
     rows into ``values`` and ``labels``, from any worker thread."""
 
+    #: The fused int8 kernel's centres (:func:`featlearn._native.pack_centres_int8`), when it
+    #: runs here: then a worker settles its whole range of rows in one call.
+    packed = None
+
     def __init__(self, C: torch.Tensor, c_sq: torch.Tensor, precision: str):
         self.C = C.contiguous()
         self.c_sq = c_sq.contiguous()
@@ -52,6 +58,9 @@ class ReducedProducts:
         if precision == "bfloat16":
             self.Ct = self.C.to(torch.bfloat16).t()
             self.products = torch.bfloat16
+        elif precision == "int8" and self.native and _native.int8_fused():
+            # Products, bound and settling in one native pass per range of rows.
+            self.packed = _native.pack_centres_int8(self.C, self.c_sq, self.c_norm)
         elif precision == "int8":
             Cq, c_scale, self.c_resid, _ = quantize(self.C, native=self.native)
             self.c_scale2 = c_scale + c_scale
@@ -66,6 +75,9 @@ class ReducedProducts:
     def assign(self, Xc: torch.Tensor, values: torch.Tensor, labels: torch.Tensor) -> None:
         """The float32 nearest centre of each row of ``Xc`` into ``values`` and ``labels``
         (``c_sq - 2 x.c``, without ``||x||^2``)."""
+        if self.packed is not None:
+            _native.assign_int8(Xc, self.packed, values, labels)
+            return
         m, d = Xc.shape
         k = self.C.shape[0]
         S = _scratch("products", (m, k), self.products, Xc.device)

@@ -252,7 +252,7 @@ def patches_like():
     return X, C
 
 
-@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+@pytest.mark.parametrize("precision", ["bfloat16", "int8", "int8-unfused"])
 @pytest.mark.parametrize("native_kernel", [True, False])
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_reduced_precision_assignment_is_the_float32_one(patches_like, precision, native_kernel,
@@ -262,6 +262,9 @@ def test_reduced_precision_assignment_is_the_float32_one(patches_like, precision
         pytest.skip("native kernels not built here")
     if not native_kernel:  # the same rule in torch ops (CUDA, or no C compiler)
         monkeypatch.setattr(solvers._native, "available", lambda: False)
+    if precision == "int8-unfused":  # a CPU without VNNI: quantize, torch's int8 GEMM, refine
+        monkeypatch.setattr(solvers._native, "int8_fused", lambda: False)
+        precision = "int8"
     ref = solvers.nearest_centroid(X, C, accumulate=accumulate)
     got = solvers.nearest_centroid(X, C, accumulate=accumulate, precision=precision)
     assert torch.equal(got[0], ref[0])
@@ -294,9 +297,12 @@ def test_torch_refinement_falls_back_to_float32_rows_with_many_candidates(monkey
     assert torch.equal(labels, solvers.nearest_centroid(X, C)[0])
 
 
-def test_int8_and_bfloat16_assignments_agree_bit_for_bit(patches_like):
+@pytest.mark.parametrize("fused", [True, False])
+def test_int8_and_bfloat16_assignments_agree_bit_for_bit(patches_like, fused, monkeypatch):
     """Both settle by the same float32 values, and neither bound leaves the nearest out."""
     X, C = patches_like
+    if not fused:
+        monkeypatch.setattr(solvers._native, "int8_fused", lambda: False)
     bf16 = solvers.nearest_centroid(X, C, precision="bfloat16")
     int8 = solvers.nearest_centroid(X, C, precision="int8")
     assert torch.equal(bf16[0], int8[0]) and torch.equal(bf16[1], int8[1])

@@ -271,6 +271,28 @@ def test_native_int8_refinement_finds_the_exact_nearest_centre(k):
 
 
 @needs_compiler
+@pytest.mark.parametrize("k,d", [(1, 108), (7, 37), (16, 108), (400, 27), (1603, 108)])
+def test_fused_int8_assignment_is_the_unfused_one(k, d):
+    if not native.int8_fused():
+        pytest.skip("the fused int8 kernel needs AVX512-VNNI")
+    g = torch.Generator().manual_seed(k + d)
+    X = _heavy_tailed(703, d, g)          # not a whole number of the kernel's row tiles
+    C = _heavy_tailed(k, d, g)
+    values, labels, _, _ = _int8_refine(X, C)
+    c_sq = (C * C).sum(1)
+    packed = native.pack_centres_int8(C, c_sq, c_sq.sqrt())
+    got_v, got_l = torch.empty(len(X)), torch.empty(len(X), dtype=torch.int64)
+    native.assign_int8(X, packed, got_v, got_l)
+    assert torch.equal(got_l, labels) and torch.equal(got_v, values)
+    wide = torch.zeros(len(X), d + 5)     # strided rows
+    wide[:, :d] = X
+    native.assign_int8(wide[:, :d], packed, got_v, got_l)
+    assert torch.equal(got_l, labels) and torch.equal(got_v, values)
+    with pytest.raises(ValueError, match=f"rows of {d} columns"):
+        native.assign_int8(wide, packed, got_v, got_l)
+
+
+@needs_compiler
 def test_quantized_rows_and_their_error_bounds():
     g = torch.Generator().manual_seed(0)
     X = _heavy_tailed(300, 37, g)
@@ -287,7 +309,8 @@ def test_quantized_rows_and_their_error_bounds():
     x64, y64 = X.double(), scale.double()[:, None] * Q.double()
     true_resid, true_qnorm = (x64 - y64).norm(dim=1), y64.norm(dim=1)
     # bounds, and tight ones: the residual about |x - scale Q| itself
-    assert (resid.double() >= true_resid).all() and (qnorm.double() >= true_qnorm * (1 - 1e-6)).all()
+    assert (resid.double() >= true_resid).all()
+    assert (qnorm.double() >= true_qnorm * (1 - 1e-6)).all()
     assert (resid.double()[3:] <= true_resid[3:] * 1.01 + 1e-3 * scale.double()[3:]).all()
     assert float(resid[1]) >= 1e-39 and float(resid[0]) == 0.0
     # rows may be strided, and the outputs preallocated
