@@ -467,8 +467,12 @@ void featlearn_pack_centres_int8(const float *C, int k, int d, const float *c_sq
         memset(q, 0, (size_t)(4 * G));
         if (j < k) quantize_row(C + (int64_t)j * d, d, q, &s, &r, &qn);
         uint8_t *blk = Cp + (int64_t)(j / 16) * G * 64 + (j % 16) * 4;
-        for (int g = 0; g < G; g++)
-            for (int t = 0; t < 4; t++) blk[g * 64 + t] = (uint8_t)(q[4 * g + t] + 128);
+        for (int g = 0; g < G; g++) {  /* + 128 on each byte: its top bit flipped */
+            uint32_t w;
+            memcpy(&w, q + 4 * g, 4);
+            w ^= 0x80808080u;
+            memcpy(blk + g * 64, &w, 4);
+        }
         cc[j] = j < k ? c_sq[j] : INFINITY;
         cn[j] = j < k ? c_norm[j] : 0.0f;
         sc2[j] = s + s;
