@@ -58,7 +58,8 @@ def _rows_per_chunk(n_clusters: int, n_features: int, device: torch.device, item
 
 def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = None,
                      accumulate: bool = False, sample_weight: torch.Tensor | None = None,
-                     onehot_sums: bool | None = None, precision: str = "float32"):
+                     onehot_sums: bool | None = None, precision: str = "float32",
+                     alongside=None):
     """Nearest centre and squared distance of every row of ``X``, chunk by chunk.
 
     ``precision="bfloat16"`` or ``"int8"`` (float32 ``X`` only) multiplies in that precision,
@@ -77,6 +78,9 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
     and the same as chunk by chunk). On CUDA, where ``index_add_`` uses atomics, a one-hot GEMM
     over each chunk's distance buffer sums instead (``onehot_sums``: None picks by device;
     True/False force a path, e.g. to test both).
+
+    ``alongside()``, when given, runs on the calling thread while the worker threads take
+    their rows (:func:`featlearn._torch.over_rows`): independent work of the caller's.
     """
     n, d = X.shape
     k = C.shape[0]
@@ -127,12 +131,21 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
                 sums.addmm_(D.t(), Xc)
                 counts.add_(D.sum(0, dtype=torch.float64))
 
+    norms = []
+
+    def beside():
+        # The rows' squared norms, once for the pass and on the calling thread while the
+        # workers run: they make no torch calls they can spare (each may wait for the GIL).
+        norms.append(_row_sq_norms(X))
+        if alongside is not None:
+            alongside()
+
     if onehot:
+        beside()
         work(0, n)
     else:
-        _over_rows(n, chunk, work, device)
-    # Once for the whole pass, not per chunk: the workers make no torch calls they can spare.
-    mind += _row_sq_norms(X)
+        _over_rows(n, chunk, work, device, alongside=beside)
+    mind += norms[0]
     mind.clamp_(min=0)
     if accumulate and not onehot:
         # In row order, as chunk by chunk: row blocks bound the weighted copy's memory.
@@ -468,26 +481,28 @@ class _MiniBatchState:
 
 
 def _minibatch_step(Xb, centers, state, *, reassignment_ratio, gen, chunk, sample_weight=None,
-                    need_shift=True, precision="float32"):
+                    need_shift=True, precision="float32", alongside=None):
     """One mini-batch update with scikit-learn's per-centre learning rate ``1 / count``.
 
     Returns the new centres, the batch inertia (before the update, per sample) and the summed
     squared centre shift (None unless ``need_shift``: only a ``tol`` needs it, and it is a
     pass over the centres). Centres with low counts (``< reassignment_ratio * max count``) are
     moved to random batch points every ``10 * k`` samples, or as soon as a centre has count 0.
-    With ``sample_weight`` (the batch's weights) counts and sums are weighted.
+    With ``sample_weight`` (the batch's weights) counts and sums are weighted. ``alongside``:
+    the caller's independent work, run while the assignment's worker threads do theirs.
     """
     b = Xb.shape[0]
     k = centers.shape[0]
     if _native_float32(Xb.dtype, Xb.device) and centers.is_contiguous():
         # The sums, counts and update in one native pass (the same numbers as the torch ops).
-        labels, mind = nearest_centroid(Xb, centers, chunk=chunk, precision=precision)
+        labels, mind = nearest_centroid(Xb, centers, chunk=chunk, precision=precision,
+                                        alongside=alongside)
         new, counts, zeros = _native.minibatch_update(Xb, labels, sample_weight, centers,
                                                       state.counts)
     else:
         _, mind, sums, bcounts = nearest_centroid(Xb, centers, chunk=chunk, accumulate=True,
                                                   sample_weight=sample_weight,
-                                                  precision=precision)
+                                                  precision=precision, alongside=alongside)
         counts = state.counts + bcounts
         if sample_weight is None:
             rate = counts.clamp(min=1).to(sums.dtype)[:, None]
@@ -568,17 +583,27 @@ def _minibatch(X, centers, *, batch_size, max_iter, tol, max_no_improvement, rea
     perm, pos = None, n
     steps_done = 0
     reason = f"max_iter={max_iter} epochs done"
+    ahead = []  # the next batch's rows, gathered during this step's assignment
+
+    def gather_next():
+        # Only within the epoch's permutation: a new one is drawn at the next step as before,
+        # after this step's reassignments have drawn from the same generator.
+        if pos + b <= n and step + 1 < n_steps:
+            ahead.append(torch.index_select(X, 0, perm[pos:pos + b]))
+
     with progress(n_steps, desc="MiniBatchKMeans", verbose=verbose, unit="batch") as bar:
         for step in range(n_steps):
             if pos + b > n:
                 perm, pos = torch.randperm(n, generator=gen).to(X.device), 0
             idx = perm[pos:pos + b]
-            Xb = torch.index_select(X, 0, idx)   # whole-row copies, not X[idx]'s general indexing
+            # whole-row copies, not X[idx]'s general indexing
+            Xb = ahead.pop() if ahead else torch.index_select(X, 0, idx)
             wb = None if sample_weight is None else sample_weight[idx]
             pos += b
             centers, batch_inertia, shift = _minibatch_step(
                 Xb, centers, state, reassignment_ratio=reassignment_ratio, gen=gen, chunk=chunk,
-                sample_weight=wb, need_shift=tol > 0, precision=precision)
+                sample_weight=wb, need_shift=tol > 0, precision=precision,
+                alongside=gather_next)
             steps_done = step + 1
             bar.update(1)
             stop = _minibatch_converged(

@@ -296,13 +296,20 @@ def n_workers(device: torch.device) -> int:
     return getattr(_WORKERS, "n", 1) if device.type == "cpu" else 1
 
 
-def over_rows(n: int, chunk: int, work, device: torch.device) -> None:
+def over_rows(n: int, chunk: int, work, device: torch.device, alongside=None) -> None:
     """Call ``work(start, stop)`` over ``[0, n)`` split into chunk-aligned ranges: one per
-    worker inside :func:`cpu_workers` on the CPU (when there are chunks enough), else one."""
+    worker inside :func:`cpu_workers` on the CPU (when there are chunks enough), else one.
+
+    ``alongside()``, when given, is called once by the calling thread after the workers start
+    and before its own range: independent work (e.g. the next mini-batch's rows) that then
+    overlaps theirs instead of waiting before or after the pass.
+    """
     workers = n_workers(device)
     n_chunks = -(-n // chunk)
     workers = min(workers, n_chunks)
     if workers <= 1:
+        if alongside is not None:
+            alongside()
         work(0, n)
         return
     bounds = [min(n, chunk * (n_chunks * i // workers)) for i in range(workers + 1)]
@@ -311,6 +318,8 @@ def over_rows(n: int, chunk: int, work, device: torch.device) -> None:
     # is most of a small pass (a mini-batch step).
     futures = [_executor(workers).submit(work, a, b) for a, b in ranges[:-1]]
     try:
+        if alongside is not None:
+            alongside()
         work(*ranges[-1])
     finally:
         wait(futures)  # never leave a worker writing into buffers the caller moves on from

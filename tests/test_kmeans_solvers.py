@@ -216,6 +216,28 @@ def test_rows_are_split_into_chunk_aligned_ranges(two_threads):
     assert seen == [(0, 1000)]                    # outside cpu_workers: one range
 
 
+def test_alongside_work_runs_once_on_the_calling_thread_before_its_own_range(two_threads):
+    import threading
+
+    main = threading.get_ident()
+    events = []
+
+    def work(a, b):
+        events.append(("work", a, threading.get_ident() == main))
+
+    def alongside():
+        events.append(("alongside", threading.get_ident() == main))
+
+    with solvers.cpu_workers(torch.device("cpu")):
+        solvers._over_rows(1000, 64, work, torch.device("cpu"), alongside=alongside)
+        mine = [e for e in events if e[-1]]
+        assert mine == [("alongside", True), ("work", 512, True)]
+        assert ("work", 0, False) in events and len(events) == 3
+    events.clear()
+    solvers._over_rows(1000, 64, work, torch.device("cpu"), alongside=alongside)
+    assert events == [("alongside", True), ("work", 0, True)]
+
+
 def test_workers_give_the_same_results(heavy, two_threads):
     X = torch.from_numpy(heavy)
     C = X[:37].clone()
