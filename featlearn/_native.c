@@ -338,7 +338,7 @@ static void quantize_row(const float *x, int d, int8_t *q, float *scale, float *
     for (int l = 0; l < LANES; l++) { absmask[l] = 0x7fffffff; top[l] = 127.0f; }
     /* the row as whole vectors, the last one padded with zeros (which change nothing) */
     vfloat last = zero, mx = zero;
-    memcpy(&last, x + (nv - 1) * LANES, sizeof(float) * (size_t)tail);
+    for (int l = 0; l < tail; l++) last[l] = x[(nv - 1) * LANES + l];  /* no memcpy call */
     for (int t = 0; t < nv; t++) {
         vfloat xv = last;
         if (t < nv - 1) memcpy(&xv, x + t * LANES, sizeof xv);
@@ -368,7 +368,10 @@ static void quantize_row(const float *x, int d, int8_t *q, float *scale, float *
         uu += u * u;
         vv += v * v;
         vbyte bytes = __builtin_convertvector(__builtin_convertvector(v, vint), vbyte);
-        memcpy(q + t * LANES, &bytes, t < nv - 1 ? sizeof bytes : (size_t)tail);
+        if (t < nv - 1)
+            memcpy(q + t * LANES, &bytes, sizeof bytes);
+        else
+            for (int l = 0; l < tail; l++) q[t * LANES + l] = bytes[l];
     }
     float u2 = 0.0f, v2 = 0.0f;
     for (int l = 0; l < LANES; l++) { u2 += uu[l]; v2 += vv[l]; }
