@@ -328,6 +328,51 @@ int featlearn_refine_argmin(const uint16_t *S, int64_t stride, const float *X, i
    under 2^-100 is all residual (q = 0, scale 0, |x| <= max|x| sqrt(d)). */
 typedef int8_t vbyte __attribute__((vector_size(LANES)));
 
+/* The sum and the largest of a vector's lanes: by halving where the compiler has
+   __builtin_shufflevector (a few shuffles, where 16 serial steps are most of a short row's
+   quantization), else lane by lane. */
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+typedef float vhalf8 __attribute__((vector_size(32)));
+typedef float vquarter __attribute__((vector_size(16)));
+typedef int32_t vquarteri __attribute__((vector_size(16)));
+typedef int32_t vhalf8i __attribute__((vector_size(32)));
+static inline float lanes_sum(vfloat v) {
+    vhalf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
+               + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    vquarter b = __builtin_shufflevector(a, a, 0, 1, 2, 3)
+                 + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    b += __builtin_shufflevector(b, b, 2, 3, 0, 1);
+    b += __builtin_shufflevector(b, b, 1, 0, 3, 2);
+    return b[0];
+}
+static inline float lanes_max(vfloat v) {
+    vhalf8 x = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+    vhalf8 y = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    vhalf8i gt = y > x;
+    x = (vhalf8)(((vhalf8i)y & gt) | ((vhalf8i)x & ~gt));
+    vquarter p = __builtin_shufflevector(x, x, 0, 1, 2, 3);
+    vquarter r = __builtin_shufflevector(x, x, 4, 5, 6, 7);
+    for (int step = 0; step < 3; step++) {
+        vquarteri g = r > p;
+        p = (vquarter)(((vquarteri)r & g) | ((vquarteri)p & ~g));
+        r = step == 0 ? __builtin_shufflevector(p, p, 2, 3, 0, 1)
+                      : __builtin_shufflevector(p, p, 1, 0, 3, 2);
+    }
+    return p[0];
+}
+#else
+static inline float lanes_sum(vfloat v) {
+    float s = 0.0f;
+    for (int l = 0; l < LANES; l++) s += v[l];
+    return s;
+}
+static inline float lanes_max(vfloat v) {
+    float m = v[0];
+    for (int l = 1; l < LANES; l++) m = v[l] > m ? v[l] : m;
+    return m;
+}
+#endif
+
 /* One row of featlearn_quantize_rows: q (d bytes), and its scale and norm bounds. */
 static void quantize_row(const float *x, int d, int8_t *q, float *scale, float *resid,
                          float *qnorm) {
@@ -346,8 +391,7 @@ static void quantize_row(const float *x, int d, int8_t *q, float *scale, float *
         vint gt = a > mx;
         mx = (vfloat)(((vint)a & gt) | ((vint)mx & ~gt));
     }
-    float m = 0.0f;
-    for (int l = 0; l < LANES; l++) m = mx[l] > m ? mx[l] : m;
+    float m = lanes_max(mx);
     if (!(m >= 0x1p-100f)) {
         memset(q, 0, (size_t)d);
         *scale = 0.0f;
@@ -373,8 +417,7 @@ static void quantize_row(const float *x, int d, int8_t *q, float *scale, float *
         else
             for (int l = 0; l < tail; l++) q[t * LANES + l] = bytes[l];
     }
-    float u2 = 0.0f, v2 = 0.0f;
-    for (int l = 0; l < LANES; l++) { u2 += uu[l]; v2 += vv[l]; }
+    float u2 = lanes_sum(uu), v2 = lanes_sum(vv);
     *scale = s;
     /* s y_t is x_t within 2^-22 |x_t| (inv s within 2^-23 of 1, y_t rounded once), so
        |x_t - s v_t| <= s |y_t - v_t| + 2^-22 m, and 2^-22 m = 127 2^-22 s < 2^-14 s */
