@@ -373,62 +373,90 @@ static inline float lanes_max(vfloat v) {
 }
 #endif
 
-/* One row of featlearn_quantize_rows: q (d bytes), and its scale and norm bounds. */
-static void quantize_row(const float *x, int d, int8_t *q, float *scale, float *resid,
-                         float *qnorm) {
+/* Two rows of featlearn_quantize_rows at once (x[0], x[1] into q[0], q[1], d bytes each, and
+   their scales and norm bounds): each row is a short chain of dependent steps (a running
+   maximum, a division, running sums), so two side by side keep the core busy. A single row
+   passes the same row twice. */
+static void quantize_pair(const float *const x[2], int d, int8_t *const q[2], float scale[2],
+                          float resid[2], float qnorm[2]) {
     const float big = 12582912.0f;  /* (y + 1.5 2^23) - 1.5 2^23: y to nearest even, |y| < 2^22 */
     int nv = (d + LANES - 1) / LANES, tail = d - (nv - 1) * LANES;
     vint absmask;
     vfloat top, zero = {0.0f};
     for (int l = 0; l < LANES; l++) { absmask[l] = 0x7fffffff; top[l] = 127.0f; }
-    /* the row as whole vectors, the last one padded with zeros (which change nothing) */
-    vfloat last = zero, mx = zero;
-    for (int l = 0; l < tail; l++) last[l] = x[(nv - 1) * LANES + l];  /* no memcpy call */
-    for (int t = 0; t < nv; t++) {
-        vfloat xv = last;
-        if (t < nv - 1) memcpy(&xv, x + t * LANES, sizeof xv);
-        vfloat a = (vfloat)((vint)xv & absmask);
-        vint gt = a > mx;
-        mx = (vfloat)(((vint)a & gt) | ((vint)mx & ~gt));
+    /* the rows as whole vectors, the last one padded with zeros (which change nothing) */
+    vfloat last[2] = {zero, zero}, mx[2] = {zero, zero};
+    for (int p = 0; p < 2; p++)
+        for (int l = 0; l < tail; l++) last[p][l] = x[p][(nv - 1) * LANES + l];
+    for (int t = 0; t < nv; t++)
+        for (int p = 0; p < 2; p++) {
+            vfloat xv = last[p];
+            if (t < nv - 1) memcpy(&xv, x[p] + t * LANES, sizeof xv);
+            vfloat a = (vfloat)((vint)xv & absmask);
+            vint gt = a > mx[p];
+            mx[p] = (vfloat)(((vint)a & gt) | ((vint)mx[p] & ~gt));
+        }
+    float inv[2], s[2];
+    for (int p = 0; p < 2; p++) {
+        float m = lanes_max(mx[p]);
+        /* a row under 2^-100 is all residual: q = 0, scale 0, |x| <= max|x| sqrt(d) */
+        inv[p] = m >= 0x1p-100f ? 127.0f / m : 0.0f;
+        s[p] = m >= 0x1p-100f ? m / 127.0f : 0.0f;
+        resid[p] = m * sqrtf((float)d) * (1.0f + 0x1p-20f);
     }
-    float m = lanes_max(mx);
-    if (!(m >= 0x1p-100f)) {
-        memset(q, 0, (size_t)d);
-        *scale = 0.0f;
-        *resid = m * sqrtf((float)d) * (1.0f + 0x1p-20f);
-        *qnorm = 0.0f;
-        return;
+    vfloat uu[2] = {zero, zero}, vv[2] = {zero, zero};
+    for (int t = 0; t < nv; t++)
+        for (int p = 0; p < 2; p++) {
+            vfloat xv = last[p];
+            if (t < nv - 1) memcpy(&xv, x[p] + t * LANES, sizeof xv);
+            vfloat y = xv * inv[p];
+            vfloat v = (y + big) - big;
+            v = (vfloat)(((vint)top & (v > top)) | ((vint)v & ~(v > top)));
+            v = (vfloat)(((vint)-top & (v < -top)) | ((vint)v & ~(v < -top)));
+            vfloat u = y - v;
+            uu[p] += u * u;
+            vv[p] += v * v;
+            vbyte bytes = __builtin_convertvector(__builtin_convertvector(v, vint), vbyte);
+            if (t < nv - 1)
+                memcpy(q[p] + t * LANES, &bytes, sizeof bytes);
+            else
+                for (int l = 0; l < tail; l++) q[p][t * LANES + l] = bytes[l];
+        }
+    for (int p = 0; p < 2; p++) {
+        scale[p] = s[p];
+        if (s[p] == 0.0f) {  /* all residual (resid set above) */
+            qnorm[p] = 0.0f;
+            continue;
+        }
+        /* s y_t is x_t within 2^-22 |x_t| (inv s within 2^-23 of 1, y_t rounded once), so
+           |x_t - s v_t| <= s |y_t - v_t| + 2^-22 m, and 2^-22 m = 127 2^-22 s < 2^-14 s */
+        resid[p] = s[p] * (sqrtf(lanes_sum(uu[p])) + sqrtf((float)d) * 0x1p-14f);
+        qnorm[p] = s[p] * sqrtf(lanes_sum(vv[p]));
     }
-    float inv = 127.0f / m, s = m / 127.0f;
-    vfloat uu = zero, vv = zero;
-    for (int t = 0; t < nv; t++) {
-        vfloat xv = last;
-        if (t < nv - 1) memcpy(&xv, x + t * LANES, sizeof xv);
-        vfloat y = xv * inv;
-        vfloat v = (y + big) - big;
-        v = (vfloat)(((vint)top & (v > top)) | ((vint)v & ~(v > top)));
-        v = (vfloat)(((vint)-top & (v < -top)) | ((vint)v & ~(v < -top)));
-        vfloat u = y - v;
-        uu += u * u;
-        vv += v * v;
-        vbyte bytes = __builtin_convertvector(__builtin_convertvector(v, vint), vbyte);
-        if (t < nv - 1)
-            memcpy(q + t * LANES, &bytes, sizeof bytes);
-        else
-            for (int l = 0; l < tail; l++) q[t * LANES + l] = bytes[l];
-    }
-    float u2 = lanes_sum(uu), v2 = lanes_sum(vv);
-    *scale = s;
-    /* s y_t is x_t within 2^-22 |x_t| (inv s within 2^-23 of 1, y_t rounded once), so
-       |x_t - s v_t| <= s |y_t - v_t| + 2^-22 m, and 2^-22 m = 127 2^-22 s < 2^-14 s */
-    *resid = s * (sqrtf(u2) + sqrtf((float)d) * 0x1p-14f);
-    *qnorm = s * sqrtf(v2);
+}
+
+/* One row of featlearn_quantize_rows: q (d bytes), and its scale and norm bounds. */
+static void quantize_row(const float *x, int d, int8_t *q, float *scale, float *resid,
+                         float *qnorm) {
+    int8_t *spare = (int8_t *)__builtin_alloca((size_t)d);
+    const float *xs[2] = {x, x};
+    int8_t *qs[2] = {q, spare};
+    float sc[2], r[2], n[2];
+    quantize_pair(xs, d, qs, sc, r, n);
+    *scale = sc[0];
+    *resid = r[0];
+    *qnorm = n[0];
 }
 
 void featlearn_quantize_rows(const float *X, int64_t xstride, int64_t n, int d, int8_t *Q,
                              int64_t qstride, float *scale, float *resid, float *qnorm) {
-    for (int64_t i = 0; i < n; i++)
-        quantize_row(X + i * xstride, d, Q + i * qstride, scale + i, resid + i, qnorm + i);
+    int64_t i = 0;
+    for (; i + 1 < n; i += 2) {
+        const float *xs[2] = {X + i * xstride, X + (i + 1) * xstride};
+        int8_t *qs[2] = {Q + i * qstride, Q + (i + 1) * qstride};
+        quantize_pair(xs, d, qs, scale + i, resid + i, qnorm + i);
+    }
+    if (i < n) quantize_row(X + i * xstride, d, Q + i * qstride, scale + i, resid + i, qnorm + i);
 }
 
 /* The k-means assignment from exact integer products, as featlearn_refine_argmin: S holds n
@@ -503,28 +531,41 @@ int featlearn_int8_fused(void) { return 1; }
    unsigned operand); kpad centres (a multiple of 64), the padding q = 0 with cc = +inf and cn =
    sc2 = rc = 0 (never a candidate: its low bound is NaN). Writes Cp, and the kpad-long cc, cn
    (from the caller's c_sq, c_norm), sc2 = 2 scale and rc = residual norm. */
-void featlearn_pack_centres_int8(const float *C, int k, int d, const float *c_sq,
-                                 const float *c_norm, int kpad, uint8_t *Cp, float *cc,
-                                 float *cn, float *sc2, float *rc) {
+int featlearn_pack_centres_int8(const float *C, int k, int d, const float *c_sq,
+                                const float *c_norm, int kpad, uint8_t *Cp, float *cc,
+                                float *cn, float *sc2, float *rc) {
     int G = (d + 3) / 4;
-    int8_t *q = (int8_t *)calloc((size_t)(4 * G), 1);
-    for (int j = 0; j < kpad; j++) {
-        float s = 0.0f, r = 0.0f, qn;
-        memset(q, 0, (size_t)(4 * G));
-        if (j < k) quantize_row(C + (int64_t)j * d, d, q, &s, &r, &qn);
-        uint8_t *blk = Cp + (int64_t)(j / 16) * G * 64 + (j % 16) * 4;
-        for (int g = 0; g < G; g++) {  /* + 128 on each byte: its top bit flipped */
-            uint32_t w;
-            memcpy(&w, q + 4 * g, 4);
-            w ^= 0x80808080u;
-            memcpy(blk + g * 64, &w, 4);
+    int8_t *q = (int8_t *)calloc((size_t)(8 * G), 1);  /* two centres' bytes, zero-padded */
+    if (!q) return -1;
+    for (int j0 = 0; j0 < kpad; j0 += 2) {  /* kpad is even: centres two at a time */
+        float s[2] = {0.0f, 0.0f}, r[2] = {0.0f, 0.0f}, qn[2];
+        memset(q, 0, (size_t)(8 * G));
+        if (j0 < k) {
+            const float *xs[2] = {C + (int64_t)j0 * d, C + (int64_t)(j0 + 1 < k ? j0 + 1 : j0) * d};
+            int8_t *qs[2] = {q, q + 4 * G};
+            quantize_pair(xs, d, qs, s, r, qn);
         }
-        cc[j] = j < k ? c_sq[j] : INFINITY;
-        cn[j] = j < k ? c_norm[j] : 0.0f;
-        sc2[j] = s + s;
-        rc[j] = r;
+        for (int h = 0; h < 2; h++) {
+            int j = j0 + h;
+            if (j >= k) {  /* padding: q = 0 (its bytes above are the zeros of the buffer) */
+                memset(q + 4 * G * h, 0, (size_t)(4 * G));
+                s[h] = r[h] = 0.0f;
+            }
+            uint8_t *blk = Cp + (int64_t)(j / 16) * G * 64 + (j % 16) * 4;
+            for (int g = 0; g < G; g++) {  /* + 128 on each byte: its top bit flipped */
+                uint32_t w;
+                memcpy(&w, q + 4 * G * h + 4 * g, 4);
+                w ^= 0x80808080u;
+                memcpy(blk + g * 64, &w, 4);
+            }
+            cc[j] = j < k ? c_sq[j] : INFINITY;
+            cn[j] = j < k ? c_norm[j] : 0.0f;
+            sc2[j] = s[h] + s[h];
+            rc[j] = r[h];
+        }
     }
     free(q);
+    return 0;
 }
 
 enum { RB = 6 };  /* rows per register tile (with 2 blocks of 16 centres: 12 accumulators) */
@@ -542,10 +583,15 @@ int featlearn_assign_int8(const float *X, int64_t xstride, int64_t n, int d, con
         int rr = n - i0 < RB ? (int)(n - i0) : RB;
         float A[RB], B[RB], sx[RB], rx[RB], xq[RB];
         int32_t corr[RB];
+        for (int r = 0; r < RB; r += 2) {  /* RB is even: rows two at a time */
+            /* a short last block repeats its first row */
+            const float *xs[2] = {X + (i0 + (r < rr ? r : 0)) * xstride,
+                                  X + (i0 + (r + 1 < rr ? r + 1 : 0)) * xstride};
+            int8_t *qs[2] = {Q + r * dp, Q + (r + 1) * dp};
+            quantize_pair(xs, d, qs, sx + r, rx + r, xq + r);
+        }
         for (int r = 0; r < RB; r++) {
-            int q = r < rr ? r : 0;  /* a short last block repeats its first row */
-            const float *x = X + (i0 + q) * xstride;
-            quantize_row(x, d, Q + r * dp, sx + r, rx + r, xq + r);
+            const float *x = X + (i0 + (r < rr ? r : 0)) * xstride;
             A[r] = 2.0f * rx[r] * grow + 2.0f * sqrtf(dot(x, x, d)) * margin;
             B[r] = 2.0f * xq[r] * grow;
             int sum = 0;
@@ -597,11 +643,12 @@ int featlearn_assign_int8(const float *X, int64_t xstride, int64_t n, int d, con
 #else
 int featlearn_int8_fused(void) { return 0; }
 
-void featlearn_pack_centres_int8(const float *C, int k, int d, const float *c_sq,
-                                 const float *c_norm, int kpad, uint8_t *Cp, float *cc,
-                                 float *cn, float *sc2, float *rc) {
+int featlearn_pack_centres_int8(const float *C, int k, int d, const float *c_sq,
+                                const float *c_norm, int kpad, uint8_t *Cp, float *cc,
+                                float *cn, float *sc2, float *rc) {
     (void)C; (void)k; (void)d; (void)c_sq; (void)c_norm; (void)kpad; (void)Cp; (void)cc;
     (void)cn; (void)sc2; (void)rc;
+    return -2;
 }
 
 int featlearn_assign_int8(const float *X, int64_t xstride, int64_t n, int d, const uint8_t *Cp,

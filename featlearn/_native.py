@@ -148,7 +148,7 @@ def _build():
         dll.featlearn_int8_fused.argtypes = []
         dll.featlearn_int8_fused.restype = ctypes.c_int
         dll.featlearn_pack_centres_int8.argtypes = [P, I, I, P, P, I, P, P, P, P, P]
-        dll.featlearn_pack_centres_int8.restype = None
+        dll.featlearn_pack_centres_int8.restype = ctypes.c_int
         dll.featlearn_assign_int8.argtypes = [P, I64, I64, I, P, I, P, P, P, P, P, P, P]
         dll.featlearn_assign_int8.restype = ctypes.c_int
         return dll
@@ -459,8 +459,10 @@ def pack_centres_int8(C: torch.Tensor, c_sq: torch.Tensor, c_norm: torch.Tensor)
     groups = -(-d // 4)
     packed = torch.empty(kpad * groups * 4, dtype=torch.uint8)
     out = tuple(torch.empty(kpad, dtype=torch.float32) for _ in range(4))
-    _loaded().featlearn_pack_centres_int8(C.data_ptr(), k, d, cc.data_ptr(), cn.data_ptr(),
-                                          kpad, packed.data_ptr(), *(t.data_ptr() for t in out))
+    if _loaded().featlearn_pack_centres_int8(C.data_ptr(), k, d, cc.data_ptr(), cn.data_ptr(),
+                                             kpad, packed.data_ptr(),
+                                             *(t.data_ptr() for t in out)) != 0:
+        raise MemoryError("packing the int8 centres: out of memory, or no VNNI kernel here")
     return PackedCentres(C, packed, kpad, *out)
 
 
