@@ -431,7 +431,9 @@ def refine_argmin_int8(S: torch.Tensor, X: torch.Tensor, rows, C: torch.Tensor,
 def int8_fused() -> bool:
     """Whether :func:`assign_int8` is built here: the kernels are, and for a CPU with
     AVX512-VNNI."""
-    return available() and bool(_loaded().featlearn_int8_fused())
+    if "int8_fused" not in _STATE:
+        _STATE["int8_fused"] = available() and bool(_loaded().featlearn_int8_fused())
+    return _STATE["int8_fused"]
 
 
 class PackedCentres(NamedTuple):
