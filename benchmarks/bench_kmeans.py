@@ -101,9 +101,9 @@ def parse_args(argv=None):
                    help="with --same-batch: scikit-learn's init (its default k-means++)")
     p.add_argument("--precision", nargs="+", default=["float32"],
                    choices=["float32", "bfloat16", "int8", "auto"],
-                   help="with --same-batch: featlearn's precision, a row pair per value (bfloat16 "
-                        "or int8 products settled in float32; the table then gives every GEMM "
-                        "rate)")
+                   help="featlearn's precision: with --same-batch a row pair per value, else a "
+                        "featlearn KMeans (Lloyd) row per value (bfloat16 or int8 products "
+                        "settled in float32; the table then gives every GEMM rate)")
     args = _parse(p, argv)
     if args.clock is None:
         args.clock = "cpu" if args.threads == 1 else "wall"
@@ -213,9 +213,13 @@ def contenders(args, n, k):
                      f"(Lloyd, max_iter={args.max_iter}, tol=0)",
                      lambda: load_baseline_kmeans(args.baseline)(
                          k, max_iter=args.max_iter, tol=0, device=dev, random_state=seed)))
+    for prec in args.precision:  # "fl-kmeans:<precision>" beyond float32 (--skip fl-kmeans)
+        rows.append(("fl-kmeans" + ("" if prec == "float32" else f":{prec}"),
+                     f"featlearn KMeans (Lloyd, max_iter={args.max_iter}, tol=0"
+                     + ("" if prec == "float32" else f", precision={prec!r}") + ")",
+                     lambda prec=prec: KMeans(k, max_iter=args.max_iter, tol=0, device=dev,
+                                              precision=prec, random_state=seed)))
     rows += [
-        ("fl-kmeans", f"featlearn KMeans (Lloyd, max_iter={args.max_iter}, tol=0)",
-         lambda: KMeans(k, max_iter=args.max_iter, tol=0, device=dev, random_state=seed)),
         ("sk-kmeans", f"sklearn KMeans (Lloyd, max_iter={args.max_iter}, tol=0, n_init=1)",
          lambda: SkKMeans(k, n_init=1, max_iter=args.max_iter, tol=0, random_state=seed)),
         ("fl-mbk", f"featlearn MiniBatchKMeans (batch_size={b}, init={args.mb_init!r}, "
@@ -236,7 +240,7 @@ def contenders(args, n, k):
                      lambda lloyd=lloyd: MiniBatchKMeans(k, batch_size=db,
                                                          max_iter=args.dict_max_iter,
                                                          lloyd_iter=lloyd, **mb)))
-    return [r for r in rows if r[0].rstrip("0123456789") not in args.skip]
+    return [r for r in rows if r[0].split(":")[0].rstrip("0123456789") not in args.skip]
 
 
 def timed_fit(est, X, threads):
