@@ -245,6 +245,21 @@ static float dot(const float *x, const float *c, int d) {
     return s;
 }
 
+/* A vector of centres' bounds a - e into low, and a + e folded into the running minima up. */
+static inline void keep_bounds(vfloat a, vfloat e, float *low, vfloat *up) {
+    vfloat hi = a + e, lo = a - e;
+    memcpy(low, &lo, sizeof lo);
+    vint lt = hi < *up;
+    *up = (vfloat)(((vint)hi & lt) | ((vint)*up & ~lt));
+}
+
+/* The same for one centre (a tail past the whole vectors); returns the new minimum. */
+static inline float keep_bound(float a, float e, float *low, float upper) {
+    float hi = a + e;
+    *low = a - e;
+    return hi < upper ? hi : upper;
+}
+
 /* The float32 nearest of the centres with low[j] <= upper (low padded with +inf to kp, a
    multiple of SCAN): cc_j - 2 x.c_j for each, the smallest, the first on a tie. */
 enum { SCAN = 4 * LANES };  /* columns per candidate test */
@@ -297,22 +312,14 @@ int featlearn_refine_argmin(const uint16_t *S, int64_t stride, const float *X, i
             memcpy(&c, cc + j, sizeof c);
             memcpy(&e, cn + j, sizeof e);
             vfloat s = (vfloat)(__builtin_convertvector(h, vint) << 16);
-            vfloat a = c - (s + s);
-            e = e * r + c * (1.0f / 1048576.0f);
-            vfloat hi = a + e, lo = a - e;
-            memcpy(low + j, &lo, sizeof lo);
-            vint lt = hi < up;
-            up = (vfloat)(((vint)hi & lt) | ((vint)up & ~lt));
+            keep_bounds(c - (s + s), e * r + c * (1.0f / 1048576.0f), low + j, &up);
         }
         float upper = INFINITY;
         for (int l = 0; l < LANES; l++) upper = up[l] < upper ? up[l] : upper;
         for (int j = kv; j < k; j++) {
             float s = bf16_to_float(row[j]);
-            float a = cc[j] - (s + s);
-            float e = cn[j] * r + cc[j] * (1.0f / 1048576.0f);
-            float hi = a + e;
-            low[j] = a - e;
-            upper = hi < upper ? hi : upper;
+            upper = keep_bound(cc[j] - (s + s), cn[j] * r + cc[j] * (1.0f / 1048576.0f),
+                               low + j, upper);
         }
         labels[i] = settle(low, kp, upper, x, C, cc, d, values + i);
     }
@@ -492,22 +499,14 @@ int featlearn_refine_argmin_int8(const int32_t *S, int64_t stride, const float *
             memcpy(&nrm, cn + j, sizeof nrm);
             memcpy(&f, sc2 + j, sizeof f);
             memcpy(&r, rc + j, sizeof r);
-            vfloat a = c - s * (f * __builtin_convertvector(p, vfloat));
-            vfloat e = nrm * A + r * B + c * margin;
-            vfloat hi = a + e, lo = a - e;
-            memcpy(low + j, &lo, sizeof lo);
-            vint lt = hi < up;
-            up = (vfloat)(((vint)hi & lt) | ((vint)up & ~lt));
+            keep_bounds(c - s * (f * __builtin_convertvector(p, vfloat)),
+                        nrm * A + r * B + c * margin, low + j, &up);
         }
         float upper = INFINITY;
         for (int l = 0; l < LANES; l++) upper = up[l] < upper ? up[l] : upper;
-        for (int j = kv; j < k; j++) {
-            float a = cc[j] - s * (sc2[j] * (float)row[j]);
-            float e = cn[j] * A + rc[j] * B + cc[j] * margin;
-            float hi = a + e;
-            low[j] = a - e;
-            upper = hi < upper ? hi : upper;
-        }
+        for (int j = kv; j < k; j++)
+            upper = keep_bound(cc[j] - s * (sc2[j] * (float)row[j]),
+                               cn[j] * A + rc[j] * B + cc[j] * margin, low + j, upper);
         labels[i] = settle(low, kp, upper, x, C, cc, d, values + i);
     }
     free(low);

@@ -339,6 +339,19 @@ def row_argmin(D: torch.Tensor, values: torch.Tensor, labels: torch.Tensor) -> N
 REFINE_DELTA = 2.0 ** -5
 
 
+def _check_products(S, dtype, X, C, what):
+    """``(n, k, d)`` of products ``S`` (n, k) in ``dtype`` of rows ``X`` (n, d) and centres
+    ``C`` (k, d) that the refinements read, or a ValueError: "the native {what} products..."."""
+    n, k = S.shape
+    d = X.shape[1]
+    if (S.device.type != "cpu" or S.dtype != dtype or S.stride(1) != 1
+            or X.dtype != torch.float32 or X.stride(1) != 1 or X.shape[0] != n
+            or C.shape != (k, d) or C.dtype != torch.float32 or not C.is_contiguous()):
+        raise ValueError(f"the native {what} products (n, k), float32 rows (n, d) and "
+                         "contiguous float32 centres (k, d)")
+    return n, k, d
+
+
 def refine_argmin(S: torch.Tensor, X: torch.Tensor, C: torch.Tensor, c_sq: torch.Tensor,
                   c_norm: torch.Tensor, values: torch.Tensor, labels: torch.Tensor) -> None:
     """The nearest centre of each row of ``X`` from its bfloat16 products ``S = X C^T``
@@ -346,13 +359,7 @@ def refine_argmin(S: torch.Tensor, X: torch.Tensor, C: torch.Tensor, c_sq: torch
     rounding bound leaves in contention get their float32 value ``c_sq - 2 x.c``, and the
     smallest, the first on a tie, is written into ``values`` and ``labels``. So the labels are
     those of the float32 distances (up to float32 rounding) at the bfloat16 GEMM's cost."""
-    n, k = S.shape
-    d = X.shape[1]
-    if (S.device.type != "cpu" or S.dtype != torch.bfloat16 or S.stride(1) != 1
-            or X.dtype != torch.float32 or X.stride(1) != 1 or X.shape[0] != n
-            or C.shape != (k, d) or C.dtype != torch.float32 or not C.is_contiguous()):
-        raise ValueError("the native refinement needs CPU bfloat16 products (n, k), float32 "
-                         "rows (n, d) and contiguous float32 centres (k, d)")
+    n, k, d = _check_products(S, torch.bfloat16, X, C, "refinement needs CPU bfloat16")
     cc, cn = _f32(c_sq), _f32(c_norm)
     if cc.shape != (k,) or cn.shape != (k,):
         raise ValueError(f"centre norms of ({k},) expected")
@@ -407,13 +414,7 @@ def refine_argmin_int8(S: torch.Tensor, X: torch.Tensor, rows, C: torch.Tensor,
     centres' ``(2 * scale, resid)``): the quantization bound leaves a few centres in
     contention, and their float32 values decide. The same labels and values as
     :func:`refine_argmin`: both settle by the same float32 values, and each bound holds."""
-    n, k = S.shape
-    d = X.shape[1]
-    if (S.device.type != "cpu" or S.dtype != torch.int32 or S.stride(1) != 1
-            or X.dtype != torch.float32 or X.stride(1) != 1 or X.shape[0] != n
-            or C.shape != (k, d) or C.dtype != torch.float32 or not C.is_contiguous()):
-        raise ValueError("the native int8 refinement needs CPU int32 products (n, k), float32 "
-                         "rows (n, d) and contiguous float32 centres (k, d)")
+    n, k, d = _check_products(S, torch.int32, X, C, "int8 refinement needs CPU int32")
     sx, rx, xq = (_f32(t) for t in rows)
     sc2, rc = (_f32(t) for t in centres)
     cc, cn = _f32(c_sq), _f32(c_norm)
