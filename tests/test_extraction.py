@@ -527,6 +527,15 @@ def test_kill_during_manifest_write_leaves_nothing_a_rerun_keeps(encoder, images
 
 # -- worker processes never outlive the job ---------------------------------------------------------
 
+def _cmdline(psutil, process) -> str:
+    """A child's command line, or "" for one that exited meanwhile: a short-lived helper (the C
+    compiler a worker runs to build the native kernels) can be a zombie by the time it is read."""
+    try:
+        return " ".join(process.cmdline())
+    except (psutil.ZombieProcess, psutil.NoSuchProcess, psutil.AccessDenied):
+        return ""
+
+
 def _wait_for_workers(proc, n, timeout=120):
     psutil = pytest.importorskip("psutil")
     parent = psutil.Process(proc.pid)
@@ -534,7 +543,7 @@ def _wait_for_workers(proc, n, timeout=120):
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
         kids = [k for k in parent.children(recursive=True) if k.is_running()]
-        workers = [k for k in kids if "loky" in " ".join(k.cmdline()) or "joblib" in " ".join(k.cmdline())]
+        workers = [k for k in kids if any(w in _cmdline(psutil, k) for w in ("loky", "joblib"))]
         if len(workers) >= n and _done_chunks_count(proc.out) >= 1:
             return kids
         time.sleep(0.1)
