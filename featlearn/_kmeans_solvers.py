@@ -91,7 +91,7 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
     # Equal whole chunks for every worker: a mini-batch of a few chunks is split evenly, not
     # left to one worker or split 2:1.
     workers = n_workers(device)
-    chunk = max(1, -(-n // (workers * -(-n // (chunk * workers)))))
+    chunk = max(1, -(-n // (workers * max(1, -(-n // (chunk * workers))))))
     c_sq = (C * C).sum(1)
     Ct = C.t()
     reduced = None

@@ -394,3 +394,12 @@ def test_native_minibatch_update_fits_the_torch_model(patches_like, weighted, mo
     np.testing.assert_array_equal(got.cluster_centers_, ref.cluster_centers_)
     assert got.n_steps_ == ref.n_steps_
     np.testing.assert_array_equal(got.labels_, ref.labels_)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8"])
+def test_no_rows_assign_to_nothing(precision):
+    C = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    labels, mind, sums, counts = solvers.nearest_centroid(torch.zeros(0, 8), C, accumulate=True,
+                                                          precision=precision)
+    assert labels.shape == mind.shape == (0,)
+    assert not sums.any() and not counts.any()
