@@ -111,9 +111,8 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
         rows = min(chunk, stop - start)
         if reduced is None or onehot:
             buf, blocks = _distance_buffer(rows, k, X.dtype, device)
-        # The fused int8 kernel keeps no products: one call for the whole range.
-        fused = reduced is not None and reduced.packed is not None
-        step = max(1, stop - start) if fused else chunk
+        whole = reduced is not None and reduced.whole_ranges
+        step = max(1, stop - start) if whole else chunk
         for s in range(start, stop, step):
             e = min(stop, s + step)
             Xc = X[s:e]

@@ -46,7 +46,7 @@ class ReducedProducts:
     rows into ``values`` and ``labels``, from any worker thread."""
 
     #: The fused int8 kernel's centres (:func:`featlearn._native.pack_centres_int8`), when it
-    #: runs here: then a worker settles its whole range of rows in one call.
+    #: runs here.
     packed = None
 
     def __init__(self, C: torch.Tensor, c_sq: torch.Tensor, precision: str):
@@ -71,6 +71,12 @@ class ReducedProducts:
             self.Ct = (Cq if int_mm else Cq.to(self.products)).t()
         else:
             raise ValueError(f"no reduced-precision products in {precision!r}")
+
+    @property
+    def whole_ranges(self) -> bool:
+        """Whether a worker should pass its whole range of rows to one :meth:`assign` (the
+        fused kernel writes no products, so nothing bounds a call's rows), not chunk by chunk."""
+        return self.packed is not None
 
     def assign(self, Xc: torch.Tensor, values: torch.Tensor, labels: torch.Tensor) -> None:
         """The float32 nearest centre of each row of ``Xc`` into ``values`` and ``labels``
