@@ -74,8 +74,9 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
     ``sqrt`` would be NaN).
 
     On the CPU the chunks are split between the worker threads of :func:`cpu_workers` (when
-    inside it), and the sums are one ``index_add_`` in row order after the pass (deterministic,
-    and the same as chunk by chunk). On CUDA, where ``index_add_`` uses atomics, a one-hot GEMM
+    inside it; the fused int8 kernel splits the rows between as many threads of its own), and
+    the sums are one ``index_add_`` in row order after the pass (deterministic, and the same as
+    chunk by chunk). On CUDA, where ``index_add_`` uses atomics, a one-hot GEMM
     over each chunk's distance buffer sums instead (``onehot_sums``: None picks by device;
     True/False force a path, e.g. to test both).
 
@@ -111,10 +112,8 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
         rows = min(chunk, stop - start)
         if reduced is None or onehot:
             buf, blocks = _distance_buffer(rows, k, X.dtype, device)
-        whole = reduced is not None and reduced.whole_ranges
-        step = max(1, stop - start) if whole else chunk
-        for s in range(start, stop, step):
-            e = min(stop, s + step)
+        for s in range(start, stop, chunk):
+            e = min(stop, s + chunk)
             Xc = X[s:e]
             if reduced is not None:
                 reduced.assign(Xc, mind[s:e], labels[s:e])
@@ -139,7 +138,10 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
         if alongside is not None:
             alongside()
 
-    if onehot:
+    if reduced is not None and reduced.threaded:
+        # All rows in one call, split between the kernel's own threads (one per worker).
+        reduced.assign(X, mind, labels, threads=min(workers, -(-n // chunk)), alongside=beside)
+    elif onehot:
         beside()
         work(0, n)
     else:

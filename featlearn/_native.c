@@ -2,6 +2,12 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__has_include)
+#if __has_include(<pthread.h>)
+#include <pthread.h>
+#define FEATLEARN_THREADS 1
+#endif
+#endif
 
 static inline float bf16_to_float(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -567,6 +573,29 @@ int featlearn_pack_centres_int8(const float *C, int k, int d, const float *c_sq,
     return 0;
 }
 
+enum { MAXC = 16 };  /* candidates kept per row; a row with more is settled by settle() */
+
+/* The columns j with low[j] <= upper (kp of them, a multiple of 64), in order, into cand (up
+   to MAXC); returns how many there are. */
+static int collect(const float *low, int kp, float upper, int *cand) {
+    __m512 u = _mm512_set1_ps(upper);
+    int m = 0;
+    for (int j = 0; j < kp; j += 64) {
+        __mmask16 k0 = _mm512_cmp_ps_mask(_mm512_loadu_ps(low + j), u, _CMP_LE_OQ);
+        __mmask16 k1 = _mm512_cmp_ps_mask(_mm512_loadu_ps(low + j + 16), u, _CMP_LE_OQ);
+        __mmask16 k2 = _mm512_cmp_ps_mask(_mm512_loadu_ps(low + j + 32), u, _CMP_LE_OQ);
+        __mmask16 k3 = _mm512_cmp_ps_mask(_mm512_loadu_ps(low + j + 48), u, _CMP_LE_OQ);
+        uint64_t bits = (uint64_t)k0 | (uint64_t)k1 << 16 | (uint64_t)k2 << 32
+                        | (uint64_t)k3 << 48;
+        while (bits) {
+            if (m < MAXC) cand[m] = j + __builtin_ctzll(bits);
+            m++;
+            bits &= bits - 1;
+        }
+    }
+    return m;
+}
+
 enum { RB = 6 };  /* rows per register tile (with 2 blocks of 16 centres: 12 accumulators) */
 
 int featlearn_assign_int8(const float *X, int64_t xstride, int64_t n, int d, const uint8_t *Cp,
@@ -601,7 +630,8 @@ int featlearn_assign_int8(const float *X, int64_t xstride, int64_t n, int d, con
         for (int r = 0; r < RB; r++) up[r] = _mm512_set1_ps(INFINITY);
         for (int jb = 0; jb < kpad / 16; jb += 2) {
             __m512i acc[RB][2];
-            for (int r = 0; r < RB; r++) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+            /* from -corr: the sums come out as sum q_c q_x, the unsigned offset taken off */
+            for (int r = 0; r < RB; r++) acc[r][0] = acc[r][1] = _mm512_set1_epi32(-corr[r]);
             const uint8_t *c0 = Cp + (int64_t)jb * G * 64, *c1 = c0 + (int64_t)G * 64;
             for (int g = 0; g < G; g++) {
                 __m512i b0 = _mm512_loadu_si512(c0 + g * 64);
@@ -620,20 +650,47 @@ int featlearn_assign_int8(const float *X, int64_t xstride, int64_t n, int d, con
                 __m512 vf = _mm512_loadu_ps(sc2 + j), vr = _mm512_loadu_ps(rc + j);
                 __m512 cm = _mm512_mul_ps(vc, _mm512_set1_ps(margin));
                 for (int r = 0; r < RB; r++) {
-                    __m512i p = _mm512_sub_epi32(acc[r][h], _mm512_set1_epi32(corr[r]));
-                    __m512 f = _mm512_mul_ps(vf, _mm512_cvtepi32_ps(p));
-                    __m512 a = _mm512_sub_ps(vc, _mm512_mul_ps(_mm512_set1_ps(sx[r]), f));
-                    __m512 e = _mm512_add_ps(_mm512_mul_ps(vn, _mm512_set1_ps(A[r])),
-                                             _mm512_mul_ps(vr, _mm512_set1_ps(B[r])));
-                    e = _mm512_add_ps(e, cm);
+                    /* fused multiply-adds: fewer roundings than the bound's margin allows for,
+                       and the vector ops that the products share their ports with */
+                    __m512 f = _mm512_mul_ps(vf, _mm512_cvtepi32_ps(acc[r][h]));
+                    __m512 a = _mm512_fnmadd_ps(_mm512_set1_ps(sx[r]), f, vc);
+                    __m512 e = _mm512_fmadd_ps(vn, _mm512_set1_ps(A[r]),
+                                               _mm512_fmadd_ps(vr, _mm512_set1_ps(B[r]), cm));
                     up[r] = _mm512_min_ps(up[r], _mm512_add_ps(a, e));
                     _mm512_storeu_ps(low + (int64_t)r * kpad + j, _mm512_sub_ps(a, e));
                 }
             }
         }
-        for (int r = 0; r < rr; r++)
-            labels[i0 + r] = settle(low + (int64_t)r * kpad, kpad, _mm512_reduce_min_ps(up[r]),
-                                    X + (i0 + r) * xstride, C, cc, d, values + i0 + r);
+        /* candidates of all the tile's rows first, their centres' rows prefetched, then
+           settled: the misses on C overlap instead of one row's after another's */
+        int cand[RB][MAXC], nc[RB];
+        float upper[RB];
+        for (int r = 0; r < rr; r++) {
+            upper[r] = _mm512_reduce_min_ps(up[r]);
+            nc[r] = collect(low + (int64_t)r * kpad, kpad, upper[r], cand[r]);
+            for (int t = 0; t < nc[r] && t < MAXC; t++) {
+                const char *p = (const char *)(C + (int64_t)cand[r][t] * d);
+                for (int o = 0; o < d * 4; o += 64) __builtin_prefetch(p + o);
+            }
+        }
+        for (int r = 0; r < rr; r++) {
+            const float *x = X + (i0 + r) * xstride;
+            if (nc[r] > MAXC) {
+                labels[i0 + r] = settle(low + (int64_t)r * kpad, kpad, upper[r], x, C, cc, d,
+                                        values + i0 + r);
+                continue;
+            }
+            float best = INFINITY;
+            int bi = -1;
+            for (int t = 0; t < nc[r]; t++) {
+                int j = cand[r][t];
+                float p = dot(x, C + (int64_t)j * d, d);
+                float v = cc[j] - (p + p);
+                if (bi < 0 || v < best) { best = v; bi = j; }
+            }
+            values[i0 + r] = best;
+            labels[i0 + r] = bi;
+        }
     }
     free(low);
     free(Q);
@@ -933,4 +990,71 @@ void featlearn_standardize_rows(const uint16_t *X, int64_t stride, int64_t F, co
             for (int64_t j = 0; j < F; j++) o[j] = (half_to_float(row[j]) - mean[j]) * inv[j];
         }
     }
+}
+
+/* featlearn_assign_int8 on rows [0, m) split evenly between `threads` new threads, which run
+   while the caller goes on (its own rows, by featlearn_assign_int8 on [m, n), and whatever else
+   it has to do): a mini-batch step's two halves in parallel with no hand-off through Python.
+   Returns a handle for featlearn_assign_int8_join, which waits for them; NULL when no thread
+   could be started (out of memory, or no POSIX threads here): the caller then runs those rows
+   itself. A thread that cannot be created leaves its rows to the join, on the caller's thread. */
+typedef struct {
+    const float *X; int64_t xstride, n; int d; const uint8_t *Cp; int kpad;
+    const float *C, *cc, *cn, *sc2, *rc; float *values; int64_t *labels;
+    int status, started;
+#ifdef FEATLEARN_THREADS
+    pthread_t thread;
+#endif
+} assign_job;
+
+static void *run_assign(void *arg) {
+    assign_job *j = (assign_job *)arg;
+    j->status = featlearn_assign_int8(j->X, j->xstride, j->n, j->d, j->Cp, j->kpad, j->C, j->cc,
+                                      j->cn, j->sc2, j->rc, j->values, j->labels);
+    return NULL;
+}
+
+typedef struct { int count; assign_job jobs[]; } assign_jobs;
+
+void *featlearn_assign_int8_start(const float *X, int64_t xstride, int64_t m, int d,
+                                  const uint8_t *Cp, int kpad, const float *C, const float *cc,
+                                  const float *cn, const float *sc2, const float *rc,
+                                  float *values, int64_t *labels, int threads) {
+#ifdef FEATLEARN_THREADS
+    if (threads < 1 || m < 1) return NULL;
+    assign_jobs *all = (assign_jobs *)calloc(1, sizeof(assign_jobs) +
+                                             (size_t)threads * sizeof(assign_job));
+    if (!all) return NULL;
+    all->count = threads;
+    for (int t = 0; t < threads; t++) {
+        int64_t a = m * t / threads, b = m * (t + 1) / threads;
+        assign_job *j = &all->jobs[t];
+        *j = (assign_job){X + a * xstride, xstride, b - a, d, Cp, kpad, C, cc, cn, sc2, rc,
+                          values + a, labels + a, 0, 0};
+        j->started = pthread_create(&j->thread, NULL, run_assign, j) == 0;
+    }
+    return all;
+#else
+    (void)X; (void)xstride; (void)m; (void)d; (void)Cp; (void)kpad; (void)C; (void)cc;
+    (void)cn; (void)sc2; (void)rc; (void)values; (void)labels; (void)threads;
+    return NULL;
+#endif
+}
+
+/* Waits for featlearn_assign_int8_start's threads (running the rows of any that did not start)
+   and frees the handle: 0, or the first nonzero status of featlearn_assign_int8. */
+int featlearn_assign_int8_join(void *handle) {
+    assign_jobs *all = (assign_jobs *)handle;
+    int status = 0;
+    for (int t = 0; t < all->count; t++) {
+        assign_job *j = &all->jobs[t];
+#ifdef FEATLEARN_THREADS
+        if (j->started) pthread_join(j->thread, NULL);
+        else
+#endif
+            run_assign(j);
+        if (!status) status = j->status;
+    }
+    free(all);
+    return status;
 }

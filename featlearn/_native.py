@@ -23,7 +23,8 @@ row that stays in L1 beats what a compiled graph or a torch reduction does in wh
 - :func:`quantize_rows` and :func:`refine_argmin_int8`: the same from exact products of rows
   and centres quantized to 8-bit integers (``precision="int8"``).
 - :func:`pack_centres_int8` and :func:`assign_int8`: the int8 assignment fused (products in
-  registers by AVX512-VNNI, bound and settling in the same pass), where the CPU has VNNI.
+  registers by AVX512-VNNI, bound and settling in the same pass), where the CPU has VNNI; its
+  rows split between C threads of its own (POSIX threads, started per call).
 - :func:`minibatch_update`: a mini-batch k-means step's per-centre sums, counts and update in
   one pass, where the torch ops are a dozen small passes over the centres.
 - :func:`standardize_rows`: a classifier's mini-batch gathered from float16 features,
@@ -63,7 +64,7 @@ _SOURCE_FILE = Path(__file__).with_name("_native.c")
 #: ``-ffp-contract=off``: no fused multiply-adds, so every rounding is the one torch makes.
 #: ``-march=native`` first (the count loops vectorize to the CPU's widest registers), then without
 #: it for a compiler that does not know the flag.
-_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
+_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC", "-pthread"]
 _TRIES = (["-march=native"], [])
 _LOCK = threading.Lock()
 _STATE: dict = {}
@@ -151,6 +152,10 @@ def _build():
         dll.featlearn_pack_centres_int8.restype = ctypes.c_int
         dll.featlearn_assign_int8.argtypes = [P, I64, I64, I, P, I, P, P, P, P, P, P, P]
         dll.featlearn_assign_int8.restype = ctypes.c_int
+        dll.featlearn_assign_int8_start.argtypes = [P, I64, I64, I, P, I, P, P, P, P, P, P, P, I]
+        dll.featlearn_assign_int8_start.restype = P
+        dll.featlearn_assign_int8_join.argtypes = [P]
+        dll.featlearn_assign_int8_join.restype = ctypes.c_int
         return dll
     raise OSError(f"{compiler} failed: {error}")
 
@@ -470,22 +475,42 @@ def pack_centres_int8(C: torch.Tensor, c_sq: torch.Tensor, c_norm: torch.Tensor)
 
 
 def assign_int8(X: torch.Tensor, centres: PackedCentres, values: torch.Tensor,
-                labels: torch.Tensor) -> None:
+                labels: torch.Tensor, *, threads: int = 1, alongside=None) -> None:
     """:func:`quantize_rows`, the int8 products and :func:`refine_argmin_int8` in one pass for
     the CPU float32 rows ``X`` (rows may be strided): the same labels and values, with the
-    products kept in registers (AVX512-VNNI; :func:`int8_fused`)."""
+    products kept in registers (AVX512-VNNI; :func:`int8_fused`).
+
+    ``threads > 1`` splits the rows evenly: ``threads - 1`` C threads of their own take the first
+    parts while the calling thread runs ``alongside()`` (the caller's independent work, if any)
+    and then the last part. No Python runs between them, so a small pass (a mini-batch step)
+    pays one thread start instead of hand-offs through the GIL.
+    """
     n, d = X.shape
     if (X.device.type != "cpu" or X.dtype != torch.float32 or X.stride(1) != 1
             or centres.C.shape[1] != d):
         raise ValueError(f"the fused int8 assignment needs CPU float32 rows of "
                          f"{centres.C.shape[1]} columns")
     _check_assignment_out(values, labels, n)
-    if not n:
-        return
-    got = _loaded().featlearn_assign_int8(
-        X.data_ptr(), X.stride(0), n, d, centres.packed.data_ptr(), centres.kpad,
-        centres.C.data_ptr(), centres.cc.data_ptr(), centres.cn.data_ptr(),
-        centres.sc2.data_ptr(), centres.rc.data_ptr(), values.data_ptr(), labels.data_ptr())
+    lib = _loaded()
+    args = (d, centres.packed.data_ptr(), centres.kpad, centres.C.data_ptr(),
+            centres.cc.data_ptr(), centres.cn.data_ptr(), centres.sc2.data_ptr(),
+            centres.rc.data_ptr())
+    x, v, lab, xs = X.data_ptr(), values.data_ptr(), labels.data_ptr(), X.stride(0)
+    # The first m rows go to the started threads, the rest to this one.
+    m = n * (threads - 1) // threads if threads > 1 else 0
+    handle = lib.featlearn_assign_int8_start(x, xs, m, *args, v, lab, threads - 1) if m else None
+    got = 0
+    try:
+        if alongside is not None:
+            alongside()
+        if m and not handle:  # no thread started: these rows too
+            got = lib.featlearn_assign_int8(x, xs, m, *args, v, lab)
+        if n > m and not got:
+            got = lib.featlearn_assign_int8(x + 4 * m * xs, xs, n - m, *args, v + 4 * m,
+                                            lab + 8 * m)
+    finally:
+        if handle:  # never return while a thread still writes into the caller's buffers
+            got = lib.featlearn_assign_int8_join(handle) or got
     if got == -2:
         raise RuntimeError("the fused int8 assignment is not built for this CPU (no VNNI)")
     if got != 0:

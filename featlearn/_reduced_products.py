@@ -16,7 +16,8 @@ values settle.
   rate on CPUs with VNNI or AMX-INT8.
 
 The native kernels (:mod:`featlearn._native`) do this on the CPU: for int8 on a CPU with
-AVX512-VNNI in one pass per range of rows (products in registers, never written out), else
+AVX512-VNNI in one call for all the rows, split between the kernel's own threads (products in
+registers, never written out), else
 quantization, ``torch._int_mm`` and the settling kernel chunk by chunk. Elsewhere (CUDA, no C
 compiler) the same rule runs in torch ops, where int8 products are a float32 GEMM of the
 integer values (exact: float32 while every partial sum is an integer below 2^24, else float64).
@@ -73,17 +74,22 @@ class ReducedProducts:
             raise ValueError(f"no reduced-precision products in {precision!r}")
 
     @property
-    def whole_ranges(self) -> bool:
-        """Whether a worker should pass its whole range of rows to one :meth:`assign` (the
-        fused kernel writes no products, so nothing bounds a call's rows), not chunk by chunk."""
+    def threaded(self) -> bool:
+        """Whether :meth:`assign` splits its rows between threads of its own (the fused int8
+        kernel), so that the caller passes all its rows at once instead of chunks to workers."""
         return self.packed is not None
 
-    def assign(self, Xc: torch.Tensor, values: torch.Tensor, labels: torch.Tensor) -> None:
+    def assign(self, Xc: torch.Tensor, values: torch.Tensor, labels: torch.Tensor, *,
+               threads: int = 1, alongside=None) -> None:
         """The float32 nearest centre of each row of ``Xc`` into ``values`` and ``labels``
-        (``c_sq - 2 x.c``, without ``||x||^2``)."""
+        (``c_sq - 2 x.c``, without ``||x||^2``). ``threads`` and ``alongside`` (run on the
+        calling thread meanwhile): :func:`featlearn._native.assign_int8`, when :attr:`threaded`."""
         if self.packed is not None:
-            _native.assign_int8(Xc, self.packed, values, labels)
+            _native.assign_int8(Xc, self.packed, values, labels, threads=threads,
+                                alongside=alongside)
             return
+        if alongside is not None or threads != 1:
+            raise ValueError("only the fused int8 assignment runs threads of its own")
         m, d = Xc.shape
         k = self.C.shape[0]
         S = _scratch("products", (m, k), self.products, Xc.device)

@@ -290,6 +290,56 @@ def test_fused_int8_assignment_is_the_unfused_one(k, d):
     assert torch.equal(got_l, labels) and torch.equal(got_v, values)
     with pytest.raises(ValueError, match=f"rows of {d} columns"):
         native.assign_int8(wide, packed, got_v, got_l)
+    # split between the kernel's own threads, the caller's work run once meanwhile
+    for threads in (2, 3):
+        calls = []
+        got_v, got_l = torch.full((len(X),), -1.0), torch.full((len(X),), -1, dtype=torch.int64)
+        native.assign_int8(X, packed, got_v, got_l, threads=threads,
+                           alongside=lambda: calls.append(1))
+        assert calls == [1]
+        assert torch.equal(got_l, labels) and torch.equal(got_v, values)
+
+
+@needs_compiler
+def test_fused_int8_assignment_with_many_tied_candidates():
+    # 40 copies of a centre A just before B = A + a little: the rows by B keep more candidates
+    # than the kernel collects (the copies of A and B), so they are settled by their whole
+    # row, which finds B after the 40 copies
+    if not native.int8_fused():
+        pytest.skip("the fused int8 kernel needs AVX512-VNNI")
+    g = torch.Generator().manual_seed(5)
+    C = _heavy_tailed(60, 108, g)
+    A = C[10:11]
+    B = A + 0.05 * A.norm() * torch.randn(1, 108, generator=g) / 108 ** 0.5
+    C = torch.cat([C[:10], A.expand(40, -1), B, C[11:]]).contiguous()
+    X = torch.cat([B + 1e-4 * A.norm() * torch.randn(50, 108, generator=g) / 108 ** 0.5,
+                   _heavy_tailed(50, 108, g)])
+    values, labels, _, _ = _int8_refine(X, C)
+    assert (labels[:50] == 50).all()
+    c_sq = (C * C).sum(1)
+    packed = native.pack_centres_int8(C, c_sq, c_sq.sqrt())
+    got_v, got_l = torch.empty(len(X)), torch.empty(len(X), dtype=torch.int64)
+    native.assign_int8(X, packed, got_v, got_l, threads=2)
+    assert torch.equal(got_l, labels) and torch.equal(got_v, values)
+
+
+@needs_compiler
+def test_fused_int8_assignment_waits_for_its_threads_when_the_callers_work_fails():
+    if not native.int8_fused():
+        pytest.skip("the fused int8 kernel needs AVX512-VNNI")
+    g = torch.Generator().manual_seed(6)
+    X, C = _heavy_tailed(3000, 108, g), _heavy_tailed(500, 108, g)
+    c_sq = (C * C).sum(1)
+    packed = native.pack_centres_int8(C, c_sq, c_sq.sqrt())
+    got_v, got_l = torch.zeros(len(X)), torch.full((len(X),), -1, dtype=torch.int64)
+
+    def fail():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        native.assign_int8(X, packed, got_v, got_l, threads=2, alongside=fail)
+    # the started thread's rows were all written before the call returned; the caller's were not
+    assert (got_l[:1500] >= 0).all() and (got_l[1500:] == -1).all()
 
 
 @needs_compiler
