@@ -992,69 +992,71 @@ void featlearn_standardize_rows(const uint16_t *X, int64_t stride, int64_t F, co
     }
 }
 
-/* featlearn_assign_int8 on rows [0, m) split evenly between `threads` new threads, which run
-   while the caller goes on (its own rows, by featlearn_assign_int8 on [m, n), and whatever else
-   it has to do): a mini-batch step's two halves in parallel with no hand-off through Python.
-   Returns a handle for featlearn_assign_int8_join, which waits for them; NULL when no thread
-   could be started (out of memory, or no POSIX threads here): the caller then runs those rows
-   itself. A thread that cannot be created leaves its rows to the join, on the caller's thread. */
+/* featlearn_assign_int8 over all n rows, in blocks that `threads` new threads and then the
+   caller take in turn (an atomic counter): a mini-batch step's rows in parallel with no hand-off
+   through Python, balanced whatever else the caller does first (its `alongside` work) and however
+   busy the machine leaves each core. Returns a handle for featlearn_assign_int8_join, which
+   takes the caller's share of the blocks and waits for the threads; NULL when nothing could be
+   started (out of memory, or no POSIX threads here): the caller then assigns the rows itself. */
+enum { ASSIGN_BLOCK = 48 };  /* rows per block taken: 8 of the fused kernel's row tiles */
+
 typedef struct {
     const float *X; int64_t xstride, n; int d; const uint8_t *Cp; int kpad;
     const float *C, *cc, *cn, *sc2, *rc; float *values; int64_t *labels;
-    int status, started;
+    int64_t next;  /* the first row of the next block to take */
+    int status;    /* the first nonzero status of featlearn_assign_int8, or 0 */
+    int count;     /* threads started */
 #ifdef FEATLEARN_THREADS
-    pthread_t thread;
+    pthread_t threads[];
 #endif
-} assign_job;
+} assign_pass;
 
-static void *run_assign(void *arg) {
-    assign_job *j = (assign_job *)arg;
-    j->status = featlearn_assign_int8(j->X, j->xstride, j->n, j->d, j->Cp, j->kpad, j->C, j->cc,
-                                      j->cn, j->sc2, j->rc, j->values, j->labels);
-    return NULL;
+static void *assign_blocks(void *arg) {
+    assign_pass *p = (assign_pass *)arg;
+    for (;;) {
+        int64_t a = __atomic_fetch_add(&p->next, ASSIGN_BLOCK, __ATOMIC_RELAXED);
+        if (a >= p->n) return NULL;
+        int64_t m = p->n - a < ASSIGN_BLOCK ? p->n - a : ASSIGN_BLOCK;
+        int got = featlearn_assign_int8(p->X + a * p->xstride, p->xstride, m, p->d, p->Cp,
+                                        p->kpad, p->C, p->cc, p->cn, p->sc2, p->rc,
+                                        p->values + a, p->labels + a);
+        int none = 0;
+        if (got)
+            __atomic_compare_exchange_n(&p->status, &none, got, 0, __ATOMIC_RELAXED,
+                                        __ATOMIC_RELAXED);
+    }
 }
 
-typedef struct { int count; assign_job jobs[]; } assign_jobs;
-
-void *featlearn_assign_int8_start(const float *X, int64_t xstride, int64_t m, int d,
+void *featlearn_assign_int8_start(const float *X, int64_t xstride, int64_t n, int d,
                                   const uint8_t *Cp, int kpad, const float *C, const float *cc,
                                   const float *cn, const float *sc2, const float *rc,
                                   float *values, int64_t *labels, int threads) {
 #ifdef FEATLEARN_THREADS
-    if (threads < 1 || m < 1) return NULL;
-    assign_jobs *all = (assign_jobs *)calloc(1, sizeof(assign_jobs) +
-                                             (size_t)threads * sizeof(assign_job));
-    if (!all) return NULL;
-    all->count = threads;
-    for (int t = 0; t < threads; t++) {
-        int64_t a = m * t / threads, b = m * (t + 1) / threads;
-        assign_job *j = &all->jobs[t];
-        *j = (assign_job){X + a * xstride, xstride, b - a, d, Cp, kpad, C, cc, cn, sc2, rc,
-                          values + a, labels + a, 0, 0};
-        j->started = pthread_create(&j->thread, NULL, run_assign, j) == 0;
-    }
-    return all;
+    if (threads < 1 || n < 1) return NULL;
+    assign_pass *p = (assign_pass *)calloc(1, sizeof(assign_pass) +
+                                           (size_t)threads * sizeof(pthread_t));
+    if (!p) return NULL;
+    *p = (assign_pass){X, xstride, n, d, Cp, kpad, C, cc, cn, sc2, rc, values, labels, 0, 0, 0};
+    while (p->count < threads &&
+           pthread_create(&p->threads[p->count], NULL, assign_blocks, p) == 0)
+        p->count++;  /* a thread that cannot start leaves its blocks to the others */
+    return p;
 #else
-    (void)X; (void)xstride; (void)m; (void)d; (void)Cp; (void)kpad; (void)C; (void)cc;
+    (void)X; (void)xstride; (void)n; (void)d; (void)Cp; (void)kpad; (void)C; (void)cc;
     (void)cn; (void)sc2; (void)rc; (void)values; (void)labels; (void)threads;
     return NULL;
 #endif
 }
 
-/* Waits for featlearn_assign_int8_start's threads (running the rows of any that did not start)
-   and frees the handle: 0, or the first nonzero status of featlearn_assign_int8. */
+/* Takes the blocks still left, waits for featlearn_assign_int8_start's threads and frees the
+   handle: 0 when every row was assigned, else featlearn_assign_int8's first failure. */
 int featlearn_assign_int8_join(void *handle) {
-    assign_jobs *all = (assign_jobs *)handle;
-    int status = 0;
-    for (int t = 0; t < all->count; t++) {
-        assign_job *j = &all->jobs[t];
+    assign_pass *p = (assign_pass *)handle;
+    assign_blocks(p);
 #ifdef FEATLEARN_THREADS
-        if (j->started) pthread_join(j->thread, NULL);
-        else
+    for (int t = 0; t < p->count; t++) pthread_join(p->threads[t], NULL);
 #endif
-            run_assign(j);
-        if (!status) status = j->status;
-    }
-    free(all);
+    int status = p->status;
+    free(p);
     return status;
 }

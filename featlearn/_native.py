@@ -480,10 +480,12 @@ def assign_int8(X: torch.Tensor, centres: PackedCentres, values: torch.Tensor,
     the CPU float32 rows ``X`` (rows may be strided): the same labels and values, with the
     products kept in registers (AVX512-VNNI; :func:`int8_fused`).
 
-    ``threads > 1`` splits the rows evenly: ``threads - 1`` C threads of their own take the first
-    parts while the calling thread runs ``alongside()`` (the caller's independent work, if any)
-    and then the last part. No Python runs between them, so a small pass (a mini-batch step)
-    pays one thread start instead of hand-offs through the GIL.
+    ``threads > 1`` splits the rows between ``threads - 1`` C threads of the kernel's own and
+    the calling thread, which runs ``alongside()`` first (the caller's independent work, if any):
+    each takes the next block of rows until none is left, so the split stays even whatever the
+    caller's work costs. No Python runs between them, so a small pass (a mini-batch step) pays
+    one thread start instead of hand-offs through the GIL. When ``alongside()`` raises, the
+    threads' rows are still finished before the error goes on.
     """
     n, d = X.shape
     if (X.device.type != "cpu" or X.dtype != torch.float32 or X.stride(1) != 1
@@ -492,25 +494,22 @@ def assign_int8(X: torch.Tensor, centres: PackedCentres, values: torch.Tensor,
                          f"{centres.C.shape[1]} columns")
     _check_assignment_out(values, labels, n)
     lib = _loaded()
-    args = (d, centres.packed.data_ptr(), centres.kpad, centres.C.data_ptr(),
-            centres.cc.data_ptr(), centres.cn.data_ptr(), centres.sc2.data_ptr(),
-            centres.rc.data_ptr())
-    x, v, lab, xs = X.data_ptr(), values.data_ptr(), labels.data_ptr(), X.stride(0)
-    # The first m rows go to the started threads, the rest to this one.
-    m = n * (threads - 1) // threads if threads > 1 else 0
-    handle = lib.featlearn_assign_int8_start(x, xs, m, *args, v, lab, threads - 1) if m else None
-    got = 0
-    try:
+    args = (X.data_ptr(), X.stride(0), n, d, centres.packed.data_ptr(), centres.kpad,
+            centres.C.data_ptr(), centres.cc.data_ptr(), centres.cn.data_ptr(),
+            centres.sc2.data_ptr(), centres.rc.data_ptr(), values.data_ptr(), labels.data_ptr())
+    if not n:
+        return
+    handle = lib.featlearn_assign_int8_start(*args, threads - 1) if threads > 1 else None
+    if handle is None:  # one thread, or none could start: the caller assigns every row
         if alongside is not None:
             alongside()
-        if m and not handle:  # no thread started: these rows too
-            got = lib.featlearn_assign_int8(x, xs, m, *args, v, lab)
-        if n > m and not got:
-            got = lib.featlearn_assign_int8(x + 4 * m * xs, xs, n - m, *args, v + 4 * m,
-                                            lab + 8 * m)
-    finally:
-        if handle:  # never return while a thread still writes into the caller's buffers
-            got = lib.featlearn_assign_int8_join(handle) or got
+        got = lib.featlearn_assign_int8(*args)
+    else:
+        try:
+            if alongside is not None:
+                alongside()
+        finally:  # never return while a thread still writes into the caller's buffers
+            got = lib.featlearn_assign_int8_join(handle)  # with the caller's share of the rows
     if got == -2:
         raise RuntimeError("the fused int8 assignment is not built for this CPU (no VNNI)")
     if got != 0:

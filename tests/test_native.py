@@ -338,8 +338,9 @@ def test_fused_int8_assignment_waits_for_its_threads_when_the_callers_work_fails
 
     with pytest.raises(KeyboardInterrupt):
         native.assign_int8(X, packed, got_v, got_l, threads=2, alongside=fail)
-    # the started thread's rows were all written before the call returned; the caller's were not
-    assert (got_l[:1500] >= 0).all() and (got_l[1500:] == -1).all()
+    # every row was written before the call returned: by the started thread, or by the caller
+    # finishing the blocks it left
+    assert (got_l >= 0).all()
 
 
 @needs_compiler
