@@ -497,13 +497,11 @@ def assign_int8(X: torch.Tensor, centres: PackedCentres, values: torch.Tensor,
     args = (X.data_ptr(), X.stride(0), n, d, centres.packed.data_ptr(), centres.kpad,
             centres.C.data_ptr(), centres.cc.data_ptr(), centres.cn.data_ptr(),
             centres.sc2.data_ptr(), centres.rc.data_ptr(), values.data_ptr(), labels.data_ptr())
-    if not n:
-        return
-    handle = lib.featlearn_assign_int8_start(*args, threads - 1) if threads > 1 else None
+    handle = lib.featlearn_assign_int8_start(*args, threads - 1) if threads > 1 and n else None
     if handle is None:  # one thread, or none could start: the caller assigns every row
         if alongside is not None:
             alongside()
-        got = lib.featlearn_assign_int8(*args)
+        got = lib.featlearn_assign_int8(*args) if n else 0
     else:
         try:
             if alongside is not None:

@@ -298,6 +298,9 @@ def test_fused_int8_assignment_is_the_unfused_one(k, d):
                            alongside=lambda: calls.append(1))
         assert calls == [1]
         assert torch.equal(got_l, labels) and torch.equal(got_v, values)
+        native.assign_int8(X[:0], packed, got_v[:0], got_l[:0], threads=threads,
+                           alongside=lambda: calls.append(1))
+        assert calls == [1, 1]    # no rows: the caller's work still runs
 
 
 @needs_compiler
