@@ -61,7 +61,9 @@ from ._logging import logger
 #: The kernels' C source, shipped beside this module (package data).
 _SOURCE_FILE = Path(__file__).with_name("_native.c")
 
-#: ``-ffp-contract=off``: no fused multiply-adds, so every rounding is the one torch makes.
+#: ``-ffp-contract=off``: no fused multiply-adds, so every rounding is the one torch makes (the
+#: fused int8 kernel's bounds use them explicitly, within the margin that covers rounding).
+#: ``-pthread``: that kernel's own threads.
 #: ``-march=native`` first (the count loops vectorize to the CPU's widest registers), then without
 #: it for a compiler that does not know the flag.
 _FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC", "-pthread"]

@@ -17,10 +17,10 @@ values settle.
 
 The native kernels (:mod:`featlearn._native`) do this on the CPU: for int8 on a CPU with
 AVX512-VNNI in one call for all the rows, split between the kernel's own threads (products in
-registers, never written out), else
-quantization, ``torch._int_mm`` and the settling kernel chunk by chunk. Elsewhere (CUDA, no C
-compiler) the same rule runs in torch ops, where int8 products are a float32 GEMM of the
-integer values (exact: float32 while every partial sum is an integer below 2^24, else float64).
+registers, never written out), else quantization, ``torch._int_mm`` and the settling kernel
+chunk by chunk. Elsewhere (CUDA, no C compiler) the same rule runs in torch ops, where int8
+products are a float32 GEMM of the integer values (exact: float32 while every partial sum is an
+integer below 2^24, else float64).
 """
 
 from __future__ import annotations
