@@ -75,8 +75,8 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
 
     On the CPU the chunks are split between the worker threads of :func:`cpu_workers` (when
     inside it; the fused int8 kernel splits the rows between as many threads of its own), and
-    the sums are one ``index_add_`` in row order after the pass (deterministic, and the same as
-    chunk by chunk). On CUDA, where ``index_add_`` uses atomics, a one-hot GEMM
+    the sums are one pass in row order after it (deterministic, and the same as chunk by chunk:
+    a native pass with ``index_add_``'s numbers where the native kernels run). On CUDA, where ``index_add_`` uses atomics, a one-hot GEMM
     over each chunk's distance buffer sums instead (``onehot_sums``: None picks by device;
     True/False force a path, e.g. to test both).
 
@@ -148,7 +148,9 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
         _over_rows(n, chunk, work, device, alongside=beside)
     mind += norms[0]
     mind.clamp_(min=0)
-    if accumulate and not onehot:
+    if accumulate and not onehot and _native_float32(X.dtype, device) and X.stride(1) == 1:
+        _native.centre_sums(X, labels, w, sums, counts)  # the same numbers, in one pass
+    elif accumulate and not onehot:
         # In row order, as chunk by chunk: row blocks bound the weighted copy's memory.
         for s in range(0, n, 16384):
             Xb = X[s:s + 16384]
@@ -165,7 +167,8 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
 
 def _native_float32(dtype, device: torch.device) -> bool:
     """Whether the native kernels take this CPU float32 work (the argmin of
-    :func:`_row_argmin`, the mini-batch update): CPU float32, when they are built."""
+    :func:`_row_argmin`, the per-centre sums, the mini-batch update): CPU float32, when they
+    are built."""
     return device.type == "cpu" and dtype == torch.float32 and _native.available()
 
 

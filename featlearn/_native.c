@@ -907,21 +907,14 @@ int featlearn_nearest_pool(const void *S, int64_t stride, int bf16, const float 
     return 0;
 }
 
-/* One mini-batch k-means update (scikit-learn's per-centre rate 1 / count), with the roundings
-   of the torch ops it replaces: the n rows of X (`stride` apart, d each; times w[i] in float32
-   when w is not NULL) summed per label in row order into sums (k x d float32), their (weighted)
-   counts in float64 into bcounts; then new_counts = counts + bcounts and each centre
-   out = C + (sums - (float)bcounts * C) / rate, rate = (float)new_count where it is >= 1 (> 0
-   with weights), else 1. Returns how many new counts are 0, or -1 (nothing written) when a
-   label is outside 0..k-1. */
-int64_t featlearn_minibatch_update(const float *X, int64_t stride, int64_t n, int d,
-                                   const int64_t *labels, const float *w, const float *C,
-                                   int64_t k, const double *counts, float *sums,
-                                   double *bcounts, double *new_counts, float *out) {
+/* The n rows of X (`stride` apart, d each; times w[i] in float32 when w is not NULL) added per
+   label in row order into sums (k x d float32), their (weighted) counts one by one in float64
+   into counts: the roundings of torch's index_add_ and (from zero counts) bincount, at a
+   fraction of their cost. Returns 0, or -1 (nothing written) when a label is outside 0..k-1. */
+int featlearn_centre_sums(const float *X, int64_t stride, int64_t n, int d, const int64_t *labels,
+                          const float *w, int64_t k, float *sums, double *counts) {
     for (int64_t i = 0; i < n; i++)
         if (labels[i] < 0 || labels[i] >= k) return -1;
-    memset(sums, 0, sizeof(float) * (size_t)(k * d));
-    memset(bcounts, 0, sizeof(double) * (size_t)k);
     for (int64_t i = 0; i < n; i++) {
         int64_t l = labels[i];
         const float *x = X + i * stride;
@@ -929,12 +922,28 @@ int64_t featlearn_minibatch_update(const float *X, int64_t stride, int64_t n, in
         if (w) {
             float wi = w[i];
             for (int t = 0; t < d; t++) s[t] += x[t] * wi;
-            bcounts[l] += (double)wi;
+            counts[l] += (double)wi;
         } else {
             for (int t = 0; t < d; t++) s[t] += x[t];
-            bcounts[l] += 1.0;
+            counts[l] += 1.0;
         }
     }
+    return 0;
+}
+
+/* One mini-batch k-means update (scikit-learn's per-centre rate 1 / count), with the roundings
+   of the torch ops it replaces: the batch's sums and counts as featlearn_centre_sums (from zero,
+   into sums and bcounts); then new_counts = counts + bcounts and each centre
+   out = C + (sums - (float)bcounts * C) / rate, rate = (float)new_count where it is >= 1 (> 0
+   with weights), else 1. Returns how many new counts are 0, or -1 (out and new_counts not
+   written) when a label is outside 0..k-1. */
+int64_t featlearn_minibatch_update(const float *X, int64_t stride, int64_t n, int d,
+                                   const int64_t *labels, const float *w, const float *C,
+                                   int64_t k, const double *counts, float *sums,
+                                   double *bcounts, double *new_counts, float *out) {
+    memset(sums, 0, sizeof(float) * (size_t)(k * d));
+    memset(bcounts, 0, sizeof(double) * (size_t)k);
+    if (featlearn_centre_sums(X, stride, n, d, labels, w, k, sums, bcounts) < 0) return -1;
     int64_t zeros = 0;
     for (int64_t j = 0; j < k; j++) {
         double c = counts[j] + bcounts[j];

@@ -25,8 +25,9 @@ row that stays in L1 beats what a compiled graph or a torch reduction does in wh
 - :func:`pack_centres_int8` and :func:`assign_int8`: the int8 assignment fused (products in
   registers by AVX512-VNNI, bound and settling in the same pass), where the CPU has VNNI; its
   rows split between C threads of its own (POSIX threads, started per call).
-- :func:`minibatch_update`: a mini-batch k-means step's per-centre sums, counts and update in
-  one pass, where the torch ops are a dozen small passes over the centres.
+- :func:`centre_sums`: k-means' per-centre sums and counts (``index_add_`` and ``bincount``'s
+  numbers) in one pass, and :func:`minibatch_update`: those and a mini-batch step's update,
+  where the torch ops are a dozen small passes over the centres.
 - :func:`standardize_rows`: a classifier's mini-batch gathered from float16 features,
   standardized and rounded to bfloat16 in one pass.
 
@@ -138,6 +139,8 @@ def _build():
         dll.featlearn_standardize_rows.restype = None
         dll.featlearn_minibatch_update.argtypes = [P, I64, I64, I, P, P, P, I64, P, P, P, P, P]
         dll.featlearn_minibatch_update.restype = ctypes.c_int64
+        dll.featlearn_centre_sums.argtypes = [P, I64, I64, I, P, P, I64, P, P]
+        dll.featlearn_centre_sums.restype = ctypes.c_int
         dll.featlearn_row_argmin.argtypes = [P, I64, I64, I, P, P]
         dll.featlearn_row_argmin.restype = None
         F = ctypes.c_float
@@ -539,6 +542,32 @@ def standardize_rows(X: torch.Tensor, idx: torch.Tensor, mean: torch.Tensor,
             X.data_ptr(), X.stride(0), F, idx.data_ptr(), len(idx), mean.data_ptr(),
             inv_scale.data_ptr(), int(dtype == torch.bfloat16), out.data_ptr())
     return out
+
+
+def centre_sums(X: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None,
+                sums: torch.Tensor, counts: torch.Tensor) -> None:
+    """Add the CPU float32 rows ``X`` (rows may be strided; times ``weights`` with weights) per
+    label into ``sums`` (float32 ``(k, d)``) in row order, and their (weighted) counts into
+    ``counts`` (float64 ``(k,)``), one by one: what ``index_add_`` gives, and from zero counts
+    what ``bincount`` gives, bit for bit, in one pass on one thread."""
+    n, d = X.shape
+    k = sums.shape[0]
+    if (X.device.type != "cpu" or X.dtype != torch.float32 or X.stride(1) != 1
+            or sums.shape != (k, d) or sums.dtype != torch.float32 or not sums.is_contiguous()
+            or counts.shape != (k,) or counts.dtype != torch.float64
+            or not counts.is_contiguous() or labels.shape != (n,)
+            or labels.dtype != torch.int64 or not labels.is_contiguous()):
+        raise ValueError("native centre sums need CPU float32 rows (n, d), int64 labels (n,), "
+                         "contiguous float32 sums (k, d) and float64 counts (k,)")
+    if weights is not None:
+        weights = weights.to(torch.float32).contiguous()
+        if weights.shape != (n,):
+            raise ValueError(f"weights of ({n},) expected, got {tuple(weights.shape)}")
+    if _loaded().featlearn_centre_sums(
+            X.data_ptr(), X.stride(0), n, d, labels.data_ptr(),
+            None if weights is None else weights.data_ptr(), k, sums.data_ptr(),
+            counts.data_ptr()) < 0:
+        raise IndexError(f"a label is outside 0..{k - 1}")
 
 
 def minibatch_update(X: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None,

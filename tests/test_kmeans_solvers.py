@@ -396,6 +396,24 @@ def test_native_minibatch_update_fits_the_torch_model(patches_like, weighted, mo
     np.testing.assert_array_equal(got.labels_, ref.labels_)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_native_centre_sums_fit_the_torch_model(patches_like, weighted, monkeypatch):
+    """Lloyd's per-centre sums in one native pass give the centres, labels and iterations of
+    index_add_ and bincount."""
+    if not solvers._native.available():
+        pytest.skip("native kernels not built here")
+    X = patches_like[0].numpy()
+    w = np.random.default_rng(1).uniform(0.2, 3.0, len(X)) if weighted else None
+    kw = dict(n_clusters=60, max_iter=8, tol=0, random_state=0, device="cpu")
+    got = KMeans(**kw).fit(X, sample_weight=w)
+    monkeypatch.setattr(solvers._native, "centre_sums", None)  # the torch ops (would fail)
+    monkeypatch.setattr(solvers, "_native_float32", lambda dtype, device: False)
+    ref = KMeans(**kw).fit(X, sample_weight=w)
+    np.testing.assert_array_equal(got.cluster_centers_, ref.cluster_centers_)
+    np.testing.assert_array_equal(got.labels_, ref.labels_)
+    assert got.n_iter_ == ref.n_iter_
+
+
 @pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8"])
 def test_no_rows_assign_to_nothing(precision):
     C = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))

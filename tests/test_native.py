@@ -444,6 +444,31 @@ def test_native_minibatch_update_is_the_torch_ops(weighted, n, k, d):
 
 
 @needs_compiler
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("n,k,d", [(5000, 400, 108), (7, 9, 3), (0, 4, 2)])
+def test_native_centre_sums_are_index_add_and_bincount(weighted, n, k, d):
+    g = torch.Generator().manual_seed(n + k + weighted)
+    X = _heavy_tailed(n, d + 2, g)[:, :d]  # strided rows
+    labels = torch.randint(0, k, (n,), generator=g)
+    w = torch.rand(n, generator=g) * 3 if weighted else None
+    # the sums added to what they already hold, the counts from zero
+    sums, counts = _heavy_tailed(k, d, g), torch.zeros(k, dtype=torch.float64)
+    ref_sums = sums.clone().index_add_(0, labels, X if w is None else X * w[:, None])
+    ref_counts = (torch.bincount(labels, minlength=k) if w is None
+                  else torch.bincount(labels, weights=w.double(), minlength=k)).double()
+    native.centre_sums(X, labels, w, sums, counts)
+    assert torch.equal(sums, ref_sums) and torch.equal(counts, ref_counts)
+    bad = labels.clone()
+    if n:
+        bad[-1] = k
+        with pytest.raises(IndexError, match=f"outside 0..{k - 1}"):
+            native.centre_sums(X, bad, w, sums, counts)
+        assert torch.equal(sums, ref_sums)  # nothing written
+    with pytest.raises(ValueError, match="float64 counts"):
+        native.centre_sums(X, labels, w, sums, counts.float())
+
+
+@needs_compiler
 def test_native_minibatch_update_refuses_what_it_cannot_read():
     X, C = torch.zeros(4, 3), torch.zeros(5, 3)
     counts = torch.zeros(5, dtype=torch.float64)
