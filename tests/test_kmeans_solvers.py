@@ -342,6 +342,21 @@ def test_torch_int8_products_stay_exact_past_float32s_integers(monkeypatch):
     assert torch.equal(labels[:20], torch.arange(20))
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_int8_minibatch_fit_is_the_bfloat16_one(patches_like, weighted):
+    """Both precisions settle their assignments in float32, so whole mini-batch fits (weights
+    and reassignments included) agree bit for bit."""
+    X = patches_like[0].numpy()
+    w = np.random.default_rng(2).uniform(0.2, 3.0, len(X)) if weighted else None
+    kw = dict(n_clusters=50, batch_size=200, max_iter=4, random_state=0, device="cpu",
+              reassignment_ratio=0.2, max_no_improvement=None)
+    bf16 = MiniBatchKMeans(precision="bfloat16", **kw).fit(X, sample_weight=w)
+    int8 = MiniBatchKMeans(precision="int8", **kw).fit(X, sample_weight=w)
+    np.testing.assert_array_equal(int8.cluster_centers_, bf16.cluster_centers_)
+    np.testing.assert_array_equal(int8.labels_, bf16.labels_)
+    assert int8.inertia_ == bf16.inertia_ and int8.n_steps_ == bf16.n_steps_
+
+
 @pytest.mark.parametrize("precision", ["bfloat16", "int8"])
 @pytest.mark.parametrize("Est", [KMeans, MiniBatchKMeans])
 def test_reduced_precision_fits_the_float32_model(patches_like, Est, precision):
