@@ -544,6 +544,32 @@ def standardize_rows(X: torch.Tensor, idx: torch.Tensor, mean: torch.Tensor,
     return out
 
 
+def _rows_and_weights(X: torch.Tensor, labels: torch.Tensor, weights, what: str):
+    """The checks the native per-centre sums share: CPU float32 rows ``(n, d)`` (strided rows
+    allowed) and contiguous int64 ``labels`` ``(n,)``; returns ``weights`` as contiguous float32
+    ``(n,)`` (or None)."""
+    n = X.shape[0]
+    if (X.device.type != "cpu" or X.dtype != torch.float32 or X.stride(1) != 1
+            or labels.shape != (n,) or labels.dtype != torch.int64
+            or not labels.is_contiguous()):
+        raise ValueError(f"{what} needs CPU float32 rows (n, d) and int64 labels (n,)")
+    if weights is not None:
+        weights = weights.to(torch.float32).contiguous()
+        if weights.shape != (n,):
+            raise ValueError(f"weights of ({n},) expected, got {tuple(weights.shape)}")
+    return weights
+
+
+def _check_per_centre(A: torch.Tensor, counts: torch.Tensor, d: int, what: str, name: str):
+    """``A`` contiguous float32 ``(k, d)`` and ``counts`` contiguous float64 ``(k,)``."""
+    k = A.shape[0]
+    if (A.shape != (k, d) or A.dtype != torch.float32 or not A.is_contiguous()
+            or counts.shape != (k,) or counts.dtype != torch.float64
+            or not counts.is_contiguous()):
+        raise ValueError(f"{what} needs contiguous float32 {name} (k, d) and float64 counts "
+                         f"(k,)")
+
+
 def centre_sums(X: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None,
                 sums: torch.Tensor, counts: torch.Tensor) -> None:
     """Add the CPU float32 rows ``X`` (rows may be strided; times ``weights`` with weights) per
@@ -552,17 +578,8 @@ def centre_sums(X: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | N
     what ``bincount`` gives, bit for bit, in one pass on one thread."""
     n, d = X.shape
     k = sums.shape[0]
-    if (X.device.type != "cpu" or X.dtype != torch.float32 or X.stride(1) != 1
-            or sums.shape != (k, d) or sums.dtype != torch.float32 or not sums.is_contiguous()
-            or counts.shape != (k,) or counts.dtype != torch.float64
-            or not counts.is_contiguous() or labels.shape != (n,)
-            or labels.dtype != torch.int64 or not labels.is_contiguous()):
-        raise ValueError("native centre sums need CPU float32 rows (n, d), int64 labels (n,), "
-                         "contiguous float32 sums (k, d) and float64 counts (k,)")
-    if weights is not None:
-        weights = weights.to(torch.float32).contiguous()
-        if weights.shape != (n,):
-            raise ValueError(f"weights of ({n},) expected, got {tuple(weights.shape)}")
+    weights = _rows_and_weights(X, labels, weights, "native centre sums")
+    _check_per_centre(sums, counts, d, "native centre sums", "sums")
     if _loaded().featlearn_centre_sums(
             X.data_ptr(), X.stride(0), n, d, labels.data_ptr(),
             None if weights is None else weights.data_ptr(), k, sums.data_ptr(),
@@ -580,17 +597,8 @@ def minibatch_update(X: torch.Tensor, labels: torch.Tensor, weights: torch.Tenso
     give, bit for bit. Returns ``(new_centres, new_counts, zero_counts)``."""
     n, d = X.shape
     k = C.shape[0]
-    if (X.device.type != "cpu" or X.dtype != torch.float32 or X.stride(1) != 1
-            or C.shape != (k, d) or C.dtype != torch.float32 or not C.is_contiguous()
-            or counts.shape != (k,) or counts.dtype != torch.float64
-            or not counts.is_contiguous() or labels.shape != (n,)
-            or labels.dtype != torch.int64 or not labels.is_contiguous()):
-        raise ValueError("the native mini-batch update needs CPU float32 rows (n, d), int64 "
-                         "labels (n,), contiguous float32 centres (k, d) and float64 counts (k,)")
-    if weights is not None:
-        weights = weights.to(torch.float32).contiguous()
-        if weights.shape != (n,):
-            raise ValueError(f"weights of ({n},) expected, got {tuple(weights.shape)}")
+    weights = _rows_and_weights(X, labels, weights, "the native mini-batch update")
+    _check_per_centre(C, counts, d, "the native mini-batch update", "centres")
     sums = torch.empty((k, d), dtype=torch.float32)
     scratch = torch.empty(2 * k, dtype=torch.float64)
     out = torch.empty_like(C)
