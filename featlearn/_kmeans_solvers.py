@@ -38,6 +38,11 @@ _CPU_MAX_CHUNK = 4096
 #: inside the winning block. A multiple of the SIMD width, and long enough that a block's
 #: reduction is vector work.
 _ARGMIN_BLOCK = 64
+#: The fewest multiply-adds a thread of the fused int8 assignment takes on: a fraction of a
+#: millisecond of one core's work, of which a thread's start and join (tens of microseconds)
+#: stay a small part. A mini-batch step on a many-core CPU then starts a few threads, not one
+#: per core.
+_PRODUCTS_PER_THREAD = 2 ** 25
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,8 +144,10 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
             alongside()
 
     if reduced is not None and reduced.threaded:
-        # All rows in one call, split between the kernel's own threads (one per worker).
-        reduced.assign(X, mind, labels, threads=min(workers, -(-n // chunk)), alongside=beside)
+        # All rows in one call, split between the kernel's own threads (one per worker, each
+        # with _PRODUCTS_PER_THREAD products at least).
+        threads = min(workers, -(-n // chunk), max(1, n * k * d // _PRODUCTS_PER_THREAD))
+        reduced.assign(X, mind, labels, threads=threads, alongside=beside)
     elif onehot:
         beside()
         work(0, n)

@@ -342,6 +342,27 @@ def test_torch_int8_products_stay_exact_past_float32s_integers(monkeypatch):
     assert torch.equal(labels[:20], torch.arange(20))
 
 
+def test_fused_int8_assignment_starts_threads_for_enough_work_only(monkeypatch):
+    if not (solvers._native.available() and solvers._native.int8_fused()):
+        pytest.skip("the fused int8 kernel needs AVX512-VNNI")
+    seen = []
+    assign = solvers._native.assign_int8
+
+    def spy(*args, threads=1, **kw):
+        seen.append(threads)
+        return assign(*args, threads=threads, **kw)
+
+    monkeypatch.setattr(solvers._native, "assign_int8", spy)
+    monkeypatch.setattr(solvers, "n_workers", lambda device: 4)
+    g = torch.Generator().manual_seed(0)
+    solvers.nearest_centroid(torch.randn(1024, 8, generator=g), torch.randn(16, 8, generator=g),
+                             precision="int8")
+    X, C = torch.randn(2048, 108, generator=g), torch.randn(1600, 108, generator=g)
+    large = solvers.nearest_centroid(X, C, precision="int8")
+    assert seen == [1, 4]  # a tiny pass on the calling thread alone; a large one on four
+    assert torch.equal(large[0], solvers.nearest_centroid(X, C)[0])
+
+
 @pytest.mark.parametrize("weighted", [False, True])
 def test_int8_minibatch_fit_is_the_bfloat16_one(patches_like, weighted):
     """Both precisions settle their assignments in float32, so whole mini-batch fits (weights
