@@ -1,4 +1,5 @@
-"""What every benchmark script shares: the data flags, the machine line, the GEMM rate, the command.
+"""What every benchmark script shares: the data flags, the machine line, the GEMM rate, the command
+(and, for the contention benchmarks, the competing job: :class:`Competitor`).
 
 Every script takes the same flags (``--data``, ``--md5``, ``--data-home``, ``--out``,
 ``--quick``), and every results table starts with :func:`header`: the command that produced it,
@@ -16,7 +17,10 @@ import argparse
 import os
 import platform
 import shlex
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,3 +179,39 @@ def write(out, lines):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {out}")
+
+
+#: The competitor: float32 GEMMs on every core until SIGTERM, then its rate on stdout.
+COMPETITOR = """
+import signal, sys, time, torch
+torch.set_num_threads({threads})
+a = torch.randn(1024, 1024); b = torch.randn(1024, 1024); out = torch.empty(1024, 1024)
+n, t0 = 0, time.perf_counter()
+def done(*_):
+    print(f"COMPETITOR {{2 * 1024 ** 3 * n / (time.perf_counter() - t0) / 1e9:.1f}}", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, done)
+print("READY", flush=True)
+while True:
+    torch.mm(a, b, out=out); n += 1
+"""
+
+
+class Competitor:
+    """The competing job, started on entry and stopped on exit; ``rate`` is its GFLOP/s."""
+
+    def __init__(self, threads):
+        self.threads, self.rate = threads, None
+
+    def __enter__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", COMPETITOR.format(threads=self.threads)],
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "READY"
+        time.sleep(1.0)  # let it reach its steady state
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=60)
+        lines = [ln for ln in out.splitlines() if ln.startswith("COMPETITOR ")]
+        self.rate = float(lines[-1].split()[1]) if lines else float("nan")
