@@ -81,12 +81,12 @@ def nearest_centroid(X: torch.Tensor, C: torch.Tensor, *, chunk: int | None = No
     On the CPU the chunks are split between the worker threads of :func:`cpu_workers` (when
     inside it; the fused int8 kernel splits the rows between as many threads of its own), and
     the sums are one pass in row order after it (deterministic, and the same as chunk by chunk:
-    a native pass with ``index_add_``'s numbers where the native kernels run). On CUDA, where ``index_add_`` uses atomics, a one-hot GEMM
-    over each chunk's distance buffer sums instead (``onehot_sums``: None picks by device;
-    True/False force a path, e.g. to test both).
+    a native pass with ``index_add_``'s numbers where the native kernels run). On CUDA, where
+    ``index_add_`` uses atomics, a one-hot GEMM over each chunk's distance buffer sums instead
+    (``onehot_sums``: None picks by device; True/False force a path, e.g. to test both).
 
-    ``alongside()``, when given, runs on the calling thread while the worker threads take
-    their rows (:func:`featlearn._torch.over_rows`): independent work of the caller's.
+    ``alongside()``, when given, runs on the calling thread while the other threads take their
+    rows: independent work of the caller's.
     """
     n, d = X.shape
     k = C.shape[0]

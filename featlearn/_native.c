@@ -270,6 +270,15 @@ static inline float keep_bound(float a, float e, float *low, float upper) {
    multiple of SCAN): cc_j - 2 x.c_j for each, the smallest, the first on a tie. */
 enum { SCAN = 4 * LANES };  /* columns per candidate test */
 
+/* Candidate j against the best so far (*bi < 0: none yet): its float32 value cc_j - 2 x.c_j,
+   kept if smaller (candidates come in column order, so the first wins a tie). */
+static inline void consider(int j, const float *x, const float *C, const float *cc, int d,
+                            float *best, int *bi) {
+    float p = dot(x, C + (int64_t)j * d, d);
+    float v = cc[j] - (p + p);
+    if (*bi < 0 || v < *best) { *best = v; *bi = j; }
+}
+
 static int settle(const float *low, int kp, float upper, const float *x, const float *C,
                   const float *cc, int d, float *value) {
     float best = INFINITY;
@@ -280,9 +289,7 @@ static int settle(const float *low, int kp, float upper, const float *x, const f
         for (int l = 0; hit && l < SCAN; l++) {
             if (!(low[j + l] <= upper)) continue;
             hit--;
-            float p = dot(x, C + (int64_t)(j + l) * d, d);
-            float v = cc[j + l] - (p + p);
-            if (bi < 0 || v < best) { best = v; bi = j + l; }
+            consider(j + l, x, C, cc, d, &best, &bi);
         }
     }
     *value = best;
@@ -519,6 +526,38 @@ int featlearn_refine_argmin_int8(const int32_t *S, int64_t stride, const float *
     return 0;
 }
 
+/* A pass of featlearn_assign_int8 over rows in blocks taken from a shared counter, by the
+   caller and by threads of featlearn_assign_int8_start; `next` past `n` when every block was
+   taken. */
+enum { ASSIGN_BLOCK = 48 };  /* rows per block taken: 8 of the fused kernel's row tiles */
+
+typedef struct {
+    const float *X; int64_t xstride, n; int d; const uint8_t *Cp; int kpad;
+    const float *C, *cc, *cn, *sc2, *rc; float *values; int64_t *labels;
+    int64_t next;  /* the first row of the next block to take */
+    int count;     /* threads started */
+#ifdef FEATLEARN_THREADS
+    pthread_t threads[];
+#endif
+} assign_pass;
+
+static void *assign_blocks(void *arg);
+int featlearn_int8_fused(void);
+
+/* The pass's outcome once every thread has stopped: 0 when every row was assigned, -2 without
+   the kernel, -1 when no thread could have buffers for some blocks (out of memory). */
+static int assign_status(const assign_pass *p) {
+    return !featlearn_int8_fused() ? -2 : p->next < p->n ? -1 : 0;
+}
+
+int featlearn_assign_int8(const float *X, int64_t xstride, int64_t n, int d, const uint8_t *Cp,
+                          int kpad, const float *C, const float *cc, const float *cn,
+                          const float *sc2, const float *rc, float *values, int64_t *labels) {
+    assign_pass p = {X, xstride, n, d, Cp, kpad, C, cc, cn, sc2, rc, values, labels, 0, 0};
+    assign_blocks(&p);
+    return assign_status(&p);
+}
+
 /* The int8 assignment in one pass per row block, for CPUs with AVX512-VNNI: rows quantized
    as featlearn_quantize_rows, their products with the centres packed by
    featlearn_pack_centres_int8 summed by VPDPBUSD in registers, the bound of
@@ -598,15 +637,17 @@ static int collect(const float *low, int kp, float upper, int *cand) {
 
 enum { RB = 6 };  /* rows per register tile (with 2 blocks of 16 centres: 12 accumulators) */
 
-int featlearn_assign_int8(const float *X, int64_t xstride, int64_t n, int d, const uint8_t *Cp,
-                          int kpad, const float *C, const float *cc, const float *cn,
-                          const float *sc2, const float *rc, float *values, int64_t *labels) {
-    int G = (d + 3) / 4, dp = 4 * G;
+/* The pass's rows [a, a + n) in register tiles, with this thread's buffers: low (kpad * RB
+   floats) and Q (RB * 4 ceil(d / 4) bytes, zeroed: the padding past d stays 0). */
+static void assign_tiles(const assign_pass *p, int64_t a, int64_t n, float *low, int8_t *Q) {
+    const float *X = p->X + a * p->xstride, *C = p->C, *cc = p->cc, *cn = p->cn;
+    const float *sc2 = p->sc2, *rc = p->rc;
+    const uint8_t *Cp = p->Cp;
+    float *values = p->values + a;
+    int64_t *labels = p->labels + a, xstride = p->xstride;
+    int d = p->d, kpad = p->kpad, G = (d + 3) / 4, dp = 4 * G;
     const float margin = (float)(d / 16 + 20) * (1.0f / 8388608.0f);
     const float grow = 1.0f + 1.0f / 1024.0f;
-    float *low = (float *)malloc(sizeof(float) * (size_t)kpad * RB);
-    int8_t *Q = (int8_t *)calloc((size_t)RB * dp, 1);
-    if (!low || !Q) { free(low); free(Q); return -1; }
     for (int64_t i0 = 0; i0 < n; i0 += RB) {
         int rr = n - i0 < RB ? (int)(n - i0) : RB;
         float A[RB], B[RB], sx[RB], rx[RB], xq[RB];
@@ -682,19 +723,28 @@ int featlearn_assign_int8(const float *X, int64_t xstride, int64_t n, int d, con
             }
             float best = INFINITY;
             int bi = -1;
-            for (int t = 0; t < nc[r]; t++) {
-                int j = cand[r][t];
-                float p = dot(x, C + (int64_t)j * d, d);
-                float v = cc[j] - (p + p);
-                if (bi < 0 || v < best) { best = v; bi = j; }
-            }
+            for (int t = 0; t < nc[r]; t++) consider(cand[r][t], x, C, cc, d, &best, &bi);
             values[i0 + r] = best;
             labels[i0 + r] = bi;
         }
     }
+}
+
+/* A thread of the pass: its buffers once, then blocks of rows until none is left (a thread
+   whose buffers cannot be had takes none, and leaves them to the others). */
+static void *assign_blocks(void *arg) {
+    assign_pass *p = (assign_pass *)arg;
+    float *low = (float *)malloc(sizeof(float) * (size_t)p->kpad * RB);
+    int8_t *Q = (int8_t *)calloc((size_t)RB * 4 * ((p->d + 3) / 4), 1);
+    for (;;) {
+        if (!low || !Q) break;
+        int64_t a = __atomic_fetch_add(&p->next, ASSIGN_BLOCK, __ATOMIC_RELAXED);
+        if (a >= p->n) break;
+        assign_tiles(p, a, p->n - a < ASSIGN_BLOCK ? p->n - a : ASSIGN_BLOCK, low, Q);
+    }
     free(low);
     free(Q);
-    return 0;
+    return NULL;
 }
 #else
 int featlearn_int8_fused(void) { return 0; }
@@ -707,12 +757,9 @@ int featlearn_pack_centres_int8(const float *C, int k, int d, const float *c_sq,
     return -2;
 }
 
-int featlearn_assign_int8(const float *X, int64_t xstride, int64_t n, int d, const uint8_t *Cp,
-                          int kpad, const float *C, const float *cc, const float *cn,
-                          const float *sc2, const float *rc, float *values, int64_t *labels) {
-    (void)X; (void)xstride; (void)n; (void)d; (void)Cp; (void)kpad; (void)C; (void)cc;
-    (void)cn; (void)sc2; (void)rc; (void)values; (void)labels;
-    return -2;
+static void *assign_blocks(void *arg) {  /* no kernel here: no block taken */
+    (void)arg;
+    return NULL;
 }
 #endif
 
@@ -1002,40 +1049,11 @@ void featlearn_standardize_rows(const uint16_t *X, int64_t stride, int64_t F, co
 }
 
 /* featlearn_assign_int8 over all n rows, in blocks that `threads` new threads and then the
-   caller take in turn (an atomic counter): a mini-batch step's rows in parallel with no hand-off
-   through Python, balanced whatever else the caller does first (its `alongside` work) and however
-   busy the machine leaves each core. Returns a handle for featlearn_assign_int8_join, which
-   takes the caller's share of the blocks and waits for the threads; NULL when nothing could be
-   started (out of memory, or no POSIX threads here): the caller then assigns the rows itself. */
-enum { ASSIGN_BLOCK = 48 };  /* rows per block taken: 8 of the fused kernel's row tiles */
-
-typedef struct {
-    const float *X; int64_t xstride, n; int d; const uint8_t *Cp; int kpad;
-    const float *C, *cc, *cn, *sc2, *rc; float *values; int64_t *labels;
-    int64_t next;  /* the first row of the next block to take */
-    int status;    /* the first nonzero status of featlearn_assign_int8, or 0 */
-    int count;     /* threads started */
-#ifdef FEATLEARN_THREADS
-    pthread_t threads[];
-#endif
-} assign_pass;
-
-static void *assign_blocks(void *arg) {
-    assign_pass *p = (assign_pass *)arg;
-    for (;;) {
-        int64_t a = __atomic_fetch_add(&p->next, ASSIGN_BLOCK, __ATOMIC_RELAXED);
-        if (a >= p->n) return NULL;
-        int64_t m = p->n - a < ASSIGN_BLOCK ? p->n - a : ASSIGN_BLOCK;
-        int got = featlearn_assign_int8(p->X + a * p->xstride, p->xstride, m, p->d, p->Cp,
-                                        p->kpad, p->C, p->cc, p->cn, p->sc2, p->rc,
-                                        p->values + a, p->labels + a);
-        int none = 0;
-        if (got)
-            __atomic_compare_exchange_n(&p->status, &none, got, 0, __ATOMIC_RELAXED,
-                                        __ATOMIC_RELAXED);
-    }
-}
-
+   caller take in turn: a mini-batch step's rows in parallel with no hand-off through Python,
+   balanced whatever else the caller does first (its `alongside` work) and however busy the
+   machine leaves each core. Returns a handle for featlearn_assign_int8_join, which takes the
+   caller's share of the blocks and waits for the threads; NULL when nothing could be started
+   (out of memory, or no POSIX threads here): the caller then assigns the rows itself. */
 void *featlearn_assign_int8_start(const float *X, int64_t xstride, int64_t n, int d,
                                   const uint8_t *Cp, int kpad, const float *C, const float *cc,
                                   const float *cn, const float *sc2, const float *rc,
@@ -1045,7 +1063,7 @@ void *featlearn_assign_int8_start(const float *X, int64_t xstride, int64_t n, in
     assign_pass *p = (assign_pass *)calloc(1, sizeof(assign_pass) +
                                            (size_t)threads * sizeof(pthread_t));
     if (!p) return NULL;
-    *p = (assign_pass){X, xstride, n, d, Cp, kpad, C, cc, cn, sc2, rc, values, labels, 0, 0, 0};
+    *p = (assign_pass){X, xstride, n, d, Cp, kpad, C, cc, cn, sc2, rc, values, labels, 0, 0};
     while (p->count < threads &&
            pthread_create(&p->threads[p->count], NULL, assign_blocks, p) == 0)
         p->count++;  /* a thread that cannot start leaves its blocks to the others */
@@ -1058,14 +1076,14 @@ void *featlearn_assign_int8_start(const float *X, int64_t xstride, int64_t n, in
 }
 
 /* Takes the blocks still left, waits for featlearn_assign_int8_start's threads and frees the
-   handle: 0 when every row was assigned, else featlearn_assign_int8's first failure. */
+   handle: featlearn_assign_int8's status for the whole pass. */
 int featlearn_assign_int8_join(void *handle) {
     assign_pass *p = (assign_pass *)handle;
     assign_blocks(p);
 #ifdef FEATLEARN_THREADS
     for (int t = 0; t < p->count; t++) pthread_join(p->threads[t], NULL);
 #endif
-    int status = p->status;
+    int status = assign_status(p);
     free(p);
     return status;
 }
