@@ -114,6 +114,38 @@ def distance_flops(encoder, n_train, n_test, encoded=None) -> dict:
     return {"k-means": 2.0 * rows * d * K, "encoding": 2.0 * encoded * Ph * Pw * d * K}
 
 
+def network_flops(clf, n_train, n_test) -> dict:
+    """FLOPs of the matrix products of a featlearn network trained by Adam or SGD:
+    ``{"classifier fit": ..., "predict": ...}``, or ``{}`` where they are not counted (L-BFGS,
+    whose line search evaluates the objective a varying number of times; a streamed or
+    another library's classifier).
+
+    Fit: every one of the ``n_iter_`` epochs takes the training rows (samples times
+    ``n_views``, less an early-stopping validation split) through each Linear layer forward,
+    ``2 * rows * in * out``, and back: its weight gradient costs as much again, and so does its
+    input gradient, except the first layer's (its input needs none); early stopping scores the
+    validation rows forward once an epoch. Predict: the rows of both splits forward, once.
+    """
+    import math
+
+    import torch
+
+    from featlearn.classifier import TorchMLPClassifier
+
+    if not isinstance(clf, TorchMLPClassifier) or getattr(clf, "solver_", None) not in ("adam",
+                                                                                         "sgd"):
+        return {}
+    shapes = [(m.in_features, m.out_features) for m in clf.model_
+              if isinstance(m, torch.nn.Linear)]
+    forward = sum(2.0 * i * o for i, o in shapes)
+    backward = sum(2.0 * i * o * (1 if k == 0 else 2) for k, (i, o) in enumerate(shapes))
+    # train_test_split's test size: ceil(fraction * samples)
+    held = math.ceil(clf.validation_fraction * n_train) if clf.early_stopping else 0
+    rows, held = (n_train - held) * clf.n_views, held * clf.n_views
+    return {"classifier fit": clf.n_iter_ * (rows * (forward + backward) + held * forward),
+            "predict": (n_train + n_test) * clf.n_views * forward}
+
+
 def stage_precisions(encoder) -> dict:
     """The precision each distance part of an encoder multiplied in: ``{"k-means": ...,
     "encoding": ...}`` ("float32" for a k-means without a ``precision_``, e.g. scikit-learn's)."""
@@ -122,14 +154,19 @@ def stage_precisions(encoder) -> dict:
 
 
 def efficiency(gemm_seconds: dict, seconds: dict) -> dict:
-    """Fraction of each part's time its distance products would take at the GEMM rate of their
-    own precision measured in the run (``gemm_seconds``: ``{"k-means": s, "encoding": s}``), so
-    a bfloat16 stage is held to the bfloat16 rate."""
+    """Fraction of each part's time its products would take at the GEMM rate of their own
+    precision measured in the run (``gemm_seconds``: ``{"k-means": s, "encoding": s}``, and
+    ``"classifier fit"`` and ``"predict"`` where :func:`network_flops` counts them), so a
+    bfloat16 stage is held to the bfloat16 rate. "end to end" holds all the products counted
+    to the time of all the stages."""
     dict_s = seconds.get(_DICTIONARY, 0.0)
     enc_s = seconds.get("encode train", 0.0) + seconds.get("encode test", 0.0)
     parts = {"dictionary": (gemm_seconds["k-means"], dict_s),
-             "encoding": (gemm_seconds["encoding"], enc_s),
-             "end to end": (sum(gemm_seconds.values()), sum(seconds.values()))}
+             "encoding": (gemm_seconds["encoding"], enc_s)}
+    for part in ("classifier fit", "predict"):
+        if part in gemm_seconds:
+            parts[part] = (gemm_seconds[part], seconds.get(part, 0.0))
+    parts["end to end"] = (sum(gemm_seconds.values()), sum(seconds.values()))
     return {k: float(f"{g / t:.3g}") if t > 0 else None for k, (g, t) in parts.items()}
 
 
@@ -388,14 +425,23 @@ def _results(config, data, job, split, fitted, pred_train, pred_test, times, tot
     confusion = confusion_counts(y_test, pred_test, n_classes)
     encoders = [e for _, e, _ in fitted.members] or [fitted.encoder]
     flops, gemm_s, precisions = {}, {}, {}
+    net, net_precisions = {}, {}
+
+    def count(part, f, precision, into, precisions):
+        into[part] = into.get(part, 0.0) + f
+        # bfloat16 or int8 without a measured (native) rate: held to the float32 rate
+        gemm_s[part] = gemm_s.get(part, 0.0) + f / (rate.get(precision, rate["float32"]) * 1e9)
+        precisions.setdefault(part, set()).add(precision)
+
     for encoder in encoders:
         precision = stage_precisions(encoder)
         for part, f in distance_flops(encoder, n_train, n_test, fitted.encoded).items():
-            flops[part] = flops.get(part, 0.0) + f
-            # bfloat16 or int8 without a measured (native) rate: held to the float32 rate
-            part_rate = rate.get(precision[part], rate["float32"])
-            gemm_s[part] = gemm_s.get(part, 0.0) + f / (part_rate * 1e9)
-            precisions.setdefault(part, set()).add(precision[part])
+            count(part, f, precision[part], flops, precisions)
+    for clf in [member.clf for _, member in job.members] or [job.clf]:
+        for part, f in network_flops(clf, n_train, n_test).items():
+            # prediction runs in float32 whatever the training precision
+            count(part, f, clf.precision_ if part == "classifier fit" else "float32", net,
+                  net_precisions)
     return {
         "config": job.name,
         "test_accuracy": float(np.mean(pred_test == y_test)),
@@ -423,6 +469,9 @@ def _results(config, data, job, split, fitted, pred_train, pred_test, times, tot
         "gemm_gops_int8": round(rate["int8"], 1) if "int8" in rate else None,
         "distance_tflop": {k: float(f"{v / 1e12:.4g}") for k, v in flops.items()},
         "distance_precision": {k: "+".join(sorted(v)) for k, v in precisions.items()},
+        **({"network_tflop": {k: float(f"{v / 1e12:.4g}") for k, v in net.items()},
+            "network_precision": {k: "+".join(sorted(v)) for k, v in net_precisions.items()}}
+           if net else {}),
         "efficiency": efficiency(gemm_s, times),
         "device": str(job.device),
         "cpu_threads": torch.get_num_threads(),

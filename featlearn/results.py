@@ -161,10 +161,13 @@ def _efficiency_line(results: dict) -> str:
     rates = (f"float32 {results['gemm_gflops']} GFLOP/s"
              + (f", bfloat16 {bf16} GFLOP/s" if bf16 else "")
              + (f", int8 {int8} GOP/s" if int8 else ""))
+    net, net_prec = results.get("network_tflop") or {}, results.get("network_precision") or {}
+    network = "".join(f"; {v:.3g} TFLOP of network products in {k} ({net_prec.get(k, '?')})"
+                      for k, v in net.items())
     return (f"Distance products: {tf['k-means']:.3g} TFLOP in k-means ({prec['k-means']}), "
-            f"{tf['encoding']:.3g} TFLOP in encoding ({prec['encoding']}); GEMM rates measured "
-            f"in this run: {rates}; efficiency (the products' time at the GEMM rate of "
-            f"their precision / stage time): {pct}.")
+            f"{tf['encoding']:.3g} TFLOP in encoding ({prec['encoding']}){network}; GEMM "
+            f"rates measured in this run: {rates}; efficiency (the products' time at the GEMM "
+            f"rate of their precision / stage time): {pct}.")
 
 
 def centroid_tiles(encoder, max_tiles=400):

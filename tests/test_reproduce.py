@@ -207,6 +207,62 @@ def test_distance_flops_counts_every_pass():
     assert eff == {"dictionary": 0.5, "encoding": 0.5, "end to end": 0.25}
 
 
+@pytest.mark.parametrize("solver, early_stopping", [("adam", False), ("adam", True),
+                                                    ("sgd", True)])
+def test_network_flops_are_the_products_a_fit_and_a_prediction_run(solver, early_stopping):
+    """Counted by torch itself: every matrix product of fitting (validation scoring included)
+    and of predicting both splits."""
+    import numpy as np
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from featlearn.classifier import TorchMLPClassifier
+    from featlearn.reproduce import network_flops
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(50, 2 * 6)).astype(np.float32), rng.integers(0, 3, 50)
+    X_test = rng.normal(size=(10, 12)).astype(np.float32)
+    clf = TorchMLPClassifier(hidden_layer_sizes=(7, 5), n_views=2, solver=solver, max_iter=3,
+                             batch_size=16, early_stopping=early_stopping,
+                             validation_fraction=0.25, n_iter_no_change=10, random_state=0)
+    with FlopCounterMode(display=False) as fit:
+        clf.fit(X, y)
+    with FlopCounterMode(display=False) as predict:
+        clf.predict(X)
+        clf.predict(X_test)
+    assert network_flops(clf, 50, 10) == {"classifier fit": fit.get_total_flops(),
+                                          "predict": predict.get_total_flops()}
+
+
+def test_network_flops_leave_out_what_they_cannot_count():
+    import numpy as np
+
+    from featlearn.classifier import TorchMLPClassifier
+    from featlearn.reproduce import network_flops
+
+    X, y = np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32), np.arange(20) % 2
+    svm = TorchMLPClassifier(hidden_layer_sizes=(), solver="lbfgs", max_iter=3).fit(X, y)
+    assert network_flops(svm, 20, 0) == {}
+    assert network_flops(object(), 20, 0) == {}
+
+
+def test_an_mlp_run_reports_its_network_products(tmp_path, archive):
+    path = tmp_path / "mlp.json"
+    path.write_text(json.dumps({"name": "mlp", "params": TINY | {
+        "classifier": "mlp", "classifier__hidden_layer_sizes": [6],
+        "classifier__max_iter": 2}}))
+    out = tmp_path / "out"
+    assert reproduce(path, archive, "--out", out) == 0
+    results = json.loads((out / "results.json").read_text())
+    # 60 training images, 2x2 pooling of K=8 triangle features: 32 inputs, 6 hidden, 10 out
+    forward = 2 * (32 * 6 + 6 * 10)
+    assert results["network_tflop"]["predict"] == pytest.approx(80 * forward / 1e12, rel=1e-3)
+    assert results["network_precision"] == {"classifier fit": "float32", "predict": "float32"}
+    assert set(results["efficiency"]) == {"dictionary", "encoding", "classifier fit", "predict",
+                                          "end to end"}
+    assert "TFLOP of network products in classifier fit (float32)" in (
+        out / "results.md").read_text()
+
+
 def test_reduced_precision_stages_are_held_to_their_own_rate(tmp_path, archive, monkeypatch):
     import featlearn._torch as ft
     import featlearn.reproduce as fr
