@@ -138,13 +138,16 @@ def test_window_bounds_follow_torch_pooling():
     ("nearest_fraction", "sampled", "mean", (3, 3, 2, 2)),
     ("heaviside", "exact", "mean", None),
 ])
-def test_compiled_matches_eager(activation, selection, pool_op, window):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_compiled_matches_eager(activation, selection, pool_op, window, device):
     from featlearn._compile import CompiledKernel
 
     torch.manual_seed(0)
     n, h, w, K = 3, 7, 6, 600  # K=600: the sampled rule reads every 2nd entry
-    D = torch.randn(n * h * w, K)
-    row_sq, col_sq = torch.rand(n * h * w) + 0.5, torch.rand(K)
+    D = torch.randn(n * h * w, K).to(device)
+    row_sq = (torch.rand(n * h * w) + 0.5).to(device)
+    col_sq = torch.rand(K).to(device)
     rows = window_bounds(h, 3, 2) if window else [(0, 4), (4, 7)]
     cols = window_bounds(w, 3, 2) if window else [(0, 3), (3, 6)]
     static = dict(n_images=n, map_shape=(h, w), row_bounds=tuple(rows), col_bounds=tuple(cols),

@@ -24,6 +24,10 @@ from conftest import naive_whitened_patches
 needs_compiler = pytest.mark.skipif(
     shutil.which("cc") is None and shutil.which("gcc") is None and shutil.which("g++") is None,
     reason="inductor's CPU backend needs a C++ compiler")
+#: The same test on a GPU where one is present (the compiled bisection and fix-up take the
+#: thresholds there: the native kernels are the CPU's).
+ON_CUDA = pytest.param("cuda", False, marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])
 
 
 @pytest.fixture
@@ -116,8 +120,8 @@ def test_compiled_flip_views_and_row_independence(images, warnings_logged):
     ("exact", "float32", dict(pool_size=3, pool_stride=2, pool_op="mean")),
     ("sampled", "bfloat16", dict(pooling=(1, 2), pool_op="max")),
 ])
-@pytest.mark.parametrize("native", [True, False])
-def test_compiled_nearest_fraction_equals_eager(selection, precision, pooling, native,
+@pytest.mark.parametrize("device,native", [("cpu", True), ("cpu", False), ON_CUDA])
+def test_compiled_nearest_fraction_equals_eager(selection, precision, pooling, device, native,
                                                 warnings_logged, monkeypatch):
     """The compiled path (selection columns first; thresholds by the native kernel, or by the
     compiled bisection and its fix-up; one compare-and-pool graph; features put back in
@@ -131,7 +135,7 @@ def test_compiled_nearest_fraction_equals_eager(selection, precision, pooling, n
     images = rng.randint(0, 256, size=(7, 12, 12, 3)).astype(np.uint8)
     enc = PatchEncoder(patch_size=3, n_patches=2000, activation="nearest_fraction",
                        kmeans=RandomPatchDictionary(600, random_state=0), selection=selection,
-                       precision=precision, flip=True, batch_size=3, device="cpu",
+                       precision=precision, flip=True, batch_size=3, device=device,
                        random_state=0, **pooling).fit(images)  # K=600: every 2nd sampled
     eager = enc.set_params(compile=False).transform(images)
     fused = enc.set_params(compile=True).transform(images)  # 7 = 3 + 3 + 1: a padded chunk
