@@ -427,11 +427,15 @@ def _results(config, data, job, split, fitted, pred_train, pred_test, times, tot
     flops, gemm_s, precisions = {}, {}, {}
     net, net_precisions = {}, {}
 
-    def count(part, f, precision, into, precisions):
+    def count(part, f, precision, into, seen):
         into[part] = into.get(part, 0.0) + f
         # bfloat16 or int8 without a measured (native) rate: held to the float32 rate
         gemm_s[part] = gemm_s.get(part, 0.0) + f / (rate.get(precision, rate["float32"]) * 1e9)
-        precisions.setdefault(part, set()).add(precision)
+        seen.setdefault(part, set()).add(precision)
+
+    def tables(prefix, into, seen):
+        return {f"{prefix}_tflop": {k: float(f"{v / 1e12:.4g}") for k, v in into.items()},
+                f"{prefix}_precision": {k: "+".join(sorted(v)) for k, v in seen.items()}}
 
     for encoder in encoders:
         precision = stage_precisions(encoder)
@@ -467,11 +471,8 @@ def _results(config, data, job, split, fitted, pred_train, pred_test, times, tot
         "gemm_gflops": round(rate["float32"], 1),
         "gemm_gflops_bfloat16": round(rate["bfloat16"], 1) if "bfloat16" in rate else None,
         "gemm_gops_int8": round(rate["int8"], 1) if "int8" in rate else None,
-        "distance_tflop": {k: float(f"{v / 1e12:.4g}") for k, v in flops.items()},
-        "distance_precision": {k: "+".join(sorted(v)) for k, v in precisions.items()},
-        **({"network_tflop": {k: float(f"{v / 1e12:.4g}") for k, v in net.items()},
-            "network_precision": {k: "+".join(sorted(v)) for k, v in net_precisions.items()}}
-           if net else {}),
+        **tables("distance", flops, precisions),
+        **(tables("network", net, net_precisions) if net else {}),
         "efficiency": efficiency(gemm_s, times),
         "device": str(job.device),
         "cpu_threads": torch.get_num_threads(),

@@ -93,6 +93,14 @@ def make_cifar_archive(path, n=4, seed=0):
     return write_cifar_archive(path, cifar_members(n, seed))
 
 
+def cuda_marks():
+    """The marks of a test's CUDA variant: the ``gpu`` marker, skipped without a GPU."""
+    import torch
+
+    return [pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
 @pytest.fixture
 def two_threads():
     """torch at two intra-op threads for the test (the CPU worker-thread paths need > 1)."""

@@ -15,7 +15,7 @@ from featlearn import PatchEncoder, RandomPatchDictionary, TorchConvClassifier
 from featlearn.activations import activate_and_pool
 from featlearn.pooling import window_bounds
 
-from conftest import naive_whitened_patches
+from conftest import cuda_marks, naive_whitened_patches
 from featlearn.persistence import load_model, save_model
 
 needs_compiler = pytest.mark.skipif(
@@ -138,8 +138,7 @@ def test_window_bounds_follow_torch_pooling():
     ("nearest_fraction", "sampled", "mean", (3, 3, 2, 2)),
     ("heaviside", "exact", "mean", None),
 ])
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_marks())])
 def test_compiled_matches_eager(activation, selection, pool_op, window, device):
     from featlearn._compile import CompiledKernel
 

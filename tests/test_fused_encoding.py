@@ -19,15 +19,14 @@ from featlearn.encoding import PatchEncoder
 from featlearn.kmeans import MiniBatchKMeans
 from featlearn.pooling import as_pair
 
-from conftest import naive_whitened_patches
+from conftest import cuda_marks, naive_whitened_patches
 
 needs_compiler = pytest.mark.skipif(
     shutil.which("cc") is None and shutil.which("gcc") is None and shutil.which("g++") is None,
     reason="inductor's CPU backend needs a C++ compiler")
 #: The same test on a GPU where one is present (the compiled bisection and fix-up take the
 #: thresholds there: the native kernels are the CPU's).
-ON_CUDA = pytest.param("cuda", False, marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])
+ON_CUDA = pytest.param("cuda", False, marks=cuda_marks())
 
 
 @pytest.fixture
